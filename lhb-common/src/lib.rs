@@ -1,0 +1,115 @@
+//! The single definition of every map the eBPF side and the daemon share.
+//!
+//! The kernel programs read `ENDPOINTS` to decide whether a connection entering a bridge
+//! is for a configured (gateway, port), and which loopback listener it goes to; the TC
+//! program publishes that listener in `LISTENERS` and the socket-lookup program hands it
+//! over. Both write `COUNTERS` so the daemon can report per-rule activity without a log
+//! line per connection. Both sides compile these exact types, so a layout change cannot
+//! drift between them.
+#![no_std]
+
+/// Name of the hash map from [`EndpointKey`] to [`Steer`].
+pub const ENDPOINTS_MAP: &str = "LHB_ENDPOINTS";
+/// Name of the per-CPU array of [`Counters`], indexed by [`Steer::slot`].
+pub const COUNTERS_MAP: &str = "LHB_COUNTERS";
+/// Name of the socket hash of loopback listeners, keyed by [`ListenerKey`].
+pub const LISTENERS_MAP: &str = "LHB_LISTENERS";
+/// Name of the TC classifier program attached to bridges.
+pub const INGRESS_PROGRAM: &str = "lhb_ingress";
+/// Name of the socket-lookup program attached to the network namespace.
+pub const SK_LOOKUP_PROGRAM: &str = "lhb_sk_lookup";
+
+/// Capacity of the endpoint map: one entry per (bridge, gateway address, port).
+pub const MAX_ENDPOINTS: u32 = 8192;
+/// Number of counter slots: one per rule the daemon serves at a time.
+pub const MAX_RULES: u32 = 4096;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// What the program matches: a TCP destination on one bridge.
+///
+/// The bridge's ifindex is part of the key so that a rule for one bridge never steers
+/// packets that arrive on another bridge, even if they are addressed to the same IP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub ifindex: u32,
+    /// Gateway address in network byte order; IPv4 uses the first 4 bytes, rest zero.
+    pub addr: [u8; 16],
+    /// Destination port in host byte order.
+    pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// Where a matched connection goes: the loopback listener of the rule's target.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Steer {
+    /// Loopback address in network byte order (127.0.0.1 in the first 4 bytes, or ::1).
+    pub target_addr: [u8; 16],
+    /// Target port in host byte order.
+    pub target_port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub target_family: u8,
+    pub _pad: u8,
+    /// Index into the counters array; one slot per rule.
+    pub slot: u32,
+}
+
+/// A loopback listener: the target of one or more rules.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerKey {
+    /// Loopback address in network byte order, as in [`Steer::target_addr`].
+    pub addr: [u8; 16],
+    /// Port in host byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+impl ListenerKey {
+    pub fn of(steer: &Steer) -> ListenerKey {
+        ListenerKey {
+            addr: steer.target_addr,
+            port: steer.target_port,
+            family: steer.target_family,
+            _pad: 0,
+        }
+    }
+}
+
+/// Per-rule activity, summed over CPUs by the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Connections handed to the loopback listener.
+    pub connections: u64,
+    /// SYNs for which no listener exists: the kernel answers them with a RST.
+    pub no_listener: u64,
+    /// The kernel refused to publish or assign the listener.
+    pub errors: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, other: &Counters) {
+        self.connections += other.connections;
+        self.no_listener += other.no_listener;
+        self.errors += other.errors;
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain #[repr(C)] data with explicit padding fields and no pointers.
+    unsafe impl aya::Pod for super::EndpointKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Steer {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Counters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ListenerKey {}
+}

@@ -1,0 +1,55 @@
+//! Builds the eBPF programs (lhb-ebpf) with the nightly toolchain and bpf-linker, and
+//! leaves the object in OUT_DIR for `include_bytes_aligned!`.
+//!
+//! `cargo xtask setup` installs bpf-linker under ~/.cache/lhb; putting that directory on
+//! PATH here means a plain `cargo build` or `cargo clippy` works once setup has run.
+
+use std::{env, path::PathBuf};
+
+use anyhow::Context as _;
+
+fn main() -> anyhow::Result<()> {
+    println!("cargo:rerun-if-env-changed=LHB_EBPF_TOOLCHAIN");
+    println!("cargo:rerun-if-env-changed=LHB_CACHE_DIR");
+
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
+    let root = manifest
+        .parent()
+        .context("lhb-daemon has no parent directory")?;
+    let ebpf_dir = root.join("lhb-ebpf");
+    // The programs include lhb-common's types; a layout change there must rebuild them.
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("lhb-common").display()
+    );
+
+    let cache = env::var_os("LHB_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lhb")));
+    if let Some(cache) = cache {
+        let linker_dir = cache.join("bpf-linker/bin");
+        if linker_dir.join("bpf-linker").exists() {
+            let path = env::var_os("PATH").unwrap_or_default();
+            let mut dirs = vec![linker_dir];
+            dirs.extend(env::split_paths(&path));
+            let joined = env::join_paths(dirs).context("joining PATH")?;
+            // SAFETY: build scripts are single-threaded at this point.
+            unsafe { env::set_var("PATH", joined) };
+        }
+    }
+
+    let toolchain = env::var("LHB_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".to_string());
+    let root_dir = ebpf_dir
+        .to_str()
+        .context("lhb-ebpf path is not UTF-8")?
+        .to_string();
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: "lhb-ebpf",
+            root_dir: &root_dir,
+            ..Default::default()
+        }],
+        aya_build::Toolchain::Custom(&toolchain),
+    )
+    .context("building the eBPF programs failed; run `cargo xtask setup` to install nightly rust-src and bpf-linker")
+}

@@ -1,0 +1,306 @@
+//! The kernel data path driver: loads the programs once, attaches the socket-lookup
+//! program to this network namespace and the TC program to each bridge, writes the
+//! endpoint map and reads the per-rule counters. lhb-ebpf's header says how the two
+//! programs share the work.
+//!
+//! Attachment uses TCX on kernels that have it (6.6+: the link goes away with the
+//! process, nothing is left behind) and a clsact qdisc with a netlink filter elsewhere;
+//! a clsact qdisc lhb had to create is removed again when its bridge is detached.
+
+use std::{collections::BTreeMap, io};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray, PerCpuValues},
+    programs::{
+        ProgramError, SchedClassifier, SkLookup, TcAttachType,
+        tc::{self, SchedClassifierLinkId, TcError},
+    },
+    util::KernelVersion,
+};
+use lhb_common::{
+    COUNTERS_MAP, Counters, ENDPOINTS_MAP, EndpointKey, INGRESS_PROGRAM, MAX_RULES,
+    SK_LOOKUP_PROGRAM, Steer,
+};
+use thiserror::Error;
+use tracing::{debug, warn};
+
+#[derive(Debug, Error)]
+pub enum KernelPathError {
+    #[error(
+        "the kernel refused to load lhb's eBPF program ({0}); lhb needs CAP_BPF and CAP_NET_ADMIN (run as root or grant them)"
+    )]
+    Permission(io::Error),
+    #[error("the kernel's verifier rejected lhb's eBPF program: {error}\n{log}")]
+    Verifier { error: io::Error, log: String },
+    #[error("loading lhb's eBPF program failed: {0}")]
+    Load(String),
+    #[error("attaching to bridge {iface} failed: {reason}")]
+    Attach { iface: String, reason: String },
+    #[error(
+        "attaching the socket-lookup program to this network namespace failed: {0} (needs kernel 5.17 or later)"
+    )]
+    SkLookup(String),
+}
+
+/// How the program is attached to a bridge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    Tcx,
+    Clsact,
+}
+
+impl AttachMode {
+    /// `LHB_ATTACH=clsact` forces the netlink attachment where TCX exists, so that path
+    /// can be exercised on new kernels too.
+    pub fn for_running_kernel() -> AttachMode {
+        if std::env::var("LHB_ATTACH").as_deref() == Ok("clsact") {
+            return AttachMode::Clsact;
+        }
+        // Same cut-over as aya's own attach(): TCX exists from 6.6 on.
+        if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+            AttachMode::Tcx
+        } else {
+            AttachMode::Clsact
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachMode::Tcx => "tcx",
+            AttachMode::Clsact => "tc clsact",
+        }
+    }
+}
+
+struct Attachment {
+    iface: String,
+    link: SchedClassifierLinkId,
+    /// lhb created the clsact qdisc and must remove it.
+    own_clsact: bool,
+}
+
+pub struct KernelPath {
+    ebpf: Ebpf,
+    endpoints: HashMap<MapData, EndpointKey, Steer>,
+    counters: PerCpuArray<MapData, Counters>,
+    attached: BTreeMap<u32, Attachment>,
+    mode: AttachMode,
+}
+
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lhb"));
+
+impl KernelPath {
+    pub fn load() -> Result<KernelPath, KernelPathError> {
+        bump_memlock_rlimit();
+        let mut ebpf = Ebpf::load(PROGRAM).map_err(|e| match e {
+            aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EPERM) =>
+            {
+                KernelPathError::Permission(io_error)
+            }
+            other => KernelPathError::Load(format!("{other:#}")),
+        })?;
+        // The program logs only on rare failures; without log statements the map is
+        // absent, which is fine.
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_log_reader(logger),
+            Err(e) => debug!("no eBPF log channel: {e}"),
+        }
+        let tc: &mut SchedClassifier = program(&mut ebpf, INGRESS_PROGRAM)?;
+        tc.load().map_err(load_error)?;
+        let lookup: &mut SkLookup = program(&mut ebpf, SK_LOOKUP_PROGRAM)?;
+        lookup.load().map_err(load_error)?;
+        // The program serves the namespace lhb runs in; the link goes with the process.
+        let netns = std::fs::File::open("/proc/self/ns/net")
+            .map_err(|e| KernelPathError::SkLookup(format!("opening /proc/self/ns/net: {e}")))?;
+        lookup
+            .attach(netns)
+            .map_err(|e| KernelPathError::SkLookup(format!("{e:#}")))?;
+        let endpoints = take_map(&mut ebpf, ENDPOINTS_MAP)?;
+        let endpoints = HashMap::try_from(endpoints)
+            .map_err(|e| KernelPathError::Load(format!("{ENDPOINTS_MAP}: {e}")))?;
+        let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
+        let counters = PerCpuArray::try_from(counters)
+            .map_err(|e| KernelPathError::Load(format!("{COUNTERS_MAP}: {e}")))?;
+        Ok(KernelPath {
+            ebpf,
+            endpoints,
+            counters,
+            attached: BTreeMap::new(),
+            mode: AttachMode::for_running_kernel(),
+        })
+    }
+
+    pub fn mode(&self) -> AttachMode {
+        self.mode
+    }
+
+    fn program(&mut self) -> &mut SchedClassifier {
+        // Checked in load(); the program cannot disappear from a loaded object.
+        match self.ebpf.program_mut(INGRESS_PROGRAM) {
+            Some(aya::programs::Program::SchedClassifier(p)) => p,
+            _ => unreachable!("{INGRESS_PROGRAM} was checked at load"),
+        }
+    }
+
+    /// Attaches the program to the ingress of bridge `iface` (ifindex `ifindex`).
+    pub fn attach(&mut self, ifindex: u32, iface: &str) -> Result<(), KernelPathError> {
+        if self.attached.contains_key(&ifindex) {
+            return Ok(());
+        }
+        let attach_err = |reason: String| KernelPathError::Attach {
+            iface: iface.to_string(),
+            reason,
+        };
+        let mut own_clsact = false;
+        if self.mode == AttachMode::Clsact {
+            match tc::qdisc_add_clsact(iface) {
+                Ok(()) => own_clsact = true,
+                Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(attach_err(format!("adding clsact qdisc: {e}"))),
+            }
+        }
+        let link = self
+            .program()
+            .attach(iface, TcAttachType::Ingress)
+            .map_err(|e| attach_err(format!("{e:#}")))?;
+        self.attached.insert(
+            ifindex,
+            Attachment {
+                iface: iface.to_string(),
+                link,
+                own_clsact,
+            },
+        );
+        Ok(())
+    }
+
+    /// Detaches from `ifindex`. A bridge that was deleted took its attachment with it,
+    /// so failures here are expected and only logged at debug level.
+    pub async fn detach(&mut self, ifindex: u32, netlink: &crate::netlink::Netlink) {
+        let Some(a) = self.attached.remove(&ifindex) else {
+            return;
+        };
+        if let Err(e) = self.program().detach(a.link) {
+            debug!(iface = %a.iface, "detach: {e}");
+        }
+        if a.own_clsact
+            && let Err(e) = netlink.remove_clsact(ifindex).await
+        {
+            debug!(iface = %a.iface, "removing clsact qdisc: {e:#}");
+        }
+    }
+
+    pub fn attached(&self) -> impl Iterator<Item = u32> + '_ {
+        self.attached.keys().copied()
+    }
+
+    pub fn upsert_endpoint(&mut self, key: EndpointKey, steer: Steer) -> anyhow::Result<()> {
+        self.endpoints.insert(key, steer, 0)?;
+        Ok(())
+    }
+
+    pub fn remove_endpoint(&mut self, key: &EndpointKey) {
+        if let Err(e) = self.endpoints.remove(key) {
+            warn!("removing endpoint from {ENDPOINTS_MAP}: {e}");
+        }
+    }
+
+    /// The counters of `slot`, summed over CPUs.
+    pub fn counters(&self, slot: u32) -> anyhow::Result<Counters> {
+        let per_cpu = self.counters.get(&slot, 0)?;
+        let mut sum = Counters::default();
+        for c in per_cpu.iter() {
+            sum.add(c);
+        }
+        Ok(sum)
+    }
+
+    /// Zeroes a slot before a new rule uses it.
+    pub fn reset_counters(&mut self, slot: u32) -> anyhow::Result<()> {
+        if slot >= MAX_RULES {
+            anyhow::bail!("counter slot {slot} out of range (at most {MAX_RULES} rules)");
+        }
+        let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let zero = PerCpuValues::try_from(vec![Counters::default(); n])?;
+        self.counters.set(slot, zero, 0)?;
+        Ok(())
+    }
+
+    /// Detaches from every bridge (and removes the clsact qdiscs lhb created).
+    pub async fn shutdown(&mut self, netlink: &crate::netlink::Netlink) {
+        let all: Vec<u32> = self.attached().collect();
+        for ifindex in all {
+            self.detach(ifindex, netlink).await;
+        }
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, KernelPathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| KernelPathError::Load(format!("program {name} missing from the object")))?
+        .try_into()
+        .map_err(|e: ProgramError| KernelPathError::Load(format!("{name}: {e}")))
+}
+
+fn load_error(e: ProgramError) -> KernelPathError {
+    match e {
+        // EPERM is a missing capability; EACCES comes from the verifier and has a log.
+        ProgramError::LoadError { io_error, .. }
+            if io_error.raw_os_error() == Some(libc::EPERM) =>
+        {
+            KernelPathError::Permission(io_error)
+        }
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => KernelPathError::Verifier {
+            error: io_error,
+            log: verifier_log.to_string(),
+        },
+        other => KernelPathError::Load(other.to_string()),
+    }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, KernelPathError> {
+    ebpf.take_map(name)
+        .ok_or_else(|| KernelPathError::Load(format!("map {name} missing from the object")))
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones ignore it.
+fn bump_memlock_rlimit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        debug!(
+            "raising RLIMIT_MEMLOCK failed: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+fn spawn_log_reader(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns the ring buffer's fd and moves into the AsyncFd, which
+    // deregisters it before dropping it.
+    let Ok(mut fd) = (unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }) else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

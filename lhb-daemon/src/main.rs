@@ -1,0 +1,89 @@
+//! `lhb`: lets containers reach host services bound only to 127.0.0.1 / ::1 through
+//! their bridge's gateway address, for an explicit allow-list of (bridge, port) pairs.
+//!
+//! This file parses the command line, sets up logging and hands over to the daemon.
+
+mod caps;
+mod daemon;
+mod kernel;
+mod netlink;
+mod reconcile;
+mod rule;
+
+use std::{io::IsTerminal as _, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "lhb",
+    version,
+    about = "localhost bridge: containers reach 127.0.0.1-only host services through their bridge gateway",
+    long_about = "lhb lets containers on a Linux bridge reach host services that listen only on \
+127.0.0.1 or ::1, through the bridge's gateway address, for an explicit allow-list of \
+(bridge, port) pairs. A TC program on each bridge hands the container's connection to the \
+loopback listener in-kernel; nothing is bound to any address, and the service stays \
+unreachable from every other interface.\n\nLogs go to stderr; RUST_LOG sets the level \
+(default info)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: serve the rules until SIGINT/SIGTERM, following their bridges.
+    Run {
+        /// Expose PORT on bridge IFACE's gateway address(es), forwarded to TARGET
+        /// (PORT, 127.0.0.1:PORT or [::1]:PORT; default 127.0.0.1:<PORT>). Repeatable.
+        #[arg(long = "expose-iface", value_name = "IFACE:PORT[=TARGET]", value_parser = parse_iface_rule)]
+        expose_iface: Vec<rule::Rule>,
+    },
+}
+
+fn parse_iface_rule(s: &str) -> Result<rule::Rule, String> {
+    rule::parse_iface_spec(s).map_err(|e| e.to_string())
+}
+
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lhb: error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run { expose_iface } => {
+                rule::check_unique(&expose_iface)?;
+                daemon::run(expose_iface).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lhb: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Netlink, typed: the rest of lhb speaks of links and addresses, not of messages.
+//!
+//! [`Netlink::snapshot`] dumps every link and address into an [`Observed`]; [`Events`]
+//! is a subscription to link and address changes (rtnetlink multicast, no polling) that
+//! tells the daemon when to take a new snapshot.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    net::{IpAddr, Ipv6Addr},
+};
+
+use anyhow::Context as _;
+use futures::{StreamExt as _, TryStreamExt as _, channel::mpsc::UnboundedReceiver};
+use rtnetlink::{
+    Handle, MulticastGroup,
+    packet_core::{NetlinkMessage, NetlinkPayload},
+    packet_route::{
+        RouteNetlinkMessage,
+        address::AddressAttribute,
+        link::{InfoKind, LinkAttribute, LinkInfo},
+        tc::{TcAttribute, TcHandle},
+    },
+};
+
+use crate::reconcile::{Link, Observed};
+
+pub struct Netlink {
+    handle: Handle,
+}
+
+/// Link and address change notifications.
+pub struct Events {
+    rx: UnboundedReceiver<(
+        NetlinkMessage<RouteNetlinkMessage>,
+        rtnetlink::sys::SocketAddr,
+    )>,
+}
+
+impl Events {
+    /// Waits for the next change that can matter to a rule. `None` when the socket closed.
+    pub async fn next(&mut self) -> Option<()> {
+        while let Some((msg, _)) = self.rx.next().await {
+            if let NetlinkPayload::InnerMessage(
+                RouteNetlinkMessage::NewLink(_)
+                | RouteNetlinkMessage::DelLink(_)
+                | RouteNetlinkMessage::NewAddress(_)
+                | RouteNetlinkMessage::DelAddress(_),
+            ) = msg.payload
+            {
+                return Some(());
+            }
+        }
+        None
+    }
+
+    /// Discards notifications already queued (a snapshot taken after them covers them).
+    pub fn drain(&mut self) {
+        while self.rx.try_recv().is_ok() {}
+    }
+}
+
+impl Netlink {
+    /// Opens the request socket and the event subscription. Subscribing before the first
+    /// snapshot means no change can fall between the two.
+    pub fn connect() -> anyhow::Result<(Netlink, Events)> {
+        let (conn, _h, rx) = rtnetlink::new_multicast_connection(&[
+            MulticastGroup::Link,
+            MulticastGroup::Ipv4Ifaddr,
+            MulticastGroup::Ipv6Ifaddr,
+        ])
+        .context("subscribing to rtnetlink link and address events")?;
+        tokio::spawn(conn);
+        let (conn, handle, _) =
+            rtnetlink::new_connection().context("opening an rtnetlink socket")?;
+        tokio::spawn(conn);
+        Ok((Netlink { handle }, Events { rx }))
+    }
+
+    /// Every link with its usable gateway addresses.
+    pub async fn snapshot(&self) -> anyhow::Result<Observed> {
+        let mut by_index: BTreeMap<u32, (String, Link)> = BTreeMap::new();
+        let mut links = self.handle.link().get().execute();
+        while let Some(msg) = links.try_next().await.map_err(nl_err)? {
+            let mut name = None;
+            let mut is_bridge = false;
+            for attr in &msg.attributes {
+                match attr {
+                    LinkAttribute::IfName(n) => name = Some(n.clone()),
+                    LinkAttribute::LinkInfo(infos) => {
+                        is_bridge = infos
+                            .iter()
+                            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge)));
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(name) = name {
+                let ifindex = msg.header.index;
+                by_index.insert(
+                    ifindex,
+                    (
+                        name,
+                        Link {
+                            ifindex,
+                            is_bridge,
+                            addrs: Vec::new(),
+                        },
+                    ),
+                );
+            }
+        }
+        let mut addrs = self.handle.address().get().execute();
+        while let Some(msg) = addrs.try_next().await.map_err(nl_err)? {
+            let Some((_, link)) = by_index.get_mut(&msg.header.index) else {
+                continue;
+            };
+            // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer's on
+            // point-to-point links and equals IFA_LOCAL elsewhere. IPv6 has only ADDRESS.
+            let mut local = None;
+            let mut address = None;
+            for attr in &msg.attributes {
+                match attr {
+                    AddressAttribute::Local(ip) => local = Some(*ip),
+                    AddressAttribute::Address(ip) => address = Some(*ip),
+                    _ => {}
+                }
+            }
+            if let Some(ip) = local.or(address)
+                && usable_gateway(ip)
+                && !link.addrs.contains(&ip)
+            {
+                link.addrs.push(ip);
+            }
+        }
+        let mut observed = Observed::default();
+        for (_, (name, mut link)) in by_index {
+            link.addrs.sort();
+            observed.links.insert(name, link);
+        }
+        Ok(observed)
+    }
+}
+
+impl Netlink {
+    /// Deletes the clsact qdisc of `ifindex` (and with it every filter lhb put there).
+    pub async fn remove_clsact(&self, ifindex: u32) -> anyhow::Result<()> {
+        let mut req = self.handle.clone().qdisc().del(ifindex as i32);
+        let msg = req.message_mut();
+        msg.header.parent = TcHandle::CLSACT;
+        msg.header.handle = TcHandle {
+            major: 0xffff,
+            minor: 0,
+        };
+        msg.attributes.push(TcAttribute::Kind("clsact".to_string()));
+        req.execute().await.map_err(nl_err)
+    }
+}
+
+/// Link-local IPv6 addresses need a scope a container's resolver never gives them.
+fn usable_gateway(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !v4.is_unspecified() && !v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            !v6.is_unspecified()
+                && v6 != Ipv6Addr::LOCALHOST
+                && (v6.segments()[0] & 0xffc0) != 0xfe80
+        }
+    }
+}
+
+fn nl_err(e: rtnetlink::Error) -> anyhow::Error {
+    match e {
+        rtnetlink::Error::NetlinkError(ref m) if m.raw_code() == -libc::EPERM => {
+            anyhow::Error::new(io::Error::from_raw_os_error(libc::EPERM))
+                .context("netlink request refused")
+        }
+        other => anyhow::Error::new(other).context("netlink request failed"),
+    }
+}

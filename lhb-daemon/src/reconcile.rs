@@ -1,0 +1,333 @@
+//! The reconciler: desired rules x observed links -> the state the data path must have.
+//!
+//! Pure logic, no I/O: given what netlink reports right now, [`plan`] says which bridges
+//! carry the program and which (bridge, gateway, port) endpoints steer where, and why a
+//! rule is not served. The daemon applies the difference between two plans, so a bridge
+//! that is deleted and re-created with a new ifindex or address is simply a new plan.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use lhb_common::{EndpointKey, FAMILY_V4, FAMILY_V6, Steer};
+
+use crate::rule::Rule;
+
+/// A network interface as netlink reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub ifindex: u32,
+    pub is_bridge: bool,
+    /// Addresses a container on this link can use as its gateway (no IPv6 link-local).
+    pub addrs: Vec<IpAddr>,
+}
+
+/// Every interface of the host, by name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    pub links: BTreeMap<String, Link>,
+}
+
+/// Where one rule stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RuleState {
+    /// Served on `bridge` at each of `gateways`.
+    Serving {
+        bridge: String,
+        ifindex: u32,
+        gateways: Vec<IpAddr>,
+        /// Gateways that cannot be served, with the reason.
+        skipped: Vec<(IpAddr, &'static str)>,
+    },
+    /// Not served, with the reason in words a user can act on.
+    Waiting(String),
+}
+
+/// What the data path must look like.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Bridges that carry the program: ifindex -> name.
+    pub attach: BTreeMap<u32, String>,
+    pub endpoints: BTreeMap<EndpointKey, Steer>,
+    /// One entry per rule, in rule order.
+    pub states: Vec<RuleState>,
+}
+
+/// `slots[i]` is the counter slot of `rules[i]`.
+pub fn plan(rules: &[Rule], slots: &[u32], observed: &Observed) -> Plan {
+    let mut plan = Plan::default();
+    for (rule, &slot) in rules.iter().zip(slots) {
+        let name = rule.source.interface();
+        let state = match observed.links.get(name) {
+            None => RuleState::Waiting(format!("interface {name} does not exist (yet)")),
+            Some(link) if !link.is_bridge => {
+                RuleState::Waiting(format!("interface {name} is not a bridge"))
+            }
+            Some(link) if link.addrs.is_empty() => {
+                RuleState::Waiting(format!("bridge {name} has no IP address to serve on"))
+            }
+            Some(link) => {
+                let mut gateways = Vec::new();
+                let mut skipped = Vec::new();
+                for &gw in &link.addrs {
+                    match endpoint(link.ifindex, gw, rule, slot) {
+                        Ok((k, v)) => {
+                            plan.endpoints.insert(k, v);
+                            gateways.push(gw);
+                        }
+                        Err(why) => skipped.push((gw, why)),
+                    }
+                }
+                if gateways.is_empty() {
+                    RuleState::Waiting(format!(
+                        "no address of bridge {name} can reach target {}: {}",
+                        rule.target,
+                        skipped.first().map(|s| s.1).unwrap_or("")
+                    ))
+                } else {
+                    plan.attach.insert(link.ifindex, name.to_string());
+                    RuleState::Serving {
+                        bridge: name.to_string(),
+                        ifindex: link.ifindex,
+                        gateways,
+                        skipped,
+                    }
+                }
+            }
+        };
+        plan.states.push(state);
+    }
+    plan
+}
+
+fn endpoint(
+    ifindex: u32,
+    gw: IpAddr,
+    rule: &Rule,
+    slot: u32,
+) -> Result<(EndpointKey, Steer), &'static str> {
+    let (family, addr) = ip_bytes(gw);
+    let (target_family, target_addr) = ip_bytes(rule.target.ip());
+    if family != target_family {
+        // The socket lookup hands a connection only to a socket of its own family (a
+        // socket bound to ::1 is IPv6-only, whatever IPV6_V6ONLY says).
+        return Err(if family == FAMILY_V6 {
+            "an IPv6 connection cannot be handed to an IPv4 listener in-kernel (target [::1] instead)"
+        } else {
+            "an IPv4 connection cannot be handed to an IPv6-only listener in-kernel (target 127.0.0.1, or give the bridge an IPv6 address)"
+        });
+    }
+    Ok((
+        EndpointKey {
+            ifindex,
+            addr,
+            port: rule.port,
+            family,
+            _pad: 0,
+        },
+        Steer {
+            target_addr,
+            target_port: rule.target.port(),
+            target_family,
+            _pad: 0,
+            slot,
+        },
+    ))
+}
+
+fn ip_bytes(ip: IpAddr) -> (u8, [u8; 16]) {
+    let mut b = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => {
+            b[..4].copy_from_slice(&v4.octets());
+            (FAMILY_V4, b)
+        }
+        IpAddr::V6(v6) => (FAMILY_V6, v6.octets()),
+    }
+}
+
+/// The changes that turn `old` into `new`, in an order that never leaves an endpoint
+/// on a bridge without the program: removals first, then attachments, then endpoints.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub remove_endpoints: Vec<EndpointKey>,
+    pub detach: Vec<(u32, String)>,
+    pub attach: Vec<(u32, String)>,
+    pub upsert_endpoints: Vec<(EndpointKey, Steer)>,
+}
+
+impl Diff {
+    pub fn is_empty(&self) -> bool {
+        *self == Diff::default()
+    }
+}
+
+pub fn diff(old: &Plan, new: &Plan) -> Diff {
+    let old_eps: BTreeSet<_> = old.endpoints.keys().collect();
+    Diff {
+        remove_endpoints: old
+            .endpoints
+            .keys()
+            .filter(|k| !new.endpoints.contains_key(k))
+            .copied()
+            .collect(),
+        detach: old
+            .attach
+            .iter()
+            .filter(|(i, n)| new.attach.get(i) != Some(n))
+            .map(|(i, n)| (*i, n.clone()))
+            .collect(),
+        attach: new
+            .attach
+            .iter()
+            .filter(|(i, n)| old.attach.get(i) != Some(n))
+            .map(|(i, n)| (*i, n.clone()))
+            .collect(),
+        upsert_endpoints: new
+            .endpoints
+            .iter()
+            .filter(|(k, v)| !old_eps.contains(k) || old.endpoints.get(k) != Some(v))
+            .map(|(k, v)| (*k, *v))
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rule::parse_iface_spec;
+
+    fn link(ifindex: u32, addrs: &[&str]) -> Link {
+        Link {
+            ifindex,
+            is_bridge: true,
+            addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+        }
+    }
+
+    fn observed(links: &[(&str, Link)]) -> Observed {
+        Observed {
+            links: links
+                .iter()
+                .map(|(n, l)| (n.to_string(), l.clone()))
+                .collect(),
+        }
+    }
+
+    fn rules(specs: &[&str]) -> (Vec<Rule>, Vec<u32>) {
+        let r: Vec<_> = specs.iter().map(|s| parse_iface_spec(s).unwrap()).collect();
+        let slots = (0..r.len() as u32).collect();
+        (r, slots)
+    }
+
+    #[test]
+    fn missing_non_bridge_and_addressless_links_wait_with_a_reason() {
+        let (r, s) = rules(&["br0:80", "eth9:80", "br2:80"]);
+        let mut eth = link(3, &["10.0.0.1"]);
+        eth.is_bridge = false;
+        let p = plan(&r, &s, &observed(&[("eth9", eth), ("br2", link(4, &[]))]));
+        assert!(p.attach.is_empty() && p.endpoints.is_empty());
+        let reasons: Vec<_> = p
+            .states
+            .iter()
+            .map(|s| match s {
+                RuleState::Waiting(w) => w.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert!(reasons[0].contains("does not exist"));
+        assert!(reasons[1].contains("not a bridge"));
+        assert!(reasons[2].contains("no IP address"));
+    }
+
+    #[test]
+    fn a_bridge_appearing_late_is_attached_and_re_creation_moves_everything() {
+        let (r, s) = rules(&["br0:80=8080"]);
+        let empty = plan(&r, &s, &Observed::default());
+        let first = plan(&r, &s, &observed(&[("br0", link(7, &["10.1.0.1"]))]));
+        let d = diff(&empty, &first);
+        assert_eq!(d.attach, vec![(7, "br0".to_string())]);
+        assert_eq!(d.upsert_endpoints.len(), 1);
+        let (k, v) = d.upsert_endpoints[0];
+        assert_eq!(
+            (k.ifindex, k.port, &k.addr[..4]),
+            (7, 80, &[10, 1, 0, 1][..])
+        );
+        assert_eq!(
+            (v.target_port, &v.target_addr[..4]),
+            (8080, &[127, 0, 0, 1][..])
+        );
+
+        // Re-created: new ifindex, new subnet. Nothing of the old bridge may remain.
+        let second = plan(&r, &s, &observed(&[("br0", link(9, &["10.2.0.1"]))]));
+        let d = diff(&first, &second);
+        assert_eq!(d.remove_endpoints, vec![k]);
+        assert_eq!(d.detach, vec![(7, "br0".to_string())]);
+        assert_eq!(d.attach, vec![(9, "br0".to_string())]);
+        assert_eq!(d.upsert_endpoints.len(), 1);
+        assert_eq!(d.upsert_endpoints[0].0.ifindex, 9);
+
+        // Gone: everything goes.
+        let d = diff(&second, &empty);
+        assert_eq!(d.remove_endpoints.len(), 1);
+        assert_eq!(d.detach.len(), 1);
+        assert!(d.attach.is_empty() && d.upsert_endpoints.is_empty());
+    }
+
+    #[test]
+    fn each_gateway_serves_targets_of_its_own_family() {
+        let (r, s) = rules(&["br0:80", "br0:81=[::1]:81", "br1:82=[::1]:82"]);
+        let o = observed(&[
+            ("br0", link(5, &["10.3.0.1", "fd00:3::1"])),
+            ("br1", link(6, &["10.4.0.1"])),
+        ]);
+        let p = plan(&r, &s, &o);
+        let served = |i: usize| match &p.states[i] {
+            RuleState::Serving {
+                gateways, skipped, ..
+            } => (gateways.clone(), skipped.len()),
+            other => panic!("{other:?}"),
+        };
+        // IPv4 target: the IPv4 gateway, the IPv6 one skipped with a reason.
+        assert_eq!(served(0), (vec!["10.3.0.1".parse().unwrap()], 1));
+        // [::1] target: the IPv6 gateway, the IPv4 one skipped.
+        assert_eq!(served(1), (vec!["fd00:3::1".parse().unwrap()], 1));
+        // [::1] target on an IPv4-only bridge: not served, and the reason says why.
+        match &p.states[2] {
+            RuleState::Waiting(why) => assert!(why.contains("IPv6-only"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(p.endpoints.len(), 2);
+        assert_eq!(p.attach.len(), 1);
+    }
+
+    #[test]
+    fn two_bridges_with_the_same_port_are_independent() {
+        let (r, s) = rules(&["br0:80", "br1:80=81"]);
+        let o = observed(&[
+            ("br0", link(5, &["10.4.0.1"])),
+            ("br1", link(6, &["10.5.0.1"])),
+        ]);
+        let p = plan(&r, &s, &o);
+        assert_eq!(p.attach.len(), 2);
+        let by_if: BTreeMap<u32, (u16, u32)> = p
+            .endpoints
+            .iter()
+            .map(|(k, v)| (k.ifindex, (v.target_port, v.slot)))
+            .collect();
+        assert_eq!(by_if[&5], (80, 0));
+        assert_eq!(by_if[&6], (81, 1));
+    }
+
+    #[test]
+    fn an_address_change_updates_only_the_endpoints() {
+        let (r, s) = rules(&["br0:80"]);
+        let a = plan(&r, &s, &observed(&[("br0", link(5, &["10.6.0.1"]))]));
+        let b = plan(&r, &s, &observed(&[("br0", link(5, &["10.6.0.254"]))]));
+        let d = diff(&a, &b);
+        assert!(d.attach.is_empty() && d.detach.is_empty());
+        assert_eq!((d.remove_endpoints.len(), d.upsert_endpoints.len()), (1, 1));
+        assert!(diff(&b, &b).is_empty());
+    }
+}

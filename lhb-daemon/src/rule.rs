@@ -1,0 +1,285 @@
+//! Rules ("exposures"): which port on which bridge's gateway leads to which loopback
+//! service. Parsing and validation live here so that every way of giving a rule (the
+//! command line today, the config file and the control socket later) rejects the same
+//! mistakes with the same words.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use thiserror::Error;
+
+/// Where the containers come from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    /// A Linux bridge, by interface name.
+    Interface(String),
+}
+
+impl Source {
+    pub fn interface(&self) -> &str {
+        match self {
+            Source::Interface(name) => name,
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Interface(name) => write!(f, "{name}"),
+        }
+    }
+}
+
+/// One exposure: containers on `source` reach `target` at `gateway:port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub source: Source,
+    pub port: u16,
+    /// Always a loopback address: checked when the rule is made.
+    pub target: SocketAddr,
+    /// Label for logs and status.
+    pub service: String,
+}
+
+impl Rule {
+    pub fn new(
+        source: Source,
+        port: u16,
+        target: Option<SocketAddr>,
+        service: Option<String>,
+    ) -> Self {
+        Rule {
+            source,
+            port,
+            target: target.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
+            service: service.unwrap_or_else(|| format!("port-{port}")),
+        }
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{} -> {}", self.source, self.port, self.target)
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum RuleError {
+    #[error(
+        "`{spec}`: expected NAME:PORT[=TARGET], e.g. `docker0:11434` or `virbr0:8080=127.0.0.1:80`"
+    )]
+    Syntax { spec: String },
+    #[error(
+        "`{spec}`: interface name `{name}` is not a valid Linux interface name (1 to 15 characters, no `/`, `:` or spaces)"
+    )]
+    InterfaceName { spec: String, name: String },
+    #[error("`{spec}`: port `{port}` is not in 1..=65535")]
+    Port { spec: String, port: String },
+    #[error(
+        "`{spec}`: target `{target}` is not a loopback address; lhb only forwards to services on 127.0.0.1 or [::1] (write TARGET as PORT, 127.0.0.1:PORT or [::1]:PORT)"
+    )]
+    NotLoopback { spec: String, target: String },
+    #[error("`{spec}`: target `{target}` is not PORT, 127.0.0.1:PORT or [::1]:PORT")]
+    Target { spec: String, target: String },
+    #[error("rule {rule} is given twice (the same source and port may be exposed once)")]
+    Duplicate { rule: String },
+}
+
+/// Parses `IFACE:PORT[=TARGET]`.
+pub fn parse_iface_spec(spec: &str) -> Result<Rule, RuleError> {
+    let (left, target) = match spec.split_once('=') {
+        Some((l, t)) => (l, Some(t)),
+        None => (spec, None),
+    };
+    let (name, port) = left.rsplit_once(':').ok_or_else(|| RuleError::Syntax {
+        spec: spec.to_string(),
+    })?;
+    if !valid_ifname(name) {
+        return Err(RuleError::InterfaceName {
+            spec: spec.to_string(),
+            name: name.to_string(),
+        });
+    }
+    let port = parse_port(spec, port)?;
+    let target = target.map(|t| parse_target(spec, t)).transpose()?;
+    Ok(Rule::new(
+        Source::Interface(name.to_string()),
+        port,
+        target,
+        None,
+    ))
+}
+
+/// Parses a port, refusing 0 and anything above 65535 with the value in the message.
+pub fn parse_port(spec: &str, port: &str) -> Result<u16, RuleError> {
+    match port.trim().parse::<u32>() {
+        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+        _ => Err(RuleError::Port {
+            spec: spec.to_string(),
+            port: port.to_string(),
+        }),
+    }
+}
+
+/// Parses `PORT`, `127.0.0.1:PORT` or `[::1]:PORT` (any loopback address is accepted).
+pub fn parse_target(spec: &str, target: &str) -> Result<SocketAddr, RuleError> {
+    let t = target.trim();
+    if !t.contains(':') {
+        let port = parse_port(spec, t)?;
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    let addr: SocketAddr = match t.parse() {
+        Ok(a) => a,
+        Err(_) => {
+            // Tell a bad port apart from a bad address: "127.0.0.1:0" is a port problem.
+            if let Some((host, port)) = t.rsplit_once(':')
+                && host
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .parse::<IpAddr>()
+                    .is_ok()
+            {
+                parse_port(spec, port)?;
+            }
+            return Err(RuleError::Target {
+                spec: spec.to_string(),
+                target: target.to_string(),
+            });
+        }
+    };
+    if addr.port() == 0 {
+        return Err(RuleError::Port {
+            spec: spec.to_string(),
+            port: "0".to_string(),
+        });
+    }
+    let loopback = match addr.ip() {
+        IpAddr::V4(ip) => ip.is_loopback(),
+        IpAddr::V6(ip) => ip == Ipv6Addr::LOCALHOST,
+    };
+    if !loopback {
+        return Err(RuleError::NotLoopback {
+            spec: spec.to_string(),
+            target: target.to_string(),
+        });
+    }
+    Ok(addr)
+}
+
+fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0')
+}
+
+/// Refuses two rules for the same source and port.
+pub fn check_unique(rules: &[Rule]) -> Result<(), RuleError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for r in rules {
+        if !seen.insert((r.source.clone(), r.port)) {
+            return Err(RuleError::Duplicate {
+                rule: format!("{}:{}", r.source, r.port),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
+    }
+
+    #[test]
+    fn parses_the_three_target_forms() {
+        let r = parse_iface_spec("virbr0:11434").unwrap();
+        assert_eq!(r.source, Source::Interface("virbr0".into()));
+        assert_eq!((r.port, r.target), (11434, v4(11434)));
+        assert_eq!(r.service, "port-11434");
+        assert_eq!(parse_iface_spec("br0:80=8080").unwrap().target, v4(8080));
+        assert_eq!(
+            parse_iface_spec("br0:80=127.0.0.1:81").unwrap().target,
+            v4(81)
+        );
+        let r = parse_iface_spec("br0:80=[::1]:82").unwrap();
+        assert_eq!(r.target, "[::1]:82".parse().unwrap());
+    }
+
+    #[test]
+    fn rejects_bad_ports_with_the_value() {
+        for (spec, port) in [
+            ("br0:0", "0"),
+            ("br0:65536", "65536"),
+            ("br0:x", "x"),
+            ("br0:", ""),
+            ("br0:80=0", "0"),
+            ("br0:80=127.0.0.1:0", "0"),
+            ("br0:80=127.0.0.1:70000", "70000"),
+        ] {
+            match parse_iface_spec(spec) {
+                Err(RuleError::Port { port: p, .. }) => assert_eq!(p, port, "{spec}"),
+                other => panic!("{spec}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_non_loopback_targets() {
+        for spec in [
+            "br0:80=10.0.0.1:80",
+            "br0:80=0.0.0.0:80",
+            "br0:80=[::]:80",
+            "br0:80=[fe80::1]:80",
+        ] {
+            let err = parse_iface_spec(spec).unwrap_err();
+            assert!(
+                matches!(err, RuleError::NotLoopback { .. }),
+                "{spec}: {err:?}"
+            );
+            assert!(err.to_string().contains("not a loopback address"));
+        }
+    }
+
+    #[test]
+    fn rejects_malformed_specs() {
+        assert!(matches!(
+            parse_iface_spec("br0"),
+            Err(RuleError::Syntax { .. })
+        ));
+        assert!(matches!(
+            parse_iface_spec(":80"),
+            Err(RuleError::InterfaceName { .. })
+        ));
+        assert!(matches!(
+            parse_iface_spec("averyveryverylongname:80"),
+            Err(RuleError::InterfaceName { .. })
+        ));
+        assert!(matches!(
+            parse_iface_spec("br0:80=localhost:80"),
+            Err(RuleError::Target { .. })
+        ));
+    }
+
+    #[test]
+    fn duplicates_are_refused() {
+        let a = parse_iface_spec("br0:80").unwrap();
+        let b = parse_iface_spec("br0:80=81").unwrap();
+        let c = parse_iface_spec("br1:80").unwrap();
+        assert!(check_unique(&[a.clone(), c.clone()]).is_ok());
+        assert_eq!(
+            check_unique(&[a, c, b]),
+            Err(RuleError::Duplicate {
+                rule: "br0:80".into()
+            })
+        );
+    }
+}

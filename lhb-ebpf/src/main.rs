@@ -1,0 +1,334 @@
+//! The kernel data path: a container's connection to GATEWAY:PORT lands on the host
+//! service's loopback listener in-kernel, without NAT or a proxy, and the service sees the
+//! container's real source address.
+//!
+//! Two programs share the work:
+//! - `lhb_ingress`, a TC classifier on each bridge's ingress, finds the rule's loopback
+//!   listener for every SYN to a configured (bridge, gateway, port) with
+//!   `bpf_skc_lookup_tcp` and publishes it in the `LISTENERS` socket hash.
+//! - `lhb_sk_lookup`, attached to the network namespace, runs when TCP looks for a
+//!   listener for GATEWAY:PORT and hands it the published one with `bpf_sk_assign`,
+//!   but only for connections that entered through that rule's bridge.
+//!
+//! Why not `bpf_sk_assign` at TC directly: since 2025 the NAT LOCAL_IN hook drops any
+//! socket attached to a packet whose remote port differs from the socket's, which is
+//! always the case for a listener; every host with a NAT chain (every Docker host) loses
+//! the assignment and the container gets a RST. The socket lookup runs after netfilter.
+//!
+//! Established connections never reach either program's slow path: their packets match
+//! the child socket (local address = gateway) in the kernel's own lookup.
+#![no_std]
+#![no_main]
+
+use core::{ffi::c_void, ptr::read_volatile};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_ANY, BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_OK, bpf_sock, bpf_sock_tuple},
+    helpers::generated::{
+        bpf_map_lookup_elem, bpf_map_update_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp,
+    },
+    macros::{classifier, map, sk_lookup},
+    maps::{HashMap, PerCpuArray, SockHash},
+    programs::{SkLookupContext, TcContext},
+};
+use aya_log_ebpf::debug;
+use lhb_common::{
+    Counters, EndpointKey, FAMILY_V4, FAMILY_V6, ListenerKey, MAX_ENDPOINTS, MAX_RULES, Steer,
+};
+
+#[map(name = "LHB_ENDPOINTS")]
+static ENDPOINTS: HashMap<EndpointKey, Steer> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+
+#[map(name = "LHB_LISTENERS")]
+static LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(MAX_RULES, 0);
+
+#[map(name = "LHB_COUNTERS")]
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_RULES, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const IPV6_HLEN: usize = 40;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const SK_PASS: u32 = 1;
+
+const TUPLE_V4_LEN: u32 = 12;
+const TUPLE_V6_LEN: u32 = 36;
+
+/// The fields of a SYN the decision needs, addresses in network byte order.
+struct Syn {
+    family: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    sport: u16,
+    dport: u16,
+}
+
+#[classifier]
+pub fn lhb_ingress(ctx: TcContext) -> i32 {
+    if let Some(syn) = parse_syn(&ctx) {
+        publish_listener(&ctx, &syn);
+    }
+    // The packet always continues: the socket lookup decides where it lands, and with no
+    // listener the kernel answers the SYN with an immediate RST.
+    TC_ACT_OK as i32
+}
+
+#[sk_lookup]
+pub fn lhb_sk_lookup(ctx: SkLookupContext) -> u32 {
+    assign_listener(&ctx);
+    // SK_PASS without an assignment lets the regular lookup continue.
+    SK_PASS
+}
+
+/// Parses a TCP SYN (without ACK); everything else is left alone.
+#[inline(always)]
+fn parse_syn(ctx: &TcContext) -> Option<Syn> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let mut syn = Syn {
+        family: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        sport: 0,
+        dport: 0,
+    };
+    let l4 = match ethertype {
+        ETH_P_IP => {
+            let vihl = ctx.load::<u8>(ETH_HLEN).ok()?;
+            // A fragment carries no (or a partial) TCP header.
+            let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).ok()?);
+            if vihl >> 4 != 4 || frag & 0x3fff != 0 {
+                return None;
+            }
+            if ctx.load::<u8>(ETH_HLEN + 9).ok()? != IPPROTO_TCP {
+                return None;
+            }
+            syn.family = FAMILY_V4;
+            syn.src[..4].copy_from_slice(&ctx.load::<[u8; 4]>(ETH_HLEN + 12).ok()?);
+            syn.dst[..4].copy_from_slice(&ctx.load::<[u8; 4]>(ETH_HLEN + 16).ok()?);
+            ETH_HLEN + ((vihl & 0x0f) as usize) * 4
+        }
+        ETH_P_IPV6 => {
+            // Extension headers are not followed: connections to a gateway don't use them.
+            if ctx.load::<u8>(ETH_HLEN + 6).ok()? != IPPROTO_TCP {
+                return None;
+            }
+            syn.family = FAMILY_V6;
+            syn.src = ctx.load::<[u8; 16]>(ETH_HLEN + 8).ok()?;
+            syn.dst = ctx.load::<[u8; 16]>(ETH_HLEN + 24).ok()?;
+            ETH_HLEN + IPV6_HLEN
+        }
+        _ => return None,
+    };
+    let flags = ctx.load::<u8>(l4 + 13).ok()?;
+    if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
+        return None;
+    }
+    // Ports stay in network byte order for the socket tuples.
+    syn.sport = ctx.load::<u16>(l4).ok()?;
+    syn.dport = ctx.load::<u16>(l4 + 2).ok()?;
+    Some(syn)
+}
+
+/// Makes sure the rule's loopback listener is in `LISTENERS` before the SYN reaches TCP.
+#[inline(always)]
+fn publish_listener(ctx: &TcContext, syn: &Syn) {
+    let key = EndpointKey {
+        // At the bridge's ingress the skb's device is the bridge itself.
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        addr: syn.dst,
+        port: u16::from_be(syn.dport),
+        family: syn.family,
+        _pad: 0,
+    };
+    let Some(rule) = (unsafe { ENDPOINTS.get(&key) }) else {
+        return;
+    };
+    let counters = COUNTERS.get_ptr_mut(rule.slot);
+    let Some(ln) = lookup_listener(ctx, syn, rule) else {
+        count(counters, |c| c.no_listener += 1);
+        return;
+    };
+    let lkey = ListenerKey::of(rule);
+    // A closed listener leaves the socket hash by itself, so an entry present is the
+    // live listener (or one of its SO_REUSEPORT group): nothing to do.
+    let current = unsafe { bpf_map_lookup_elem(listeners(), (&lkey as *const ListenerKey).cast()) };
+    if !current.is_null() {
+        unsafe {
+            bpf_sk_release(current);
+            bpf_sk_release(ln.cast());
+        }
+        return;
+    }
+    let ret = unsafe {
+        bpf_map_update_elem(
+            listeners(),
+            (&lkey as *const ListenerKey).cast(),
+            ln.cast::<c_void>(),
+            BPF_ANY as u64,
+        )
+    };
+    unsafe { bpf_sk_release(ln.cast()) };
+    if ret != 0 {
+        count(counters, |c| c.errors += 1);
+        debug!(ctx, "publishing the listener failed: {}", ret);
+    }
+}
+
+/// Finds the target's listener as the kernel would for a SYN sent to it directly.
+#[inline(always)]
+fn lookup_listener(ctx: &TcContext, syn: &Syn, rule: &Steer) -> Option<*mut bpf_sock> {
+    let dport = rule.target_port.to_be();
+    let (mut t, family) = match (syn.family, rule.target_family) {
+        (FAMILY_V4, FAMILY_V4) | (FAMILY_V6, FAMILY_V6) => (
+            tuple(syn.family, &syn.src, &rule.target_addr, syn.sport, dport),
+            syn.family,
+        ),
+        // An IPv4 client reaches an IPv6 listener as a v4-mapped peer.
+        (FAMILY_V4, FAMILY_V6) => {
+            let mut mapped = [0u8; 16];
+            mapped[10] = 0xff;
+            mapped[11] = 0xff;
+            mapped[12..].copy_from_slice(&syn.src[..4]);
+            (
+                tuple(FAMILY_V6, &mapped, &rule.target_addr, syn.sport, dport),
+                FAMILY_V6,
+            )
+        }
+        // An IPv6 packet cannot go to an IPv4 socket; the daemon never adds such an
+        // endpoint, this only keeps the program total.
+        _ => return None,
+    };
+    let len = if family == FAMILY_V4 {
+        TUPLE_V4_LEN
+    } else {
+        TUPLE_V6_LEN
+    };
+    let sk =
+        unsafe { bpf_skc_lookup_tcp(ctx.as_ptr(), &mut t, len, BPF_F_CURRENT_NETNS as u64, 0) };
+    if sk.is_null() {
+        return None;
+    }
+    if unsafe { (*sk).state } != BPF_TCP_LISTEN {
+        unsafe { bpf_sk_release(sk.cast()) };
+        return None;
+    }
+    Some(sk)
+}
+
+/// In TCP's listener lookup: a connection to a configured (bridge, gateway, port) gets
+/// the published loopback listener.
+#[inline(always)]
+fn assign_listener(ctx: &SkLookupContext) {
+    // Each context field is read once, unconditionally: the verifier only accepts loads
+    // at a constant offset from the unmodified context pointer, and the compiler would
+    // otherwise share one address computation between the IPv4 and IPv6 branches.
+    let l = ctx.lookup;
+    let (protocol, family, ip4, ip6, local_port, ifindex) = unsafe {
+        (
+            read_volatile(&raw const (*l).protocol),
+            read_volatile(&raw const (*l).family),
+            read_volatile(&raw const (*l).local_ip4),
+            [
+                read_volatile(&raw const (*l).local_ip6[0]),
+                read_volatile(&raw const (*l).local_ip6[1]),
+                read_volatile(&raw const (*l).local_ip6[2]),
+                read_volatile(&raw const (*l).local_ip6[3]),
+            ],
+            read_volatile(&raw const (*l).local_port),
+            read_volatile(&raw const (*l).ingress_ifindex),
+        )
+    };
+    if protocol != IPPROTO_TCP as u32 {
+        return;
+    }
+    let mut addr = [0u8; 16];
+    let family = match family {
+        AF_INET => {
+            addr[..4].copy_from_slice(&ip4.to_ne_bytes());
+            FAMILY_V4
+        }
+        AF_INET6 => {
+            for (i, word) in ip6.iter().enumerate() {
+                addr[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+            FAMILY_V6
+        }
+        _ => return,
+    };
+    let key = EndpointKey {
+        // The interface the packet came in on: the rule's bridge and nothing else, so a
+        // host that routes to the gateway address from elsewhere is never served.
+        ifindex,
+        addr,
+        port: local_port as u16,
+        family,
+        _pad: 0,
+    };
+    let Some(rule) = (unsafe { ENDPOINTS.get(&key) }) else {
+        return;
+    };
+    let counters = COUNTERS.get_ptr_mut(rule.slot);
+    let lkey = ListenerKey::of(rule);
+    let sk = unsafe { bpf_map_lookup_elem(listeners(), (&lkey as *const ListenerKey).cast()) };
+    if sk.is_null() {
+        return;
+    }
+    let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk, 0) };
+    unsafe { bpf_sk_release(sk) };
+    if ret == 0 {
+        count(counters, |c| c.connections += 1);
+    } else {
+        count(counters, |c| c.errors += 1);
+        debug!(ctx, "bpf_sk_assign failed: {}", ret);
+    }
+}
+
+#[inline(always)]
+fn listeners() -> *mut c_void {
+    (&raw const LISTENERS).cast_mut().cast()
+}
+
+#[inline(always)]
+fn tuple(family: u8, src: &[u8; 16], dst: &[u8; 16], sport: u16, dport: u16) -> bpf_sock_tuple {
+    let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    if family == FAMILY_V4 {
+        let v4 = unsafe { &mut t.__bindgen_anon_1.ipv4 };
+        v4.saddr = u32::from_ne_bytes([src[0], src[1], src[2], src[3]]);
+        v4.daddr = u32::from_ne_bytes([dst[0], dst[1], dst[2], dst[3]]);
+        v4.sport = sport;
+        v4.dport = dport;
+    } else {
+        let v6 = unsafe { &mut t.__bindgen_anon_1.ipv6 };
+        for i in 0..4 {
+            let b = 4 * i;
+            v6.saddr[i] = u32::from_ne_bytes([src[b], src[b + 1], src[b + 2], src[b + 3]]);
+            v6.daddr[i] = u32::from_ne_bytes([dst[b], dst[b + 1], dst[b + 2], dst[b + 3]]);
+        }
+        v6.sport = sport;
+        v6.dport = dport;
+    }
+    t
+}
+
+#[inline(always)]
+fn count(ptr: Option<*mut Counters>, f: impl FnOnce(&mut Counters)) {
+    if let Some(p) = ptr {
+        f(unsafe { &mut *p });
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
