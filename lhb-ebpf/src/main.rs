@@ -155,15 +155,17 @@ fn publish_listener(ctx: &TcContext, syn: &Syn) {
         return;
     };
     let lkey = ListenerKey::of(rule);
-    // A closed listener leaves the socket hash by itself, so an entry present is the
-    // live listener (or one of its SO_REUSEPORT group): nothing to do.
+    // A published socket that still listens serves (it is the listener, or one of its
+    // SO_REUSEPORT group). One that stopped listening while its owner keeps the fd open
+    // stays in the hash, so it is replaced rather than trusted.
     let current = unsafe { bpf_map_lookup_elem(listeners(), (&lkey as *const ListenerKey).cast()) };
     if !current.is_null() {
-        unsafe {
-            bpf_sk_release(current);
-            bpf_sk_release(ln.cast());
+        let live = unsafe { (*current.cast::<bpf_sock>()).state } == BPF_TCP_LISTEN;
+        unsafe { bpf_sk_release(current) };
+        if live {
+            unsafe { bpf_sk_release(ln.cast()) };
+            return;
         }
-        return;
     }
     let ret = unsafe {
         bpf_map_update_elem(

@@ -1,1 +1,599 @@
+//! A testbed of real network namespaces, bridges and veths, and the pieces the
+//! end-to-end tests, `cargo xtask demo` and `cargo xtask bench` build on.
+//!
+//! Everything created here carries a name that starts with [`PREFIX`] and is removed by a
+//! guard's `Drop`, so a failing test still leaves the machine clean and any leftover is
+//! easy to find (`ip netns list | grep lhbt`).
 
+use std::{
+    fs::File,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+/// Every namespace, bridge and veth made here starts with this.
+pub const PREFIX: &str = "lhbt";
+
+/// Runs a command to completion; a failure is an error with its stderr.
+pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program} (is it installed? `cargo xtask setup`)"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run("ip", args).map(|_| ())
+}
+
+/// Best-effort removal for guards: the object may already be gone.
+fn ip_quiet(args: &[&str]) {
+    let _ = Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// A network namespace, deleted on drop (with the veth ends inside it).
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> anyhow::Result<Netns> {
+        ip_quiet(&["netns", "del", name]);
+        ip(&["netns", "add", name])?;
+        let ns = Netns {
+            name: name.to_string(),
+        };
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace: sockets it opens live there.
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let path = format!("/run/netns/{}", self.name);
+        let handle = thread::spawn(move || -> anyhow::Result<T> {
+            let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+            // SAFETY: setns on this thread only; the fd is valid for the call.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns({path}): {}", std::io::Error::last_os_error());
+            }
+            Ok(f())
+        });
+        handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+    }
+
+    /// A command run inside this namespace (`ip netns exec`).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        ip_quiet(&["netns", "del", &self.name]);
+    }
+}
+
+/// A link in the host namespace (bridge or veth), deleted on drop.
+pub struct HostLink {
+    pub name: String,
+}
+
+impl HostLink {
+    pub fn ifindex(&self) -> anyhow::Result<u32> {
+        let s = std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", self.name))
+            .with_context(|| format!("ifindex of {}", self.name))?;
+        Ok(s.trim().parse()?)
+    }
+}
+
+impl Drop for HostLink {
+    fn drop(&mut self) {
+        ip_quiet(&["link", "del", &self.name]);
+    }
+}
+
+/// Creates bridge `name` with the given addresses (CIDR), up.
+pub fn bridge(name: &str, addrs: &[&str]) -> anyhow::Result<HostLink> {
+    ip_quiet(&["link", "del", name]);
+    ip(&["link", "add", name, "type", "bridge"])?;
+    let link = HostLink {
+        name: name.to_string(),
+    };
+    for a in addrs {
+        add_addr(name, a)?;
+    }
+    ip(&["link", "set", name, "up"])?;
+    Ok(link)
+}
+
+/// Adds an address without duplicate address detection, so IPv6 is usable at once.
+pub fn add_addr(dev: &str, cidr: &str) -> anyhow::Result<()> {
+    if cidr.contains(':') {
+        ip(&["addr", "add", cidr, "dev", dev, "nodad"])
+    } else {
+        ip(&["addr", "add", cidr, "dev", dev])
+    }
+}
+
+/// Joins `ns` to the host through a veth pair: host end `host_end` (enslaved to `master`
+/// if given), namespace end `eth0` with `addrs` and default routes via `gateways`.
+pub fn plug(
+    ns: &Netns,
+    host_end: &str,
+    master: Option<&str>,
+    addrs: &[&str],
+    gateways: &[&str],
+) -> anyhow::Result<HostLink> {
+    ip_quiet(&["link", "del", host_end]);
+    ip(&[
+        "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+    ])?;
+    let link = HostLink {
+        name: host_end.to_string(),
+    };
+    if let Some(m) = master {
+        ip(&["link", "set", host_end, "master", m])?;
+    }
+    ip(&["link", "set", host_end, "up"])?;
+    for a in addrs {
+        let mut args = vec!["-n", &ns.name, "addr", "add", a, "dev", "eth0"];
+        if a.contains(':') {
+            args.push("nodad");
+        }
+        ip(&args)?;
+    }
+    ip(&["-n", &ns.name, "link", "set", "eth0", "up"])?;
+    for gw in gateways {
+        let fam = if gw.contains(':') { "-6" } else { "-4" };
+        ip(&["-n", &ns.name, fam, "route", "add", "default", "via", gw])?;
+    }
+    Ok(link)
+}
+
+/// The standard topology of TESTBED.md, numbered so parallel tests never collide:
+/// - bridge `lhbt<n>br` with gateway 10.201.<n>.1 and fd00:201:<n>::1, one "container"
+///   namespace on it (10.201.<n>.2);
+/// - an "outside" namespace routed to the host through its own veth (10.202.<n>.2, host
+///   side 10.202.<n>.1), not on the bridge;
+/// - a "neighbour" bridge `lhbt<n>nb` (10.203.<n>.1) with a namespace of its own, for
+///   which no rule exists.
+pub struct Lab {
+    pub n: u8,
+    pub container: Netns,
+    pub outside: Netns,
+    pub neighbour: Netns,
+    // Dropped after the namespaces (field order), taking what is left with them.
+    pub links: Vec<HostLink>,
+}
+
+impl Lab {
+    pub fn new(n: u8) -> anyhow::Result<Lab> {
+        let p = format!("{PREFIX}{n}");
+        let container = Netns::new(&format!("{p}c"))?;
+        let outside = Netns::new(&format!("{p}o"))?;
+        let neighbour = Netns::new(&format!("{p}n"))?;
+        let mut lab = Lab {
+            n,
+            container,
+            outside,
+            neighbour,
+            links: Vec::new(),
+        };
+        let br = lab.bridge_name();
+        lab.links.push(bridge(
+            &br,
+            &[&format!("10.201.{n}.1/24"), &format!("fd00:201:{n}::1/64")],
+        )?);
+        let c_addrs = [format!("10.201.{n}.2/24"), format!("fd00:201:{n}::2/64")];
+        let c_gws = [format!("10.201.{n}.1"), format!("fd00:201:{n}::1")];
+        lab.links.push(plug(
+            &lab.container,
+            &format!("{p}cv"),
+            Some(&br),
+            &[&c_addrs[0], &c_addrs[1]],
+            &[&c_gws[0], &c_gws[1]],
+        )?);
+        let ov = plug(
+            &lab.outside,
+            &format!("{p}ov"),
+            None,
+            &[&format!("10.202.{n}.2/24")],
+            &[&format!("10.202.{n}.1")],
+        )?;
+        add_addr(&ov.name, &format!("10.202.{n}.1/24"))?;
+        lab.links.push(ov);
+        let nb = format!("{p}nb");
+        lab.links.push(bridge(&nb, &[&format!("10.203.{n}.1/24")])?);
+        lab.links.push(plug(
+            &lab.neighbour,
+            &format!("{p}nv"),
+            Some(&nb),
+            &[&format!("10.203.{n}.2/24")],
+            &[&format!("10.203.{n}.1")],
+        )?);
+        Ok(lab)
+    }
+
+    pub fn bridge_name(&self) -> String {
+        format!("{PREFIX}{}br", self.n)
+    }
+    pub fn container_veth(&self) -> String {
+        format!("{PREFIX}{}cv", self.n)
+    }
+    pub fn gateway(&self) -> IpAddr {
+        format!("10.201.{}.1", self.n)
+            .parse()
+            .expect("valid literal")
+    }
+    pub fn gateway6(&self) -> IpAddr {
+        format!("fd00:201:{}::1", self.n)
+            .parse()
+            .expect("valid literal")
+    }
+    pub fn container_ip(&self) -> IpAddr {
+        format!("10.201.{}.2", self.n)
+            .parse()
+            .expect("valid literal")
+    }
+    pub fn container_ip6(&self) -> IpAddr {
+        format!("fd00:201:{}::2", self.n)
+            .parse()
+            .expect("valid literal")
+    }
+    /// The host's address on the outside link.
+    pub fn host_outside_ip(&self) -> IpAddr {
+        format!("10.202.{}.1", self.n)
+            .parse()
+            .expect("valid literal")
+    }
+    /// The host's address on the neighbour bridge.
+    pub fn neighbour_gateway(&self) -> IpAddr {
+        format!("10.203.{}.1", self.n)
+            .parse()
+            .expect("valid literal")
+    }
+
+    /// Deletes and re-creates the bridge with the same name and addresses (new ifindex),
+    /// and puts the container's veth back on it, as Docker does when it re-creates a
+    /// network. Returns when the bridge is fully set up again.
+    pub fn recreate_bridge(&mut self) -> anyhow::Result<()> {
+        let br = self.bridge_name();
+        let pos = self
+            .links
+            .iter()
+            .position(|l| l.name == br)
+            .context("bridge guard missing")?;
+        drop(self.links.remove(pos));
+        let n = self.n;
+        self.links.push(bridge(
+            &br,
+            &[&format!("10.201.{n}.1/24"), &format!("fd00:201:{n}::1/64")],
+        )?);
+        ip(&["link", "set", &self.container_veth(), "master", &br])?;
+        Ok(())
+    }
+}
+
+/// How a connection attempt ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The HTTP body.
+    Served(String),
+    Refused,
+    TimedOut,
+    Other(String),
+}
+
+/// One HTTP/1.0 request to `addr`, from whatever namespace the calling thread is in.
+pub fn http_get(addr: SocketAddr, timeout: Duration) -> Outcome {
+    let mut s = match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Outcome::Refused,
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Outcome::TimedOut,
+        Err(e) => return Outcome::Other(e.to_string()),
+    };
+    let _ = s.set_read_timeout(Some(timeout));
+    if let Err(e) = s.write_all(b"GET / HTTP/1.0\r\nHost: lhb\r\n\r\n") {
+        return Outcome::Other(e.to_string());
+    }
+    let mut buf = String::new();
+    match s.read_to_string(&mut buf) {
+        Ok(_) => match buf.split_once("\r\n\r\n") {
+            Some((_, body)) => Outcome::Served(body.to_string()),
+            None => Outcome::Other(format!("not HTTP: {buf:?}")),
+        },
+        Err(e) => Outcome::Other(e.to_string()),
+    }
+}
+
+/// A tiny HTTP server bound to a loopback address that answers every request with
+/// `peer=<the client's address>`, so a test can see which source address arrived.
+pub struct PeerEcho {
+    pub addr: SocketAddr,
+    listener: Arc<TcpListener>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl PeerEcho {
+    pub fn start(bind: &str) -> anyhow::Result<PeerEcho> {
+        let listener =
+            Arc::new(TcpListener::bind(bind).with_context(|| format!("binding {bind}"))?);
+        let addr = listener.local_addr()?;
+        let l = listener.clone();
+        let thread = thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut c) = conn else { break };
+                thread::spawn(move || {
+                    let peer = c.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+                    // Read the request before answering, so closing does not send a RST.
+                    let mut reader = BufReader::new(match c.try_clone() {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    });
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                        if line == "\r\n" || line == "\n" {
+                            break;
+                        }
+                        line.clear();
+                    }
+                    let body = format!("peer={peer}\n");
+                    let _ = write!(
+                        c,
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = c.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        Ok(PeerEcho {
+            addr,
+            listener,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Closes the listening socket: from then on the service is down.
+    pub fn stop(&mut self) {
+        // SAFETY: shutdown on a valid fd; wakes the thread blocked in accept().
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for PeerEcho {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The `lhb` binary under test: `$LHB_BIN`, else target/debug/lhb of this workspace.
+pub fn lhb_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("LHB_BIN") {
+        return PathBuf::from(p);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lhb")
+}
+
+/// A running `lhb run`, stopped with SIGTERM on drop.
+pub struct Lhb {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Lhb {
+    /// Starts `lhb run ARGS` and waits until it says it is ready.
+    pub fn start(args: &[&str]) -> anyhow::Result<Lhb> {
+        Self::start_with(args, |_| {})
+    }
+
+    pub fn start_with(args: &[&str], tweak: impl FnOnce(&mut Command)) -> anyhow::Result<Lhb> {
+        let mut cmd = Command::new(lhb_bin());
+        cmd.arg("run")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        tweak(&mut cmd);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", lhb_bin().display()))?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let l = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("ready:") {
+                    let _ = tx.send(());
+                }
+                if let Ok(mut v) = l.lock() {
+                    v.push(line);
+                }
+            }
+        });
+        let mut lhb = Lhb { child, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if rx.recv_timeout(Duration::from_millis(50)).is_ok() {
+                return Ok(lhb);
+            }
+            if let Some(status) = lhb.child.try_wait()? {
+                thread::sleep(Duration::from_millis(50));
+                bail!("lhb exited with {status} before ready:\n{}", lhb.log());
+            }
+            if Instant::now() > deadline {
+                bail!("lhb not ready after 20 s:\n{}", lhb.log());
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().map(|v| v.join("\n")).unwrap_or_default()
+    }
+
+    /// SIGTERM, then the exit status (SIGKILL after 10 s).
+    pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("lhb ignored SIGTERM for 10 s:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Lhb {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// Runs `lhb ARGS` to completion: (exit status, stderr).
+pub fn lhb_once(args: &[&str], wrapper: &[&str]) -> anyhow::Result<(ExitStatus, String)> {
+    let mut cmd = if wrapper.is_empty() {
+        Command::new(lhb_bin())
+    } else {
+        let mut c = Command::new(wrapper[0]);
+        c.args(&wrapper[1..]).arg(lhb_bin());
+        c
+    };
+    let out = cmd.args(args).stdin(Stdio::null()).output()?;
+    Ok((
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Polls `f` every 10 ms until it returns true or `limit` passes; the time it took.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Programs on `iface`'s ingress: TCX attachments (by id, queried from the kernel)
+/// plus a line per legacy `tc` filter. Empty means nothing is attached.
+pub fn ingress_programs(iface: &str) -> anyhow::Result<Vec<String>> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let mut found = Vec::new();
+    match SchedClassifier::query_tcx(iface, TcAttachType::Ingress) {
+        Ok((_, progs)) => found.extend(progs.iter().map(|p| format!("tcx prog {}", p.id()))),
+        // Kernels before 6.6 have no TCX; the tc filter listing below covers them.
+        Err(e) if format!("{e:?}").contains("InvalidArgument") => {}
+        Err(e) => return Err(anyhow::anyhow!("querying TCX on {iface}: {e}")),
+    }
+    let filters = run("tc", &["filter", "show", "dev", iface, "ingress"])?;
+    found.extend(
+        filters
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(String::from),
+    );
+    Ok(found)
+}
+
+/// The BPF programs and links a process holds open: (program ids, link ids).
+pub fn bpf_ids_held_by(pid: u32) -> anyhow::Result<(Vec<u64>, Vec<u64>)> {
+    let mut progs = Vec::new();
+    let mut links = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let Ok(text) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix("prog_id:") {
+                progs.push(v.trim().parse()?);
+            } else if let Some(v) = line.strip_prefix("link_id:") {
+                links.push(v.trim().parse()?);
+            }
+        }
+    }
+    progs.sort_unstable();
+    progs.dedup();
+    links.sort_unstable();
+    links.dedup();
+    Ok((progs, links))
+}
+
+/// Whether a BPF program with this id is still loaded.
+pub fn bpf_program_exists(id: u64) -> bool {
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Whether a BPF link with this id still exists.
+pub fn bpf_link_exists(id: u64) -> bool {
+    Command::new("bpftool")
+        .args(["link", "show", "id", &id.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// A loopback TCP port that is free right now.
+pub fn free_port(ip: &str) -> anyhow::Result<u16> {
+    Ok(TcpListener::bind((ip, 0))?.local_addr()?.port())
+}
