@@ -258,7 +258,7 @@ fn log_states(rules: &[Rule], before: &[RuleState], after: &[RuleState]) {
                     rule.port
                 );
                 for (gw, why) in skipped {
-                    warn!(service = %rule.service, "{rule}: not serving gateway {gw}: {why}");
+                    info!(service = %rule.service, "{rule}: not serving gateway {gw}: {why}");
                 }
             }
             RuleState::Waiting(why) => {

@@ -406,7 +406,8 @@ pub fn lhb_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("LHB_BIN") {
         return PathBuf::from(p);
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lhb")
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lhb");
+    std::fs::canonicalize(&p).unwrap_or(p)
 }
 
 /// A running `lhb run`, stopped with SIGTERM on drop.
@@ -418,20 +419,19 @@ pub struct Lhb {
 impl Lhb {
     /// Starts `lhb run ARGS` and waits until it says it is ready.
     pub fn start(args: &[&str]) -> anyhow::Result<Lhb> {
-        Self::start_with(args, |_| {})
+        Self::start_bin(&lhb_bin(), args)
     }
 
-    pub fn start_with(args: &[&str], tweak: impl FnOnce(&mut Command)) -> anyhow::Result<Lhb> {
-        let mut cmd = Command::new(lhb_bin());
-        cmd.arg("run")
+    /// Starts `BIN run ARGS` (e.g. a release build) and waits until it is ready.
+    pub fn start_bin(bin: &std::path::Path, args: &[&str]) -> anyhow::Result<Lhb> {
+        let mut child = Command::new(bin)
+            .arg("run")
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        tweak(&mut cmd);
-        let mut child = cmd
+            .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {}", lhb_bin().display()))?;
+            .with_context(|| format!("starting {}", bin.display()))?;
         let stderr = child.stderr.take().context("no stderr")?;
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();

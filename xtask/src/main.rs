@@ -1,1 +1,148 @@
-fn main() {}
+//! `cargo xtask <verb>`: the project's multi-step jobs, so that no shell script holds
+//! project logic and a fresh machine needs nothing done by hand.
+//!
+//! - `setup`: installs what building and testing need (idempotent, quiet when done);
+//! - `build`: setup, then the `lhb` binary with its embedded eBPF object;
+//! - `test`: setup, fmt, clippy, build, every unit and end-to-end test, leftover check;
+//! - `demo`: a real end-to-end run on a throwaway topology, explained step by step;
+//! - `bench`: the direct path against the kernel path, interleaved, as ratios.
+
+mod bench;
+mod demo;
+mod setup;
+
+use std::{
+    path::PathBuf,
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, test, demo and benchmark lhb")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the nightly rust-src, bpf-linker and the Debian packages the tests use.
+    Setup,
+    /// Build the lhb binary (debug) with its eBPF programs.
+    Build,
+    /// Run fmt, clippy and every test (needs root: real namespaces, bridges and BPF).
+    Test,
+    /// Show lhb at work on a throwaway topology, step by step.
+    Demo,
+    /// Benchmark the kernel path against the direct path (a server on the gateway).
+    Bench {
+        /// Shorter runs.
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Setup => setup::run(),
+        Cmd::Build => setup::run().and_then(|()| build()),
+        Cmd::Test => setup::run().and_then(|()| test()),
+        Cmd::Demo => setup::run()
+            .and_then(|()| require_root("the demo"))
+            .and_then(|()| build())
+            .and_then(|()| demo::run()),
+        Cmd::Bench { quick } => setup::run()
+            .and_then(|()| require_root("the benchmark"))
+            .and_then(|()| build_release())
+            .and_then(|()| bench::run(quick)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// `cargo` with the bpf-linker from setup on PATH.
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c.env("PATH", setup::path_with_linker());
+    c
+}
+
+fn status(mut c: Command, what: &str) -> anyhow::Result<()> {
+    let s = c.status().with_context(|| format!("running {what}"))?;
+    if !s.success() {
+        bail!("{what} failed ({s})");
+    }
+    Ok(())
+}
+
+fn build() -> anyhow::Result<()> {
+    let mut c = cargo();
+    c.args(["build", "--package", "lhb-daemon"]);
+    status(c, "cargo build")
+}
+
+fn build_release() -> anyhow::Result<()> {
+    let mut c = cargo();
+    c.args(["build", "--release", "--package", "lhb-daemon"]);
+    status(c, "cargo build --release")
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} creates network namespaces, bridges and loads BPF programs: run it as root");
+    }
+    Ok(())
+}
+
+fn test() -> anyhow::Result<()> {
+    require_root("the end-to-end tests")?;
+    let mut c = cargo();
+    c.args(["fmt", "--all", "--check"]);
+    status(c, "cargo fmt --check")?;
+    let mut c = cargo();
+    c.args(["clippy", "--all-targets", "--", "-D", "warnings"]);
+    status(c, "cargo clippy")?;
+    build()?;
+    let mut c = cargo();
+    // Default members: lhb-ebpf only builds for the bpf target (through build.rs).
+    c.args(["test"]);
+    c.env("LHB_BIN", workspace_root().join("target/debug/lhb"));
+    status(c, "cargo test")?;
+    leftovers()
+}
+
+/// Fails if a test left a namespace or a link behind (names start with lhbt).
+fn leftovers() -> anyhow::Result<()> {
+    let netns = lhb_tests::run("ip", &["netns", "list"])?;
+    let links = lhb_tests::run("ip", &["-br", "link", "show"])?;
+    let left: Vec<&str> = netns
+        .lines()
+        .chain(links.lines())
+        .filter(|l| l.starts_with(lhb_tests::PREFIX))
+        .collect();
+    if !left.is_empty() {
+        bail!(
+            "tests left network state behind (a guard did not clean up):\n{}",
+            left.join("\n")
+        );
+    }
+    println!("no test namespace or link left behind");
+    Ok(())
+}

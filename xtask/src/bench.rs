@@ -1,0 +1,332 @@
+//! `cargo xtask bench`: the kernel path against the direct path, in one run.
+//!
+//! The direct path is the physical limit: the same server bound to the bridge's gateway
+//! address itself, no lhb involved. The kernel path is the server bound to 127.0.0.1,
+//! reached through lhb. Runs are interleaved (direct, kernel, direct, kernel, ...) and
+//! repeated, and results are reported as medians and ratios, because this machine's
+//! noise is larger than the difference being measured.
+
+use std::{
+    fmt::Write as _,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use lhb_tests::{Lab, Lhb, free_port, wait_until};
+
+const RESPONSE: &[u8] = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Direct,
+    Kernel,
+}
+
+impl Path {
+    fn name(self) -> &'static str {
+        match self {
+            Path::Direct => "direct",
+            Path::Kernel => "kernel",
+        }
+    }
+}
+
+struct Sample {
+    path: Path,
+    workload: &'static str,
+    value: f64,
+    unit: &'static str,
+}
+
+/// Accept-read-answer-close on a few threads: a short request/response exchange.
+struct TinyServer {
+    listener: Arc<TcpListener>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl TinyServer {
+    fn start(bind: SocketAddr) -> anyhow::Result<TinyServer> {
+        let listener = Arc::new(TcpListener::bind(bind).with_context(|| format!("bind {bind}"))?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..4)
+            .map(|_| {
+                let l = listener.clone();
+                let stop = stop.clone();
+                thread::spawn(move || {
+                    let mut buf = [0u8; 512];
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok((mut c, _)) = l.accept() else { break };
+                        let _ = c.set_nodelay(true);
+                        let mut got = 0;
+                        while let Ok(n) = c.read(&mut buf[got..]) {
+                            if n == 0 {
+                                break;
+                            }
+                            got += n;
+                            if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") || got == buf.len() {
+                                break;
+                            }
+                        }
+                        let _ = c.write_all(RESPONSE);
+                    }
+                })
+            })
+            .collect();
+        Ok(TinyServer {
+            listener,
+            stop,
+            threads,
+        })
+    }
+}
+
+impl Drop for TinyServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // SAFETY: shutdown on a valid fd wakes the threads blocked in accept().
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connections per second: `clients` loops of connect, request, read to EOF, close.
+fn conn_rate(lab: &Lab, addr: SocketAddr, clients: usize, secs: f64) -> anyhow::Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    thread::scope(|s| {
+        for _ in 0..clients {
+            let (done, errors) = (done.clone(), errors.clone());
+            s.spawn(move || {
+                lab.container.run(move || {
+                    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+                    let mut buf = [0u8; 128];
+                    while Instant::now() < deadline {
+                        let ok = (|| {
+                            let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+                            c.set_nodelay(true)?;
+                            c.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                            while c.read(&mut buf)? > 0 {}
+                            Ok::<_, std::io::Error>(())
+                        })();
+                        match ok {
+                            Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                            Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
+                })
+            });
+        }
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    let errors = errors.load(Ordering::Relaxed);
+    if errors > 0 {
+        bail!("{errors} connections to {addr} failed");
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / elapsed)
+}
+
+/// iperf3 throughput in Gbit/s from the container to a server bound to `bind`.
+fn iperf(lab: &Lab, bind: &str, target: SocketAddr, secs: u32) -> anyhow::Result<f64> {
+    struct Server(Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let port = target.port().to_string();
+    let _server = Server(
+        Command::new("iperf3")
+            .args(["-s", "-1", "-B", bind, "-p", &port])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("iperf3 (installed by `cargo xtask setup`)")?,
+    );
+    let ip = target.ip().to_string();
+    let b: &str = bind;
+    wait_until(Duration::from_secs(5), || {
+        lhb_tests::run("ss", &["-Hltn", &format!("sport = :{port}")])
+            .map(|o| o.contains(b))
+            .unwrap_or(false)
+    })
+    .context("iperf3 server did not start")?;
+    let out = lab
+        .container
+        .command("iperf3")
+        .args(["-c", &ip, "-p", &port, "-t", &secs.to_string(), "-J"])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .with_context(|| format!("iperf3 failed: {}", v["error"]))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+pub fn run(quick: bool) -> anyhow::Result<()> {
+    let (reps, conn_secs, iperf_secs) = if quick { (3, 1.0, 2) } else { (5, 3.0, 5) };
+    let lab = Lab::new(201)?;
+    let gw = lab.gateway();
+    let direct_conn = SocketAddr::new(gw, free_port("127.0.0.1")?);
+    let kernel_conn_port = free_port("127.0.0.1")?;
+    let direct_iperf = SocketAddr::new(gw, free_port("127.0.0.1")?);
+    let kernel_iperf_port = free_port("127.0.0.1")?;
+
+    let _direct_srv = TinyServer::start(direct_conn)?;
+    let _kernel_srv = TinyServer::start(SocketAddr::from(([127, 0, 0, 1], kernel_conn_port)))?;
+    let release = lhb_tests::lhb_bin()
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|t| t.join("release/lhb"))
+        .context("target dir")?;
+    let br = lab.bridge_name();
+    let _lhb = Lhb::start_bin(
+        &release,
+        &[
+            "--expose-iface",
+            &format!("{br}:{kernel_conn_port}"),
+            "--expose-iface",
+            &format!("{br}:{kernel_iperf_port}"),
+        ],
+    )?;
+
+    let mut samples = Vec::new();
+    for rep in 1..=reps {
+        for path in [Path::Direct, Path::Kernel] {
+            let conn = match path {
+                Path::Direct => direct_conn,
+                Path::Kernel => SocketAddr::new(gw, kernel_conn_port),
+            };
+            for (workload, clients) in [("conn/s serial", 1), ("conn/s 8 concurrent", 8)] {
+                let v = conn_rate(&lab, conn, clients, conn_secs)?;
+                eprintln!("[{rep}/{reps}] {:<6} {workload:<22} {v:>10.0}", path.name());
+                samples.push(Sample {
+                    path,
+                    workload,
+                    value: v,
+                    unit: "conn/s",
+                });
+            }
+            let (bind, target) = match path {
+                Path::Direct => (gw.to_string(), direct_iperf),
+                Path::Kernel => (
+                    "127.0.0.1".to_string(),
+                    SocketAddr::new(gw, kernel_iperf_port),
+                ),
+            };
+            let v = iperf(&lab, &bind, target, iperf_secs)?;
+            eprintln!(
+                "[{rep}/{reps}] {:<6} {:<22} {v:>10.2}",
+                path.name(),
+                "iperf3 Gbit/s"
+            );
+            samples.push(Sample {
+                path,
+                workload: "iperf3 1 stream",
+                value: v,
+                unit: "Gbit/s",
+            });
+        }
+    }
+    report(&samples, reps, quick)
+}
+
+fn report(samples: &[Sample], reps: usize, quick: bool) -> anyhow::Result<()> {
+    let mut md = String::new();
+    writeln!(
+        md,
+        "| workload | direct (median, min-max) | kernel (median, min-max) | kernel / direct |"
+    )?;
+    writeln!(md, "|---|---|---|---|")?;
+    let mut workloads: Vec<&str> = samples.iter().map(|s| s.workload).collect();
+    workloads.dedup();
+    workloads.sort();
+    workloads.dedup();
+    for w in workloads {
+        let cell = |p: Path| {
+            let mut v: Vec<f64> = samples
+                .iter()
+                .filter(|s| s.workload == w && s.path == p)
+                .map(|s| s.value)
+                .collect();
+            let (min, max) = (
+                v.iter().copied().fold(f64::MAX, f64::min),
+                v.iter().copied().fold(f64::MIN, f64::max),
+            );
+            (median(&mut v), min, max)
+        };
+        let unit = samples
+            .iter()
+            .find(|s| s.workload == w)
+            .map(|s| s.unit)
+            .unwrap_or("");
+        let d = cell(Path::Direct);
+        let k = cell(Path::Kernel);
+        let f = |x: f64| {
+            if unit == "Gbit/s" {
+                format!("{x:.2}")
+            } else {
+                format!("{x:.0}")
+            }
+        };
+        writeln!(
+            md,
+            "| {w} ({unit}) | {} ({}-{}) | {} ({}-{}) | {:.2}x |",
+            f(d.0),
+            f(d.1),
+            f(d.2),
+            f(k.0),
+            f(k.1),
+            f(k.2),
+            k.0 / d.0
+        )?;
+    }
+    writeln!(
+        md,
+        "\n{reps} interleaved repetitions{}; higher is better everywhere.",
+        if quick { " (--quick)" } else { "" }
+    )?;
+    println!("\n{md}");
+    let dir = crate::workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("results.md"), &md)?;
+    let json = serde_json::json!({
+        "results": samples.iter().map(|s| serde_json::json!({
+            "path": s.path.name(),
+            "workload": s.workload,
+            "value": s.value,
+            "unit": s.unit,
+            "lower_is_better": false,
+        })).collect::<Vec<_>>()
+    });
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    println!("written to {}", dir.display());
+    Ok(())
+}

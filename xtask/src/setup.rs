@@ -1,0 +1,209 @@
+//! `cargo xtask setup`: everything building and testing lhb needs, installed only when
+//! missing, so a second run is quiet and takes well under a second.
+//!
+//! - rust-src for the nightly toolchain (the eBPF crate builds `core` itself);
+//! - bpf-linker 0.13, built from crates.io against the nightly's own LLVM shared library
+//!   (no prebuilt binary can be downloaded here; its major version must match);
+//! - the Debian packages the tests, the demo and the benchmark use.
+
+use std::{
+    env,
+    ffi::OsString,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "curl",
+    "redis-server",
+    "redis-tools",
+    "iperf3",
+    "socat",
+    "bpftool",
+    "util-linux",
+];
+
+pub fn run() -> anyhow::Result<()> {
+    ensure_rust_src()?;
+    ensure_bpf_linker()?;
+    ensure_debian_packages()
+}
+
+pub fn toolchain() -> String {
+    env::var("LHB_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".into())
+}
+
+/// Where setup keeps what it builds: outside the source tree, so clones share it.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = env::var_os("LHB_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    let home = env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/lhb")
+}
+
+fn linker_root() -> PathBuf {
+    cache_dir().join("bpf-linker")
+}
+
+/// PATH with the bpf-linker directory in front.
+pub fn path_with_linker() -> OsString {
+    let mut dirs = vec![linker_root().join("bin")];
+    dirs.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    env::join_paths(dirs).unwrap_or_default()
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({})", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ensure_rust_src() -> anyhow::Result<()> {
+    let tc = toolchain();
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        &tc,
+    ]))
+    .with_context(|| {
+        format!("the {tc} toolchain is needed for the eBPF programs and is not installed")
+    })?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    println!("setup: adding rust-src to the {tc} toolchain");
+    output(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &tc]))?;
+    Ok(())
+}
+
+fn ensure_bpf_linker() -> anyhow::Result<()> {
+    let bin = linker_root().join("bin/bpf-linker");
+    // The binary finds libLLVM through its RUNPATH (the prefix below); if the nightly
+    // was updated the library is gone and the binary fails to start: rebuild then.
+    let works = Command::new(&bin)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if works {
+        return Ok(());
+    }
+    let tc = toolchain();
+    let sysroot = output(
+        Command::new("rustc")
+            .arg(format!("+{tc}"))
+            .args(["--print", "sysroot"]),
+    )?;
+    let libdir = Path::new(sysroot.trim()).join("lib");
+    let llvm = fs::read_dir(&libdir)
+        .with_context(|| format!("reading {}", libdir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.* in {}: the {tc} toolchain does not ship LLVM as a shared library",
+                libdir.display()
+            )
+        })?;
+    let major = llvm
+        .trim_start_matches("libLLVM.so.")
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let prefix = cache_dir().join("llvm");
+    let prefix_lib = prefix.join("lib");
+    fs::create_dir_all(&prefix_lib)?;
+    // One link under the generic name for the linker, one under the SONAME for the loader.
+    for name in ["libLLVM.so".to_string(), llvm.clone()] {
+        let link = prefix_lib.join(&name);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(libdir.join(&llvm), &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against {llvm} (about a minute, once)"
+    );
+    let status = Command::new("cargo")
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
+        .arg("--root")
+        .arg(linker_root())
+        .env("LLVM_PREFIX", &prefix)
+        .status()
+        .context("running cargo install bpf-linker")?;
+    if !status.success() {
+        bail!("building bpf-linker failed ({status}); see the output above");
+    }
+    Ok(())
+}
+
+fn ensure_debian_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "missing Debian packages {}: run `cargo xtask setup` as root",
+            missing.join(" ")
+        );
+    }
+    println!("setup: installing {}", missing.join(" "));
+    let quiet = |c: &mut Command| {
+        c.env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null());
+    };
+    let mut update = Command::new("apt-get");
+    update.args(["-qq", "update"]);
+    quiet(&mut update);
+    if !update.status().context("apt-get update")?.success() {
+        bail!("apt-get update failed");
+    }
+    let mut install = Command::new("apt-get");
+    install.args(["-qq", "install", "-y", "--no-install-recommends"]);
+    install.args(&missing);
+    quiet(&mut install);
+    if !install.status().context("apt-get install")?.success() {
+        bail!("apt-get install {} failed", missing.join(" "));
+    }
+    // redis-server's package starts a system instance; the tests run their own.
+    let _ = Command::new("systemctl")
+        .args(["disable", "--now", "redis-server"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    Ok(())
+}
