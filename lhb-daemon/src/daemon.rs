@@ -1,24 +1,29 @@
 //! `lhb run`: the long-running daemon.
 //!
-//! Flow: rules (desired state) + a netlink snapshot (observed state) -> [`reconcile::plan`]
-//! -> the difference to what is applied goes to the kernel data path. Every link or
-//! address event triggers a new snapshot and plan, so bridges that come, go, or come back
+//! Flow: rules (command line + config file: desired state) + netlink and Docker
+//! (observed state) -> [`reconcile::plan`] -> the difference to what is applied goes to
+//! the kernel data path. Every link or address event, every Docker network change and
+//! every SIGHUP (config reload) makes a new plan, so bridges that come, go, or come back
 //! with a new ifindex or address are followed without polling. SIGINT/SIGTERM detach
 //! everything before exit.
 
-use std::time::Duration;
+use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, bail};
 use thiserror::Error;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    caps,
+    caps, config,
+    docker::{self, DockerView},
     kernel::{KernelPath, KernelPathError},
     netlink::Netlink,
     reconcile::{self, Observed, Plan, RuleState},
-    rule::{Rule, Source},
+    rule::{self, Rule, Source},
 };
 
 /// Events arriving in a burst (a bridge and its address, a veth and its port) are
@@ -26,13 +31,22 @@ use crate::{
 const SETTLE: Duration = Duration::from_millis(15);
 /// An attachment that failed is retried this often until it succeeds or its bridge goes.
 const RETRY: Duration = Duration::from_secs(1);
+/// How long the start waits for the Docker engine's first answer before going on.
+const DOCKER_FIRST_ANSWER: Duration = Duration::from_secs(3);
+
+pub struct RunOptions {
+    /// Rules from --expose and --expose-iface.
+    pub cli_rules: Vec<Rule>,
+    pub config: PathBuf,
+    pub no_docker: bool,
+}
 
 #[derive(Debug, Error)]
 pub enum StartError {
     #[error(
-        "no rule to serve: give at least one --expose-iface IFACE:PORT[=TARGET] (e.g. `lhb run --expose-iface virbr0:11434`)"
+        "no rule to serve: give --expose NETWORK:PORT[=TARGET] or --expose-iface IFACE:PORT[=TARGET] (e.g. `lhb run --expose bridge:11434`), or [[expose]] entries in {config}"
     )]
-    NoRules,
+    NoRules { config: String },
     #[error(
         "missing capability {caps}: the kernel data path needs CAP_BPF and CAP_NET_ADMIN (run lhb as root, or grant them, e.g. AmbientCapabilities=CAP_BPF CAP_NET_ADMIN in its unit)",
         caps = .0.join(" and ")
@@ -52,9 +66,117 @@ pub enum StartError {
     Unservable { rule: String, reason: String },
 }
 
-pub async fn run(rules: Vec<Rule>) -> anyhow::Result<()> {
+/// Command-line rules first, then the file's; the same source and port only once.
+fn combine(cli: &[Rule], file: Vec<Rule>) -> Result<Vec<Rule>, rule::RuleError> {
+    let mut all = cli.to_vec();
+    all.extend(file);
+    rule::check_unique(&all)?;
+    Ok(all)
+}
+
+/// Counter slots: a rule keeps its slot (and counters) across reloads.
+#[derive(Default)]
+struct Slots {
+    by_rule: HashMap<(Source, u16), u32>,
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl Slots {
+    /// Slots for `rules`, in order, and the ones that are new (to be zeroed).
+    fn assign(&mut self, rules: &[Rule]) -> (Vec<u32>, Vec<u32>) {
+        let keys: Vec<(Source, u16)> = rules.iter().map(|r| (r.source.clone(), r.port)).collect();
+        let gone: Vec<(Source, u16)> = self
+            .by_rule
+            .keys()
+            .filter(|k| !keys.contains(k))
+            .cloned()
+            .collect();
+        for k in gone {
+            if let Some(s) = self.by_rule.remove(&k) {
+                self.free.push(s);
+            }
+        }
+        let mut fresh = Vec::new();
+        let slots = keys
+            .into_iter()
+            .map(|k| {
+                *self.by_rule.entry(k).or_insert_with(|| {
+                    let s = self.free.pop().unwrap_or_else(|| {
+                        self.next += 1;
+                        self.next - 1
+                    });
+                    fresh.push(s);
+                    s
+                })
+            })
+            .collect();
+        (slots, fresh)
+    }
+}
+
+struct Daemon {
+    rules: Vec<Rule>,
+    slots: Vec<u32>,
+    slot_map: Slots,
+    kernel: KernelPath,
+    netlink: Netlink,
+    applied: Plan,
+    docker: Option<watch::Receiver<DockerView>>,
+}
+
+impl Daemon {
+    async fn observe(&self) -> anyhow::Result<Observed> {
+        let mut observed = self.netlink.snapshot().await?;
+        observed.docker = self.docker.as_ref().map(|d| d.borrow().clone());
+        Ok(observed)
+    }
+
+    /// A new plan from what is observed now, applied; logs what changed.
+    async fn reconcile(&mut self) -> bool {
+        let observed = match self.observe().await {
+            Ok(o) => o,
+            Err(e) => {
+                warn!("reading links and addresses: {e:#}");
+                return true;
+            }
+        };
+        let wanted = reconcile::plan(&self.rules, &self.slots, &observed);
+        let before = std::mem::take(&mut self.applied.states);
+        let failed = match apply(&mut self.kernel, &self.netlink, &mut self.applied, &wanted).await
+        {
+            Ok(()) => false,
+            Err(e) => {
+                error!("{e} (retrying in {}s)", RETRY.as_secs());
+                true
+            }
+        };
+        log_states(&self.rules, &before, &self.applied.states);
+        failed
+    }
+
+    /// Replaces the rule set (SIGHUP); counters of rules that stay are kept.
+    fn set_rules(&mut self, rules: Vec<Rule>) -> anyhow::Result<()> {
+        let (slots, fresh) = self.slot_map.assign(&rules);
+        for s in fresh {
+            self.kernel.reset_counters(s)?;
+        }
+        // Rule order may change: states are per position, so start the log afresh.
+        self.applied.states.clear();
+        self.rules = rules;
+        self.slots = slots;
+        Ok(())
+    }
+}
+
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let file_rules = config::load(&opts.config)?;
+    let rules = combine(&opts.cli_rules, file_rules)?;
     if rules.is_empty() {
-        return Err(StartError::NoRules.into());
+        return Err(StartError::NoRules {
+            config: opts.config.display().to_string(),
+        }
+        .into());
     }
     let eff = caps::effective().context("reading this process's capabilities")?;
     let missing = caps::missing_for_kernel_path(eff);
@@ -64,97 +186,141 @@ pub async fn run(rules: Vec<Rule>) -> anyhow::Result<()> {
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
 
     let (netlink, mut events) = Netlink::connect()?;
-    let observed = netlink.snapshot().await?;
-    let slots: Vec<u32> = (0..rules.len() as u32).collect();
-    preflight(&rules, &observed)?;
-    let wanted = reconcile::plan(&rules, &slots, &observed);
-    for (rule, state) in rules.iter().zip(&wanted.states) {
-        if let RuleState::Waiting(reason) = state {
-            return Err(StartError::Unservable {
-                rule: rule.to_string(),
-                reason: reason.clone(),
-            }
-            .into());
+    let mut docker = (!opts.no_docker).then(docker::watch);
+    if let Some(rx) = docker.as_mut() {
+        // Whether it answered or not, the view below says what is known.
+        let _ = tokio::time::timeout(
+            DOCKER_FIRST_ANSWER,
+            rx.wait_for(|v| v.available || v.problem.is_some()),
+        )
+        .await
+        .map(|r| r.is_ok());
+        let view = rx.borrow().clone();
+        if !view.available {
+            let why = view
+                .problem
+                .unwrap_or_else(|| format!("no answer within {}s", DOCKER_FIRST_ANSWER.as_secs()));
+            warn!(
+                "Docker engine not reachable ({why}): network rules wait for it, interface rules work (--no-docker silences this)"
+            );
         }
     }
 
-    let mut kernel = KernelPath::load()?;
-    for &slot in &slots {
-        kernel.reset_counters(slot)?;
+    let mut slot_map = Slots::default();
+    let (slots, _) = slot_map.assign(&rules);
+    let mut observed = netlink.snapshot().await?;
+    observed.docker = docker.as_ref().map(|d| d.borrow().clone());
+    preflight(&rules, &slots, &observed)?;
+
+    let kernel = KernelPath::load()?;
+    let mut d = Daemon {
+        rules,
+        slots,
+        slot_map,
+        kernel,
+        netlink,
+        applied: Plan::default(),
+        docker,
+    };
+    for &slot in &d.slots {
+        d.kernel.reset_counters(slot)?;
     }
     info!(
-        attach = kernel.mode().as_str(),
+        attach = d.kernel.mode().as_str(),
         "kernel data path loaded ({} rule(s))",
-        rules.len()
+        d.rules.len()
     );
 
-    let mut applied = Plan::default();
-    // At start every bridge exists (preflight), so a failure to attach is fatal and
-    // nothing stays behind: dropping `kernel` detaches what was attached.
-    if let Err(e) = apply(&mut kernel, &netlink, &mut applied, &wanted).await {
-        kernel.shutdown(&netlink).await;
+    // At start every interface rule's bridge exists (preflight), so a failure to attach
+    // is fatal and nothing stays behind.
+    let wanted = reconcile::plan(&d.rules, &d.slots, &observed);
+    if let Err(e) = apply(&mut d.kernel, &d.netlink, &mut d.applied, &wanted).await {
+        d.kernel.shutdown(&d.netlink).await;
         return Err(e.into());
     }
-    log_states(&rules, &[], &applied.states);
-    let serving = applied
-        .states
-        .iter()
-        .filter(|s| matches!(s, RuleState::Serving { .. }))
-        .count();
-    info!("ready: serving {serving} of {} rule(s)", rules.len());
+    log_states(&d.rules, &[], &d.applied.states);
+    info!(
+        "ready: serving {} of {} rule(s)",
+        serving(&d.applied),
+        d.rules.len()
+    );
 
     let mut retry_pending = false;
     loop {
+        let docker_changed = async {
+            match d.docker.as_mut() {
+                Some(rx) => rx.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = sighup.recv() => {
+                match config::load(&opts.config).map_err(anyhow::Error::from)
+                    .and_then(|f| combine(&opts.cli_rules, f).map_err(anyhow::Error::from))
+                {
+                    Ok(rules) if rules.is_empty() => {
+                        error!("config reload: no rule left; keeping the {} running rule(s)", d.rules.len());
+                        continue;
+                    }
+                    Ok(rules) => {
+                        info!("config reloaded from {}: {} rule(s)", opts.config.display(), rules.len());
+                        d.set_rules(rules)?;
+                    }
+                    Err(e) => {
+                        error!("config reload failed: {e:#}; keeping the {} running rule(s)", d.rules.len());
+                        continue;
+                    }
+                }
+            }
             ev = events.next() => {
                 if ev.is_none() {
-                    kernel.shutdown(&netlink).await;
+                    d.kernel.shutdown(&d.netlink).await;
                     bail!("the rtnetlink event socket closed; cannot follow bridges any more");
                 }
                 tokio::time::sleep(SETTLE).await;
                 events.drain();
             }
+            ok = docker_changed => {
+                if !ok {
+                    d.docker = None;
+                }
+            }
             _ = tokio::time::sleep(RETRY), if retry_pending => {}
         }
-        let observed = match netlink.snapshot().await {
-            Ok(o) => o,
-            Err(e) => {
-                warn!("reading links and addresses: {e:#}");
-                retry_pending = true;
-                continue;
-            }
-        };
-        let wanted = reconcile::plan(&rules, &slots, &observed);
-        let before = applied.states.clone();
-        retry_pending = match apply(&mut kernel, &netlink, &mut applied, &wanted).await {
-            Ok(()) => false,
-            Err(e) => {
-                error!("{e} (retrying in {}s)", RETRY.as_secs());
-                true
-            }
-        };
-        log_states(&rules, &before, &applied.states);
+        retry_pending = d.reconcile().await;
     }
 
-    for (i, rule) in rules.iter().enumerate() {
-        if let Ok(c) = kernel.counters(slots[i]) {
+    for (rule, slot) in d.rules.iter().zip(&d.slots) {
+        if let Ok(c) = d.kernel.counters(*slot) {
             debug!(rule = %rule, connections = c.connections, no_listener = c.no_listener,
                    errors = c.errors, "final counters");
         }
     }
-    kernel.shutdown(&netlink).await;
+    d.kernel.shutdown(&d.netlink).await;
     info!("detached from every bridge; bye");
     Ok(())
 }
 
-/// Refuses, before anything is loaded, interface rules that cannot work at all.
-fn preflight(rules: &[Rule], observed: &Observed) -> Result<(), StartError> {
-    for rule in rules {
-        let Source::Interface(iface) = &rule.source;
+fn serving(plan: &Plan) -> usize {
+    plan.states
+        .iter()
+        .filter(|s| matches!(s, RuleState::Serving { .. }))
+        .count()
+}
+
+/// Refuses, before anything is loaded, interface rules that cannot work at all. Network
+/// rules may wait: a Docker network can be created after lhb starts.
+fn preflight(rules: &[Rule], slots: &[u32], observed: &Observed) -> Result<(), StartError> {
+    let plan = reconcile::plan(rules, slots, observed);
+    for (rule, state) in rules.iter().zip(&plan.states) {
+        let Source::Interface(iface) = &rule.source else {
+            continue;
+        };
         let r = rule.to_string();
         match observed.links.get(iface) {
             None => {
@@ -176,6 +342,12 @@ fn preflight(rules: &[Rule], observed: &Observed) -> Result<(), StartError> {
                 });
             }
             Some(_) => {}
+        }
+        if let RuleState::Waiting(reason) = state {
+            return Err(StartError::Unservable {
+                rule: r,
+                reason: reason.clone(),
+            });
         }
     }
     Ok(())

@@ -4,13 +4,15 @@
 //! This file parses the command line, sets up logging and hands over to the daemon.
 
 mod caps;
+mod config;
 mod daemon;
+mod docker;
 mod kernel;
 mod netlink;
 mod reconcile;
 mod rule;
 
-use std::{io::IsTerminal as _, process::ExitCode};
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -22,7 +24,9 @@ use tracing_subscriber::EnvFilter;
     about = "localhost bridge: containers reach 127.0.0.1-only host services through their bridge gateway",
     long_about = "lhb lets containers on a Linux bridge reach host services that listen only on \
 127.0.0.1 or ::1, through the bridge's gateway address, for an explicit allow-list of \
-(bridge, port) pairs. A TC program on each bridge hands the container's connection to the \
+(network, port) pairs. Rules name a Docker network (--expose; its bridge is found \
+through the engine and followed as Docker re-creates it) or any Linux bridge \
+(--expose-iface). Programs on each bridge hand the container's connection to the \
 loopback listener in-kernel; nothing is bound to any address, and the service stays \
 unreachable from every other interface.\n\nLogs go to stderr; RUST_LOG sets the level \
 (default info)."
@@ -35,16 +39,31 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon: serve the rules until SIGINT/SIGTERM, following their bridges.
+    /// SIGHUP reloads the config file; a bad file keeps the running rules.
     Run {
-        /// Expose PORT on bridge IFACE's gateway address(es), forwarded to TARGET
-        /// (PORT, 127.0.0.1:PORT or [::1]:PORT; default 127.0.0.1:<PORT>). Repeatable.
+        /// Config file ([[expose]] entries); a missing file holds no rules.
+        #[arg(long, value_name = "FILE", default_value = "/etc/lhb/lhb.toml")]
+        config: PathBuf,
+        /// Expose PORT on Docker network NETWORK's gateway, forwarded to TARGET (PORT,
+        /// 127.0.0.1:PORT or [::1]:PORT; default 127.0.0.1:<PORT>). Repeatable.
+        #[arg(long = "expose", value_name = "NETWORK:PORT[=TARGET]", value_parser = parse_network_rule)]
+        expose: Vec<rule::Rule>,
+        /// Expose PORT on bridge IFACE's gateway address(es) (any Linux bridge, no Docker
+        /// needed), forwarded to TARGET as above. Repeatable.
         #[arg(long = "expose-iface", value_name = "IFACE:PORT[=TARGET]", value_parser = parse_iface_rule)]
         expose_iface: Vec<rule::Rule>,
+        /// Do not talk to the Docker engine (only interface rules can be served).
+        #[arg(long)]
+        no_docker: bool,
     },
 }
 
 fn parse_iface_rule(s: &str) -> Result<rule::Rule, String> {
     rule::parse_iface_spec(s).map_err(|e| e.to_string())
+}
+
+fn parse_network_rule(s: &str) -> Result<rule::Rule, String> {
+    rule::parse_network_spec(s).map_err(|e| e.to_string())
 }
 
 fn init_logging() {
@@ -73,9 +92,20 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run { expose_iface } => {
-                rule::check_unique(&expose_iface)?;
-                daemon::run(expose_iface).await
+            Command::Run {
+                config,
+                expose,
+                expose_iface,
+                no_docker,
+            } => {
+                let mut cli_rules = expose;
+                cli_rules.extend(expose_iface);
+                daemon::run(daemon::RunOptions {
+                    cli_rules,
+                    config,
+                    no_docker,
+                })
+                .await
             }
         }
     });

@@ -12,7 +12,10 @@ use std::{
 
 use lhb_common::{EndpointKey, FAMILY_V4, FAMILY_V6, Steer};
 
-use crate::rule::Rule;
+use crate::{
+    docker::DockerView,
+    rule::{Rule, Source},
+};
 
 /// A network interface as netlink reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,10 +26,11 @@ pub struct Link {
     pub addrs: Vec<IpAddr>,
 }
 
-/// Every interface of the host, by name.
+/// Every interface of the host, by name, and what Docker says (`None`: --no-docker).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observed {
     pub links: BTreeMap<String, Link>,
+    pub docker: Option<DockerView>,
 }
 
 /// Where one rule stands.
@@ -58,30 +62,23 @@ pub struct Plan {
 pub fn plan(rules: &[Rule], slots: &[u32], observed: &Observed) -> Plan {
     let mut plan = Plan::default();
     for (rule, &slot) in rules.iter().zip(slots) {
-        let name = rule.source.interface();
-        let state = match observed.links.get(name) {
-            None => RuleState::Waiting(format!("interface {name} does not exist (yet)")),
-            Some(link) if !link.is_bridge => {
-                RuleState::Waiting(format!("interface {name} is not a bridge"))
-            }
-            Some(link) if link.addrs.is_empty() => {
-                RuleState::Waiting(format!("bridge {name} has no IP address to serve on"))
-            }
-            Some(link) => {
-                let mut gateways = Vec::new();
+        let state = match bridge_of(rule, observed) {
+            Err(why) => RuleState::Waiting(why),
+            Ok((name, link, gateways)) => {
+                let mut served = Vec::new();
                 let mut skipped = Vec::new();
-                for &gw in &link.addrs {
+                for gw in gateways {
                     match endpoint(link.ifindex, gw, rule, slot) {
                         Ok((k, v)) => {
                             plan.endpoints.insert(k, v);
-                            gateways.push(gw);
+                            served.push(gw);
                         }
                         Err(why) => skipped.push((gw, why)),
                     }
                 }
-                if gateways.is_empty() {
+                if served.is_empty() {
                     RuleState::Waiting(format!(
-                        "no address of bridge {name} can reach target {}: {}",
+                        "no gateway of bridge {name} can reach target {}: {}",
                         rule.target,
                         skipped.first().map(|s| s.1).unwrap_or("")
                     ))
@@ -90,7 +87,7 @@ pub fn plan(rules: &[Rule], slots: &[u32], observed: &Observed) -> Plan {
                     RuleState::Serving {
                         bridge: name.to_string(),
                         ifindex: link.ifindex,
-                        gateways,
+                        gateways: served,
                         skipped,
                     }
                 }
@@ -99,6 +96,64 @@ pub fn plan(rules: &[Rule], slots: &[u32], observed: &Observed) -> Plan {
         plan.states.push(state);
     }
     plan
+}
+
+/// The rule's bridge, its link and the gateway addresses to serve, or why there are none.
+fn bridge_of<'a>(
+    rule: &Rule,
+    observed: &'a Observed,
+) -> Result<(&'a str, &'a Link, Vec<IpAddr>), String> {
+    let (name, wanted): (&str, Option<&[IpAddr]>) = match &rule.source {
+        Source::Interface(name) => (name, None),
+        Source::Network(net) => {
+            let Some(docker) = &observed.docker else {
+                return Err(format!(
+                    "{net} is a Docker network rule, but lhb runs with --no-docker"
+                ));
+            };
+            let Some(n) = docker.networks.get(net) else {
+                return Err(match &docker.problem {
+                    Some(p) if !docker.available => {
+                        format!("Docker engine not reachable ({p}); waiting for it")
+                    }
+                    _ => format!("Docker network {net} does not exist (yet)"),
+                });
+            };
+            if n.driver != "bridge" {
+                return Err(format!(
+                    "Docker network {net} uses the {} driver; lhb serves bridge networks",
+                    n.driver
+                ));
+            }
+            (n.bridge.as_str(), Some(n.gateways.as_slice()))
+        }
+    };
+    let (name, link) = observed
+        .links
+        .get_key_value(name)
+        .ok_or_else(|| format!("interface {name} does not exist (yet)"))?;
+    if !link.is_bridge {
+        return Err(format!("interface {name} is not a bridge"));
+    }
+    if link.addrs.is_empty() {
+        return Err(format!("bridge {name} has no IP address to serve on"));
+    }
+    // A Docker network's gateways are the IPAM ones actually on its bridge; a plain
+    // bridge serves on every address it has.
+    let gateways: Vec<IpAddr> = match wanted {
+        Some(ipam) if !ipam.is_empty() => ipam
+            .iter()
+            .copied()
+            .filter(|g| link.addrs.contains(g))
+            .collect(),
+        _ => link.addrs.clone(),
+    };
+    if gateways.is_empty() {
+        return Err(format!(
+            "none of the network's IPAM gateways is on bridge {name} yet"
+        ));
+    }
+    Ok((name, link, gateways))
 }
 
 fn endpoint(
@@ -196,7 +251,7 @@ pub fn diff(old: &Plan, new: &Plan) -> Diff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rule::parse_iface_spec;
+    use crate::{docker::DockerNetwork, rule::parse_iface_spec};
 
     fn link(ifindex: u32, addrs: &[&str]) -> Link {
         Link {
@@ -212,7 +267,226 @@ mod tests {
                 .iter()
                 .map(|(n, l)| (n.to_string(), l.clone()))
                 .collect(),
+            docker: Some(DockerView {
+                available: true,
+                ..Default::default()
+            }),
         }
+    }
+
+    fn with_networks(mut o: Observed, nets: &[(&str, &str, &[&str])]) -> Observed {
+        let d = o.docker.get_or_insert_with(Default::default);
+        for (name, bridge, gws) in nets {
+            d.networks.insert(
+                name.to_string(),
+                DockerNetwork {
+                    driver: "bridge".into(),
+                    bridge: bridge.to_string(),
+                    gateways: gws.iter().map(|g| g.parse().unwrap()).collect(),
+                },
+            );
+        }
+        o
+    }
+
+    fn net_rules(specs: &[&str]) -> (Vec<Rule>, Vec<u32>) {
+        let r: Vec<_> = specs
+            .iter()
+            .map(|s| crate::rule::parse_network_spec(s).unwrap())
+            .collect();
+        let slots = (0..r.len() as u32).collect();
+        (r, slots)
+    }
+
+    fn waiting(p: &Plan, i: usize) -> String {
+        match &p.states[i] {
+            RuleState::Waiting(w) => w.clone(),
+            other => panic!("rule {i}: {other:?}"),
+        }
+    }
+
+    /// Table-driven: each case is a sequence of observations, and after each one the
+    /// plan must hold exactly the expected endpoints (bridge ifindex, gateway, port).
+    #[test]
+    fn docker_networks_through_their_lifecycle() {
+        type Step<'a> = (&'a str, Observed, Vec<(u32, &'a str, u16)>);
+        let (rules, slots) = net_rules(&["app:80", "app:443", "other:80"]);
+        let app = |ifx: u32, gw: &str| {
+            with_networks(
+                observed(&[("br-aaaaaaaaaaaa", link(ifx, &[gw]))]),
+                &[("app", "br-aaaaaaaaaaaa", &[gw])],
+            )
+        };
+        let cases: Vec<(&str, Vec<Step>)> = vec![
+            (
+                "network appears late",
+                vec![
+                    ("before", observed(&[]), vec![]),
+                    (
+                        "created",
+                        app(10, "172.20.0.1"),
+                        vec![(10, "172.20.0.1", 80), (10, "172.20.0.1", 443)],
+                    ),
+                ],
+            ),
+            (
+                "network disappears, then is re-created with another subnet",
+                vec![
+                    (
+                        "up",
+                        app(10, "172.20.0.1"),
+                        vec![(10, "172.20.0.1", 80), (10, "172.20.0.1", 443)],
+                    ),
+                    ("removed", observed(&[]), vec![]),
+                    (
+                        "re-created",
+                        app(11, "172.21.0.1"),
+                        vec![(11, "172.21.0.1", 80), (11, "172.21.0.1", 443)],
+                    ),
+                ],
+            ),
+            (
+                "two networks with a rule for the same port",
+                vec![(
+                    "both up",
+                    with_networks(
+                        observed(&[
+                            ("br-aaaaaaaaaaaa", link(10, &["172.20.0.1"])),
+                            ("br-bbbbbbbbbbbb", link(12, &["172.22.0.1"])),
+                        ]),
+                        &[
+                            ("app", "br-aaaaaaaaaaaa", &["172.20.0.1"]),
+                            ("other", "br-bbbbbbbbbbbb", &["172.22.0.1"]),
+                        ],
+                    ),
+                    vec![
+                        (10, "172.20.0.1", 80),
+                        (10, "172.20.0.1", 443),
+                        (12, "172.22.0.1", 80),
+                    ],
+                )],
+            ),
+            (
+                "Docker restarted: engine away, bridge still there, then back",
+                vec![
+                    (
+                        "up",
+                        app(10, "172.20.0.1"),
+                        vec![(10, "172.20.0.1", 80), (10, "172.20.0.1", 443)],
+                    ),
+                    (
+                        "engine down, last known networks kept",
+                        {
+                            let mut o = app(10, "172.20.0.1");
+                            let d = o.docker.as_mut().unwrap();
+                            d.available = false;
+                            d.problem = Some("connection refused".into());
+                            o
+                        },
+                        vec![(10, "172.20.0.1", 80), (10, "172.20.0.1", 443)],
+                    ),
+                    (
+                        "back",
+                        app(10, "172.20.0.1"),
+                        vec![(10, "172.20.0.1", 80), (10, "172.20.0.1", 443)],
+                    ),
+                ],
+            ),
+        ];
+        for (case, steps) in cases {
+            let mut prev = Plan::default();
+            for (step, obs, want) in steps {
+                let p = plan(&rules, &slots, &obs);
+                let mut got: Vec<(u32, String, u16)> = p
+                    .endpoints
+                    .keys()
+                    .map(|k| {
+                        let ip = IpAddr::from([k.addr[0], k.addr[1], k.addr[2], k.addr[3]]);
+                        (k.ifindex, ip.to_string(), k.port)
+                    })
+                    .collect();
+                got.sort();
+                let mut want: Vec<(u32, String, u16)> = want
+                    .into_iter()
+                    .map(|(i, g, p)| (i, g.to_string(), p))
+                    .collect();
+                want.sort();
+                assert_eq!(got, want, "{case} / {step}");
+                // Applying the diff from the previous plan leaves exactly the new plan:
+                // never an entry for a gone gateway.
+                let d = diff(&prev, &p);
+                let mut applied: BTreeSet<EndpointKey> = prev.endpoints.keys().copied().collect();
+                for k in &d.remove_endpoints {
+                    applied.remove(k);
+                }
+                applied.extend(d.upsert_endpoints.iter().map(|(k, _)| *k));
+                assert_eq!(
+                    applied,
+                    p.endpoints.keys().copied().collect(),
+                    "{case} / {step}"
+                );
+                prev = p;
+            }
+        }
+    }
+
+    #[test]
+    fn network_rules_say_why_they_wait() {
+        let (r, s) = net_rules(&["app:80"]);
+        let mut o = observed(&[]);
+        o.docker = None;
+        assert!(waiting(&plan(&r, &s, &o), 0).contains("--no-docker"));
+        let o = observed(&[]);
+        assert!(waiting(&plan(&r, &s, &o), 0).contains("does not exist"));
+        let mut o = observed(&[]);
+        o.docker = Some(DockerView {
+            available: false,
+            problem: Some("no socket".into()),
+            ..Default::default()
+        });
+        assert!(waiting(&plan(&r, &s, &o), 0).contains("not reachable (no socket)"));
+        let mut o = with_networks(observed(&[]), &[("app", "br-x", &["10.9.0.1"])]);
+        o.docker
+            .as_mut()
+            .unwrap()
+            .networks
+            .get_mut("app")
+            .unwrap()
+            .driver = "macvlan".into();
+        assert!(waiting(&plan(&r, &s, &o), 0).contains("macvlan"));
+        // IPAM gateway not (yet) on the bridge.
+        let o = with_networks(
+            observed(&[("br-x", link(3, &["10.9.0.254"]))]),
+            &[("app", "br-x", &["10.9.0.1"])],
+        );
+        assert!(waiting(&plan(&r, &s, &o), 0).contains("IPAM gateways"));
+    }
+
+    #[test]
+    fn one_network_with_ipv4_and_ipv6_gateways() {
+        let (r, s) = net_rules(&["app:80", "app:81=[::1]:81"]);
+        let o = with_networks(
+            observed(&[("br-x", link(3, &["172.30.0.1", "fd00:30::1"]))]),
+            &[("app", "br-x", &["172.30.0.1", "fd00:30::1"])],
+        );
+        let p = plan(&r, &s, &o);
+        let fams: Vec<(u16, u8)> = p.endpoints.keys().map(|k| (k.port, k.family)).collect();
+        assert_eq!(fams, vec![(80, FAMILY_V4), (81, FAMILY_V6)]);
+    }
+
+    #[test]
+    fn a_rule_removed_while_serving_takes_only_its_endpoints() {
+        let (r, s) = net_rules(&["app:80", "app:81"]);
+        let o = with_networks(
+            observed(&[("br-x", link(3, &["172.30.0.1"]))]),
+            &[("app", "br-x", &["172.30.0.1"])],
+        );
+        let both = plan(&r, &s, &o);
+        let one = plan(&r[..1], &s[..1], &o);
+        let d = diff(&both, &one);
+        assert_eq!(d.remove_endpoints.len(), 1);
+        assert_eq!(d.remove_endpoints[0].port, 81);
+        assert!(d.detach.is_empty(), "the bridge still serves port 80");
     }
 
     fn rules(specs: &[&str]) -> (Vec<Rule>, Vec<u32>) {

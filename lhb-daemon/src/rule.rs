@@ -13,21 +13,16 @@ use thiserror::Error;
 /// Where the containers come from.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Source {
-    /// A Linux bridge, by interface name.
+    /// A Docker network, by name: its bridge is found through the engine.
+    Network(String),
+    /// A Linux bridge, by interface name: no Docker needed.
     Interface(String),
-}
-
-impl Source {
-    pub fn interface(&self) -> &str {
-        match self {
-            Source::Interface(name) => name,
-        }
-    }
 }
 
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Source::Network(name) => write!(f, "{name}"),
             Source::Interface(name) => write!(f, "{name}"),
         }
     }
@@ -69,6 +64,10 @@ impl fmt::Display for Rule {
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum RuleError {
     #[error(
+        "`{spec}`: `{name}` is not a valid Docker network name (letters, digits, `_`, `.` and `-`, starting with a letter or digit)"
+    )]
+    NetworkName { spec: String, name: String },
+    #[error(
         "`{spec}`: expected NAME:PORT[=TARGET], e.g. `docker0:11434` or `virbr0:8080=127.0.0.1:80`"
     )]
     Syntax { spec: String },
@@ -88,8 +87,17 @@ pub enum RuleError {
     Duplicate { rule: String },
 }
 
-/// Parses `IFACE:PORT[=TARGET]`.
+/// Parses `IFACE:PORT[=TARGET]` (`--expose-iface`).
 pub fn parse_iface_spec(spec: &str) -> Result<Rule, RuleError> {
+    parse_spec(spec, false)
+}
+
+/// Parses `NETWORK:PORT[=TARGET]` (`--expose`).
+pub fn parse_network_spec(spec: &str) -> Result<Rule, RuleError> {
+    parse_spec(spec, true)
+}
+
+fn parse_spec(spec: &str, network: bool) -> Result<Rule, RuleError> {
     let (left, target) = match spec.split_once('=') {
         Some((l, t)) => (l, Some(t)),
         None => (spec, None),
@@ -97,20 +105,38 @@ pub fn parse_iface_spec(spec: &str) -> Result<Rule, RuleError> {
     let (name, port) = left.rsplit_once(':').ok_or_else(|| RuleError::Syntax {
         spec: spec.to_string(),
     })?;
-    if !valid_ifname(name) {
-        return Err(RuleError::InterfaceName {
-            spec: spec.to_string(),
-            name: name.to_string(),
-        });
-    }
+    let source = source(spec, name, network)?;
     let port = parse_port(spec, port)?;
     let target = target.map(|t| parse_target(spec, t)).transpose()?;
-    Ok(Rule::new(
-        Source::Interface(name.to_string()),
-        port,
-        target,
-        None,
-    ))
+    Ok(Rule::new(source, port, target, None))
+}
+
+/// Checks a source name; `spec` is what the user wrote, for the message.
+pub fn source(spec: &str, name: &str, network: bool) -> Result<Source, RuleError> {
+    if network {
+        if !valid_network_name(name) {
+            return Err(RuleError::NetworkName {
+                spec: spec.to_string(),
+                name: name.to_string(),
+            });
+        }
+        Ok(Source::Network(name.to_string()))
+    } else {
+        if !valid_ifname(name) {
+            return Err(RuleError::InterfaceName {
+                spec: spec.to_string(),
+                name: name.to_string(),
+            });
+        }
+        Ok(Source::Interface(name.to_string()))
+    }
+}
+
+/// Docker's rule for network names.
+fn valid_network_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 /// Parses a port, refusing 0 and anything above 65535 with the value in the message.
@@ -267,6 +293,25 @@ mod tests {
             parse_iface_spec("br0:80=localhost:80"),
             Err(RuleError::Target { .. })
         ));
+    }
+
+    #[test]
+    fn network_specs_use_docker_names() {
+        let r = parse_network_spec("windmill_default:18789").unwrap();
+        assert_eq!(r.source, Source::Network("windmill_default".into()));
+        assert_eq!(r.target, v4(18789));
+        assert!(matches!(
+            parse_network_spec("-bad:80"),
+            Err(RuleError::NetworkName { .. })
+        ));
+        assert!(matches!(
+            parse_network_spec("a b:80"),
+            Err(RuleError::NetworkName { .. })
+        ));
+        // A network and an interface with the same name are different sources.
+        let n = parse_network_spec("app:80").unwrap();
+        let i = parse_iface_spec("app:80").unwrap();
+        assert!(check_unique(&[r, n, i]).is_ok());
     }
 
     #[test]

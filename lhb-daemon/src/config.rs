@@ -1,0 +1,236 @@
+//! The configuration file (TOML, PRODUCT.md): `[[expose]]` entries become rules.
+//!
+//! Every mistake is reported with the file, the line and the reason, and a file that
+//! fails to load changes nothing: the caller keeps what it had.
+
+use std::{ops::Range, path::Path};
+
+use serde::Deserialize;
+use thiserror::Error;
+use toml::Spanned;
+
+use crate::rule::{self, Rule, RuleError};
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{file}: {error}")]
+    Read { file: String, error: std::io::Error },
+    #[error("{file}:{line}: {reason}")]
+    Invalid {
+        file: String,
+        line: usize,
+        reason: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    expose: Vec<Spanned<Expose>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Expose {
+    network: Option<Spanned<String>>,
+    interface: Option<Spanned<String>>,
+    service: Option<String>,
+    port: Spanned<i64>,
+    target: Option<Spanned<TargetValue>>,
+}
+
+/// `target = 8080` and `target = "127.0.0.1:8080"` are both accepted.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TargetValue {
+    Port(i64),
+    Text(String),
+}
+
+/// Reads `path`. A file that does not exist holds no rules.
+pub fn load(path: &Path) -> Result<Vec<Rule>, ConfigError> {
+    let file = path.display().to_string();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(ConfigError::Read { file, error }),
+    };
+    parse(&file, &text)
+}
+
+/// Parses the text of a config file named `file` (for messages).
+pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
+    let invalid = |span: Option<Range<usize>>, reason: String| ConfigError::Invalid {
+        file: file.to_string(),
+        line: span.map(|s| line_of(text, s.start)).unwrap_or(1),
+        reason,
+    };
+    let parsed: File =
+        toml::from_str(text).map_err(|e| invalid(e.span(), e.message().to_string()))?;
+    let mut rules = Vec::new();
+    let mut seen: Vec<(Rule, Range<usize>)> = Vec::new();
+    for entry in parsed.expose {
+        let span = entry.span();
+        let e = entry.into_inner();
+        let (name, network) = match (e.network, e.interface) {
+            (Some(n), None) => (n, true),
+            (None, Some(i)) => (i, false),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    Some(span),
+                    "[[expose]] has both `network` and `interface`; give exactly one".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    Some(span),
+                    "[[expose]] needs `network = \"NAME\"` (a Docker network) or `interface = \"IFACE\"` (a bridge)".into(),
+                ));
+            }
+        };
+        let source = rule::source(name.get_ref(), name.get_ref(), network)
+            .map_err(|err| invalid(Some(name.span()), err.to_string()))?;
+        let port_span = e.port.span();
+        let port = port_value(*e.port.get_ref()).ok_or_else(|| {
+            invalid(
+                Some(port_span.clone()),
+                format!("port {} is not in 1..=65535", e.port.get_ref()),
+            )
+        })?;
+        let target = match e.target {
+            None => None,
+            Some(t) => {
+                let span = t.span();
+                let parsed = match t.into_inner() {
+                    TargetValue::Port(p) => port_value(p)
+                        .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)))
+                        .ok_or_else(|| RuleError::Port {
+                            spec: "target".into(),
+                            port: p.to_string(),
+                        }),
+                    TargetValue::Text(s) => rule::parse_target(&s, &s),
+                };
+                Some(parsed.map_err(|err| invalid(Some(span), err.to_string()))?)
+            }
+        };
+        let r = Rule::new(source, port, target, e.service);
+        if let Some((_, first)) = seen
+            .iter()
+            .find(|(o, _)| o.source == r.source && o.port == r.port)
+        {
+            return Err(invalid(
+                Some(span),
+                format!(
+                    "duplicate rule {}:{} (first given on line {})",
+                    r.source,
+                    r.port,
+                    line_of(text, first.start)
+                ),
+            ));
+        }
+        seen.push((r.clone(), span));
+        rules.push(r);
+    }
+    Ok(rules)
+}
+
+fn port_value(p: i64) -> Option<u16> {
+    u16::try_from(p).ok().filter(|&p| p != 0)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rule::Source;
+
+    fn err(text: &str) -> String {
+        parse("lhb.toml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_product_example_loads() {
+        let rules = parse(
+            "lhb.toml",
+            r#"
+[[expose]]
+network = "windmill_default"   # Docker network name
+service = "gateway"
+port = 18789
+target = "127.0.0.1:18789"
+
+[[expose]]
+interface = "virbr0"
+port = 11434
+"#,
+        )
+        .unwrap();
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[0].source, Source::Network("windmill_default".into()));
+        assert_eq!(rules[0].service, "gateway");
+        assert_eq!(rules[1].source, Source::Interface("virbr0".into()));
+        assert_eq!(rules[1].target, "127.0.0.1:11434".parse().unwrap());
+        assert_eq!(rules[1].service, "port-11434");
+    }
+
+    #[test]
+    fn every_mistake_names_the_line_and_the_reason() {
+        let cases = [
+            (
+                "[[expose]]\nnetwork = \"n\"\nport = 80\ncolour = 1\n",
+                4,
+                "unknown field `colour`",
+            ),
+            ("bogus = 1\n", 1, "unknown field `bogus`"),
+            (
+                "[[expose]]\nnetwork = \"n\"\nport = 0\n",
+                3,
+                "port 0 is not in 1..=65535",
+            ),
+            (
+                "[[expose]]\nnetwork = \"n\"\nport = 70000\n",
+                3,
+                "port 70000",
+            ),
+            (
+                "[[expose]]\nnetwork = \"n\"\nport = 80\ntarget = \"10.0.0.1:80\"\n",
+                4,
+                "not a loopback address",
+            ),
+            (
+                "\n[[expose]]\nnetwork = \"n\"\ninterface = \"i\"\nport = 80\n",
+                2,
+                "both",
+            ),
+            ("[[expose]]\nport = 80\n", 1, "needs `network"),
+            (
+                "[[expose]]\nnetwork = \"n\"\nport = 80\n\n[[expose]]\nnetwork = \"n\"\nport = 80\ntarget = 81\n",
+                5,
+                "duplicate rule n:80 (first given on line 1)",
+            ),
+            (
+                "[[expose]]\nnetwork = \"n\"\nport = \"80\"\n",
+                3,
+                "invalid type",
+            ),
+            ("[[expose\n", 1, ""),
+        ];
+        for (text, line, reason) in cases {
+            let e = err(text);
+            assert!(
+                e.starts_with(&format!("lhb.toml:{line}: ")),
+                "{text:?} -> {e}"
+            );
+            assert!(e.contains(reason), "{text:?} -> {e}");
+        }
+    }
+
+    #[test]
+    fn a_missing_file_holds_no_rules() {
+        assert!(load(Path::new("/nonexistent/lhb.toml")).unwrap().is_empty());
+    }
+}
