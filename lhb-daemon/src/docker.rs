@@ -37,6 +37,14 @@ pub struct DockerView {
     pub networks: BTreeMap<String, DockerNetwork>,
 }
 
+impl DockerView {
+    /// The default `bridge` network, whose IPv4 gateway is what `host-gateway`
+    /// (`--add-host host.docker.internal:host-gateway`) resolves to in every container.
+    pub fn default_bridge(&self) -> Option<&DockerNetwork> {
+        self.networks.get("bridge")
+    }
+}
+
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 

@@ -98,13 +98,33 @@ pub fn plan(rules: &[Rule], slots: &[u32], observed: &Observed) -> Plan {
     plan
 }
 
+/// docker0's IPv4 gateway: from IPAM when Docker reports it (older engines leave an
+/// automatic gateway out), else the address on the default bridge itself.
+fn host_gateway(docker: &DockerView, observed: &Observed) -> Option<IpAddr> {
+    let n = docker.default_bridge()?;
+    n.gateways
+        .iter()
+        .copied()
+        .find(IpAddr::is_ipv4)
+        .or_else(|| {
+            observed
+                .links
+                .get(&n.bridge)?
+                .addrs
+                .iter()
+                .copied()
+                .find(IpAddr::is_ipv4)
+        })
+}
+
 /// The rule's bridge, its link and the gateway addresses to serve, or why there are none.
 fn bridge_of<'a>(
     rule: &Rule,
     observed: &'a Observed,
 ) -> Result<(&'a str, &'a Link, Vec<IpAddr>), String> {
-    let (name, wanted): (&str, Option<&[IpAddr]>) = match &rule.source {
-        Source::Interface(name) => (name, None),
+    let (name, wanted, host_gateway): (&str, Option<&[IpAddr]>, Option<IpAddr>) = match &rule.source
+    {
+        Source::Interface(name) => (name, None, None),
         Source::Network(net) => {
             let Some(docker) = &observed.docker else {
                 return Err(format!(
@@ -125,7 +145,11 @@ fn bridge_of<'a>(
                     n.driver
                 ));
             }
-            (n.bridge.as_str(), Some(n.gateways.as_slice()))
+            (
+                n.bridge.as_str(),
+                Some(n.gateways.as_slice()),
+                host_gateway(docker, observed),
+            )
         }
     };
     let (name, link) = observed
@@ -152,6 +176,14 @@ fn bridge_of<'a>(
         return Err(format!(
             "none of the network's IPAM gateways is on bridge {name} yet"
         ));
+    }
+    let mut gateways = gateways;
+    // Containers on any network reach host.docker.internal (host-gateway) at docker0's
+    // address through their own bridge; the endpoint is still keyed to that bridge.
+    if let Some(hg) = host_gateway
+        && !gateways.contains(&hg)
+    {
+        gateways.push(hg);
     }
     Ok((name, link, gateways))
 }
@@ -428,6 +460,34 @@ mod tests {
                 prev = p;
             }
         }
+    }
+
+    #[test]
+    fn host_docker_internal_is_served_on_each_networks_own_bridge() {
+        let (r, s) = net_rules(&["app:80", "bridge:80"]);
+        let o = with_networks(
+            observed(&[
+                ("br-x", link(3, &["172.30.0.1"])),
+                ("docker0", link(2, &["172.17.0.1"])),
+            ]),
+            // Engines like 20.10 report no IPAM gateway when Docker chose it.
+            &[("app", "br-x", &[]), ("bridge", "docker0", &[])],
+        );
+        let p = plan(&r, &s, &o);
+        let mut eps: Vec<(u32, [u8; 4])> = p
+            .endpoints
+            .keys()
+            .map(|k| (k.ifindex, [k.addr[0], k.addr[1], k.addr[2], k.addr[3]]))
+            .collect();
+        eps.sort();
+        assert_eq!(
+            eps,
+            vec![
+                (2, [172, 17, 0, 1]),
+                (3, [172, 17, 0, 1]),
+                (3, [172, 30, 0, 1])
+            ]
+        );
     }
 
     #[test]

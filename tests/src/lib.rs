@@ -19,6 +19,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+pub mod docker;
+
 /// Every namespace, bridge and veth made here starts with this.
 pub const PREFIX: &str = "lhbt";
 
@@ -426,6 +428,7 @@ impl Lhb {
     pub fn start_bin(bin: &std::path::Path, args: &[&str]) -> anyhow::Result<Lhb> {
         let mut child = Command::new(bin)
             .arg("run")
+            .args(no_host_config(args))
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -497,6 +500,16 @@ impl Drop for Lhb {
     }
 }
 
+/// `--config /dev/null` unless the test gives a config: the host's /etc/lhb/lhb.toml
+/// must not leak into a test.
+fn no_host_config(args: &[&str]) -> Vec<&'static str> {
+    if args.contains(&"--config") {
+        vec![]
+    } else {
+        vec!["--config", "/dev/null"]
+    }
+}
+
 /// Runs `lhb ARGS` to completion: (exit status, stderr).
 pub fn lhb_once(args: &[&str], wrapper: &[&str]) -> anyhow::Result<(ExitStatus, String)> {
     let mut cmd = if wrapper.is_empty() {
@@ -506,7 +519,12 @@ pub fn lhb_once(args: &[&str], wrapper: &[&str]) -> anyhow::Result<(ExitStatus, 
         c.args(&wrapper[1..]).arg(lhb_bin());
         c
     };
-    let out = cmd.args(args).stdin(Stdio::null()).output()?;
+    if args.first() == Some(&"run") {
+        cmd.arg("run").args(no_host_config(args)).args(&args[1..]);
+    } else {
+        cmd.args(args);
+    }
+    let out = cmd.stdin(Stdio::null()).output()?;
     Ok((
         out.status,
         String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -355,3 +355,53 @@ fn bad_input_gets_a_clear_error_and_nothing_is_attached() {
     );
     assert_eq!(ingress_programs(&br).unwrap(), Vec::<String>::new());
 }
+
+#[test]
+fn sighup_reloads_the_config_and_a_bad_file_keeps_the_running_rules() {
+    let lab = Lab::new(11).unwrap();
+    let a = PeerEcho::start("127.0.0.1:0").unwrap();
+    let b = PeerEcho::start("127.0.0.1:0").unwrap();
+    let dir = std::env::temp_dir().join(format!("lhbt11-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("lhb.toml");
+    let rule = |port: u16| {
+        format!(
+            "[[expose]]\ninterface = \"{}\"\nport = {port}\n",
+            lab.bridge_name()
+        )
+    };
+    std::fs::write(&file, rule(a.port())).unwrap();
+    let lhb = Lhb::start(&["--config", file.to_str().unwrap()]).unwrap();
+    let served = |port| {
+        matches!(
+            get_from(&lab.container, lab.gateway(), port),
+            Outcome::Served(_)
+        )
+    };
+    assert!(served(a.port()));
+    let hup = |lhb: &Lhb| unsafe { libc::kill(lhb.pid() as i32, libc::SIGHUP) };
+
+    // A bad file: the error names the line, and the running rule keeps serving.
+    std::fs::write(&file, format!("{}colour = 1\n", rule(b.port()))).unwrap();
+    hup(&lhb);
+    let logged = wait_until(Duration::from_secs(5), || {
+        lhb.log().contains("config reload failed")
+    });
+    assert!(logged.is_some(), "{}", lhb.log());
+    assert!(
+        lhb.log().contains(":4: unknown field `colour`"),
+        "{}",
+        lhb.log()
+    );
+    assert!(served(a.port()));
+    assert!(!served(b.port()));
+
+    // A good file replaces the rules.
+    std::fs::write(&file, rule(b.port())).unwrap();
+    hup(&lhb);
+    let switched = wait_until(Duration::from_secs(5), || {
+        served(b.port()) && !served(a.port())
+    });
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(switched.is_some(), "{}", lhb.log());
+}

@@ -128,13 +128,18 @@ fn test() -> anyhow::Result<()> {
     leftovers()
 }
 
-/// Fails if a test left a namespace or a link behind (names start with lhbt).
+/// Fails if a test left a namespace, a link or a Docker network behind (names start
+/// with lhbt).
 fn leftovers() -> anyhow::Result<()> {
     let netns = lhb_tests::run("ip", &["netns", "list"])?;
     let links = lhb_tests::run("ip", &["-br", "link", "show"])?;
+    // Where no engine answers there are no Docker networks to leave behind.
+    let networks =
+        lhb_tests::run("docker", &["network", "ls", "--format", "{{.Name}}"]).unwrap_or_default();
     let left: Vec<&str> = netns
         .lines()
         .chain(links.lines())
+        .chain(networks.lines())
         .filter(|l| l.starts_with(lhb_tests::PREFIX))
         .collect();
     if !left.is_empty() {
@@ -143,6 +148,6 @@ fn leftovers() -> anyhow::Result<()> {
             left.join("\n")
         );
     }
-    println!("no test namespace or link left behind");
+    println!("no test namespace, link or Docker network left behind");
     Ok(())
 }

@@ -4,7 +4,9 @@
 //! - rust-src for the nightly toolchain (the eBPF crate builds `core` itself);
 //! - bpf-linker 0.13, built from crates.io against the nightly's own LLVM shared library
 //!   (no prebuilt binary can be downloaded here; its major version must match);
-//! - the Debian packages the tests, the demo and the benchmark use.
+//! - the Debian packages the tests, the demo and the benchmark use;
+//! - where a Docker engine answers, the local image the Docker tests run (busybox from
+//!   Debian's busybox-static, imported: no registry can be reached).
 
 use std::{
     env,
@@ -27,12 +29,76 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "socat",
     "bpftool",
     "util-linux",
+    "busybox-static",
 ];
+
+/// Applets linked in the test image: what the tests run inside containers.
+const BUSYBOX_APPLETS: &[&str] = &["sh", "wget", "nc", "sleep", "cat", "echo", "ip", "true"];
 
 pub fn run() -> anyhow::Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
-    ensure_debian_packages()
+    ensure_debian_packages()?;
+    ensure_test_image()
+}
+
+fn docker_answers() -> bool {
+    Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn ensure_test_image() -> anyhow::Result<()> {
+    if !docker_answers() {
+        // The Docker tests say so themselves, loudly; nothing to prepare here.
+        return Ok(());
+    }
+    let image = lhb_tests::docker::IMAGE;
+    let present = Command::new("docker")
+        .args(["image", "inspect", image])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if present {
+        return Ok(());
+    }
+    println!("setup: building the local Docker image {image} from busybox-static");
+    let root = env::temp_dir().join(format!("lhb-image-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&root);
+    fs::create_dir_all(root.join("bin"))?;
+    fs::copy("/bin/busybox", root.join("bin/busybox")).context("copying /bin/busybox")?;
+    for applet in BUSYBOX_APPLETS {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
+    }
+    fs::create_dir_all(root.join("etc"))?;
+    // Static glibc resolves names (even IP literals, in busybox wget) through NSS; without
+    // this file it tries to load NSS modules it cannot have and crashes.
+    fs::write(root.join("etc/nsswitch.conf"), "hosts: files dns\n")?;
+    fs::create_dir_all(root.join("tmp"))?;
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .args(["-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("tar")?;
+    let status = Command::new("docker")
+        .args(["import", "--change", "ENV PATH=/bin", "-", image])
+        .stdin(tar.stdout.context("tar stdout")?)
+        .stdout(Stdio::null())
+        .status()
+        .context("docker import")?;
+    let _ = fs::remove_dir_all(&root);
+    if !status.success() {
+        bail!("docker import of {image} failed ({status})");
+    }
+    Ok(())
 }
 
 pub fn toolchain() -> String {
