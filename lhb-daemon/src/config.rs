@@ -9,7 +9,17 @@ use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
 
-use crate::rule::{self, Rule, RuleError};
+use crate::{
+    reconcile::Mode,
+    rule::{self, Rule, RuleError},
+};
+
+/// What a config file holds.
+#[derive(Debug, Default)]
+pub struct Config {
+    pub rules: Vec<Rule>,
+    pub mode: Option<Mode>,
+}
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -26,8 +36,18 @@ pub enum ConfigError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
+    mode: Option<Spanned<String>>,
     #[serde(default)]
     expose: Vec<Spanned<Expose>>,
+}
+
+pub fn parse_mode(s: &str) -> Result<Mode, String> {
+    match s {
+        "auto" => Ok(Mode::Auto),
+        "kernel" => Ok(Mode::Kernel),
+        "proxy" => Ok(Mode::Proxy),
+        other => Err(format!("mode `{other}` is not auto, kernel or proxy")),
+    }
 }
 
 #[derive(Deserialize)]
@@ -49,18 +69,18 @@ enum TargetValue {
 }
 
 /// Reads `path`. A file that does not exist holds no rules.
-pub fn load(path: &Path) -> Result<Vec<Rule>, ConfigError> {
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let file = path.display().to_string();
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
         Err(error) => return Err(ConfigError::Read { file, error }),
     };
     parse(&file, &text)
 }
 
 /// Parses the text of a config file named `file` (for messages).
-pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
+pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
     let invalid = |span: Option<Range<usize>>, reason: String| ConfigError::Invalid {
         file: file.to_string(),
         line: span.map(|s| line_of(text, s.start)).unwrap_or(1),
@@ -68,6 +88,10 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
     };
     let parsed: File =
         toml::from_str(text).map_err(|e| invalid(e.span(), e.message().to_string()))?;
+    let mode = parsed
+        .mode
+        .map(|m| parse_mode(m.get_ref()).map_err(|why| invalid(Some(m.span()), why)))
+        .transpose()?;
     let mut rules = Vec::new();
     let mut seen: Vec<(Rule, Range<usize>)> = Vec::new();
     for entry in parsed.expose {
@@ -132,7 +156,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Rule>, ConfigError> {
         seen.push((r.clone(), span));
         rules.push(r);
     }
-    Ok(rules)
+    Ok(Config { rules, mode })
 }
 
 fn port_value(p: i64) -> Option<u16> {
@@ -154,9 +178,11 @@ mod tests {
 
     #[test]
     fn the_product_example_loads() {
-        let rules = parse(
+        let cfg = parse(
             "lhb.toml",
             r#"
+mode = "proxy"
+
 [[expose]]
 network = "windmill_default"   # Docker network name
 service = "gateway"
@@ -169,6 +195,8 @@ port = 11434
 "#,
         )
         .unwrap();
+        assert_eq!(cfg.mode, Some(Mode::Proxy));
+        let rules = cfg.rules;
         assert_eq!(rules.len(), 2);
         assert_eq!(rules[0].source, Source::Network("windmill_default".into()));
         assert_eq!(rules[0].service, "gateway");
@@ -218,6 +246,11 @@ port = 11434
                 "invalid type",
             ),
             ("[[expose\n", 1, ""),
+            (
+                "mode = \"fast\"\n",
+                1,
+                "mode `fast` is not auto, kernel or proxy",
+            ),
         ];
         for (text, line, reason) in cases {
             let e = err(text);
@@ -231,6 +264,11 @@ port = 11434
 
     #[test]
     fn a_missing_file_holds_no_rules() {
-        assert!(load(Path::new("/nonexistent/lhb.toml")).unwrap().is_empty());
+        assert!(
+            load(Path::new("/nonexistent/lhb.toml"))
+                .unwrap()
+                .rules
+                .is_empty()
+        );
     }
 }

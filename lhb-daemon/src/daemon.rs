@@ -20,9 +20,10 @@ use tracing::{debug, error, info, warn};
 use crate::{
     caps, config,
     docker::{self, DockerView},
-    kernel::{KernelPath, KernelPathError},
+    kernel::KernelPath,
     netlink::Netlink,
-    reconcile::{self, Observed, Plan, RuleState},
+    proxy::Proxy,
+    reconcile::{self, Mode, Observed, Paths, Plan, RuleState},
     rule::{self, Rule, Source},
 };
 
@@ -39,7 +40,13 @@ pub struct RunOptions {
     pub cli_rules: Vec<Rule>,
     pub config: PathBuf,
     pub no_docker: bool,
+    /// --mode, if given (it wins over the file's `mode`).
+    pub mode: Option<Mode>,
+    pub max_connections: usize,
 }
+
+/// Listen backlog of proxy sockets: connection bursts wait in the kernel, not refused.
+const PROXY_BACKLOG: i32 = 4096;
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -119,7 +126,10 @@ struct Daemon {
     rules: Vec<Rule>,
     slots: Vec<u32>,
     slot_map: Slots,
-    kernel: KernelPath,
+    /// None where the kernel path is not used (--mode proxy, or it could not load).
+    kernel: Option<KernelPath>,
+    proxy: Proxy,
+    paths: Paths,
     netlink: Netlink,
     applied: Plan,
     docker: Option<watch::Receiver<DockerView>>,
@@ -141,13 +151,12 @@ impl Daemon {
                 return true;
             }
         };
-        let wanted = reconcile::plan(&self.rules, &self.slots, &observed);
+        let wanted = reconcile::plan(&self.rules, &self.slots, &observed, self.paths);
         let before = std::mem::take(&mut self.applied.states);
-        let failed = match apply(&mut self.kernel, &self.netlink, &mut self.applied, &wanted).await
-        {
+        let failed = match self.apply(&wanted).await {
             Ok(()) => false,
             Err(e) => {
-                error!("{e} (retrying in {}s)", RETRY.as_secs());
+                error!("{e:#} (retrying in {}s)", RETRY.as_secs());
                 true
             }
         };
@@ -158,8 +167,10 @@ impl Daemon {
     /// Replaces the rule set (SIGHUP); counters of rules that stay are kept.
     fn set_rules(&mut self, rules: Vec<Rule>) -> anyhow::Result<()> {
         let (slots, fresh) = self.slot_map.assign(&rules);
-        for s in fresh {
-            self.kernel.reset_counters(s)?;
+        if let Some(k) = self.kernel.as_mut() {
+            for s in fresh {
+                k.reset_counters(s)?;
+            }
         }
         // Rule order may change: states are per position, so start the log afresh.
         self.applied.states.clear();
@@ -170,18 +181,14 @@ impl Daemon {
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let file_rules = config::load(&opts.config)?;
-    let rules = combine(&opts.cli_rules, file_rules)?;
+    let cfg = config::load(&opts.config)?;
+    let mode = opts.mode.or(cfg.mode).unwrap_or_default();
+    let rules = combine(&opts.cli_rules, cfg.rules)?;
     if rules.is_empty() {
         return Err(StartError::NoRules {
             config: opts.config.display().to_string(),
         }
         .into());
-    }
-    let eff = caps::effective().context("reading this process's capabilities")?;
-    let missing = caps::missing_for_kernel_path(eff);
-    if !missing.is_empty() {
-        return Err(StartError::MissingCapabilities(missing).into());
     }
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -213,33 +220,52 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (slots, _) = slot_map.assign(&rules);
     let mut observed = netlink.snapshot().await?;
     observed.docker = docker.as_ref().map(|d| d.borrow().clone());
-    preflight(&rules, &slots, &observed)?;
 
-    let kernel = KernelPath::load()?;
+    let kernel = match mode {
+        Mode::Proxy => None,
+        Mode::Kernel => Some(load_kernel_path()?),
+        Mode::Auto => match load_kernel_path() {
+            Ok(k) => Some(k),
+            Err(e) => {
+                warn!("kernel path unavailable: {e:#}; using the proxy for every rule");
+                None
+            }
+        },
+    };
+    let paths = Paths {
+        mode,
+        kernel: kernel.is_some(),
+    };
+    preflight(&rules, &slots, &observed, paths)?;
+
     let mut d = Daemon {
         rules,
         slots,
         slot_map,
         kernel,
+        proxy: Proxy::new(opts.max_connections, PROXY_BACKLOG),
+        paths,
         netlink,
         applied: Plan::default(),
         docker,
     };
-    for &slot in &d.slots {
-        d.kernel.reset_counters(slot)?;
+    if let Some(k) = d.kernel.as_mut() {
+        for &slot in &d.slots {
+            k.reset_counters(slot)?;
+        }
+        info!(
+            attach = k.mode().as_str(),
+            "kernel data path loaded ({} rule(s))",
+            d.rules.len()
+        );
     }
-    info!(
-        attach = d.kernel.mode().as_str(),
-        "kernel data path loaded ({} rule(s))",
-        d.rules.len()
-    );
 
     // At start every interface rule's bridge exists (preflight), so a failure to attach
-    // is fatal and nothing stays behind.
-    let wanted = reconcile::plan(&d.rules, &d.slots, &observed);
-    if let Err(e) = apply(&mut d.kernel, &d.netlink, &mut d.applied, &wanted).await {
-        d.kernel.shutdown(&d.netlink).await;
-        return Err(e.into());
+    // or to bind is fatal, and nothing stays behind.
+    let wanted = reconcile::plan(&d.rules, &d.slots, &observed, d.paths);
+    if let Err(e) = d.apply(&wanted).await {
+        d.shutdown().await;
+        return Err(e);
     }
     log_states(&d.rules, &[], &d.applied.states);
     info!(
@@ -261,7 +287,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
             _ = sighup.recv() => {
                 match config::load(&opts.config).map_err(anyhow::Error::from)
-                    .and_then(|f| combine(&opts.cli_rules, f).map_err(anyhow::Error::from))
+                    .and_then(|f| {
+                        if f.mode.is_some_and(|m| opts.mode.is_none() && m != d.paths.mode) {
+                            warn!("config reload: a new `mode` takes effect at the next start");
+                        }
+                        combine(&opts.cli_rules, f.rules).map_err(anyhow::Error::from)
+                    })
                 {
                     Ok(rules) if rules.is_empty() => {
                         error!("config reload: no rule left; keeping the {} running rule(s)", d.rules.len());
@@ -279,7 +310,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             }
             ev = events.next() => {
                 if ev.is_none() {
-                    d.kernel.shutdown(&d.netlink).await;
+                    d.shutdown().await;
                     bail!("the rtnetlink event socket closed; cannot follow bridges any more");
                 }
                 tokio::time::sleep(SETTLE).await;
@@ -296,14 +327,84 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
 
     for (rule, slot) in d.rules.iter().zip(&d.slots) {
-        if let Ok(c) = d.kernel.counters(*slot) {
+        if let Some(Ok(c)) = d.kernel.as_ref().map(|k| k.counters(*slot)) {
             debug!(rule = %rule, connections = c.connections, no_listener = c.no_listener,
-                   errors = c.errors, "final counters");
+                   errors = c.errors, "final kernel counters");
+        }
+        let p = d.proxy.counters(*slot);
+        debug!(rule = %rule, connections = ?p.connections, bytes = ?p.bytes,
+               target_errors = ?p.target_errors, over_limit = ?p.over_limit, "final proxy counters");
+    }
+    d.shutdown().await;
+    info!("detached from every bridge and closed every listener; bye");
+    Ok(())
+}
+
+/// The kernel path, or why it cannot be used here.
+fn load_kernel_path() -> anyhow::Result<KernelPath> {
+    let eff = caps::effective().context("reading this process's capabilities")?;
+    let missing = caps::missing_for_kernel_path(eff);
+    if !missing.is_empty() {
+        return Err(StartError::MissingCapabilities(missing).into());
+    }
+    Ok(KernelPath::load()?)
+}
+
+impl Daemon {
+    async fn shutdown(&mut self) {
+        self.proxy.shutdown();
+        if let Some(k) = self.kernel.as_mut() {
+            k.shutdown(&self.netlink).await;
         }
     }
-    d.kernel.shutdown(&d.netlink).await;
-    info!("detached from every bridge; bye");
-    Ok(())
+
+    /// Brings both data paths from what is applied to `wanted`. A failed attachment or
+    /// bind is left out of `applied`, so the next call tries again.
+    async fn apply(&mut self, wanted: &Plan) -> anyhow::Result<()> {
+        let mut first_err: Option<anyhow::Error> = None;
+        if let Some(kernel) = self.kernel.as_mut()
+            && let Err(e) = apply_kernel(kernel, &self.netlink, &mut self.applied, wanted).await
+        {
+            first_err = Some(e.into());
+        }
+        let gone: Vec<_> = self
+            .applied
+            .proxies
+            .iter()
+            .filter(|(k, t)| wanted.proxies.get(*k) != Some(*t))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            self.proxy.close(&key);
+            self.applied.proxies.remove(&key);
+            info!(bridge = %key.bridge, "proxy stopped listening on {}:{}", key.gateway, key.port);
+        }
+        for (key, target) in &wanted.proxies {
+            if self.applied.proxies.contains_key(key) {
+                continue;
+            }
+            match self.proxy.listen(key, *target) {
+                Ok(()) => {
+                    self.applied.proxies.insert(key.clone(), *target);
+                    info!(bridge = %key.bridge, "proxy listening on {}:{} (bound to {}) -> {}",
+                          key.gateway, key.port, key.bridge, target.target);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(anyhow::anyhow!(
+                        "proxy for {}:{} on {}: {e}",
+                        key.gateway,
+                        key.port,
+                        key.bridge
+                    ));
+                }
+            }
+        }
+        self.applied.states = wanted.states.clone();
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
 }
 
 fn serving(plan: &Plan) -> usize {
@@ -315,8 +416,13 @@ fn serving(plan: &Plan) -> usize {
 
 /// Refuses, before anything is loaded, interface rules that cannot work at all. Network
 /// rules may wait: a Docker network can be created after lhb starts.
-fn preflight(rules: &[Rule], slots: &[u32], observed: &Observed) -> Result<(), StartError> {
-    let plan = reconcile::plan(rules, slots, observed);
+fn preflight(
+    rules: &[Rule],
+    slots: &[u32],
+    observed: &Observed,
+    paths: Paths,
+) -> Result<(), StartError> {
+    let plan = reconcile::plan(rules, slots, observed, paths);
     for (rule, state) in rules.iter().zip(&plan.states) {
         let Source::Interface(iface) = &rule.source else {
             continue;
@@ -353,17 +459,16 @@ fn preflight(rules: &[Rule], slots: &[u32], observed: &Observed) -> Result<(), S
     Ok(())
 }
 
-/// Brings the data path from `applied` to `wanted`. On an attach failure the bridge's
+/// Brings the kernel path from `applied` to `wanted`. On an attach failure the bridge's
 /// endpoints are left out of `applied`, so the next call tries again.
-async fn apply(
+async fn apply_kernel(
     kernel: &mut KernelPath,
     netlink: &Netlink,
     applied: &mut Plan,
     wanted: &Plan,
-) -> Result<(), KernelPathError> {
+) -> Result<(), crate::kernel::KernelPathError> {
     let d = reconcile::diff(applied, wanted);
     if d.is_empty() {
-        applied.states = wanted.states.clone();
         return Ok(());
     }
     for key in &d.remove_endpoints {
@@ -396,13 +501,12 @@ async fn apply(
                 applied.endpoints.insert(*key, *steer);
             }
             Err(e) => {
-                first_err.get_or_insert(KernelPathError::Load(format!(
+                first_err.get_or_insert(crate::kernel::KernelPathError::Load(format!(
                     "writing an endpoint to the map: {e:#}"
                 )));
             }
         }
     }
-    applied.states = wanted.states.clone();
     match first_err {
         Some(e) => Err(e),
         None => Ok(()),
@@ -420,15 +524,23 @@ fn log_states(rules: &[Rule], before: &[RuleState], after: &[RuleState]) {
                 bridge,
                 ifindex,
                 gateways,
+                proxied,
                 skipped,
             } => {
-                let gws: Vec<String> = gateways.iter().map(|g| g.to_string()).collect();
-                info!(
-                    service = %rule.service,
-                    "serving {rule}: containers on {bridge} (ifindex {ifindex}) connect to {}:{}",
-                    gws.join(","),
-                    rule.port
-                );
+                for gw in gateways {
+                    info!(
+                        service = %rule.service,
+                        "serving {rule}: containers on {bridge} (ifindex {ifindex}) connect to {}; data path: kernel",
+                        std::net::SocketAddr::new(*gw, rule.port)
+                    );
+                }
+                for (gw, why) in proxied {
+                    info!(
+                        service = %rule.service,
+                        "serving {rule}: containers on {bridge} (ifindex {ifindex}) connect to {}; data path: proxy ({why})",
+                        std::net::SocketAddr::new(*gw, rule.port)
+                    );
+                }
                 for (gw, why) in skipped {
                     info!(service = %rule.service, "{rule}: not serving gateway {gw}: {why}");
                 }

@@ -9,6 +9,7 @@ mod daemon;
 mod docker;
 mod kernel;
 mod netlink;
+mod proxy;
 mod reconcile;
 mod rule;
 
@@ -28,7 +29,9 @@ use tracing_subscriber::EnvFilter;
 through the engine and followed as Docker re-creates it) or any Linux bridge \
 (--expose-iface). Programs on each bridge hand the container's connection to the \
 loopback listener in-kernel; nothing is bound to any address, and the service stays \
-unreachable from every other interface.\n\nLogs go to stderr; RUST_LOG sets the level \
+unreachable from every other interface. Where the kernel path cannot load (or for a \
+target of the other address family), a splice(2) proxy bound to the gateway address and \
+to the bridge device serves instead (--mode).\n\nLogs go to stderr; RUST_LOG sets the level \
 (default info)."
 )]
 struct Cli {
@@ -55,6 +58,14 @@ enum Command {
         /// Do not talk to the Docker engine (only interface rules can be served).
         #[arg(long)]
         no_docker: bool,
+        /// Data path: `kernel` (eBPF; fails if it cannot load), `proxy` (splice proxy
+        /// bound to the gateway and the bridge), `auto` (kernel where it can serve,
+        /// proxy elsewhere, and the log says why). Default: the config's `mode`, else auto.
+        #[arg(long, value_name = "auto|kernel|proxy", value_parser = config::parse_mode)]
+        mode: Option<reconcile::Mode>,
+        /// Most connections the proxy carries at once; more are refused and logged.
+        #[arg(long, value_name = "N", default_value_t = 4096)]
+        max_connections: usize,
     },
 }
 
@@ -97,6 +108,8 @@ fn main() -> ExitCode {
                 expose,
                 expose_iface,
                 no_docker,
+                mode,
+                max_connections,
             } => {
                 let mut cli_rules = expose;
                 cli_rules.extend(expose_iface);
@@ -104,6 +117,8 @@ fn main() -> ExitCode {
                     cli_rules,
                     config,
                     no_docker,
+                    mode,
+                    max_connections,
                 })
                 .await
             }

@@ -14,8 +14,27 @@ use lhb_common::{EndpointKey, FAMILY_V4, FAMILY_V6, Steer};
 
 use crate::{
     docker::DockerView,
+    proxy::{ProxyKey, ProxyTarget},
     rule::{Rule, Source},
 };
+
+/// `--mode`: which data path serves the rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// The kernel path where it can serve, the proxy elsewhere.
+    #[default]
+    Auto,
+    Kernel,
+    Proxy,
+}
+
+/// What the data paths can do on this host right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Paths {
+    pub mode: Mode,
+    /// The kernel programs are loaded.
+    pub kernel: bool,
+}
 
 /// A network interface as netlink reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,11 +55,13 @@ pub struct Observed {
 /// Where one rule stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RuleState {
-    /// Served on `bridge` at each of `gateways`.
+    /// Served on `bridge` at each of `gateways` (kernel path) and `proxied`.
     Serving {
         bridge: String,
         ifindex: u32,
         gateways: Vec<IpAddr>,
+        /// Gateways the proxy serves, with why the kernel path does not.
+        proxied: Vec<(IpAddr, &'static str)>,
         /// Gateways that cannot be served, with the reason.
         skipped: Vec<(IpAddr, &'static str)>,
     },
@@ -54,40 +75,67 @@ pub struct Plan {
     /// Bridges that carry the program: ifindex -> name.
     pub attach: BTreeMap<u32, String>,
     pub endpoints: BTreeMap<EndpointKey, Steer>,
+    /// Proxy listeners.
+    pub proxies: BTreeMap<ProxyKey, ProxyTarget>,
     /// One entry per rule, in rule order.
     pub states: Vec<RuleState>,
 }
 
 /// `slots[i]` is the counter slot of `rules[i]`.
-pub fn plan(rules: &[Rule], slots: &[u32], observed: &Observed) -> Plan {
+pub fn plan(rules: &[Rule], slots: &[u32], observed: &Observed, paths: Paths) -> Plan {
     let mut plan = Plan::default();
     for (rule, &slot) in rules.iter().zip(slots) {
         let state = match bridge_of(rule, observed) {
             Err(why) => RuleState::Waiting(why),
             Ok((name, link, gateways)) => {
                 let mut served = Vec::new();
+                let mut proxied = Vec::new();
                 let mut skipped = Vec::new();
                 for gw in gateways {
-                    match endpoint(link.ifindex, gw, rule, slot) {
+                    let kernel = match (paths.mode, paths.kernel) {
+                        (Mode::Proxy, _) => Err("--mode proxy"),
+                        (_, false) => Err("the kernel path is not loaded"),
+                        _ => endpoint(link.ifindex, gw, rule, slot),
+                    };
+                    match kernel {
                         Ok((k, v)) => {
                             plan.endpoints.insert(k, v);
                             served.push(gw);
                         }
+                        Err(why) if paths.mode != Mode::Kernel => {
+                            let key = ProxyKey {
+                                bridge: name.to_string(),
+                                ifindex: link.ifindex,
+                                gateway: gw,
+                                port: rule.port,
+                            };
+                            plan.proxies.insert(
+                                key,
+                                ProxyTarget {
+                                    target: rule.target,
+                                    slot,
+                                },
+                            );
+                            proxied.push((gw, why));
+                        }
                         Err(why) => skipped.push((gw, why)),
                     }
                 }
-                if served.is_empty() {
+                if served.is_empty() && proxied.is_empty() {
                     RuleState::Waiting(format!(
                         "no gateway of bridge {name} can reach target {}: {}",
                         rule.target,
                         skipped.first().map(|s| s.1).unwrap_or("")
                     ))
                 } else {
-                    plan.attach.insert(link.ifindex, name.to_string());
+                    if !served.is_empty() {
+                        plan.attach.insert(link.ifindex, name.to_string());
+                    }
                     RuleState::Serving {
                         bridge: name.to_string(),
                         ifindex: link.ifindex,
                         gateways: served,
+                        proxied,
                         skipped,
                     }
                 }
@@ -285,6 +333,11 @@ mod tests {
     use super::*;
     use crate::{docker::DockerNetwork, rule::parse_iface_spec};
 
+    const KERNEL: Paths = Paths {
+        mode: Mode::Kernel,
+        kernel: true,
+    };
+
     fn link(ifindex: u32, addrs: &[&str]) -> Link {
         Link {
             ifindex,
@@ -428,7 +481,7 @@ mod tests {
         for (case, steps) in cases {
             let mut prev = Plan::default();
             for (step, obs, want) in steps {
-                let p = plan(&rules, &slots, &obs);
+                let p = plan(&rules, &slots, &obs, KERNEL);
                 let mut got: Vec<(u32, String, u16)> = p
                     .endpoints
                     .keys()
@@ -473,7 +526,7 @@ mod tests {
             // Engines like 20.10 report no IPAM gateway when Docker chose it.
             &[("app", "br-x", &[]), ("bridge", "docker0", &[])],
         );
-        let p = plan(&r, &s, &o);
+        let p = plan(&r, &s, &o, KERNEL);
         let mut eps: Vec<(u32, [u8; 4])> = p
             .endpoints
             .keys()
@@ -495,16 +548,16 @@ mod tests {
         let (r, s) = net_rules(&["app:80"]);
         let mut o = observed(&[]);
         o.docker = None;
-        assert!(waiting(&plan(&r, &s, &o), 0).contains("--no-docker"));
+        assert!(waiting(&plan(&r, &s, &o, KERNEL), 0).contains("--no-docker"));
         let o = observed(&[]);
-        assert!(waiting(&plan(&r, &s, &o), 0).contains("does not exist"));
+        assert!(waiting(&plan(&r, &s, &o, KERNEL), 0).contains("does not exist"));
         let mut o = observed(&[]);
         o.docker = Some(DockerView {
             available: false,
             problem: Some("no socket".into()),
             ..Default::default()
         });
-        assert!(waiting(&plan(&r, &s, &o), 0).contains("not reachable (no socket)"));
+        assert!(waiting(&plan(&r, &s, &o, KERNEL), 0).contains("not reachable (no socket)"));
         let mut o = with_networks(observed(&[]), &[("app", "br-x", &["10.9.0.1"])]);
         o.docker
             .as_mut()
@@ -513,13 +566,13 @@ mod tests {
             .get_mut("app")
             .unwrap()
             .driver = "macvlan".into();
-        assert!(waiting(&plan(&r, &s, &o), 0).contains("macvlan"));
+        assert!(waiting(&plan(&r, &s, &o, KERNEL), 0).contains("macvlan"));
         // IPAM gateway not (yet) on the bridge.
         let o = with_networks(
             observed(&[("br-x", link(3, &["10.9.0.254"]))]),
             &[("app", "br-x", &["10.9.0.1"])],
         );
-        assert!(waiting(&plan(&r, &s, &o), 0).contains("IPAM gateways"));
+        assert!(waiting(&plan(&r, &s, &o, KERNEL), 0).contains("IPAM gateways"));
     }
 
     #[test]
@@ -529,7 +582,7 @@ mod tests {
             observed(&[("br-x", link(3, &["172.30.0.1", "fd00:30::1"]))]),
             &[("app", "br-x", &["172.30.0.1", "fd00:30::1"])],
         );
-        let p = plan(&r, &s, &o);
+        let p = plan(&r, &s, &o, KERNEL);
         let fams: Vec<(u16, u8)> = p.endpoints.keys().map(|k| (k.port, k.family)).collect();
         assert_eq!(fams, vec![(80, FAMILY_V4), (81, FAMILY_V6)]);
     }
@@ -541,8 +594,8 @@ mod tests {
             observed(&[("br-x", link(3, &["172.30.0.1"]))]),
             &[("app", "br-x", &["172.30.0.1"])],
         );
-        let both = plan(&r, &s, &o);
-        let one = plan(&r[..1], &s[..1], &o);
+        let both = plan(&r, &s, &o, KERNEL);
+        let one = plan(&r[..1], &s[..1], &o, KERNEL);
         let d = diff(&both, &one);
         assert_eq!(d.remove_endpoints.len(), 1);
         assert_eq!(d.remove_endpoints[0].port, 81);
@@ -560,7 +613,12 @@ mod tests {
         let (r, s) = rules(&["br0:80", "eth9:80", "br2:80"]);
         let mut eth = link(3, &["10.0.0.1"]);
         eth.is_bridge = false;
-        let p = plan(&r, &s, &observed(&[("eth9", eth), ("br2", link(4, &[]))]));
+        let p = plan(
+            &r,
+            &s,
+            &observed(&[("eth9", eth), ("br2", link(4, &[]))]),
+            KERNEL,
+        );
         assert!(p.attach.is_empty() && p.endpoints.is_empty());
         let reasons: Vec<_> = p
             .states
@@ -578,8 +636,13 @@ mod tests {
     #[test]
     fn a_bridge_appearing_late_is_attached_and_re_creation_moves_everything() {
         let (r, s) = rules(&["br0:80=8080"]);
-        let empty = plan(&r, &s, &Observed::default());
-        let first = plan(&r, &s, &observed(&[("br0", link(7, &["10.1.0.1"]))]));
+        let empty = plan(&r, &s, &Observed::default(), KERNEL);
+        let first = plan(
+            &r,
+            &s,
+            &observed(&[("br0", link(7, &["10.1.0.1"]))]),
+            KERNEL,
+        );
         let d = diff(&empty, &first);
         assert_eq!(d.attach, vec![(7, "br0".to_string())]);
         assert_eq!(d.upsert_endpoints.len(), 1);
@@ -594,7 +657,12 @@ mod tests {
         );
 
         // Re-created: new ifindex, new subnet. Nothing of the old bridge may remain.
-        let second = plan(&r, &s, &observed(&[("br0", link(9, &["10.2.0.1"]))]));
+        let second = plan(
+            &r,
+            &s,
+            &observed(&[("br0", link(9, &["10.2.0.1"]))]),
+            KERNEL,
+        );
         let d = diff(&first, &second);
         assert_eq!(d.remove_endpoints, vec![k]);
         assert_eq!(d.detach, vec![(7, "br0".to_string())]);
@@ -616,7 +684,7 @@ mod tests {
             ("br0", link(5, &["10.3.0.1", "fd00:3::1"])),
             ("br1", link(6, &["10.4.0.1"])),
         ]);
-        let p = plan(&r, &s, &o);
+        let p = plan(&r, &s, &o, KERNEL);
         let served = |i: usize| match &p.states[i] {
             RuleState::Serving {
                 gateways, skipped, ..
@@ -637,13 +705,70 @@ mod tests {
     }
 
     #[test]
+    fn auto_mode_proxies_what_the_kernel_path_cannot_serve() {
+        let (r, s) = rules(&["br0:80", "br1:82=[::1]:82"]);
+        let o = observed(&[
+            ("br0", link(5, &["10.3.0.1", "fd00:3::1"])),
+            ("br1", link(6, &["10.4.0.1"])),
+        ]);
+        let proxied = |p: &Plan| -> Vec<(String, String, u16)> {
+            p.proxies
+                .keys()
+                .map(|k| (k.bridge.clone(), k.gateway.to_string(), k.port))
+                .collect()
+        };
+        let auto = Paths {
+            mode: Mode::Auto,
+            kernel: true,
+        };
+        let p = plan(&r, &s, &o, auto);
+        // IPv4 -> 127.0.0.1 in-kernel; the other family through the proxy.
+        assert_eq!(p.endpoints.len(), 1);
+        assert_eq!(p.attach.keys().copied().collect::<Vec<_>>(), vec![5]);
+        assert_eq!(
+            proxied(&p),
+            vec![
+                ("br0".into(), "fd00:3::1".into(), 80),
+                ("br1".into(), "10.4.0.1".into(), 82)
+            ]
+        );
+        assert!(
+            p.states
+                .iter()
+                .all(|s| matches!(s, RuleState::Serving { .. }))
+        );
+        // Without the kernel path, or with --mode proxy: every gateway proxied, no BPF.
+        for paths in [
+            Paths {
+                mode: Mode::Auto,
+                kernel: false,
+            },
+            Paths {
+                mode: Mode::Proxy,
+                kernel: false,
+            },
+        ] {
+            let p = plan(&r, &s, &o, paths);
+            assert!(p.endpoints.is_empty() && p.attach.is_empty());
+            assert_eq!(proxied(&p).len(), 3);
+        }
+        // A proxy listener follows its bridge: a re-created bridge is a new key.
+        let o2 = observed(&[
+            ("br0", link(5, &["10.3.0.1", "fd00:3::1"])),
+            ("br1", link(9, &["10.4.0.1"])),
+        ]);
+        let p2 = plan(&r, &s, &o2, auto);
+        assert_ne!(p.proxies, p2.proxies);
+    }
+
+    #[test]
     fn two_bridges_with_the_same_port_are_independent() {
         let (r, s) = rules(&["br0:80", "br1:80=81"]);
         let o = observed(&[
             ("br0", link(5, &["10.4.0.1"])),
             ("br1", link(6, &["10.5.0.1"])),
         ]);
-        let p = plan(&r, &s, &o);
+        let p = plan(&r, &s, &o, KERNEL);
         assert_eq!(p.attach.len(), 2);
         let by_if: BTreeMap<u32, (u16, u32)> = p
             .endpoints
@@ -657,8 +782,18 @@ mod tests {
     #[test]
     fn an_address_change_updates_only_the_endpoints() {
         let (r, s) = rules(&["br0:80"]);
-        let a = plan(&r, &s, &observed(&[("br0", link(5, &["10.6.0.1"]))]));
-        let b = plan(&r, &s, &observed(&[("br0", link(5, &["10.6.0.254"]))]));
+        let a = plan(
+            &r,
+            &s,
+            &observed(&[("br0", link(5, &["10.6.0.1"]))]),
+            KERNEL,
+        );
+        let b = plan(
+            &r,
+            &s,
+            &observed(&[("br0", link(5, &["10.6.0.254"]))]),
+            KERNEL,
+        );
         let d = diff(&a, &b);
         assert!(d.attach.is_empty() && d.detach.is_empty());
         assert_eq!((d.remove_endpoints.len(), d.upsert_endpoints.len()), (1, 1));

@@ -309,6 +309,8 @@ pub enum Outcome {
     /// The HTTP body.
     Served(String),
     Refused,
+    /// Accepted, then reset: what a proxy answers when its target is down.
+    Reset,
     TimedOut,
     Other(String),
 }
@@ -322,8 +324,12 @@ pub fn http_get(addr: SocketAddr, timeout: Duration) -> Outcome {
         Err(e) => return Outcome::Other(e.to_string()),
     };
     let _ = s.set_read_timeout(Some(timeout));
+    let reset = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => Outcome::Reset,
+        _ => Outcome::Other(e.to_string()),
+    };
     if let Err(e) = s.write_all(b"GET / HTTP/1.0\r\nHost: lhb\r\n\r\n") {
-        return Outcome::Other(e.to_string());
+        return reset(e);
     }
     let mut buf = String::new();
     match s.read_to_string(&mut buf) {
@@ -331,7 +337,7 @@ pub fn http_get(addr: SocketAddr, timeout: Duration) -> Outcome {
             Some((_, body)) => Outcome::Served(body.to_string()),
             None => Outcome::Other(format!("not HTTP: {buf:?}")),
         },
-        Err(e) => Outcome::Other(e.to_string()),
+        Err(e) => reset(e),
     }
 }
 
@@ -426,7 +432,24 @@ impl Lhb {
 
     /// Starts `BIN run ARGS` (e.g. a release build) and waits until it is ready.
     pub fn start_bin(bin: &std::path::Path, args: &[&str]) -> anyhow::Result<Lhb> {
-        let mut child = Command::new(bin)
+        Self::start_wrapped(&[], bin, args)
+    }
+
+    /// Like `start_bin`, run through `wrapper` (e.g. `setpriv ... --`).
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        bin: &std::path::Path,
+        args: &[&str],
+    ) -> anyhow::Result<Lhb> {
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = cmd
             .arg("run")
             .args(no_host_config(args))
             .args(args)

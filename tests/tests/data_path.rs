@@ -1,0 +1,727 @@
+//! End-to-end tests of both data paths: the real `lhb` binary, the real kernel, real
+//! namespaces and bridges (see lhb_tests::Lab for the topology). Every test runs once
+//! with `--mode kernel` and once with `--mode proxy` (the `both_paths!` list at the end);
+//! each owns a lab number (plus 100 for the proxy), so all run in parallel.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use lhb_tests::{
+    Lab, Lhb, Outcome, PeerEcho, bpf_ids_held_by, bpf_link_exists, bpf_program_exists, free_port,
+    http_get, ingress_programs, lhb_once, run, wait_until,
+};
+
+const T: Duration = Duration::from_secs(2);
+
+/// Declares every listed test once per data path: `kernel::name` and `proxy::name`.
+macro_rules! both_paths {
+    ($($name:ident),* $(,)?) => {
+        mod kernel {
+            $(#[test] fn $name() { super::$name(&super::KERNEL) })*
+        }
+        mod proxy {
+            $(#[test] fn $name() { super::$name(&super::PROXY) })*
+        }
+    };
+}
+
+/// One data path under test.
+struct Path {
+    mode: &'static str,
+    /// Added to each test's lab number.
+    base: u8,
+}
+
+const KERNEL: Path = Path {
+    mode: "kernel",
+    base: 0,
+};
+const PROXY: Path = Path {
+    mode: "proxy",
+    base: 100,
+};
+
+impl Path {
+    fn kernel(&self) -> bool {
+        self.mode == "kernel"
+    }
+
+    fn lab(&self, n: u8) -> Lab {
+        Lab::new(self.base + n).unwrap()
+    }
+
+    /// `lhb run --mode <this path> ARGS`.
+    fn start(&self, args: &[&str]) -> Lhb {
+        let mut all = vec!["--mode", self.mode];
+        all.extend_from_slice(args);
+        Lhb::start(&all).unwrap()
+    }
+
+    /// The source address the service sees: the container's own with the kernel path,
+    /// the proxy's loopback connection otherwise.
+    fn peer_prefix(&self, container: IpAddr) -> String {
+        if self.kernel() {
+            match container {
+                IpAddr::V4(_) => format!("peer={container}:"),
+                IpAddr::V6(_) => format!("peer=[{container}]:"),
+            }
+        } else {
+            match container {
+                IpAddr::V4(_) => "peer=127.0.0.1:".into(),
+                IpAddr::V6(_) => "peer=[::1]:".into(),
+            }
+        }
+    }
+
+    /// What a connection to a stopped service gets: a refusal in-kernel; from the proxy,
+    /// which accepted first, an immediate reset.
+    fn down(&self, o: &Outcome) -> bool {
+        *o == Outcome::Refused || (!self.kernel() && *o == Outcome::Reset)
+    }
+}
+
+fn get_from(ns: &lhb_tests::Netns, ip: IpAddr, port: u16) -> Outcome {
+    let addr = SocketAddr::new(ip, port);
+    ns.run(move || http_get(addr, T)).expect("thread in netns")
+}
+
+fn expose(lab: &Lab, spec: &str) -> String {
+    format!("{}:{spec}", lab.bridge_name())
+}
+
+fn container_reaches_loopback_service_and_it_sees_the_container_address(p: &Path) {
+    let lab = p.lab(1);
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let _lhb = p.start(&["--expose-iface", &expose(&lab, &svc.port().to_string())]);
+
+    let want = p.peer_prefix(lab.container_ip());
+    match get_from(&lab.container, lab.gateway(), svc.port()) {
+        Outcome::Served(body) => assert!(body.starts_with(&want), "{body}"),
+        other => panic!("container was not served: {other:?}"),
+    }
+    // A real client too.
+    let out = lab
+        .container
+        .command("curl")
+        .args(["-sS", "-m", "5"])
+        .arg(format!("http://{}:{}/", lab.gateway(), svc.port()))
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && body.starts_with(&want),
+        "curl: {body} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn without_lhb_the_service_is_refused(p: &Path) {
+    let lab = p.lab(2);
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    assert_eq!(
+        get_from(&lab.container, lab.gateway(), svc.port()),
+        Outcome::Refused
+    );
+}
+
+fn outside_and_neighbour_namespaces_are_refused_on_every_host_address(p: &Path) {
+    let lab = p.lab(3);
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let _lhb = p.start(&["--expose-iface", &expose(&lab, &svc.port().to_string())]);
+    // Served from the bridge, so a refusal below is the scoping at work.
+    assert!(matches!(
+        get_from(&lab.container, lab.gateway(), svc.port()),
+        Outcome::Served(_)
+    ));
+
+    let host_addrs = [
+        lab.gateway(),
+        lab.host_outside_ip(),
+        lab.neighbour_gateway(),
+    ];
+    for ip in host_addrs {
+        assert_eq!(
+            get_from(&lab.outside, ip, svc.port()),
+            Outcome::Refused,
+            "outside -> {ip}"
+        );
+        assert_eq!(
+            get_from(&lab.neighbour, ip, svc.port()),
+            Outcome::Refused,
+            "neighbour -> {ip}"
+        );
+    }
+    // From the bridge itself, only the gateway address is served.
+    for ip in [lab.host_outside_ip(), lab.neighbour_gateway()] {
+        assert_eq!(
+            get_from(&lab.container, ip, svc.port()),
+            Outcome::Refused,
+            "container -> {ip}"
+        );
+    }
+}
+
+fn gateway_port_can_map_to_another_loopback_port(p: &Path) {
+    let lab = p.lab(4);
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let outer = free_port("127.0.0.1").unwrap();
+    let spec = expose(&lab, &format!("{outer}=127.0.0.1:{}", svc.port()));
+    let _lhb = p.start(&["--expose-iface", &spec]);
+    assert!(matches!(
+        get_from(&lab.container, lab.gateway(), outer),
+        Outcome::Served(_)
+    ));
+    // The target port itself is not exposed on the gateway.
+    assert_eq!(
+        get_from(&lab.container, lab.gateway(), svc.port()),
+        Outcome::Refused
+    );
+}
+
+fn service_down_is_refused_at_once_not_timed_out(p: &Path) {
+    let lab = p.lab(5);
+    let mut svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let port = svc.port();
+    let _lhb = p.start(&["--expose-iface", &expose(&lab, &port.to_string())]);
+    assert!(matches!(
+        get_from(&lab.container, lab.gateway(), port),
+        Outcome::Served(_)
+    ));
+    svc.stop();
+    let started = Instant::now();
+    let outcome = lab
+        .container
+        .run({
+            let addr = SocketAddr::new(lab.gateway(), port);
+            move || http_get(addr, Duration::from_secs(1))
+        })
+        .unwrap();
+    assert!(p.down(&outcome), "{outcome:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // And served again once the service is back on the same port.
+    let _svc2 = PeerEcho::start(&format!("127.0.0.1:{port}")).unwrap();
+    assert!(matches!(
+        get_from(&lab.container, lab.gateway(), port),
+        Outcome::Served(_)
+    ));
+}
+
+fn a_re_created_bridge_is_served_again_within_a_second(p: &Path) {
+    let mut lab = p.lab(6);
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let lhb = p.start(&["--expose-iface", &expose(&lab, &svc.port().to_string())]);
+    assert!(matches!(
+        get_from(&lab.container, lab.gateway(), svc.port()),
+        Outcome::Served(_)
+    ));
+    let old = lab
+        .links
+        .iter()
+        .find(|l| l.name == lab.bridge_name())
+        .unwrap()
+        .ifindex()
+        .unwrap();
+
+    lab.recreate_bridge().unwrap();
+    let new = lab
+        .links
+        .iter()
+        .find(|l| l.name == lab.bridge_name())
+        .unwrap()
+        .ifindex()
+        .unwrap();
+    assert_ne!(old, new, "the bridge must really be a new one");
+    let addr = SocketAddr::new(lab.gateway(), svc.port());
+    let took = wait_until(Duration::from_secs(1), || {
+        matches!(
+            lab.container
+                .run(move || http_get(addr, Duration::from_millis(200))),
+            Ok(Outcome::Served(_))
+        )
+    });
+    assert!(
+        took.is_some(),
+        "not served within 1 s of the bridge coming back; lhb log:\n{}",
+        lhb.log()
+    );
+    eprintln!(
+        "served again {:?} after the bridge was re-created",
+        took.unwrap()
+    );
+}
+
+fn ipv6_loopback_only_listener_is_reached_through_the_ipv6_gateway(p: &Path) {
+    let lab = p.lab(7);
+    let svc = PeerEcho::start("[::1]:0").unwrap();
+    let spec = expose(&lab, &format!("{0}=[::1]:{0}", svc.port()));
+    let _lhb = p.start(&["--expose-iface", &spec]);
+    let want = p.peer_prefix(lab.container_ip6());
+    match get_from(&lab.container, lab.gateway6(), svc.port()) {
+        Outcome::Served(body) => assert!(body.starts_with(&want), "{body}"),
+        other => panic!("not served over IPv6: {other:?}"),
+    }
+}
+
+fn sigterm_detaches_everything(p: &Path) {
+    let lab = p.lab(8);
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let mut lhb = p.start(&["--expose-iface", &expose(&lab, &svc.port().to_string())]);
+    let br = lab.bridge_name();
+    let (progs, links) = bpf_ids_held_by(lhb.pid()).unwrap();
+    let listening = run("ss", &["-Hltn", &format!("sport = :{}", svc.port())]).unwrap();
+    if p.kernel() {
+        assert_eq!(
+            progs.len(),
+            2,
+            "the TC and socket-lookup programs: {progs:?}"
+        );
+        assert_eq!(
+            ingress_programs(&br).unwrap().len(),
+            1,
+            "not attached to the bridge"
+        );
+        // Nothing but the service itself listens on the port.
+        assert_eq!(listening.lines().count(), 1, "{listening}");
+    } else {
+        assert!(
+            progs.is_empty(),
+            "the proxy loads no BPF program: {progs:?}"
+        );
+        // The proxy listens on each gateway (IPv4 and IPv6), bound to the bridge device,
+        // and nowhere else.
+        let proxy: Vec<&str> = listening
+            .lines()
+            .filter(|l| !l.contains("127.0.0.1:"))
+            .collect();
+        assert_eq!(proxy.len(), 2, "{listening}");
+        assert!(
+            proxy[0].contains(&format!("{}%{br}:", lab.gateway()))
+                && proxy[1].contains(&format!("[{}]%{br}:", lab.gateway6())),
+            "not bound to the gateways on the bridge: {listening}"
+        );
+    }
+
+    let status = lhb.stop().unwrap();
+    assert!(status.success(), "exit status {status}:\n{}", lhb.log());
+    assert_eq!(ingress_programs(&br).unwrap(), Vec::<String>::new());
+    for id in progs {
+        assert!(!bpf_program_exists(id), "program {id} still loaded");
+    }
+    for id in links {
+        assert!(!bpf_link_exists(id), "link {id} still exists");
+    }
+    let listening = run("ss", &["-Hltn", &format!("sport = :{}", svc.port())]).unwrap();
+    assert_eq!(listening.lines().count(), 1, "left listening: {listening}");
+    assert_eq!(
+        get_from(&lab.container, lab.gateway(), svc.port()),
+        Outcome::Refused
+    );
+}
+
+fn redis_benchmark_through_the_gateway_has_no_errors(p: &Path) {
+    let lab = p.lab(9);
+    let port = free_port("127.0.0.1").unwrap();
+    struct Redis(std::process::Child);
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _redis = Redis(
+        std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (installed by `cargo xtask setup`)"),
+    );
+    let up = wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(up.is_some(), "redis-server did not start");
+    let _lhb = p.start(&["--expose-iface", &expose(&lab, &port.to_string())]);
+    let out = lab
+        .container
+        .command("redis-benchmark")
+        .args(["-h", &lab.gateway().to_string(), "-p", &port.to_string()])
+        .args(["-n", "100000", "-c", "20", "-t", "set,get", "--csv"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "redis-benchmark failed: {stderr}");
+    assert!(
+        !stderr.to_lowercase().contains("error") && !stdout.to_lowercase().contains("error"),
+        "errors: {stdout} {stderr}"
+    );
+    // One CSV row per test with its request rate.
+    for test in ["\"SET\"", "\"GET\""] {
+        let row = stdout.lines().find(|l| l.starts_with(test));
+        let rps: f64 = row
+            .and_then(|r| r.split(',').nth(1))
+            .and_then(|v| v.trim_matches('"').parse().ok())
+            .unwrap_or_else(|| panic!("no {test} row in: {stdout}"));
+        assert!(rps > 0.0);
+    }
+}
+
+/// Each bad input: non-zero exit, one line naming the culprit, nothing attached.
+fn bad_input_gets_a_clear_error_and_nothing_is_attached(p: &Path) {
+    let lab = p.lab(10);
+    let br = lab.bridge_name();
+    let bare_name = format!("lhbt{}bare", p.base + 10);
+    let bare = lhb_tests::bridge(&bare_name, &[]).unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec![], "no rule to serve"),
+        (
+            vec![format!("lhbt{}nosuch:80", p.base)],
+            "nosuch does not exist",
+        ),
+        (
+            vec![format!("{}:80", lab.container_veth())],
+            "is not a bridge",
+        ),
+        (vec![format!("{bare_name}:80")], "has no IP address"),
+        (vec![format!("{br}:0")], "port `0` is not in 1..=65535"),
+        (
+            vec![format!("{br}:65536")],
+            "port `65536` is not in 1..=65535",
+        ),
+        (
+            vec![format!("{br}:80=10.0.0.1:80")],
+            "is not a loopback address",
+        ),
+        (
+            vec![format!("{br}:80"), format!("{br}:80=81")],
+            "given twice",
+        ),
+    ];
+    for (specs, want) in cases {
+        let mut args = vec!["run".to_string(), "--mode".into(), p.mode.into()];
+        for s in &specs {
+            args.push("--expose-iface".into());
+            args.push(s.clone());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (status, stderr) = lhb_once(&args, &[]).unwrap();
+        assert!(!status.success(), "{specs:?} succeeded");
+        assert!(
+            stderr.contains(want),
+            "{specs:?}: want `{want}` in: {stderr}"
+        );
+        assert_eq!(
+            ingress_programs(&br).unwrap(),
+            Vec::<String>::new(),
+            "{specs:?}"
+        );
+    }
+    drop(bare);
+
+    if !p.kernel() {
+        // The proxy's own bad input: the port is taken on the gateway.
+        let taken = std::net::TcpListener::bind((lab.gateway(), 0)).unwrap();
+        let spec = format!("{br}:{}", taken.local_addr().unwrap().port());
+        let (status, stderr) =
+            lhb_once(&["run", "--mode", "proxy", "--expose-iface", &spec], &[]).unwrap();
+        assert!(!status.success());
+        assert!(stderr.contains("already in use"), "{stderr}");
+        return;
+    }
+    // Without the capabilities, the error names them (and nothing is attached).
+    let spec = format!("{br}:80");
+    let (status, stderr) = lhb_once(
+        &["run", "--mode", "kernel", "--expose-iface", &spec],
+        &[
+            "setpriv",
+            "--bounding-set",
+            "-bpf,-net_admin,-sys_admin",
+            "--",
+        ],
+    )
+    .unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("CAP_BPF") && stderr.contains("CAP_NET_ADMIN"),
+        "{stderr}"
+    );
+    assert_eq!(ingress_programs(&br).unwrap(), Vec::<String>::new());
+}
+
+fn sighup_reloads_the_config_and_a_bad_file_keeps_the_running_rules(p: &Path) {
+    let lab = p.lab(11);
+    let a = PeerEcho::start("127.0.0.1:0").unwrap();
+    let b = PeerEcho::start("127.0.0.1:0").unwrap();
+    let dir = std::env::temp_dir().join(format!("lhbt{}-{}", p.base + 11, std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("lhb.toml");
+    let rule = |port: u16| {
+        format!(
+            "[[expose]]\ninterface = \"{}\"\nport = {port}\n",
+            lab.bridge_name()
+        )
+    };
+    std::fs::write(&file, rule(a.port())).unwrap();
+    let lhb = p.start(&["--config", file.to_str().unwrap()]);
+    let served = |port| {
+        matches!(
+            get_from(&lab.container, lab.gateway(), port),
+            Outcome::Served(_)
+        )
+    };
+    assert!(served(a.port()));
+    let hup = |lhb: &Lhb| unsafe { libc::kill(lhb.pid() as i32, libc::SIGHUP) };
+
+    // A bad file: the error names the line, and the running rule keeps serving.
+    std::fs::write(&file, format!("{}colour = 1\n", rule(b.port()))).unwrap();
+    hup(&lhb);
+    let logged = wait_until(Duration::from_secs(5), || {
+        lhb.log().contains("config reload failed")
+    });
+    assert!(logged.is_some(), "{}", lhb.log());
+    assert!(
+        lhb.log().contains(":4: unknown field `colour`"),
+        "{}",
+        lhb.log()
+    );
+    assert!(served(a.port()));
+    assert!(!served(b.port()));
+
+    // A good file replaces the rules.
+    std::fs::write(&file, rule(b.port())).unwrap();
+    hup(&lhb);
+    let switched = wait_until(Duration::from_secs(5), || {
+        served(b.port()) && !served(a.port())
+    });
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(switched.is_some(), "{}", lhb.log());
+}
+
+/// A server that reads its client to EOF before it answers: only a correctly passed-on
+/// half-close gets a reply.
+fn eof_then_answer(bind: &str) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
+    let l = std::net::TcpListener::bind(bind).unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut all = Vec::new();
+        c.read_to_end(&mut all).unwrap();
+        let reply = format!("got {} bytes", all.len());
+        c.write_all(reply.as_bytes()).unwrap();
+    });
+    (addr, t)
+}
+
+fn half_close_is_passed_on_and_the_reply_still_flows(p: &Path) {
+    let lab = p.lab(12);
+    let (addr, server) = eof_then_answer("127.0.0.1:0");
+    let _lhb = p.start(&["--expose-iface", &expose(&lab, &addr.port().to_string())]);
+    let gw = SocketAddr::new(lab.gateway(), addr.port());
+    let reply = lab
+        .container
+        .run(move || {
+            let mut s = std::net::TcpStream::connect_timeout(&gw, T).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(&vec![7u8; 100_000]).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).unwrap();
+            reply
+        })
+        .unwrap();
+    server.join().unwrap();
+    assert_eq!(reply, "got 100000 bytes");
+}
+
+/// An echo server on loopback, a thread per connection, with a backlog for a burst of
+/// a thousand SYNs (std's 128 would drop them with either data path, or none).
+fn echo_server(bind: &str) -> SocketAddr {
+    let addr: SocketAddr = bind.parse().unwrap();
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
+    sock.bind(&addr.into()).unwrap();
+    sock.listen(4096).unwrap();
+    let l: std::net::TcpListener = sock.into();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn(move || {
+                    let mut r = c.try_clone().unwrap();
+                    let _ = std::io::copy(&mut r, &mut c);
+                    let _ = c.shutdown(std::net::Shutdown::Write);
+                })
+                .unwrap();
+        }
+    });
+    addr
+}
+
+fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn digest(b: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    b.hash(&mut h);
+    h.finish()
+}
+
+fn a_thousand_concurrent_connections_move_a_mebibyte_each_intact(p: &Path) {
+    const CONNS: u64 = 1000;
+    const SIZE: usize = 1 << 20;
+    let lab = p.lab(13);
+    let echo = echo_server("127.0.0.1:0");
+    let _lhb = p.start(&["--expose-iface", &expose(&lab, &echo.port().to_string())]);
+    let gw = SocketAddr::new(lab.gateway(), echo.port());
+    let bad = lab
+        .container
+        .run(move || {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..CONNS)
+                    .map(|i| {
+                        std::thread::Builder::new()
+                            .stack_size(256 * 1024)
+                            .spawn_scoped(s, move || -> Result<(), String> {
+                                let data = payload(i, SIZE);
+                                let mut c = std::net::TcpStream::connect_timeout(
+                                    &gw,
+                                    Duration::from_secs(10),
+                                )
+                                .map_err(|e| format!("connect {i}: {e}"))?;
+                                c.set_read_timeout(Some(Duration::from_secs(60))).ok();
+                                let mut w = c.try_clone().map_err(|e| e.to_string())?;
+                                let sent = digest(&data);
+                                let writer = std::thread::Builder::new()
+                                    .stack_size(64 * 1024)
+                                    .spawn(move || {
+                                        let r = w.write_all(&data);
+                                        let _ = w.shutdown(std::net::Shutdown::Write);
+                                        r
+                                    })
+                                    .map_err(|e| e.to_string())?;
+                                let mut back = Vec::with_capacity(SIZE);
+                                c.read_to_end(&mut back)
+                                    .map_err(|e| format!("read {i}: {e}"))?;
+                                writer
+                                    .join()
+                                    .map_err(|_| "writer panicked")?
+                                    .map_err(|e| format!("write {i}: {e}"))?;
+                                if back.len() != SIZE || digest(&back) != sent {
+                                    return Err(format!(
+                                        "connection {i}: {} bytes back, checksum differs",
+                                        back.len()
+                                    ));
+                                }
+                                Ok(())
+                            })
+                            .unwrap()
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .filter_map(|h| h.join().unwrap().err())
+                    .collect::<Vec<String>>()
+            })
+        })
+        .unwrap();
+    assert!(
+        bad.is_empty(),
+        "{} failed, first: {:?}",
+        bad.len(),
+        bad.first()
+    );
+}
+
+fn the_daemon_holds_no_more_fds_after_ten_thousand_connections(p: &Path) {
+    let lab = p.lab(14);
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let lhb = p.start(&["--expose-iface", &expose(&lab, &svc.port().to_string())]);
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", lhb.pid()))
+            .unwrap()
+            .count()
+    };
+    let baseline = fds();
+    let gw = SocketAddr::new(lab.gateway(), svc.port());
+    let failures: Vec<Outcome> = lab
+        .container
+        .run(move || {
+            // A generous timeout: other tests may be moving gigabytes on the same 2 CPUs.
+            (0..10_000)
+                .map(|_| http_get(gw, Duration::from_secs(10)))
+                .filter(|o| !matches!(o, Outcome::Served(_)))
+                .collect()
+        })
+        .unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    let settled = wait_until(Duration::from_secs(5), || fds() <= baseline);
+    assert!(settled.is_some(), "fds: {baseline} before, {} after", fds());
+}
+
+both_paths!(
+    container_reaches_loopback_service_and_it_sees_the_container_address,
+    without_lhb_the_service_is_refused,
+    outside_and_neighbour_namespaces_are_refused_on_every_host_address,
+    gateway_port_can_map_to_another_loopback_port,
+    service_down_is_refused_at_once_not_timed_out,
+    a_re_created_bridge_is_served_again_within_a_second,
+    ipv6_loopback_only_listener_is_reached_through_the_ipv6_gateway,
+    sigterm_detaches_everything,
+    redis_benchmark_through_the_gateway_has_no_errors,
+    bad_input_gets_a_clear_error_and_nothing_is_attached,
+    sighup_reloads_the_config_and_a_bad_file_keeps_the_running_rules,
+    half_close_is_passed_on_and_the_reply_still_flows,
+    a_thousand_concurrent_connections_move_a_mebibyte_each_intact,
+    the_daemon_holds_no_more_fds_after_ten_thousand_connections
+);
+
+/// Without CAP_BPF the kernel path cannot load: auto mode says why and serves through
+/// the proxy.
+#[test]
+fn auto_mode_falls_back_to_the_proxy_without_cap_bpf_and_serves() {
+    let lab = Lab::new(30).unwrap();
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let spec = expose(&lab, &svc.port().to_string());
+    let lhb = Lhb::start_wrapped(
+        &["setpriv", "--bounding-set", "-bpf,-sys_admin", "--"],
+        &lhb_tests::lhb_bin(),
+        &["--mode", "auto", "--expose-iface", &spec],
+    )
+    .unwrap();
+    let log = lhb.log();
+    assert!(
+        log.contains("kernel path unavailable") && log.contains("CAP_BPF"),
+        "{log}"
+    );
+    assert!(log.contains("data path: proxy"), "{log}");
+    assert!(matches!(
+        get_from(&lab.container, lab.gateway(), svc.port()),
+        Outcome::Served(_)
+    ));
+    assert!(bpf_ids_held_by(lhb.pid()).unwrap().0.is_empty());
+}
