@@ -1,10 +1,15 @@
-//! `cargo xtask bench`: the kernel path against the direct path, in one run.
+//! `cargo xtask bench`: every way to the service, side by side in one run.
 //!
-//! The direct path is the physical limit: the same server bound to the bridge's gateway
-//! address itself, no lhb involved. The kernel path is the server bound to 127.0.0.1,
-//! reached through lhb. Runs are interleaved (direct, kernel, kernel, direct, ...) and
-//! repeated, and results are reported as medians and ratios, because this machine's
-//! noise is larger than the difference being measured.
+//! - direct: the physical limit, the same server bound to the bridge's gateway itself;
+//! - kernel: lhb's kernel path to the server on 127.0.0.1;
+//! - proxy: lhb's splice proxy (`--mode proxy`) to the same server;
+//! - socat: the usual recipe, `socat TCP-LISTEN:P,bind=GW,fork,reuseaddr TCP:127.0.0.1:P`;
+//! - tokio: a plain tokio `copy_bidirectional` proxy, the baseline the splice proxy
+//!   must not fall behind.
+//!
+//! Runs are interleaved, the order rotating every repetition so a drift of the machine's
+//! speed hits every path alike, and results are medians and ratios, because this
+//! machine's noise is larger than some of the differences being measured.
 
 use std::{
     fmt::Write as _,
@@ -29,15 +34,90 @@ const RESPONSE: &[u8] = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok";
 enum Path {
     Direct,
     Kernel,
+    Proxy,
+    Socat,
+    Tokio,
 }
+
+const PATHS: [Path; 5] = [
+    Path::Direct,
+    Path::Kernel,
+    Path::Proxy,
+    Path::Socat,
+    Path::Tokio,
+];
 
 impl Path {
     fn name(self) -> &'static str {
         match self {
             Path::Direct => "direct",
             Path::Kernel => "kernel",
+            Path::Proxy => "proxy",
+            Path::Socat => "socat",
+            Path::Tokio => "tokio",
         }
     }
+}
+
+/// Where one path is reached, for the two servers (request/response and iperf3).
+struct Ports {
+    conn: SocketAddr,
+    iperf: SocketAddr,
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn socat(gw: std::net::IpAddr, port: u16, target: u16) -> anyhow::Result<Proc> {
+    Ok(Proc(
+        Command::new("socat")
+            .arg(format!("TCP-LISTEN:{port},bind={gw},fork,reuseaddr"))
+            .arg(format!("TCP:127.0.0.1:{target}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("socat (installed by `cargo xtask setup`)")?,
+    ))
+}
+
+/// The plain tokio proxy: accept, connect, `copy_bidirectional`.
+fn tokio_proxy(listen: Vec<(SocketAddr, SocketAddr)>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut bound = Vec::new();
+    for (from, to) in listen {
+        let l = rt.block_on(tokio::net::TcpListener::bind(from))?;
+        bound.push((l, to));
+    }
+    thread::spawn(move || {
+        rt.block_on(async move {
+            for (l, to) in bound {
+                tokio::spawn(async move {
+                    while let Ok((mut c, _)) = l.accept().await {
+                        tokio::spawn(async move {
+                            let Ok(mut u) = tokio::net::TcpStream::connect(to).await else {
+                                return;
+                            };
+                            let _ = c.set_nodelay(true);
+                            let _ = u.set_nodelay(true);
+                            let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                        });
+                    }
+                });
+            }
+            std::future::pending::<()>().await
+        })
+    });
+    Ok(())
 }
 
 struct Sample {
@@ -139,7 +219,13 @@ fn conn_rate(lab: &Lab, addr: SocketAddr, clients: usize, secs: f64) -> anyhow::
 }
 
 /// iperf3 throughput in Gbit/s from the container to a server bound to `bind`.
-fn iperf(lab: &Lab, bind: &str, target: SocketAddr, secs: u32) -> anyhow::Result<f64> {
+fn iperf(
+    lab: &Lab,
+    bind: &str,
+    server_port: u16,
+    target: SocketAddr,
+    secs: u32,
+) -> anyhow::Result<f64> {
     struct Server(Child);
     impl Drop for Server {
         fn drop(&mut self) {
@@ -147,7 +233,7 @@ fn iperf(lab: &Lab, bind: &str, target: SocketAddr, secs: u32) -> anyhow::Result
             let _ = self.0.wait();
         }
     }
-    let port = target.port().to_string();
+    let port = server_port.to_string();
     let _server = Server(
         Command::new("iperf3")
             .args(["-s", "-1", "-B", bind, "-p", &port])
@@ -167,7 +253,15 @@ fn iperf(lab: &Lab, bind: &str, target: SocketAddr, secs: u32) -> anyhow::Result
     let out = lab
         .container
         .command("iperf3")
-        .args(["-c", &ip, "-p", &port, "-t", &secs.to_string(), "-J"])
+        .args([
+            "-c",
+            &ip,
+            "-p",
+            &target.port().to_string(),
+            "-t",
+            &secs.to_string(),
+            "-J",
+        ])
         .output()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
@@ -191,44 +285,87 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let (reps, conn_secs, iperf_secs) = if quick { (3, 1.0, 2) } else { (5, 3.0, 5) };
     let lab = Lab::new(201)?;
     let gw = lab.gateway();
-    let direct_conn = SocketAddr::new(gw, free_port("127.0.0.1")?);
-    let kernel_conn_port = free_port("127.0.0.1")?;
-    let direct_iperf = SocketAddr::new(gw, free_port("127.0.0.1")?);
-    let kernel_iperf_port = free_port("127.0.0.1")?;
+    let at_gw =
+        || -> anyhow::Result<SocketAddr> { Ok(SocketAddr::new(gw, free_port("127.0.0.1")?)) };
+    // The loopback servers every non-direct path leads to.
+    let lo_conn = SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")?));
+    let lo_iperf = SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")?));
+    let ports = |p: Path| -> anyhow::Result<Ports> {
+        Ok(match p {
+            Path::Kernel => Ports {
+                conn: SocketAddr::new(gw, lo_conn.port()),
+                iperf: SocketAddr::new(gw, lo_iperf.port()),
+            },
+            _ => Ports {
+                conn: at_gw()?,
+                iperf: at_gw()?,
+            },
+        })
+    };
+    let addrs: Vec<(Path, Ports)> = PATHS
+        .iter()
+        .map(|&p| ports(p).map(|a| (p, a)))
+        .collect::<anyhow::Result<_>>()?;
+    let of = |p: Path| &addrs.iter().find(|(q, _)| *q == p).expect("every path").1;
 
-    let _direct_srv = TinyServer::start(direct_conn)?;
-    let _kernel_srv = TinyServer::start(SocketAddr::from(([127, 0, 0, 1], kernel_conn_port)))?;
+    let _direct_srv = TinyServer::start(of(Path::Direct).conn)?;
+    let _lo_srv = TinyServer::start(lo_conn)?;
     let release = lhb_tests::lhb_bin()
         .parent()
         .and_then(|p| p.parent())
         .map(|t| t.join("release/lhb"))
         .context("target dir")?;
     let br = lab.bridge_name();
-    let _lhb = Lhb::start_bin(
+    let k = of(Path::Kernel);
+    let _kernel = Lhb::start_bin(
         &release,
         &[
+            "--mode",
+            "kernel",
             "--expose-iface",
-            &format!("{br}:{kernel_conn_port}"),
+            &format!("{br}:{}", k.conn.port()),
             "--expose-iface",
-            &format!("{br}:{kernel_iperf_port}"),
+            &format!("{br}:{}", k.iperf.port()),
         ],
     )?;
+    let pr = of(Path::Proxy);
+    let _proxy = Lhb::start_bin(
+        &release,
+        &[
+            "--mode",
+            "proxy",
+            "--expose-iface",
+            &format!("{br}:{}={}", pr.conn.port(), lo_conn.port()),
+            "--expose-iface",
+            &format!("{br}:{}={}", pr.iperf.port(), lo_iperf.port()),
+        ],
+    )?;
+    let so = of(Path::Socat);
+    let _socat = [
+        socat(gw, so.conn.port(), lo_conn.port())?,
+        socat(gw, so.iperf.port(), lo_iperf.port())?,
+    ];
+    let to = of(Path::Tokio);
+    tokio_proxy(vec![(to.conn, lo_conn), (to.iperf, lo_iperf)])?;
+    for (p, a) in &addrs {
+        let up = wait_until(Duration::from_secs(5), || {
+            lhb_tests::run("ss", &["-Hltn", &format!("sport = :{}", a.conn.port())])
+                .map(|o| !o.trim().is_empty())
+                .unwrap_or(false)
+        });
+        up.with_context(|| format!("{} path not listening", p.name()))?;
+    }
 
     let mut samples = Vec::new();
     for rep in 1..=reps {
-        // ABBA order: a drift of the machine's speed during the run hits both paths alike.
-        let order = if rep % 2 == 1 {
-            [Path::Direct, Path::Kernel]
-        } else {
-            [Path::Kernel, Path::Direct]
-        };
+        // The order rotates every repetition: a drift of the machine's speed during the
+        // run hits every path alike.
+        let mut order = PATHS;
+        order.rotate_left((rep - 1) % PATHS.len());
         for path in order {
-            let conn = match path {
-                Path::Direct => direct_conn,
-                Path::Kernel => SocketAddr::new(gw, kernel_conn_port),
-            };
+            let a = of(path);
             for (workload, clients) in [("conn/s serial", 1), ("conn/s 8 concurrent", 8)] {
-                let v = conn_rate(&lab, conn, clients, conn_secs)?;
+                let v = conn_rate(&lab, a.conn, clients, conn_secs)?;
                 eprintln!("[{rep}/{reps}] {:<6} {workload:<22} {v:>10.0}", path.name());
                 samples.push(Sample {
                     path,
@@ -237,14 +374,15 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
                     unit: "conn/s",
                 });
             }
-            let (bind, target) = match path {
-                Path::Direct => (gw.to_string(), direct_iperf),
-                Path::Kernel => (
-                    "127.0.0.1".to_string(),
-                    SocketAddr::new(gw, kernel_iperf_port),
-                ),
+            let bind = match path {
+                Path::Direct => gw.to_string(),
+                _ => "127.0.0.1".to_string(),
             };
-            let v = iperf(&lab, &bind, target, iperf_secs)?;
+            let server_port = match path {
+                Path::Direct => a.iperf.port(),
+                _ => lo_iperf.port(),
+            };
+            let v = iperf(&lab, &bind, server_port, a.iperf, iperf_secs)?;
             eprintln!(
                 "[{rep}/{reps}] {:<6} {:<22} {v:>10.2}",
                 path.name(),
@@ -263,35 +401,22 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
 
 fn report(samples: &[Sample], reps: usize, quick: bool) -> anyhow::Result<()> {
     let mut md = String::new();
+    let names: Vec<&str> = PATHS.iter().map(|p| p.name()).collect();
     writeln!(
         md,
-        "| workload | direct (median, min-max) | kernel (median, min-max) | kernel / direct |"
+        "| workload | {} | kernel / direct | proxy / socat | proxy / tokio |",
+        names.join(" | ")
     )?;
-    writeln!(md, "|---|---|---|---|")?;
+    writeln!(md, "|---|{}---|---|---|", "---|".repeat(PATHS.len()))?;
     let mut workloads: Vec<&str> = samples.iter().map(|s| s.workload).collect();
-    workloads.dedup();
     workloads.sort();
     workloads.dedup();
     for w in workloads {
-        let cell = |p: Path| {
-            let mut v: Vec<f64> = samples
-                .iter()
-                .filter(|s| s.workload == w && s.path == p)
-                .map(|s| s.value)
-                .collect();
-            let (min, max) = (
-                v.iter().copied().fold(f64::MAX, f64::min),
-                v.iter().copied().fold(f64::MIN, f64::max),
-            );
-            (median(&mut v), min, max)
-        };
         let unit = samples
             .iter()
             .find(|s| s.workload == w)
             .map(|s| s.unit)
             .unwrap_or("");
-        let d = cell(Path::Direct);
-        let k = cell(Path::Kernel);
         let f = |x: f64| {
             if unit == "Gbit/s" {
                 format!("{x:.2}")
@@ -299,21 +424,36 @@ fn report(samples: &[Sample], reps: usize, quick: bool) -> anyhow::Result<()> {
                 format!("{x:.0}")
             }
         };
+        let stats = |p: Path| {
+            let mut v: Vec<f64> = samples
+                .iter()
+                .filter(|s| s.workload == w && s.path == p)
+                .map(|s| s.value)
+                .collect();
+            let min = v.iter().copied().fold(f64::MAX, f64::min);
+            let max = v.iter().copied().fold(f64::MIN, f64::max);
+            (median(&mut v), min, max)
+        };
+        let cells: Vec<String> = PATHS
+            .iter()
+            .map(|&p| {
+                let (m, lo, hi) = stats(p);
+                format!("{} ({}-{})", f(m), f(lo), f(hi))
+            })
+            .collect();
+        let m = |p: Path| stats(p).0;
         writeln!(
             md,
-            "| {w} ({unit}) | {} ({}-{}) | {} ({}-{}) | {:.2}x |",
-            f(d.0),
-            f(d.1),
-            f(d.2),
-            f(k.0),
-            f(k.1),
-            f(k.2),
-            k.0 / d.0
+            "| {w} ({unit}) | {} | {:.2}x | {:.2}x | {:.2}x |",
+            cells.join(" | "),
+            m(Path::Kernel) / m(Path::Direct),
+            m(Path::Proxy) / m(Path::Socat),
+            m(Path::Proxy) / m(Path::Tokio),
         )?;
     }
     writeln!(
         md,
-        "\n{reps} interleaved repetitions{}; higher is better everywhere.",
+        "\nMedian (min-max) of {reps} interleaved repetitions{}; higher is better everywhere.",
         if quick { " (--quick)" } else { "" }
     )?;
     println!("\n{md}");
