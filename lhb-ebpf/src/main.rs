@@ -150,23 +150,23 @@ fn publish_listener(ctx: &TcContext, syn: &Syn) {
         return;
     };
     let counters = COUNTERS.get_ptr_mut(rule.slot);
-    let Some(ln) = lookup_listener(ctx, syn, rule) else {
-        count(counters, |c| c.no_listener += 1);
-        return;
-    };
     let lkey = ListenerKey::of(rule);
-    // A published socket that still listens serves (it is the listener, or one of its
-    // SO_REUSEPORT group). One that stopped listening while its owner keeps the fd open
-    // stays in the hash, so it is replaced rather than trusted.
+    // The common case costs one lookup: a published socket that still listens serves
+    // (it is the listener, or one of its SO_REUSEPORT group). One that stopped
+    // listening while its owner keeps the fd open stays in the hash, so it is replaced
+    // rather than trusted. A closed one leaves the hash by itself.
     let current = unsafe { bpf_map_lookup_elem(listeners(), (&lkey as *const ListenerKey).cast()) };
     if !current.is_null() {
         let live = unsafe { (*current.cast::<bpf_sock>()).state } == BPF_TCP_LISTEN;
         unsafe { bpf_sk_release(current) };
         if live {
-            unsafe { bpf_sk_release(ln.cast()) };
             return;
         }
     }
+    let Some(ln) = lookup_listener(ctx, syn, rule) else {
+        count(counters, |c| c.no_listener += 1);
+        return;
+    };
     let ret = unsafe {
         bpf_map_update_elem(
             listeners(),

@@ -725,3 +725,52 @@ fn auto_mode_falls_back_to_the_proxy_without_cap_bpf_and_serves() {
     ));
     assert!(bpf_ids_held_by(lhb.pid()).unwrap().0.is_empty());
 }
+
+/// Past --max-connections the proxy refuses (a reset), logs it, and serves again once
+/// connections end.
+#[test]
+fn proxy_connection_limit_refuses_logs_and_recovers() {
+    let lab = Lab::new(31).unwrap();
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let spec = expose(&lab, &svc.port().to_string());
+    let lhb = Lhb::start(&[
+        "--mode",
+        "proxy",
+        "--max-connections",
+        "2",
+        "--expose-iface",
+        &spec,
+    ])
+    .unwrap();
+    let gw = SocketAddr::new(lab.gateway(), svc.port());
+    // Two connections that send nothing: the service waits for their request.
+    let held = lab
+        .container
+        .run(move || {
+            [
+                std::net::TcpStream::connect_timeout(&gw, T).unwrap(),
+                std::net::TcpStream::connect_timeout(&gw, T).unwrap(),
+            ]
+        })
+        .unwrap();
+    let refused = wait_until(Duration::from_secs(5), || {
+        get_from(&lab.container, gw.ip(), gw.port()) == Outcome::Reset
+    });
+    assert!(refused.is_some(), "a third connection was not refused");
+    assert!(
+        lhb.log().contains("connection limit (2) reached"),
+        "{}",
+        lhb.log()
+    );
+    drop(held);
+    let served = wait_until(Duration::from_secs(5), || {
+        matches!(
+            get_from(&lab.container, gw.ip(), gw.port()),
+            Outcome::Served(_)
+        )
+    });
+    assert!(
+        served.is_some(),
+        "not served again after the held connections ended"
+    );
+}

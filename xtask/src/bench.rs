@@ -281,7 +281,15 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-pub fn run(quick: bool) -> anyhow::Result<()> {
+pub fn run(quick: bool, only: &[String]) -> anyhow::Result<()> {
+    let selected: Vec<Path> = PATHS
+        .iter()
+        .copied()
+        .filter(|p| only.is_empty() || only.iter().any(|o| o == p.name()))
+        .collect();
+    if selected.is_empty() {
+        bail!("--paths names none of direct, kernel, proxy, socat, tokio");
+    }
     let (reps, conn_secs, iperf_secs) = if quick { (3, 1.0, 2) } else { (5, 3.0, 5) };
     let lab = Lab::new(201)?;
     let gw = lab.gateway();
@@ -360,8 +368,9 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     for rep in 1..=reps {
         // The order rotates every repetition: a drift of the machine's speed during the
         // run hits every path alike.
-        let mut order = PATHS;
-        order.rotate_left((rep - 1) % PATHS.len());
+        let mut order = selected.clone();
+        let n = order.len();
+        order.rotate_left((rep - 1) % n);
         for path in order {
             let a = of(path);
             for (workload, clients) in [("conn/s serial", 1), ("conn/s 8 concurrent", 8)] {
@@ -396,18 +405,18 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             });
         }
     }
-    report(&samples, reps, quick)
+    report(&samples, &selected, reps, quick)
 }
 
-fn report(samples: &[Sample], reps: usize, quick: bool) -> anyhow::Result<()> {
+fn report(samples: &[Sample], paths: &[Path], reps: usize, quick: bool) -> anyhow::Result<()> {
     let mut md = String::new();
-    let names: Vec<&str> = PATHS.iter().map(|p| p.name()).collect();
+    let names: Vec<&str> = paths.iter().map(|p| p.name()).collect();
     writeln!(
         md,
         "| workload | {} | kernel / direct | proxy / socat | proxy / tokio |",
         names.join(" | ")
     )?;
-    writeln!(md, "|---|{}---|---|---|", "---|".repeat(PATHS.len()))?;
+    writeln!(md, "|---|{}---|---|---|", "---|".repeat(paths.len()))?;
     let mut workloads: Vec<&str> = samples.iter().map(|s| s.workload).collect();
     workloads.sort();
     workloads.dedup();
@@ -434,21 +443,28 @@ fn report(samples: &[Sample], reps: usize, quick: bool) -> anyhow::Result<()> {
             let max = v.iter().copied().fold(f64::MIN, f64::max);
             (median(&mut v), min, max)
         };
-        let cells: Vec<String> = PATHS
+        let cells: Vec<String> = paths
             .iter()
             .map(|&p| {
                 let (m, lo, hi) = stats(p);
                 format!("{} ({}-{})", f(m), f(lo), f(hi))
             })
             .collect();
-        let m = |p: Path| stats(p).0;
+        // A ratio between paths that were not both run is shown as `-`.
+        let ratio = |a: Path, b: Path| {
+            if paths.contains(&a) && paths.contains(&b) {
+                format!("{:.2}x", stats(a).0 / stats(b).0)
+            } else {
+                "-".to_string()
+            }
+        };
         writeln!(
             md,
-            "| {w} ({unit}) | {} | {:.2}x | {:.2}x | {:.2}x |",
+            "| {w} ({unit}) | {} | {} | {} | {} |",
             cells.join(" | "),
-            m(Path::Kernel) / m(Path::Direct),
-            m(Path::Proxy) / m(Path::Socat),
-            m(Path::Proxy) / m(Path::Tokio),
+            ratio(Path::Kernel, Path::Direct),
+            ratio(Path::Proxy, Path::Socat),
+            ratio(Path::Proxy, Path::Tokio),
         )?;
     }
     writeln!(

@@ -41,6 +41,9 @@ enum Cmd {
         /// Shorter runs.
         #[arg(long)]
         quick: bool,
+        /// Only these paths (comma-separated: direct,kernel,proxy,socat,tokio).
+        #[arg(long, value_delimiter = ',')]
+        paths: Vec<String>,
     },
 }
 
@@ -54,10 +57,10 @@ fn main() -> ExitCode {
             .and_then(|()| require_root("the demo"))
             .and_then(|()| build())
             .and_then(|()| demo::run()),
-        Cmd::Bench { quick } => setup::run()
+        Cmd::Bench { quick, paths } => setup::run()
             .and_then(|()| require_root("the benchmark"))
             .and_then(|()| build_release())
-            .and_then(|()| bench::run(quick)),
+            .and_then(|()| bench::run(quick, &paths)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
