@@ -774,3 +774,31 @@ fn proxy_connection_limit_refuses_logs_and_recovers() {
         "not served again after the held connections ended"
     );
 }
+
+/// The attachment kernels before 6.6 get (clsact qdisc + netlink filter), forced here:
+/// it serves, and on exit the qdisc lhb created is gone with its filter.
+#[test]
+fn the_clsact_attachment_serves_and_is_removed_on_exit() {
+    let lab = Lab::new(32).unwrap();
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let spec = expose(&lab, &svc.port().to_string());
+    let mut lhb = Lhb::start_wrapped(
+        &["env", "LHB_ATTACH=clsact"],
+        &lhb_tests::lhb_bin(),
+        &["--mode", "kernel", "--expose-iface", &spec],
+    )
+    .unwrap();
+    assert!(lhb.log().contains("tc clsact"), "{}", lhb.log());
+    let br = lab.bridge_name();
+    let qdiscs = run("tc", &["qdisc", "show", "dev", &br]).unwrap();
+    assert!(qdiscs.contains("clsact"), "{qdiscs}");
+    assert!(!ingress_programs(&br).unwrap().is_empty());
+    assert!(matches!(
+        get_from(&lab.container, lab.gateway(), svc.port()),
+        Outcome::Served(_)
+    ));
+    assert!(lhb.stop().unwrap().success(), "{}", lhb.log());
+    let qdiscs = run("tc", &["qdisc", "show", "dev", &br]).unwrap();
+    assert!(!qdiscs.contains("clsact"), "left behind: {qdiscs}");
+    assert_eq!(ingress_programs(&br).unwrap(), Vec::<String>::new());
+}
