@@ -19,6 +19,7 @@ use crate::{
 pub struct Config {
     pub rules: Vec<Rule>,
     pub mode: Option<Mode>,
+    pub firewall: Option<crate::firewall::FirewallMode>,
 }
 
 #[derive(Debug, Error)]
@@ -37,6 +38,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct File {
     mode: Option<Spanned<String>>,
+    firewall: Option<Spanned<String>>,
     #[serde(default)]
     expose: Vec<Spanned<Expose>>,
 }
@@ -91,6 +93,12 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
     let mode = parsed
         .mode
         .map(|m| parse_mode(m.get_ref()).map_err(|why| invalid(Some(m.span()), why)))
+        .transpose()?;
+    let firewall = parsed
+        .firewall
+        .map(|m| {
+            crate::firewall::parse_mode(m.get_ref()).map_err(|why| invalid(Some(m.span()), why))
+        })
         .transpose()?;
     let mut rules = Vec::new();
     let mut seen: Vec<(Rule, Range<usize>)> = Vec::new();
@@ -156,7 +164,11 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         seen.push((r.clone(), span));
         rules.push(r);
     }
-    Ok(Config { rules, mode })
+    Ok(Config {
+        rules,
+        mode,
+        firewall,
+    })
 }
 
 fn port_value(p: i64) -> Option<u16> {

@@ -20,6 +20,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     caps, config,
     docker::{self, DockerView},
+    firewall::{Firewall, FirewallMode, Opening},
     kernel::KernelPath,
     netlink::Netlink,
     proxy::Proxy,
@@ -42,6 +43,8 @@ pub struct RunOptions {
     pub no_docker: bool,
     /// --mode, if given (it wins over the file's `mode`).
     pub mode: Option<Mode>,
+    /// --firewall, if given (it wins over the file's `firewall`).
+    pub firewall: Option<FirewallMode>,
     pub max_connections: usize,
 }
 
@@ -129,6 +132,7 @@ struct Daemon {
     /// None where the kernel path is not used (--mode proxy, or it could not load).
     kernel: Option<KernelPath>,
     proxy: Proxy,
+    firewall: Firewall,
     paths: Paths,
     netlink: Netlink,
     applied: Plan,
@@ -183,6 +187,7 @@ impl Daemon {
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let cfg = config::load(&opts.config)?;
     let mode = opts.mode.or(cfg.mode).unwrap_or_default();
+    let firewall_mode = opts.firewall.or(cfg.firewall).unwrap_or_default();
     let rules = combine(&opts.cli_rules, cfg.rules)?;
     if rules.is_empty() {
         return Err(StartError::NoRules {
@@ -244,11 +249,18 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         slot_map,
         kernel,
         proxy: Proxy::new(opts.max_connections, PROXY_BACKLOG),
+        firewall: Firewall::new(firewall_mode),
         paths,
         netlink,
         applied: Plan::default(),
         docker,
     };
+    let backends = d.firewall.backends();
+    if backends.is_empty() {
+        info!("firewall: none managed ({firewall_mode:?})");
+    } else {
+        info!("firewall: managing {}", backends.join(", "));
+    }
     if let Some(k) = d.kernel.as_mut() {
         for &slot in &d.slots {
             k.reset_counters(slot)?;
@@ -352,6 +364,7 @@ fn load_kernel_path() -> anyhow::Result<KernelPath> {
 
 impl Daemon {
     async fn shutdown(&mut self) {
+        self.firewall.shutdown();
         self.proxy.shutdown();
         if let Some(k) = self.kernel.as_mut() {
             k.shutdown(&self.netlink).await;
@@ -399,12 +412,39 @@ impl Daemon {
                 }
             }
         }
+        if let Err(e) = self.firewall.sync(&openings(&self.applied)) {
+            first_err.get_or_insert(e.context("firewall"));
+        }
         self.applied.states = wanted.states.clone();
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
+}
+
+/// The traffic the firewall must let in for what is applied: every served gateway port,
+/// on its bridge.
+fn openings(plan: &Plan) -> std::collections::BTreeSet<Opening> {
+    let kernel = plan.endpoints.keys().filter_map(|k| {
+        let iface = plan.attach.get(&k.ifindex)?.clone();
+        let gateway = if k.family == lhb_common::FAMILY_V4 {
+            std::net::IpAddr::from([k.addr[0], k.addr[1], k.addr[2], k.addr[3]])
+        } else {
+            std::net::IpAddr::from(k.addr)
+        };
+        Some(Opening {
+            iface,
+            gateway,
+            port: k.port,
+        })
+    });
+    let proxied = plan.proxies.keys().map(|k| Opening {
+        iface: k.bridge.clone(),
+        gateway: k.gateway,
+        port: k.port,
+    });
+    kernel.chain(proxied).collect()
 }
 
 fn serving(plan: &Plan) -> usize {

@@ -7,6 +7,7 @@ mod caps;
 mod config;
 mod daemon;
 mod docker;
+mod firewall;
 mod kernel;
 mod netlink;
 mod proxy;
@@ -63,6 +64,12 @@ enum Command {
         /// proxy elsewhere, and the log says why). Default: the config's `mode`, else auto.
         #[arg(long, value_name = "auto|kernel|proxy", value_parser = config::parse_mode)]
         mode: Option<reconcile::Mode>,
+        /// Firewall integration: where input filtering would drop the served traffic,
+        /// add an accept scoped to the bridge, gateway, TCP and port (tagged `lhb ...`,
+        /// removed on exit). `auto`: the iptables variants in use and native nftables
+        /// input chains. Default: the config's `firewall`, else auto.
+        #[arg(long, value_name = "auto|nftables|iptables|none", value_parser = firewall::parse_mode)]
+        firewall: Option<firewall::FirewallMode>,
         /// Most connections the proxy carries at once; more are refused and logged.
         #[arg(long, value_name = "N", default_value_t = 4096)]
         max_connections: usize,
@@ -109,6 +116,7 @@ fn main() -> ExitCode {
                 expose_iface,
                 no_docker,
                 mode,
+                firewall,
                 max_connections,
             } => {
                 let mut cli_rules = expose;
@@ -118,6 +126,7 @@ fn main() -> ExitCode {
                     config,
                     no_docker,
                     mode,
+                    firewall,
                     max_connections,
                 })
                 .await

@@ -1,0 +1,167 @@
+//! The iptables backend: the INPUT chain of the filter table, through the iptables
+//! binaries themselves, so that UFW's and Docker's rules (made with the same tools) stay
+//! consistent. Both variants are covered: nf_tables (`iptables`) and legacy
+//! (`iptables-legacy`, used only where legacy tables are loaded).
+
+use std::collections::BTreeSet;
+
+use super::{Backend, Opening, run};
+
+pub struct Xtables {
+    bin: &'static str,
+    v6: bool,
+}
+
+/// The iptables variants that exist and hold tables on this host.
+pub fn detect() -> Vec<Box<dyn Backend>> {
+    let mut found: Vec<Box<dyn Backend>> = Vec::new();
+    for (bin, legacy_bin, v6, proc_names) in [
+        (
+            "iptables",
+            "iptables-legacy",
+            false,
+            "/proc/net/ip_tables_names",
+        ),
+        (
+            "ip6tables",
+            "ip6tables-legacy",
+            true,
+            "/proc/net/ip6_tables_names",
+        ),
+    ] {
+        let Ok(version) = run(bin, &["-V"]) else {
+            continue;
+        };
+        found.push(Box::new(Xtables { bin, v6 }));
+        // The nf_tables variant is the default; legacy tables filter too where loaded.
+        let legacy_loaded = std::fs::read_to_string(proc_names)
+            .map(|t| t.lines().any(|l| l == "filter"))
+            .unwrap_or(false);
+        if version.contains("nf_tables") && legacy_loaded && run(legacy_bin, &["-V"]).is_ok() {
+            found.push(Box::new(Xtables {
+                bin: legacy_bin,
+                v6,
+            }));
+        }
+    }
+    found
+}
+
+impl Xtables {
+    fn input(&self) -> anyhow::Result<Vec<String>> {
+        Ok(run(self.bin, &["-w", "-S", "INPUT"])?
+            .lines()
+            .map(String::from)
+            .collect())
+    }
+
+    fn spec(o: &Opening) -> Vec<String> {
+        let tag = o.tag();
+        [
+            "-i",
+            &o.iface,
+            "-d",
+            &o.gateway.to_string(),
+            "-p",
+            "tcp",
+            "-m",
+            "tcp",
+            "--dport",
+            &o.port.to_string(),
+            "-m",
+            "comment",
+            "--comment",
+            &tag,
+            "-j",
+            "ACCEPT",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
+/// The comment of an `iptables -S` line, if any.
+fn comment(line: &str) -> Option<&str> {
+    let rest = line.split("--comment ").nth(1)?;
+    if let Some(quoted) = rest.strip_prefix('"') {
+        quoted.split('"').next()
+    } else {
+        rest.split_whitespace().next()
+    }
+}
+
+impl Backend for Xtables {
+    fn name(&self) -> String {
+        self.bin.to_string()
+    }
+
+    fn open(&mut self, o: &Opening) -> anyhow::Result<Vec<String>> {
+        if o.gateway.is_ipv6() != self.v6 {
+            return Ok(vec![]);
+        }
+        let lines = self.input()?;
+        let tag = o.tag();
+        if lines.iter().any(|l| comment(l) == Some(tag.as_str())) {
+            return Ok(vec![format!("{} INPUT", self.bin)]);
+        }
+        // Only where something could drop: a drop policy, or any rule (UFW's jumps,
+        // a DROP/REJECT). An empty chain with an accept policy lets it in already.
+        let drops = lines
+            .iter()
+            .any(|l| l.starts_with("-P INPUT") && !l.ends_with("ACCEPT"))
+            || lines.iter().any(|l| l.starts_with("-A INPUT"));
+        if !drops {
+            return Ok(vec![]);
+        }
+        let mut args = vec!["-w".to_string(), "-I".into(), "INPUT".into(), "1".into()];
+        args.extend(Self::spec(o));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(self.bin, &args)?;
+        Ok(vec![format!("{} INPUT", self.bin)])
+    }
+
+    fn close(&mut self, o: &Opening) -> anyhow::Result<()> {
+        if o.gateway.is_ipv6() != self.v6 {
+            return Ok(());
+        }
+        let tag = o.tag();
+        let count = self
+            .input()?
+            .iter()
+            .filter(|l| comment(l) == Some(tag.as_str()))
+            .count();
+        for _ in 0..count {
+            let mut args = vec!["-w".to_string(), "-D".into(), "INPUT".into()];
+            args.extend(Self::spec(o));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(self.bin, &args)?;
+        }
+        Ok(())
+    }
+
+    fn leftovers(&mut self) -> anyhow::Result<BTreeSet<Opening>> {
+        Ok(self
+            .input()?
+            .iter()
+            .filter_map(|l| comment(l).and_then(Opening::from_tag))
+            .filter(|o| o.gateway.is_ipv6() == self.v6)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::comment;
+
+    #[test]
+    fn comments_are_read_from_iptables_s_lines() {
+        let line = r#"-A INPUT -d 10.0.0.1/32 -i br0 -p tcp -m tcp --dport 80 -m comment --comment "lhb br0 10.0.0.1 80" -j ACCEPT"#;
+        assert_eq!(comment(line), Some("lhb br0 10.0.0.1 80"));
+        assert_eq!(
+            comment("-A INPUT -m comment --comment plain -j DROP"),
+            Some("plain")
+        );
+        assert_eq!(comment("-A INPUT -j ufw-before-input"), None);
+    }
+}

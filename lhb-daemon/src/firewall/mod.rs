@@ -1,0 +1,223 @@
+//! Firewall integration: where the host's input filtering would drop the traffic lhb
+//! serves (UFW, an INPUT drop policy, a drop rule, an nftables base chain that drops),
+//! lhb adds an accept rule matching only the bridge interface, the gateway address, TCP
+//! and the port, tagged as lhb's, ahead of the drop; it removes exactly that rule when the
+//! rule goes and on exit. Nothing else in the ruleset is touched.
+//!
+//! One backend per firewall tool: `iptables` (the iptables binaries, nf_tables or legacy
+//! variant: what UFW and Docker use) and `nft` (native nftables base chains). An accept in
+//! one nftables base chain does not stop another base chain from dropping, so every input
+//! chain that would drop gets its own accept.
+
+mod iptables;
+mod nft;
+
+use std::{collections::BTreeSet, fmt, net::IpAddr, process::Command};
+
+use tracing::{info, warn};
+
+/// `--firewall`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FirewallMode {
+    /// Whatever filters input on this host: the iptables variants in use, and native
+    /// nftables base chains.
+    #[default]
+    Auto,
+    Nftables,
+    Iptables,
+    None,
+}
+
+pub fn parse_mode(s: &str) -> Result<FirewallMode, String> {
+    match s {
+        "auto" => Ok(FirewallMode::Auto),
+        "nftables" => Ok(FirewallMode::Nftables),
+        "iptables" => Ok(FirewallMode::Iptables),
+        "none" => Ok(FirewallMode::None),
+        other => Err(format!(
+            "firewall `{other}` is not auto, nftables, iptables or none"
+        )),
+    }
+}
+
+/// Traffic lhb must let in: TCP to `gateway:port` arriving on `iface`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Opening {
+    pub iface: String,
+    pub gateway: IpAddr,
+    pub port: u16,
+}
+
+impl Opening {
+    /// The tag every rule of lhb carries; it names the opening, so a rule can be found
+    /// and removed (also by the next start, if this one crashed) without guessing.
+    pub fn tag(&self) -> String {
+        format!("lhb {} {} {}", self.iface, self.gateway, self.port)
+    }
+
+    /// The opening a tag names, if it is one of lhb's.
+    pub fn from_tag(tag: &str) -> Option<Opening> {
+        let mut w = tag.trim_matches('"').split_whitespace();
+        if w.next()? != "lhb" {
+            return None;
+        }
+        let o = Opening {
+            iface: w.next()?.to_string(),
+            gateway: w.next()?.parse().ok()?,
+            port: w.next()?.parse().ok()?,
+        };
+        w.next().is_none().then_some(o)
+    }
+}
+
+impl fmt::Display for Opening {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "tcp to {}:{} in on {}",
+            self.gateway, self.port, self.iface
+        )
+    }
+}
+
+/// One firewall tool.
+trait Backend: Send {
+    fn name(&self) -> String;
+    /// Adds the accept rule to every chain of this backend that would drop it; the
+    /// chains it went into.
+    fn open(&mut self, o: &Opening) -> anyhow::Result<Vec<String>>;
+    /// Removes every rule tagged for `o`.
+    fn close(&mut self, o: &Opening) -> anyhow::Result<()>;
+    /// Every opening some earlier run left behind (tagged rules).
+    fn leftovers(&mut self) -> anyhow::Result<BTreeSet<Opening>>;
+}
+
+pub struct Firewall {
+    backends: Vec<Box<dyn Backend>>,
+    held: BTreeSet<Opening>,
+}
+
+impl Firewall {
+    /// The backends `mode` asks for, among the tools this host has; leftovers of an
+    /// earlier run are removed (the rules of this run are added by `sync`).
+    pub fn new(mode: FirewallMode) -> Firewall {
+        let mut backends: Vec<Box<dyn Backend>> = Vec::new();
+        if matches!(mode, FirewallMode::Auto | FirewallMode::Iptables) {
+            backends.extend(iptables::detect());
+        }
+        if matches!(mode, FirewallMode::Auto | FirewallMode::Nftables)
+            && let Some(n) = nft::Nft::detect(mode == FirewallMode::Auto)
+        {
+            backends.push(Box::new(n));
+        }
+        let mut fw = Firewall {
+            backends,
+            held: BTreeSet::new(),
+        };
+        for b in &mut fw.backends {
+            match b.leftovers() {
+                Ok(left) => {
+                    for o in left {
+                        match b.close(&o) {
+                            Ok(()) => info!(
+                                "firewall: removed a rule an earlier lhb left ({}: {o})",
+                                b.name()
+                            ),
+                            Err(e) => warn!(
+                                "firewall: removing an earlier lhb rule ({}: {o}): {e:#}",
+                                b.name()
+                            ),
+                        }
+                    }
+                }
+                Err(e) => warn!("firewall: reading {}: {e:#}", b.name()),
+            }
+        }
+        fw
+    }
+
+    pub fn backends(&self) -> Vec<String> {
+        self.backends.iter().map(|b| b.name()).collect()
+    }
+
+    /// Brings lhb's rules to exactly `wanted`.
+    pub fn sync(&mut self, wanted: &BTreeSet<Opening>) -> anyhow::Result<()> {
+        let mut first_err = None;
+        let gone: Vec<Opening> = self.held.difference(wanted).cloned().collect();
+        for o in gone {
+            for b in &mut self.backends {
+                if let Err(e) = b.close(&o) {
+                    first_err.get_or_insert(e.context(format!("{}: removing {o}", b.name())));
+                }
+            }
+            self.held.remove(&o);
+            info!("firewall: closed {o}");
+        }
+        for o in wanted.difference(&self.held.clone()) {
+            let mut chains = Vec::new();
+            for b in &mut self.backends {
+                match b.open(o) {
+                    Ok(c) => chains.extend(c),
+                    Err(e) => {
+                        first_err.get_or_insert(e.context(format!("{}: adding {o}", b.name())));
+                    }
+                }
+            }
+            self.held.insert(o.clone());
+            if !chains.is_empty() {
+                info!("firewall: opened {o} in {}", chains.join(", "));
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes every rule lhb added.
+    pub fn shutdown(&mut self) {
+        if let Err(e) = self.sync(&BTreeSet::new()) {
+            warn!("firewall: {e:#}");
+        }
+    }
+}
+
+/// Runs a firewall tool; its stderr is the error.
+fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = tokio::task::block_in_place(|| Command::new(program).args(args).output())
+        .map_err(|e| anyhow::anyhow!("running {program}: {e}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_name_the_opening_and_nothing_else_parses() {
+        let o = Opening {
+            iface: "br-0123".into(),
+            gateway: "172.18.0.1".parse().unwrap(),
+            port: 11434,
+        };
+        assert_eq!(o.tag(), "lhb br-0123 172.18.0.1 11434");
+        assert_eq!(Opening::from_tag(&o.tag()), Some(o.clone()));
+        assert_eq!(Opening::from_tag(&format!("\"{}\"", o.tag())), Some(o));
+        for other in [
+            "lhb",
+            "ufw rule",
+            "lhb br0 x 80",
+            "lhb br0 10.0.0.1 80 extra",
+            "docker",
+        ] {
+            assert_eq!(Opening::from_tag(other), None, "{other}");
+        }
+    }
+}

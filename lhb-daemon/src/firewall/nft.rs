@@ -1,0 +1,209 @@
+//! The native nftables backend: every base chain on the input hook (ip, ip6, inet) that
+//! could drop gets lhb's accept inserted at its top. In auto mode the chains iptables-nft
+//! manages (filter/mangle/raw/security/nat tables with upper-case chain names, as UFW and
+//! Docker make them) are left to the iptables backend.
+
+use std::{
+    collections::BTreeSet,
+    io::Write as _,
+    process::{Command, Stdio},
+};
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+use super::{Backend, Opening, run};
+
+pub struct Nft {
+    skip_xtables: bool,
+}
+
+struct Chain {
+    family: String,
+    table: String,
+    name: String,
+    /// A drop policy or a rule that drops, rejects or jumps elsewhere.
+    may_drop: bool,
+}
+
+struct Rule {
+    family: String,
+    table: String,
+    chain: String,
+    handle: u64,
+    comment: Option<String>,
+}
+
+impl Nft {
+    pub fn detect(skip_xtables: bool) -> Option<Nft> {
+        run("nft", &["-j", "list", "tables"]).ok()?;
+        Some(Nft { skip_xtables })
+    }
+
+    fn ruleset(&self) -> anyhow::Result<(Vec<Chain>, Vec<Rule>)> {
+        let v: Value = serde_json::from_str(&run("nft", &["-j", "-a", "list", "ruleset"])?)
+            .context("nft -j output")?;
+        let items = v["nftables"].as_array().cloned().unwrap_or_default();
+        let mut chains = Vec::new();
+        let mut rules = Vec::new();
+        for item in &items {
+            if let Some(c) = item.get("chain") {
+                let family = c["family"].as_str().unwrap_or_default().to_string();
+                let table = c["table"].as_str().unwrap_or_default().to_string();
+                let name = c["name"].as_str().unwrap_or_default().to_string();
+                if c["hook"].as_str() != Some("input")
+                    || !matches!(family.as_str(), "ip" | "ip6" | "inet")
+                    || (self.skip_xtables && xtables_managed(&family, &table, &name))
+                {
+                    continue;
+                }
+                chains.push(Chain {
+                    may_drop: c["policy"].as_str() == Some("drop"),
+                    family,
+                    table,
+                    name,
+                });
+            } else if let Some(r) = item.get("rule") {
+                rules.push((
+                    Rule {
+                        family: r["family"].as_str().unwrap_or_default().to_string(),
+                        table: r["table"].as_str().unwrap_or_default().to_string(),
+                        chain: r["chain"].as_str().unwrap_or_default().to_string(),
+                        handle: r["handle"].as_u64().unwrap_or_default(),
+                        comment: r["comment"].as_str().map(String::from),
+                    },
+                    r["expr"].to_string(),
+                ));
+            }
+        }
+        for (r, expr) in &rules {
+            let verdict = ["\"drop\"", "\"reject\"", "\"jump\"", "\"goto\""]
+                .iter()
+                .any(|v| expr.contains(v));
+            if verdict
+                && r.comment.as_deref().and_then(Opening::from_tag).is_none()
+                && let Some(c) = chains
+                    .iter_mut()
+                    .find(|c| c.family == r.family && c.table == r.table && c.name == r.chain)
+            {
+                c.may_drop = true;
+            }
+        }
+        Ok((chains, rules.into_iter().map(|(r, _)| r).collect()))
+    }
+}
+
+/// Tables and chains as iptables-nft makes them.
+fn xtables_managed(family: &str, table: &str, chain: &str) -> bool {
+    matches!(family, "ip" | "ip6")
+        && matches!(table, "filter" | "mangle" | "raw" | "security" | "nat")
+        && chain
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c == '_' || c == '-')
+}
+
+fn nft_script(script: &str) -> anyhow::Result<()> {
+    let mut child = tokio::task::block_in_place(|| {
+        Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    })
+    .context("running nft")?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(script.as_bytes())?;
+    let out = tokio::task::block_in_place(|| child.wait_with_output())?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "nft: {}: {}",
+            script.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl Backend for Nft {
+    fn name(&self) -> String {
+        "nftables".into()
+    }
+
+    fn open(&mut self, o: &Opening) -> anyhow::Result<Vec<String>> {
+        let (chains, rules) = self.ruleset()?;
+        let tag = o.tag();
+        let v6 = o.gateway.is_ipv6();
+        let mut opened = Vec::new();
+        for c in chains.iter().filter(|c| c.may_drop) {
+            let fits = match c.family.as_str() {
+                "ip" => !v6,
+                "ip6" => v6,
+                _ => true,
+            };
+            if !fits {
+                continue;
+            }
+            let label = format!("nft {} {} {}", c.family, c.table, c.name);
+            let present = rules.iter().any(|r| {
+                r.family == c.family
+                    && r.table == c.table
+                    && r.chain == c.name
+                    && r.comment.as_deref() == Some(tag.as_str())
+            });
+            if !present {
+                let proto = if v6 { "ip6" } else { "ip" };
+                nft_script(&format!(
+                    "insert rule {} {} {} iifname \"{}\" {proto} daddr {} tcp dport {} accept comment \"{tag}\"\n",
+                    c.family, c.table, c.name, o.iface, o.gateway, o.port
+                ))?;
+            }
+            opened.push(label);
+        }
+        Ok(opened)
+    }
+
+    fn close(&mut self, o: &Opening) -> anyhow::Result<()> {
+        let (_, rules) = self.ruleset()?;
+        let tag = o.tag();
+        for r in rules
+            .iter()
+            .filter(|r| r.comment.as_deref() == Some(tag.as_str()))
+        {
+            nft_script(&format!(
+                "delete rule {} {} {} handle {}\n",
+                r.family, r.table, r.chain, r.handle
+            ))?;
+        }
+        Ok(())
+    }
+
+    fn leftovers(&mut self) -> anyhow::Result<BTreeSet<Opening>> {
+        let (chains, rules) = self.ruleset()?;
+        Ok(rules
+            .iter()
+            .filter(|r| {
+                chains
+                    .iter()
+                    .any(|c| c.family == r.family && c.table == r.table && c.name == r.chain)
+            })
+            .filter_map(|r| r.comment.as_deref().and_then(Opening::from_tag))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::xtables_managed;
+
+    #[test]
+    fn iptables_nft_chains_are_recognised() {
+        assert!(xtables_managed("ip", "filter", "INPUT"));
+        assert!(xtables_managed("ip6", "filter", "INPUT"));
+        assert!(!xtables_managed("inet", "filter", "input"));
+        assert!(!xtables_managed("ip", "myfw", "INPUT"));
+        assert!(!xtables_managed("ip", "filter", "input"));
+    }
+}

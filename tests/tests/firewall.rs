@@ -1,0 +1,143 @@
+//! lhb against real host firewalls: traffic the host would drop gets a scoped accept
+//! (container served, outside still refused), and after lhb exits the ruleset is exactly
+//! what it was (counters aside).
+//!
+//! These tests change the host's ruleset, so they run one at a time (LOCK), and every
+//! rule a test adds is scoped to its own bridge and removed by a guard.
+
+use std::{net::SocketAddr, process::Command, sync::Mutex, time::Duration};
+
+use lhb_tests::{Lab, Lhb, Outcome, PeerEcho, http_get, run};
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+/// `cmd` undone by `undo` on drop.
+struct Undo(Vec<String>);
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.0[0]).args(&self.0[1..]).status();
+    }
+}
+
+fn sh(args: &[&str]) {
+    run(args[0], &args[1..]).unwrap();
+}
+
+/// The ruleset as text, without counters (they move with any traffic).
+fn snapshot() -> String {
+    let strip = |s: String| -> String {
+        s.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| {
+                let mut out = String::new();
+                let mut words = l.split(' ').peekable();
+                while let Some(w) = words.next() {
+                    if w == "packets" || w == "bytes" {
+                        words.next();
+                        continue;
+                    }
+                    if w.starts_with('[') && w.ends_with(']') && w.contains(':') {
+                        continue;
+                    }
+                    out.push_str(w);
+                    out.push(' ');
+                }
+                out
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let ipt = run("iptables-save", &[]).unwrap_or_default();
+    let legacy = run("iptables-legacy-save", &[]).unwrap_or_default();
+    let nft = run("nft", &["list", "ruleset"]).unwrap_or_default();
+    format!("{}\n{}\n{}", strip(ipt), strip(legacy), strip(nft))
+}
+
+fn get(ns: &lhb_tests::Netns, addr: SocketAddr) -> Outcome {
+    ns.run(move || http_get(addr, Duration::from_secs(1)))
+        .unwrap()
+}
+
+/// With the host dropping the bridge's traffic: served through lhb, outside refused,
+/// ruleset restored after exit.
+fn served_through_a_dropping_firewall(lab: &Lab, mode: &str, firewall: &str) {
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let gw = SocketAddr::new(lab.gateway(), svc.port());
+    assert_eq!(
+        get(&lab.container, gw),
+        Outcome::TimedOut,
+        "the firewall under test does not drop"
+    );
+    let before = snapshot();
+    let spec = format!("{}:{}", lab.bridge_name(), svc.port());
+    let mut lhb = Lhb::start(&[
+        "--mode",
+        mode,
+        "--firewall",
+        firewall,
+        "--expose-iface",
+        &spec,
+    ])
+    .unwrap();
+    assert!(
+        lhb.log().contains("firewall: opened"),
+        "no rule added: {}",
+        lhb.log()
+    );
+    assert!(
+        matches!(get(&lab.container, gw), Outcome::Served(_)),
+        "{mode}: not served through the firewall: {}",
+        lhb.log()
+    );
+    assert!(!matches!(get(&lab.outside, gw), Outcome::Served(_)));
+    assert!(lhb.stop().unwrap().success());
+    assert_eq!(snapshot(), before, "the ruleset changed");
+}
+
+#[test]
+fn an_iptables_drop_on_the_bridge_gets_a_scoped_accept_and_is_restored() {
+    let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    for (n, mode) in [(50, "kernel"), (150, "proxy")] {
+        let lab = Lab::new(n).unwrap();
+        let br = lab.bridge_name();
+        sh(&["iptables", "-w", "-I", "INPUT", "-i", &br, "-j", "DROP"]);
+        let _undo = Undo(
+            ["iptables", "-w", "-D", "INPUT", "-i", &br, "-j", "DROP"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        );
+        served_through_a_dropping_firewall(&lab, mode, "auto");
+    }
+}
+
+#[test]
+fn a_separate_nftables_base_chain_that_drops_gets_its_own_accept() {
+    let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    for (n, mode) in [(51, "kernel"), (151, "proxy")] {
+        let lab = Lab::new(n).unwrap();
+        let table = format!("lhbt{n}fw");
+        sh(&["nft", "add", "table", "inet", &table]);
+        let _undo = Undo(
+            ["nft", "delete", "table", "inet", &table]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        );
+        sh(&[
+            "nft",
+            &format!(
+                "add chain inet {table} input {{ type filter hook input priority 10; policy accept; }}"
+            ),
+        ]);
+        sh(&[
+            "nft",
+            &format!(
+                "add rule inet {table} input iifname \"{}\" drop",
+                lab.bridge_name()
+            ),
+        ]);
+        served_through_a_dropping_firewall(&lab, mode, "auto");
+    }
+}
