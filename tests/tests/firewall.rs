@@ -141,3 +141,127 @@ fn a_separate_nftables_base_chain_that_drops_gets_its_own_accept() {
         served_through_a_dropping_firewall(&lab, mode, "auto");
     }
 }
+
+/// UFW with `default deny incoming`, enabled inside a namespace that plays the host (so
+/// the machine running the tests keeps its own firewall): a bridge, a container and an
+/// outside namespace routed to it, and lhb running in there.
+#[test]
+fn ufw_with_default_deny_incoming_serves_the_container_only() {
+    let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let conf = std::fs::read_to_string("/etc/ufw/ufw.conf").expect("ufw (cargo xtask setup)");
+    struct RestoreConf(String);
+    impl Drop for RestoreConf {
+        fn drop(&mut self) {
+            let _ = std::fs::write("/etc/ufw/ufw.conf", &self.0);
+        }
+    }
+    let _conf = RestoreConf(conf);
+
+    for (n, mode) in [(52u8, "kernel"), (152, "proxy")] {
+        let host = lhb_tests::Netns::new(&format!("lhbt{n}h")).unwrap();
+        let container = lhb_tests::Netns::new(&format!("lhbt{n}c")).unwrap();
+        let outside = lhb_tests::Netns::new(&format!("lhbt{n}o")).unwrap();
+        let h = host.name.clone();
+        let ip = |args: &[&str]| {
+            let mut all = vec!["-n", h.as_str()];
+            all.extend_from_slice(args);
+            run("ip", &all).unwrap();
+        };
+        let (gw, host_out) = (format!("10.204.{n}.1"), format!("10.205.{n}.1"));
+        ip(&["link", "add", "br0", "type", "bridge"]);
+        ip(&["addr", "add", &format!("{gw}/24"), "dev", "br0"]);
+        ip(&["link", "set", "br0", "up"]);
+        for (ns, veth, addr, route_via, master) in [
+            (
+                &container,
+                "cv",
+                format!("10.204.{n}.2/24"),
+                gw.clone(),
+                true,
+            ),
+            (
+                &outside,
+                "ov",
+                format!("10.205.{n}.2/24"),
+                host_out.clone(),
+                false,
+            ),
+        ] {
+            ip(&[
+                "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+            ]);
+            if master {
+                ip(&["link", "set", veth, "master", "br0"]);
+            } else {
+                ip(&["addr", "add", &format!("{host_out}/24"), "dev", veth]);
+            }
+            ip(&["link", "set", veth, "up"]);
+            run("ip", &["-n", &ns.name, "addr", "add", &addr, "dev", "eth0"]).unwrap();
+            run("ip", &["-n", &ns.name, "link", "set", "eth0", "up"]).unwrap();
+            run(
+                "ip",
+                &["-n", &ns.name, "route", "add", "default", "via", &route_via],
+            )
+            .unwrap();
+        }
+        let in_host = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", h.as_str()];
+            all.extend_from_slice(args);
+            run("ip", &all).unwrap()
+        };
+        in_host(&["ufw", "default", "deny", "incoming"]);
+        in_host(&["ufw", "--force", "enable"]);
+        let svc = host
+            .run(|| PeerEcho::start("127.0.0.1:0").unwrap())
+            .unwrap();
+        let target = SocketAddr::new(gw.parse().unwrap(), svc.port());
+        assert_eq!(
+            get(&container, target),
+            Outcome::TimedOut,
+            "UFW does not drop"
+        );
+        let before = in_host(&["iptables-save"]);
+        let spec = format!("br0:{}", svc.port());
+        let mut lhb = Lhb::start_wrapped(
+            &["ip", "netns", "exec", &h],
+            &lhb_tests::lhb_bin(),
+            &[
+                "--no-docker",
+                "--mode",
+                mode,
+                "--firewall",
+                "auto",
+                "--expose-iface",
+                &spec,
+            ],
+        )
+        .unwrap();
+        assert!(
+            matches!(get(&container, target), Outcome::Served(_)),
+            "{mode}: not served through UFW: {}",
+            lhb.log()
+        );
+        for addr in [
+            target,
+            SocketAddr::new(host_out.parse().unwrap(), svc.port()),
+        ] {
+            assert!(
+                !matches!(get(&outside, addr), Outcome::Served(_)),
+                "outside -> {addr}"
+            );
+        }
+        assert!(lhb.stop().unwrap().success(), "{}", lhb.log());
+        let strip = |s: String| -> Vec<String> {
+            s.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(|l| l.split(" [").next().unwrap_or(l).to_string())
+                .collect()
+        };
+        assert_eq!(
+            strip(in_host(&["iptables-save"])),
+            strip(before),
+            "{mode}: UFW's ruleset changed"
+        );
+        in_host(&["ufw", "--force", "disable"]);
+    }
+}

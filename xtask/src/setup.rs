@@ -30,6 +30,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "util-linux",
     "busybox-static",
+    "ufw",
 ];
 
 /// Applets linked in the test image: what the tests run inside containers.
