@@ -20,7 +20,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     caps, config,
     docker::{self, DockerView},
-    firewall::{Firewall, FirewallMode, Opening},
+    firewall::{Firewall, FirewallMode, FirewallTask, Opening},
     kernel::KernelPath,
     netlink::Netlink,
     proxy::Proxy,
@@ -132,7 +132,9 @@ struct Daemon {
     /// None where the kernel path is not used (--mode proxy, or it could not load).
     kernel: Option<KernelPath>,
     proxy: Proxy,
-    firewall: Firewall,
+    /// Follows the applied plan on its own (see FirewallTask); None until the first
+    /// plan is applied and the firewall matches it.
+    firewall: Option<FirewallTask>,
     paths: Paths,
     netlink: Netlink,
     applied: Plan,
@@ -249,13 +251,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         slot_map,
         kernel,
         proxy: Proxy::new(opts.max_connections, PROXY_BACKLOG),
-        firewall: Firewall::new(firewall_mode),
+        firewall: None,
         paths,
         netlink,
         applied: Plan::default(),
         docker,
     };
-    let backends = d.firewall.backends();
+    let mut firewall = Firewall::new(firewall_mode);
+    let backends = firewall.backends();
     if backends.is_empty() {
         info!("firewall: none managed ({firewall_mode:?})");
     } else {
@@ -279,6 +282,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         d.shutdown().await;
         return Err(e);
     }
+    // "Ready" means served, also through the host's firewall: the first sync is done here.
+    let opened = openings(&d.applied);
+    if let Err(e) = firewall.sync(&opened) {
+        firewall.shutdown();
+        d.shutdown().await;
+        return Err(e.context("firewall"));
+    }
+    d.firewall = Some(FirewallTask::spawn(firewall, opened));
     log_states(&d.rules, &[], &d.applied.states);
     info!(
         "ready: serving {} of {} rule(s)",
@@ -364,7 +375,9 @@ fn load_kernel_path() -> anyhow::Result<KernelPath> {
 
 impl Daemon {
     async fn shutdown(&mut self) {
-        self.firewall.shutdown();
+        if let Some(fw) = self.firewall.take() {
+            fw.shutdown().await;
+        }
         self.proxy.shutdown();
         if let Some(k) = self.kernel.as_mut() {
             k.shutdown(&self.netlink).await;
@@ -412,8 +425,8 @@ impl Daemon {
                 }
             }
         }
-        if let Err(e) = self.firewall.sync(&openings(&self.applied)) {
-            first_err.get_or_insert(e.context("firewall"));
+        if let Some(fw) = &self.firewall {
+            fw.want(openings(&self.applied));
         }
         self.applied.states = wanted.states.clone();
         match first_err {

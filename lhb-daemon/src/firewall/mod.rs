@@ -182,6 +182,62 @@ impl Firewall {
     }
 }
 
+/// The firewall as a task of its own: it follows the wanted openings, so that the data
+/// path never waits for firewall tools (each change spawns several of them, which can
+/// take seconds on a loaded host). A failed sync is retried every second.
+pub struct FirewallTask {
+    tx: tokio::sync::watch::Sender<BTreeSet<Opening>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FirewallTask {
+    /// Takes over `fw`, whose rules already match `current`.
+    pub fn spawn(mut fw: Firewall, current: BTreeSet<Opening>) -> FirewallTask {
+        let (tx, mut rx) = tokio::sync::watch::channel(current);
+        let task = tokio::spawn(async move {
+            let mut failed = false;
+            loop {
+                let changed = if failed {
+                    tokio::time::timeout(std::time::Duration::from_secs(1), rx.changed())
+                        .await
+                        .unwrap_or(Ok(()))
+                } else {
+                    rx.changed().await
+                };
+                if changed.is_err() {
+                    break;
+                }
+                let wanted = rx.borrow_and_update().clone();
+                failed = match fw.sync(&wanted) {
+                    Ok(()) => false,
+                    Err(e) => {
+                        warn!("firewall: {e:#} (retrying in 1s)");
+                        true
+                    }
+                };
+            }
+            fw.shutdown();
+        });
+        FirewallTask { tx, task }
+    }
+
+    pub fn want(&self, openings: BTreeSet<Opening>) {
+        self.tx.send_if_modified(|cur| {
+            if *cur == openings {
+                return false;
+            }
+            *cur = openings;
+            true
+        });
+    }
+
+    /// Removes every rule lhb added and ends the task.
+    pub async fn shutdown(self) {
+        drop(self.tx);
+        let _ = self.task.await;
+    }
+}
+
 /// Runs a firewall tool; its stderr is the error.
 fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = tokio::task::block_in_place(|| Command::new(program).args(args).output())
