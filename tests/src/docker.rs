@@ -14,25 +14,35 @@ use crate::{PREFIX, run};
 /// The tag changes whenever what setup puts in the image changes.
 pub const IMAGE: &str = "lhb-test-busybox:2";
 
-/// Whether the Docker tests can run. If the engine does not answer, this panics, unless
-/// `LHB_ALLOW_SKIP` lists `docker`: then it prints what is not tested and returns false.
-pub fn required(test: &str) -> bool {
-    let answers = Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
+/// `docker ARGS` succeeds (its output is not needed).
+fn docker_ok(args: &[&str]) -> bool {
+    Command::new("docker")
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .map(|s| s.success())
-        .unwrap_or(false);
-    if answers {
-        let image = Command::new("docker")
-            .args(["image", "inspect", IMAGE])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(image, "image {IMAGE} missing: run `cargo xtask setup`");
+        .unwrap_or(false)
+}
+
+/// A Docker engine answers.
+pub fn engine_answers() -> bool {
+    docker_ok(&["info", "--format", "{{.ServerVersion}}"])
+}
+
+/// The test image is present.
+pub fn image_present() -> bool {
+    docker_ok(&["image", "inspect", IMAGE])
+}
+
+/// Whether the Docker tests can run. If the engine does not answer, this panics, unless
+/// `LHB_ALLOW_SKIP` lists `docker`: then it prints what is not tested and returns false.
+pub fn required(test: &str) -> bool {
+    if engine_answers() {
+        assert!(
+            image_present(),
+            "image {IMAGE} missing: run `cargo xtask setup`"
+        );
         return true;
     }
     let allowed = std::env::var("LHB_ALLOW_SKIP")
@@ -56,11 +66,7 @@ impl DockerNet {
     /// `name` must start with the test prefix so leftovers are found.
     pub fn create(name: &str, subnet: &str) -> anyhow::Result<DockerNet> {
         assert!(name.starts_with(PREFIX));
-        let _ = Command::new("docker")
-            .args(["network", "rm", name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        docker_ok(&["network", "rm", name]);
         run("docker", &["network", "create", "--subnet", subnet, name])?;
         Ok(DockerNet {
             name: name.to_string(),
@@ -78,11 +84,7 @@ impl DockerNet {
 
 impl Drop for DockerNet {
     fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["network", "rm", &self.name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        docker_ok(&["network", "rm", &self.name]);
     }
 }
 

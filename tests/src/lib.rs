@@ -246,6 +246,15 @@ impl Lab {
     pub fn bridge_name(&self) -> String {
         format!("{PREFIX}{}br", self.n)
     }
+    /// The bridge's current ifindex (a re-created bridge has a new one).
+    pub fn bridge_ifindex(&self) -> anyhow::Result<u32> {
+        let br = self.bridge_name();
+        self.links
+            .iter()
+            .find(|l| l.name == br)
+            .context("bridge guard missing")?
+            .ifindex()
+    }
     pub fn container_veth(&self) -> String {
         format!("{PREFIX}{}cv", self.n)
     }

@@ -218,22 +218,9 @@ fn a_re_created_bridge_is_served_again_within_a_second(p: &Path) {
         get_from(&lab.container, lab.gateway(), svc.port()),
         Outcome::Served(_)
     ));
-    let old = lab
-        .links
-        .iter()
-        .find(|l| l.name == lab.bridge_name())
-        .unwrap()
-        .ifindex()
-        .unwrap();
-
+    let old = lab.bridge_ifindex().unwrap();
     lab.recreate_bridge().unwrap();
-    let new = lab
-        .links
-        .iter()
-        .find(|l| l.name == lab.bridge_name())
-        .unwrap()
-        .ifindex()
-        .unwrap();
+    let new = lab.bridge_ifindex().unwrap();
     assert_ne!(old, new, "the bridge must really be a new one");
     let addr = SocketAddr::new(lab.gateway(), svc.port());
     let took = wait_until(Duration::from_secs(1), || {

@@ -43,30 +43,13 @@ pub fn run() -> anyhow::Result<()> {
     ensure_test_image()
 }
 
-fn docker_answers() -> bool {
-    Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
 fn ensure_test_image() -> anyhow::Result<()> {
-    if !docker_answers() {
+    if !lhb_tests::docker::engine_answers() {
         // The Docker tests say so themselves, loudly; nothing to prepare here.
         return Ok(());
     }
     let image = lhb_tests::docker::IMAGE;
-    let present = Command::new("docker")
-        .args(["image", "inspect", image])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if present {
+    if lhb_tests::docker::image_present() {
         return Ok(());
     }
     println!("setup: building the local Docker image {image} from busybox-static");
