@@ -184,37 +184,58 @@ impl Firewall {
 
 /// The firewall as a task of its own: it follows the wanted openings, so that the data
 /// path never waits for firewall tools (each change spawns several of them, which can
-/// take seconds on a loaded host). A failed sync is retried every second.
+/// take seconds on a loaded host). Additions apply at once: a new rule must get through
+/// a dropping firewall quickly. Removals wait [`REMOVAL_GRACE`] and are checked against
+/// the latest wanted set then, so a bridge that is deleted and re-created with the same
+/// name, gateway and port (Docker, libvirt) costs no firewall work at all. A failed sync
+/// is retried every second.
 pub struct FirewallTask {
     tx: tokio::sync::watch::Sender<BTreeSet<Opening>>,
     task: tokio::task::JoinHandle<()>,
 }
+
+pub const REMOVAL_GRACE: std::time::Duration = std::time::Duration::from_millis(1500);
+const RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl FirewallTask {
     /// Takes over `fw`, whose rules already match `current`.
     pub fn spawn(mut fw: Firewall, current: BTreeSet<Opening>) -> FirewallTask {
         let (tx, mut rx) = tokio::sync::watch::channel(current);
         let task = tokio::spawn(async move {
-            let mut failed = false;
+            // When the next full sync (with removals) is due, if one is.
+            let mut due: Option<tokio::time::Instant> = None;
             loop {
-                let changed = if failed {
-                    tokio::time::timeout(std::time::Duration::from_secs(1), rx.changed())
-                        .await
-                        .unwrap_or(Ok(()))
-                } else {
-                    rx.changed().await
-                };
-                if changed.is_err() {
-                    break;
-                }
-                let wanted = rx.borrow_and_update().clone();
-                failed = match fw.sync(&wanted) {
-                    Ok(()) => false,
-                    Err(e) => {
-                        warn!("firewall: {e:#} (retrying in 1s)");
-                        true
+                let wake = async {
+                    match due {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
                     }
                 };
+                tokio::select! {
+                    changed = rx.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let wanted = rx.borrow_and_update().clone();
+                        let keep: BTreeSet<Opening> = fw.held.union(&wanted).cloned().collect();
+                        if let Err(e) = fw.sync(&keep) {
+                            warn!("firewall: {e:#} (retrying in {}s)", RETRY.as_secs());
+                            due = Some(tokio::time::Instant::now() + RETRY);
+                        } else if keep != wanted && due.is_none() {
+                            due = Some(tokio::time::Instant::now() + REMOVAL_GRACE);
+                        }
+                    }
+                    _ = wake => {
+                        let wanted = rx.borrow().clone();
+                        due = match fw.sync(&wanted) {
+                            Ok(()) => None,
+                            Err(e) => {
+                                warn!("firewall: {e:#} (retrying in {}s)", RETRY.as_secs());
+                                Some(tokio::time::Instant::now() + RETRY)
+                            }
+                        };
+                    }
+                }
             }
             fw.shutdown();
         });
