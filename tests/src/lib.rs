@@ -326,17 +326,19 @@ pub enum Outcome {
 
 /// One HTTP/1.0 request to `addr`, from whatever namespace the calling thread is in.
 pub fn http_get(addr: SocketAddr, timeout: Duration) -> Outcome {
-    let mut s = match TcpStream::connect_timeout(&addr, timeout) {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Outcome::Refused,
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Outcome::TimedOut,
-        Err(e) => return Outcome::Other(e.to_string()),
-    };
-    let _ = s.set_read_timeout(Some(timeout));
+    // A reset can surface at connect already (it arrived before connect's poll returned),
+    // or at the first write or read.
     let reset = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => Outcome::Reset,
         _ => Outcome::Other(e.to_string()),
     };
+    let mut s = match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Outcome::Refused,
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Outcome::TimedOut,
+        Err(e) => return reset(e),
+    };
+    let _ = s.set_read_timeout(Some(timeout));
     if let Err(e) = s.write_all(b"GET / HTTP/1.0\r\nHost: lhb\r\n\r\n") {
         return reset(e);
     }
