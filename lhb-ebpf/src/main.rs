@@ -90,14 +90,9 @@ pub fn lhb_sk_lookup(ctx: SkLookupContext) -> u32 {
 #[inline(always)]
 fn parse_syn(ctx: &TcContext) -> Option<Syn> {
     let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
-    let mut syn = Syn {
-        family: 0,
-        src: [0; 16],
-        dst: [0; 16],
-        sport: 0,
-        dport: 0,
-    };
-    let l4 = match ethertype {
+    // Every packet of every connection on the bridge passes here: find the TCP flags
+    // first, and read addresses and ports only for a SYN.
+    let (family, l4) = match ethertype {
         ETH_P_IP => {
             let vihl = ctx.load::<u8>(ETH_HLEN).ok()?;
             // A fragment carries no (or a partial) TCP header.
@@ -108,20 +103,14 @@ fn parse_syn(ctx: &TcContext) -> Option<Syn> {
             if ctx.load::<u8>(ETH_HLEN + 9).ok()? != IPPROTO_TCP {
                 return None;
             }
-            syn.family = FAMILY_V4;
-            syn.src[..4].copy_from_slice(&ctx.load::<[u8; 4]>(ETH_HLEN + 12).ok()?);
-            syn.dst[..4].copy_from_slice(&ctx.load::<[u8; 4]>(ETH_HLEN + 16).ok()?);
-            ETH_HLEN + ((vihl & 0x0f) as usize) * 4
+            (FAMILY_V4, ETH_HLEN + ((vihl & 0x0f) as usize) * 4)
         }
         ETH_P_IPV6 => {
             // Extension headers are not followed: connections to a gateway don't use them.
             if ctx.load::<u8>(ETH_HLEN + 6).ok()? != IPPROTO_TCP {
                 return None;
             }
-            syn.family = FAMILY_V6;
-            syn.src = ctx.load::<[u8; 16]>(ETH_HLEN + 8).ok()?;
-            syn.dst = ctx.load::<[u8; 16]>(ETH_HLEN + 24).ok()?;
-            ETH_HLEN + IPV6_HLEN
+            (FAMILY_V6, ETH_HLEN + IPV6_HLEN)
         }
         _ => return None,
     };
@@ -129,9 +118,21 @@ fn parse_syn(ctx: &TcContext) -> Option<Syn> {
     if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
         return None;
     }
-    // Ports stay in network byte order for the socket tuples.
-    syn.sport = ctx.load::<u16>(l4).ok()?;
-    syn.dport = ctx.load::<u16>(l4 + 2).ok()?;
+    let mut syn = Syn {
+        family,
+        src: [0; 16],
+        dst: [0; 16],
+        // Ports stay in network byte order for the socket tuples.
+        sport: ctx.load::<u16>(l4).ok()?,
+        dport: ctx.load::<u16>(l4 + 2).ok()?,
+    };
+    if family == FAMILY_V4 {
+        syn.src[..4].copy_from_slice(&ctx.load::<[u8; 4]>(ETH_HLEN + 12).ok()?);
+        syn.dst[..4].copy_from_slice(&ctx.load::<[u8; 4]>(ETH_HLEN + 16).ok()?);
+    } else {
+        syn.src = ctx.load::<[u8; 16]>(ETH_HLEN + 8).ok()?;
+        syn.dst = ctx.load::<[u8; 16]>(ETH_HLEN + 24).ok()?;
+    }
     Some(syn)
 }
 
