@@ -109,6 +109,35 @@ async fn session(tx: &watch::Sender<DockerView>, was_up: &mut bool) -> Result<()
     Ok(())
 }
 
+/// The engine's networks once, for the one-shot commands (doctor, verify).
+pub async fn snapshot(limit: Duration) -> DockerView {
+    let once = async {
+        let docker = Docker::connect_with_local_defaults()
+            .map_err(|e| e.to_string())?
+            .negotiate_version()
+            .await
+            .map_err(|e| e.to_string())?;
+        list(&docker).await
+    };
+    match tokio::time::timeout(limit, once).await {
+        Ok(Ok(networks)) => DockerView {
+            available: true,
+            problem: None,
+            networks,
+        },
+        Ok(Err(e)) => DockerView {
+            available: false,
+            problem: Some(e),
+            networks: BTreeMap::new(),
+        },
+        Err(_) => DockerView {
+            available: false,
+            problem: Some(format!("no answer within {}s", limit.as_secs())),
+            networks: BTreeMap::new(),
+        },
+    }
+}
+
 fn publish(tx: &watch::Sender<DockerView>, networks: BTreeMap<String, DockerNetwork>) {
     tx.send_if_modified(|v| {
         let new = DockerView {

@@ -237,6 +237,57 @@ impl KernelPath {
     }
 }
 
+/// What a running lhb (any instance) has in the kernel for one endpoint, read from the
+/// loaded maps and attachments; for `lhb doctor`, which runs beside the daemon.
+pub struct Inspection {
+    /// An endpoints map of some lhb holds the key.
+    pub endpoint: bool,
+    /// How `lhb_ingress` is attached to the bridge ("tcx" / "clsact"), if it is.
+    pub attached: Option<&'static str>,
+}
+
+pub fn inspect(iface: &str, key: &EndpointKey) -> anyhow::Result<Inspection> {
+    let mut endpoint = false;
+    for info in aya::maps::loaded_maps() {
+        let info = info.map_err(|e| anyhow::anyhow!("listing BPF maps: {e}"))?;
+        if info.name_as_str() != Some(ENDPOINTS_MAP) {
+            continue;
+        }
+        // The map may be gone by now (its lhb exited): skip it.
+        let Ok(data) = MapData::from_id(info.id()) else {
+            continue;
+        };
+        let map: HashMap<MapData, EndpointKey, Steer> =
+            HashMap::try_from(aya::maps::Map::HashMap(data))
+                .map_err(|e| anyhow::anyhow!("{ENDPOINTS_MAP}: {e}"))?;
+        if map.get(key, 0).is_ok() {
+            endpoint = true;
+            break;
+        }
+    }
+    let mut attached = None;
+    // Before 6.6 there is no TCX (an error here); the clsact listing below covers those.
+    if let Ok((_, progs)) = SchedClassifier::query_tcx(iface, TcAttachType::Ingress)
+        && progs
+            .iter()
+            .any(|p| p.name_as_str() == Some(INGRESS_PROGRAM))
+    {
+        attached = Some("tcx");
+    }
+    if attached.is_none() {
+        let out = std::process::Command::new("tc")
+            .args(["filter", "show", "dev", iface, "ingress"])
+            .stderr(std::process::Stdio::null())
+            .output();
+        if let Ok(out) = out
+            && String::from_utf8_lossy(&out.stdout).contains(INGRESS_PROGRAM)
+        {
+            attached = Some("clsact");
+        }
+    }
+    Ok(Inspection { endpoint, attached })
+}
+
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, KernelPathError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,

@@ -4,15 +4,18 @@
 //! This file parses the command line, sets up logging and hands over to the daemon.
 
 mod caps;
+mod check;
 mod config;
 mod daemon;
 mod docker;
+mod doctor;
 mod firewall;
 mod kernel;
 mod netlink;
 mod proxy;
 mod reconcile;
 mod rule;
+mod verify;
 
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
@@ -74,6 +77,46 @@ enum Command {
         #[arg(long, value_name = "N", default_value_t = 4096)]
         max_connections: usize,
     },
+    /// Check that each rule is served from its bridge and from nowhere else: a probe
+    /// namespace on the bridge must connect to every gateway; a namespace outside it,
+    /// routed to the host, must be refused on every host address; nothing may listen on
+    /// the port on a wildcard or non-bridge address. One PASS/FAIL line per check; exit
+    /// status 1 on any FAIL. Needs root (it creates throwaway namespaces).
+    Verify(CheckArgs),
+    /// Walk the chain a container's connection takes (Docker engine, network, bridge,
+    /// gateway, target service, data path, firewall, a live probe from the bridge) and
+    /// say for each failing step what is wrong and the fix. Works with or without a
+    /// running daemon; exit status 1 if a step failed. Needs root.
+    Doctor(CheckArgs),
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// The rule to check; without it, every rule in the config file. A rule of the file
+    /// with this source and port keeps its target; otherwise the target is TARGET, or
+    /// 127.0.0.1:PORT.
+    #[arg(value_name = "NETWORK:PORT[=TARGET]")]
+    rule: Option<String>,
+    /// NETWORK is a bridge interface name (as in --expose-iface), not a Docker network.
+    #[arg(long)]
+    iface: bool,
+    /// Config file the rules come from.
+    #[arg(long, value_name = "FILE", default_value = "/etc/lhb/lhb.toml")]
+    config: PathBuf,
+    /// Do not ask the Docker engine (interface rules only).
+    #[arg(long)]
+    no_docker: bool,
+}
+
+impl From<CheckArgs> for check::Target {
+    fn from(a: CheckArgs) -> Self {
+        check::Target {
+            config: a.config,
+            spec: a.rule,
+            iface: a.iface,
+            no_docker: a.no_docker,
+        }
+    }
 }
 
 fn parse_iface_rule(s: &str) -> Result<rule::Rule, String> {
@@ -130,11 +173,15 @@ fn main() -> ExitCode {
                     max_connections,
                 })
                 .await
+                .map(|()| true)
             }
+            Command::Verify(a) => verify::run(a.into()).await,
+            Command::Doctor(a) => doctor::run(a.into()).await,
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("lhb: error: {e:#}");
             ExitCode::FAILURE

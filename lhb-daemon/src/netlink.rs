@@ -61,6 +61,14 @@ impl Events {
 }
 
 impl Netlink {
+    /// A request socket only, for one-shot reads (doctor, verify).
+    pub fn requests() -> anyhow::Result<Netlink> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().context("opening an rtnetlink socket")?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
     /// Opens the request socket and the event subscription. Subscribing before the first
     /// snapshot means no change can fall between the two.
     pub fn connect() -> anyhow::Result<(Netlink, Events)> {

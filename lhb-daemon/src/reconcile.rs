@@ -166,7 +166,7 @@ fn host_gateway(docker: &DockerView, observed: &Observed) -> Option<IpAddr> {
 }
 
 /// The rule's bridge, its link and the gateway addresses to serve, or why there are none.
-fn bridge_of<'a>(
+pub fn bridge_of<'a>(
     rule: &Rule,
     observed: &'a Observed,
 ) -> Result<(&'a str, &'a Link, Vec<IpAddr>), String> {
@@ -242,7 +242,7 @@ fn endpoint(
     rule: &Rule,
     slot: u32,
 ) -> Result<(EndpointKey, Steer), &'static str> {
-    let (family, addr) = ip_bytes(gw);
+    let (family, _) = ip_bytes(gw);
     let (target_family, target_addr) = ip_bytes(rule.target.ip());
     if family != target_family {
         // The socket lookup hands a connection only to a socket of its own family (a
@@ -254,13 +254,7 @@ fn endpoint(
         });
     }
     Ok((
-        EndpointKey {
-            ifindex,
-            addr,
-            port: rule.port,
-            family,
-            _pad: 0,
-        },
+        endpoint_key(ifindex, gw, rule.port),
         Steer {
             target_addr,
             target_port: rule.target.port(),
@@ -269,6 +263,18 @@ fn endpoint(
             slot,
         },
     ))
+}
+
+/// The endpoints-map key of `gateway:port` on bridge `ifindex`.
+pub fn endpoint_key(ifindex: u32, gateway: IpAddr, port: u16) -> EndpointKey {
+    let (family, addr) = ip_bytes(gateway);
+    EndpointKey {
+        ifindex,
+        addr,
+        port,
+        family,
+        _pad: 0,
+    }
 }
 
 fn ip_bytes(ip: IpAddr) -> (u8, [u8; 16]) {

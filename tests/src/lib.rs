@@ -565,6 +565,21 @@ pub fn lhb_once(args: &[&str], wrapper: &[&str]) -> anyhow::Result<(ExitStatus, 
     ))
 }
 
+/// Runs a one-shot command (`lhb verify ...`, `lhb doctor ...`): (success, stdout,
+/// stderr). A test's rules never come from the host's config file.
+pub fn lhb_check(args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let out = Command::new(lhb_bin())
+        .args(args)
+        .args(no_host_config(args))
+        .stdin(Stdio::null())
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
 /// Polls `f` every 10 ms until it returns true or `limit` passes; the time it took.
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
     let start = Instant::now();

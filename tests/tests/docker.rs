@@ -13,7 +13,7 @@ use std::{
 use lhb_tests::{
     Lhb, Netns, Outcome, PeerEcho,
     docker::{self, DockerNet},
-    http_get, plug, wait_until,
+    http_get, lhb_check, plug, wait_until,
 };
 
 fn url(ip: std::net::IpAddr, port: u16) -> String {
@@ -196,4 +196,57 @@ fn fifty_networks_with_two_ports_each_reconcile() {
             assert!(body.starts_with(&format!("peer=10.231.{i}.")), "{body}");
         }
     }
+}
+
+/// The troubleshooting table's "bridge re-created" fault on a real Docker network: while
+/// it is gone doctor names it and the fix; once Docker re-creates it (new bridge, new
+/// subnet) lhb has followed and doctor and verify find nothing wrong.
+#[test]
+fn doctor_and_verify_follow_a_docker_network_through_re_creation() {
+    if !docker::required("doctor_and_verify_follow_a_docker_network...") {
+        return;
+    }
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let p = svc.port();
+    let spec = format!("lhbt-d7:{p}");
+    let net = DockerNet::create("lhbt-d7", "10.230.7.0/24").unwrap();
+    let lhb = Lhb::start(&["--expose", &spec]).unwrap();
+    let (ok, out, err) = lhb_check(&["doctor", &spec]).unwrap();
+    assert!(ok, "doctor:\n{out}{err}\n{}", lhb.log());
+    assert!(out.contains("OK    Docker engine: reachable"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "OK    Docker network lhbt-d7: exists, bridge {}",
+            net.bridge().unwrap()
+        )),
+        "{out}"
+    );
+    let (ok, out, err) = lhb_check(&["verify", &spec]).unwrap();
+    assert!(ok, "verify:\n{out}{err}\n{}", lhb.log());
+    assert!(out.contains("PASS  from the bridge: 10.230.7."), "{out}");
+
+    drop(net);
+    let (ok, out, _) = lhb_check(&["doctor", &spec]).unwrap();
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FAIL  Docker network lhbt-d7: does not exist"),
+        "{out}"
+    );
+    assert!(
+        out.contains("fix: create it (`docker network create lhbt-d7`"),
+        "{out}"
+    );
+
+    let net = DockerNet::create("lhbt-d7", "10.230.8.0/24").unwrap();
+    let mut last = String::new();
+    let healthy = wait_until(Duration::from_secs(5), || {
+        let (ok, out, _) = lhb_check(&["doctor", &spec]).unwrap();
+        last = out;
+        ok
+    });
+    assert!(healthy.is_some(), "{last}\n{}", lhb.log());
+    assert!(last.contains("OK    gateway: 10.230.8.1"), "{last}");
+    let (ok, out, _) = lhb_check(&["verify", &spec]).unwrap();
+    assert!(ok, "verify after re-creation:\n{out}");
+    drop(net);
 }

@@ -7,7 +7,7 @@
 
 use std::{net::SocketAddr, process::Command, sync::Mutex, time::Duration};
 
-use lhb_tests::{Lab, Lhb, Outcome, PeerEcho, http_get, run};
+use lhb_tests::{Lab, Lhb, Outcome, PeerEcho, http_get, lhb_check, run};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -264,4 +264,58 @@ fn ufw_with_default_deny_incoming_serves_the_container_only() {
         );
         in_host(&["ufw", "--force", "disable"]);
     }
+}
+
+/// The first row of every troubleshooting table: the host firewall drops the bridge's
+/// traffic. With lhb told not to manage it, doctor names the chain and the fix; with
+/// lhb managing it, doctor and verify find nothing wrong.
+#[test]
+fn doctor_names_a_dropping_firewall_and_its_fix() {
+    let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let lab = Lab::new(53).unwrap();
+    let br = lab.bridge_name();
+    sh(&["iptables", "-w", "-I", "INPUT", "-i", &br, "-j", "DROP"]);
+    let _undo = Undo(
+        ["iptables", "-w", "-D", "INPUT", "-i", &br, "-j", "DROP"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    );
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let spec = format!("{br}:{}", svc.port());
+    let gw = SocketAddr::new(lab.gateway(), svc.port());
+
+    let mut lhb = Lhb::start(&["--firewall", "none", "--expose-iface", &spec]).unwrap();
+    let (ok, out, _) = lhb_check(&["doctor", "--iface", &spec]).unwrap();
+    assert!(!ok, "{out}");
+    for line in [
+        "FAIL  firewall: drops the traffic: iptables INPUT".to_string(),
+        "fix: let lhb manage it (`--firewall auto`".to_string(),
+        format!(
+            "iptables -I INPUT -i {br} -d {} -p tcp --dport {} -j ACCEPT",
+            gw.ip(),
+            gw.port()
+        ),
+        format!("-> {gw}: no answer (dropped)"),
+        "fix: the firewall drops it".to_string(),
+    ] {
+        assert!(out.contains(&line), "no `{line}` in:\n{out}");
+    }
+    let (ok, out, _) = lhb_check(&["verify", "--iface", &spec]).unwrap();
+    assert!(!ok, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL  from the bridge: 10.201.53.")
+                && l.ends_with(&format!(" on {br} -> {gw}: no answer (dropped)"))),
+        "{out}"
+    );
+    assert!(lhb.stop().unwrap().success());
+
+    let mut lhb = Lhb::start(&["--firewall", "auto", "--expose-iface", &spec]).unwrap();
+    let (ok, out, err) = lhb_check(&["doctor", "--iface", &spec]).unwrap();
+    assert!(ok, "{out}{err}\n{}", lhb.log());
+    assert!(out.contains("OK    firewall:"), "{out}");
+    let (ok, out, _) = lhb_check(&["verify", "--iface", &spec]).unwrap();
+    assert!(ok, "{out}");
+    assert!(lhb.stop().unwrap().success());
 }

@@ -132,7 +132,7 @@ fn test() -> anyhow::Result<()> {
 }
 
 /// Fails if a test left a namespace, a link or a Docker network behind (names start
-/// with lhbt).
+/// with lhbt), or `lhb verify` / `lhb doctor` left a probe (lhb-probe-*, lhbp*).
 fn leftovers() -> anyhow::Result<()> {
     let netns = lhb_tests::run("ip", &["netns", "list"])?;
     let links = lhb_tests::run("ip", &["-br", "link", "show"])?;
@@ -143,7 +143,9 @@ fn leftovers() -> anyhow::Result<()> {
         .lines()
         .chain(links.lines())
         .chain(networks.lines())
-        .filter(|l| l.starts_with(lhb_tests::PREFIX))
+        .filter(|l| {
+            l.starts_with(lhb_tests::PREFIX) || l.starts_with("lhb-probe-") || l.starts_with("lhbp")
+        })
         .collect();
     if !left.is_empty() {
         bail!(

@@ -91,6 +91,22 @@ fn comment(line: &str) -> Option<&str> {
     }
 }
 
+/// Why INPUT may drop, if it may: a drop policy, or any rule (UFW's jumps, a
+/// DROP/REJECT). An empty chain with an accept policy lets everything in already.
+fn may_drop(lines: &[String]) -> Option<String> {
+    let policy = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("-P INPUT "))
+        .filter(|p| *p != "ACCEPT");
+    let rules = lines.iter().filter(|l| l.starts_with("-A INPUT")).count();
+    match (policy, rules) {
+        (None, 0) => None,
+        (Some(p), 0) => Some(format!("policy {p}")),
+        (None, n) => Some(format!("{n} rule(s) that may drop or jump")),
+        (Some(p), n) => Some(format!("policy {p}, {n} rule(s)")),
+    }
+}
+
 impl Backend for Xtables {
     fn name(&self) -> String {
         self.bin.to_string()
@@ -105,13 +121,7 @@ impl Backend for Xtables {
         if lines.iter().any(|l| comment(l) == Some(tag.as_str())) {
             return Ok(vec![format!("{} INPUT", self.bin)]);
         }
-        // Only where something could drop: a drop policy, or any rule (UFW's jumps,
-        // a DROP/REJECT). An empty chain with an accept policy lets it in already.
-        let drops = lines
-            .iter()
-            .any(|l| l.starts_with("-P INPUT") && !l.ends_with("ACCEPT"))
-            || lines.iter().any(|l| l.starts_with("-A INPUT"));
-        if !drops {
+        if may_drop(&lines).is_none() {
             return Ok(vec![]);
         }
         let mut args = vec!["-w".to_string(), "-I".into(), "INPUT".into(), "1".into()];
@@ -138,6 +148,21 @@ impl Backend for Xtables {
             run(self.bin, &args)?;
         }
         Ok(())
+    }
+
+    fn blockers(&mut self, o: &Opening) -> anyhow::Result<Vec<String>> {
+        if o.gateway.is_ipv6() != self.v6 {
+            return Ok(vec![]);
+        }
+        let lines = self.input()?;
+        let tag = o.tag();
+        if lines.iter().any(|l| comment(l) == Some(tag.as_str())) {
+            return Ok(vec![]);
+        }
+        Ok(may_drop(&lines)
+            .map(|why| format!("{} INPUT ({why})", self.bin))
+            .into_iter()
+            .collect())
     }
 
     fn leftovers(&mut self) -> anyhow::Result<BTreeSet<Opening>> {

@@ -90,6 +90,9 @@ trait Backend: Send {
     fn close(&mut self, o: &Opening) -> anyhow::Result<()>;
     /// Every opening some earlier run left behind (tagged rules).
     fn leftovers(&mut self) -> anyhow::Result<BTreeSet<Opening>>;
+    /// The chains of this backend that may drop `o` and hold no accept of lhb's for it,
+    /// each with why it may drop. Read only.
+    fn blockers(&mut self, o: &Opening) -> anyhow::Result<Vec<String>>;
 }
 
 pub struct Firewall {
@@ -101,6 +104,13 @@ impl Firewall {
     /// The backends `mode` asks for, among the tools this host has; leftovers of an
     /// earlier run are removed (the rules of this run are added by `sync`).
     pub fn new(mode: FirewallMode) -> Firewall {
+        let mut fw = Firewall::detect(mode);
+        fw.remove_leftovers();
+        fw
+    }
+
+    /// The backends `mode` asks for, among the tools this host has; nothing is changed.
+    pub fn detect(mode: FirewallMode) -> Firewall {
         let mut backends: Vec<Box<dyn Backend>> = Vec::new();
         if matches!(mode, FirewallMode::Auto | FirewallMode::Iptables) {
             backends.extend(iptables::detect());
@@ -110,11 +120,14 @@ impl Firewall {
         {
             backends.push(Box::new(n));
         }
-        let mut fw = Firewall {
+        Firewall {
             backends,
             held: BTreeSet::new(),
-        };
-        for b in &mut fw.backends {
+        }
+    }
+
+    fn remove_leftovers(&mut self) {
+        for b in &mut self.backends {
             match b.leftovers() {
                 Ok(left) => {
                     for o in left {
@@ -133,7 +146,15 @@ impl Firewall {
                 Err(e) => warn!("firewall: reading {}: {e:#}", b.name()),
             }
         }
-        fw
+    }
+
+    /// Where `o` may be dropped: chains that may drop it and hold no accept for it.
+    pub fn blockers(&mut self, o: &Opening) -> anyhow::Result<Vec<String>> {
+        let mut all = Vec::new();
+        for b in &mut self.backends {
+            all.extend(b.blockers(o)?);
+        }
+        Ok(all)
     }
 
     pub fn backends(&self) -> Vec<String> {

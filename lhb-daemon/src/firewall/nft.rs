@@ -93,6 +93,15 @@ impl Nft {
     }
 }
 
+/// Whether chain `c` sees `o`'s address family.
+fn fits(c: &Chain, o: &Opening) -> bool {
+    match c.family.as_str() {
+        "ip" => o.gateway.is_ipv4(),
+        "ip6" => o.gateway.is_ipv6(),
+        _ => true,
+    }
+}
+
 /// Tables and chains as iptables-nft makes them.
 fn xtables_managed(family: &str, table: &str, chain: &str) -> bool {
     matches!(family, "ip" | "ip6")
@@ -137,15 +146,7 @@ impl Backend for Nft {
         let tag = o.tag();
         let v6 = o.gateway.is_ipv6();
         let mut opened = Vec::new();
-        for c in chains.iter().filter(|c| c.may_drop) {
-            let fits = match c.family.as_str() {
-                "ip" => !v6,
-                "ip6" => v6,
-                _ => true,
-            };
-            if !fits {
-                continue;
-            }
+        for c in chains.iter().filter(|c| c.may_drop && fits(c, o)) {
             let label = format!("nft {} {} {}", c.family, c.table, c.name);
             let present = rules.iter().any(|r| {
                 r.family == c.family
@@ -178,6 +179,24 @@ impl Backend for Nft {
             ))?;
         }
         Ok(())
+    }
+
+    fn blockers(&mut self, o: &Opening) -> anyhow::Result<Vec<String>> {
+        let (chains, rules) = self.ruleset()?;
+        let tag = o.tag();
+        Ok(chains
+            .iter()
+            .filter(|c| c.may_drop && fits(c, o))
+            .filter(|c| {
+                !rules.iter().any(|r| {
+                    r.family == c.family
+                        && r.table == c.table
+                        && r.chain == c.name
+                        && r.comment.as_deref() == Some(tag.as_str())
+                })
+            })
+            .map(|c| format!("nft {} {} {} (input hook)", c.family, c.table, c.name))
+            .collect())
     }
 
     fn leftovers(&mut self) -> anyhow::Result<BTreeSet<Opening>> {

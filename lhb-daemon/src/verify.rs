@@ -1,0 +1,219 @@
+//! `lhb verify`: the "must succeed / must fail" security check, automated. For each
+//! rule: a probe namespace on the rule's bridge must connect to every gateway; a probe
+//! namespace outside every bridge, routed to the host, must not connect on the port to
+//! any address the host has; and nothing may listen on the port (or the target's port)
+//! on a wildcard address or on an address not tied to its bridge.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use crate::{
+    check::{self, Outcome, ProbeNs, Target},
+    reconcile::{self, Observed},
+    rule::Rule,
+};
+
+const BRIDGE_TIMEOUT: Duration = Duration::from_secs(2);
+const OUTSIDE_TIMEOUT: Duration = Duration::from_secs(1);
+
+struct Report {
+    failed: usize,
+    passed: usize,
+}
+
+impl Report {
+    fn line(&mut self, ok: bool, what: impl AsRef<str>) {
+        if ok {
+            self.passed += 1;
+            println!("PASS  {}", what.as_ref());
+        } else {
+            self.failed += 1;
+            println!("FAIL  {}", what.as_ref());
+        }
+    }
+}
+
+/// True if every check passed.
+pub async fn run(t: Target) -> anyhow::Result<bool> {
+    let rules = check::rules(&t)?;
+    let observed = check::observe(t.no_docker || !check::needs_docker(&rules)).await?;
+    let mut r = Report {
+        failed: 0,
+        passed: 0,
+    };
+    for rule in &rules {
+        println!("{rule}");
+        verify_rule(rule, &observed, &mut r)?;
+    }
+    println!(
+        "{} passed, {} failed{}",
+        r.passed,
+        r.failed,
+        if r.failed > 0 {
+            ": the rule is not served as it must be, or the service is reachable from elsewhere"
+        } else {
+            ""
+        }
+    );
+    Ok(r.failed == 0)
+}
+
+fn verify_rule(rule: &Rule, observed: &Observed, r: &mut Report) -> anyhow::Result<()> {
+    let (bridge, gateways) = match reconcile::bridge_of(rule, observed) {
+        Ok((bridge, _, gateways)) => (bridge.to_string(), gateways),
+        Err(why) => {
+            r.line(
+                false,
+                format!("cannot check {rule}: {why} (`lhb doctor` says more)"),
+            );
+            // The exposure checks below need no bridge.
+            check_outside(rule, observed, &[], r)?;
+            check_listeners(rule, observed, r)?;
+            return Ok(());
+        }
+    };
+
+    // The probe takes one address per family next to the bridge's own.
+    let own = check::prefixes(&bridge)?;
+    let mut nets: Vec<(IpAddr, u8)> = Vec::new();
+    for gw in &gateways {
+        if let Some(p) = own.iter().find(|(a, _)| a.is_ipv4() == gw.is_ipv4())
+            && !nets.iter().any(|(a, _)| a.is_ipv4() == gw.is_ipv4())
+        {
+            nets.push(*p);
+        }
+    }
+    let probe = ProbeNs::on_bridge(&bridge, &nets)?;
+    for &gw in &gateways {
+        let to = SocketAddr::new(gw, rule.port);
+        let from = probe
+            .addrs
+            .iter()
+            .find(|a| a.is_ipv4() == gw.is_ipv4())
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "a probe".into());
+        let o = probe.connect(to, BRIDGE_TIMEOUT);
+        let line = format!(
+            "from the bridge: {from} on {bridge} -> {to}: {}",
+            o.describe()
+        );
+        if o != Outcome::Served && gw.is_ipv4() != rule.target.is_ipv4() {
+            // `--mode kernel` leaves these out on purpose (the daemon logs it).
+            println!("SKIP  {line}: {}", check::CROSS_FAMILY);
+            continue;
+        }
+        r.line(o == Outcome::Served, line);
+    }
+    drop(probe);
+    check_outside(rule, observed, &gateways, r)?;
+    check_listeners(rule, observed, r)
+}
+
+/// Outside the bridge, the port must not answer on any host address. The rule's
+/// gateways get a line each; the rest of the host's addresses share one line unless
+/// one of them answers.
+fn check_outside(
+    rule: &Rule,
+    observed: &Observed,
+    gateways: &[IpAddr],
+    r: &mut Report,
+) -> anyhow::Result<()> {
+    let mut addrs = check::host_addresses(observed);
+    for g in gateways {
+        if !addrs.contains(g) {
+            addrs.push(*g);
+        }
+    }
+    if addrs.is_empty() {
+        return Ok(());
+    }
+    let outside = ProbeNs::outside(addrs.iter().any(IpAddr::is_ipv6))?;
+    let targets: Vec<SocketAddr> = addrs
+        .iter()
+        .map(|a| SocketAddr::new(*a, rule.port))
+        .collect();
+    let outcomes = outside.connect_all(&targets, OUTSIDE_TIMEOUT);
+    let mut others = 0;
+    for (to, o) in targets.iter().zip(&outcomes) {
+        let reachable = *o == Outcome::Served || *o == Outcome::Reset;
+        if gateways.contains(&to.ip()) || reachable {
+            r.line(
+                !reachable,
+                format!(
+                    "from outside the bridge -> {to}: {}{}",
+                    o.describe(),
+                    if reachable {
+                        ": reachable from other interfaces"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+        } else {
+            others += 1;
+        }
+    }
+    if others > 0 {
+        r.line(
+            true,
+            format!(
+                "from outside the bridge -> port {} on the host's {others} other address(es): not reachable",
+                rule.port
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Listening on the port (or the target's port) is fine on loopback, and on a bridge's
+/// own address when bound to that bridge (the proxy). Anything else takes connections
+/// from other interfaces too.
+fn check_listeners(rule: &Rule, observed: &Observed, r: &mut Report) -> anyhow::Result<()> {
+    let mut ports = vec![rule.port];
+    if rule.target.port() != rule.port {
+        ports.push(rule.target.port());
+    }
+    for port in ports {
+        let all = check::listeners(port)?;
+        let mut fine = Vec::new();
+        let mut bad = 0;
+        for l in &all {
+            let ip = l.addr.ip();
+            let bound_to_its_bridge = l.dev.as_ref().is_some_and(|d| {
+                observed
+                    .links
+                    .get(d)
+                    .is_some_and(|link| link.is_bridge && link.addrs.contains(&ip))
+            });
+            if ip.is_loopback() || bound_to_its_bridge {
+                fine.push(l.describe());
+                continue;
+            }
+            bad += 1;
+            let why = if l.is_wildcard() {
+                "a wildcard address takes connections from every interface; bind the service to 127.0.0.1 (or ::1)"
+            } else if check::is_bridge_address(observed, ip) {
+                "a bridge address not bound to its bridge is reachable from other interfaces by routing"
+            } else {
+                "an address outside any bridge"
+            };
+            r.line(false, format!("listening on {}: {why}", l.describe()));
+        }
+        if bad == 0 {
+            r.line(
+                true,
+                format!(
+                    "port {port}: no listener on a wildcard or non-bridge address{}",
+                    if fine.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (listening: {})", fine.join(", "))
+                    }
+                ),
+            );
+        }
+    }
+    Ok(())
+}
