@@ -767,8 +767,12 @@ fn proxy_connection_limit_refuses_logs_and_recovers() {
         get_from(&lab.container, gw.ip(), gw.port()) == Outcome::Reset
     });
     assert!(refused.is_some(), "a third connection was not refused");
+    // The log line is written after the reset goes out: give it a moment.
     assert!(
-        lhb.log().contains("connection limit (2) reached"),
+        wait_until(Duration::from_secs(2), || lhb
+            .log()
+            .contains("connection limit (2) reached"))
+        .is_some(),
         "{}",
         lhb.log()
     );
