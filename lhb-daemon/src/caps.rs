@@ -5,6 +5,7 @@ use std::fs;
 
 pub const CAP_NET_ADMIN: u32 = 12;
 pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_PERFMON: u32 = 38;
 pub const CAP_BPF: u32 = 39;
 
 /// The effective capability set of this process.
@@ -28,6 +29,10 @@ pub fn missing_for_kernel_path(eff: u64) -> Vec<&'static str> {
     if !has(CAP_NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");
     }
+    // Measured: without it the verifier refuses the socket helpers' pointer handling.
+    if !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON");
+    }
     missing
 }
 
@@ -37,11 +42,25 @@ mod tests {
 
     #[test]
     fn names_each_missing_capability() {
-        let all = (1u64 << CAP_BPF) | (1u64 << CAP_NET_ADMIN);
+        let p = 1u64 << CAP_PERFMON;
+        let all = (1u64 << CAP_BPF) | (1u64 << CAP_NET_ADMIN) | p;
         assert!(missing_for_kernel_path(all).is_empty());
         assert!(missing_for_kernel_path((1 << CAP_SYS_ADMIN) | (1 << CAP_NET_ADMIN)).is_empty());
-        assert_eq!(missing_for_kernel_path(1 << CAP_NET_ADMIN), vec!["CAP_BPF"]);
-        assert_eq!(missing_for_kernel_path(1 << CAP_BPF), vec!["CAP_NET_ADMIN"]);
-        assert_eq!(missing_for_kernel_path(0), vec!["CAP_BPF", "CAP_NET_ADMIN"]);
+        assert_eq!(
+            missing_for_kernel_path((1 << CAP_NET_ADMIN) | p),
+            vec!["CAP_BPF"]
+        );
+        assert_eq!(
+            missing_for_kernel_path((1 << CAP_BPF) | p),
+            vec!["CAP_NET_ADMIN"]
+        );
+        assert_eq!(
+            missing_for_kernel_path((1 << CAP_BPF) | (1 << CAP_NET_ADMIN)),
+            vec!["CAP_PERFMON"]
+        );
+        assert_eq!(
+            missing_for_kernel_path(0),
+            vec!["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"]
+        );
     }
 }

@@ -20,6 +20,8 @@ pub struct Config {
     pub rules: Vec<Rule>,
     pub mode: Option<Mode>,
     pub firewall: Option<crate::firewall::FirewallMode>,
+    /// `metrics =`: where the Prometheus endpoint is served.
+    pub metrics: Option<crate::control::MetricsAddr>,
 }
 
 #[derive(Debug, Error)]
@@ -39,6 +41,7 @@ pub enum ConfigError {
 struct File {
     mode: Option<Spanned<String>>,
     firewall: Option<Spanned<String>>,
+    metrics: Option<Spanned<String>>,
     #[serde(default)]
     expose: Vec<Spanned<Expose>>,
 }
@@ -98,6 +101,12 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         .firewall
         .map(|m| {
             crate::firewall::parse_mode(m.get_ref()).map_err(|why| invalid(Some(m.span()), why))
+        })
+        .transpose()?;
+    let metrics = parsed
+        .metrics
+        .map(|m| {
+            crate::control::parse_metrics(m.get_ref()).map_err(|why| invalid(Some(m.span()), why))
         })
         .transpose()?;
     let mut rules = Vec::new();
@@ -168,6 +177,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         rules,
         mode,
         firewall,
+        metrics,
     })
 }
 

@@ -18,14 +18,17 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    caps, config,
+    caps, config, control,
     docker::{self, DockerView},
     firewall::{Firewall, FirewallMode, FirewallTask, Opening},
     kernel::KernelPath,
     netlink::Netlink,
+    notify::Notifier,
+    persist,
     proxy::Proxy,
     reconcile::{self, Mode, Observed, Paths, Plan, RuleState},
     rule::{self, Rule, Source},
+    status::{self, Status},
 };
 
 /// Events arriving in a burst (a bridge and its address, a veth and its port) are
@@ -46,6 +49,8 @@ pub struct RunOptions {
     /// --firewall, if given (it wins over the file's `firewall`).
     pub firewall: Option<FirewallMode>,
     pub max_connections: usize,
+    /// The control socket (`lhb status`, `lhb expose`, `lhb unexpose`).
+    pub control: PathBuf,
 }
 
 /// Listen backlog of proxy sockets: connection bursts wait in the kernel, not refused.
@@ -58,7 +63,7 @@ pub enum StartError {
     )]
     NoRules { config: String },
     #[error(
-        "missing capability {caps}: the kernel data path needs CAP_BPF and CAP_NET_ADMIN (run lhb as root, or grant them, e.g. AmbientCapabilities=CAP_BPF CAP_NET_ADMIN in its unit)",
+        "missing capability {caps}: the kernel data path needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (run lhb as root, or grant them, e.g. AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON in its unit; `lhb unit print` has them)",
         caps = .0.join(" and ")
     )]
     MissingCapabilities(Vec<&'static str>),
@@ -126,7 +131,21 @@ impl Slots {
 }
 
 struct Daemon {
+    /// What is served: `cli_rules` + `file_rules` + `runtime_rules`, less `removed`.
     rules: Vec<Rule>,
+    cli_rules: Vec<Rule>,
+    file_rules: Vec<Rule>,
+    /// `lhb expose` without --persist: until the next start.
+    runtime_rules: Vec<Rule>,
+    /// `lhb unexpose` without --persist of a command-line or file rule.
+    removed: Vec<(Source, u16)>,
+    config_path: PathBuf,
+    reconcile_events: u64,
+    last_error: Option<String>,
+    kernel_unavailable: Option<String>,
+    firewall_backends: Vec<String>,
+    firewall_chains: crate::firewall::HeldChains,
+    notifier: Notifier,
     slots: Vec<u32>,
     slot_map: Slots,
     /// None where the kernel path is not used (--mode proxy, or it could not load).
@@ -160,14 +179,54 @@ impl Daemon {
         let wanted = reconcile::plan(&self.rules, &self.slots, &observed, self.paths);
         let before = std::mem::take(&mut self.applied.states);
         let failed = match self.apply(&wanted).await {
-            Ok(()) => false,
+            Ok(()) => {
+                self.last_error = None;
+                false
+            }
             Err(e) => {
                 error!("{e:#} (retrying in {}s)", RETRY.as_secs());
+                self.last_error = Some(format!("{e:#}"));
                 true
             }
         };
-        log_states(&self.rules, &before, &self.applied.states);
+        if log_states(&self.rules, &before, &self.applied.states) {
+            self.notifier.status(&self.summary());
+        }
         failed
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "serving {} of {} rule(s)",
+            serving(&self.applied),
+            self.rules.len()
+        )
+    }
+
+    /// The rule set from its parts; an error (duplicate) leaves it as it was.
+    fn combine_all(&self) -> anyhow::Result<Vec<Rule>> {
+        let mut all: Vec<Rule> = self
+            .cli_rules
+            .iter()
+            .chain(&self.file_rules)
+            .chain(&self.runtime_rules)
+            .filter(|r| !self.removed.contains(&(r.source.clone(), r.port)))
+            .cloned()
+            .collect();
+        rule::check_unique(&all)?;
+        all.shrink_to_fit();
+        Ok(all)
+    }
+
+    fn origin(&self, r: &Rule) -> &'static str {
+        let same = |o: &Rule| o.source == r.source && o.port == r.port;
+        if self.runtime_rules.iter().any(same) {
+            "runtime"
+        } else if self.cli_rules.iter().any(same) {
+            "command-line"
+        } else {
+            "config"
+        }
     }
 
     /// Replaces the rule set (SIGHUP); counters of rules that stay are kept.
@@ -190,6 +249,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let cfg = config::load(&opts.config)?;
     let mode = opts.mode.or(cfg.mode).unwrap_or_default();
     let firewall_mode = opts.firewall.or(cfg.firewall).unwrap_or_default();
+    let file_rules = cfg.rules.clone();
     let rules = combine(&opts.cli_rules, cfg.rules)?;
     if rules.is_empty() {
         return Err(StartError::NoRules {
@@ -228,6 +288,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut observed = netlink.snapshot().await?;
     observed.docker = docker.as_ref().map(|d| d.borrow().clone());
 
+    let mut kernel_unavailable = None;
     let kernel = match mode {
         Mode::Proxy => None,
         Mode::Kernel => Some(load_kernel_path()?),
@@ -235,6 +296,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             Ok(k) => Some(k),
             Err(e) => {
                 warn!("kernel path unavailable: {e:#}; using the proxy for every rule");
+                kernel_unavailable = Some(format!("{e:#}"));
                 None
             }
         },
@@ -245,8 +307,32 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     preflight(&rules, &slots, &observed, paths)?;
 
+    // Bound before anything is attached: a second lhb stops here, touching nothing.
+    let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel(16);
+    control::serve(&opts.control, ctl_tx.clone())?;
+    let metrics = cfg
+        .metrics
+        .clone()
+        .unwrap_or_else(|| control::MetricsAddr::Unix(opts.control.with_file_name("metrics.sock")));
+    if let Err(e) = control::serve_metrics(&metrics, ctl_tx).await {
+        control::remove_socket(&opts.control);
+        return Err(e);
+    }
+
+    let firewall = Firewall::new(firewall_mode);
     let mut d = Daemon {
         rules,
+        cli_rules: opts.cli_rules.clone(),
+        file_rules,
+        runtime_rules: Vec::new(),
+        removed: Vec::new(),
+        config_path: opts.config.clone(),
+        reconcile_events: 0,
+        last_error: None,
+        kernel_unavailable,
+        firewall_backends: firewall.backends(),
+        firewall_chains: firewall.chains(),
+        notifier: Notifier::from_env(),
         slots,
         slot_map,
         kernel,
@@ -257,7 +343,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         applied: Plan::default(),
         docker,
     };
-    let mut firewall = Firewall::new(firewall_mode);
+    let mut firewall = firewall;
     let backends = firewall.backends();
     if backends.is_empty() {
         info!("firewall: none managed ({firewall_mode:?})");
@@ -280,6 +366,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let wanted = reconcile::plan(&d.rules, &d.slots, &observed, d.paths);
     if let Err(e) = d.apply(&wanted).await {
         d.shutdown().await;
+        cleanup_sockets(&opts.control, &metrics);
         return Err(e);
     }
     // "Ready" means served, also through the host's firewall: the first sync is done here.
@@ -287,15 +374,20 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     if let Err(e) = firewall.sync(&opened) {
         firewall.shutdown();
         d.shutdown().await;
+        cleanup_sockets(&opts.control, &metrics);
         return Err(e.context("firewall"));
     }
     d.firewall = Some(FirewallTask::spawn(firewall, opened));
     log_states(&d.rules, &[], &d.applied.states);
     info!(
-        "ready: serving {} of {} rule(s)",
+        "ready: serving {} of {} rule(s); control socket {}",
         serving(&d.applied),
-        d.rules.len()
+        d.rules.len(),
+        opts.control.display()
     );
+    d.notifier.ready(&d.summary());
+    let watchdog = Notifier::watchdog_interval();
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
 
     let mut retry_pending = false;
     loop {
@@ -309,27 +401,39 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
             _ = sighup.recv() => {
-                match config::load(&opts.config).map_err(anyhow::Error::from)
-                    .and_then(|f| {
+                d.reconcile_events += 1;
+                match config::load(&opts.config) {
+                    Ok(f) => {
                         if f.mode.is_some_and(|m| opts.mode.is_none() && m != d.paths.mode) {
                             warn!("config reload: a new `mode` takes effect at the next start");
                         }
-                        combine(&opts.cli_rules, f.rules).map_err(anyhow::Error::from)
-                    })
-                {
-                    Ok(rules) if rules.is_empty() => {
-                        error!("config reload: no rule left; keeping the {} running rule(s)", d.rules.len());
-                        continue;
-                    }
-                    Ok(rules) => {
-                        info!("config reloaded from {}: {} rule(s)", opts.config.display(), rules.len());
-                        d.set_rules(rules)?;
+                        let old = std::mem::replace(&mut d.file_rules, f.rules);
+                        match d.combine_all() {
+                            Ok(rules) => {
+                                info!("config reloaded from {}: {} rule(s)", opts.config.display(), rules.len());
+                                d.set_rules(rules)?;
+                            }
+                            Err(e) => {
+                                d.file_rules = old;
+                                error!("config reload failed: {e:#}; keeping the {} running rule(s)", d.rules.len());
+                                continue;
+                            }
+                        }
                     }
                     Err(e) => {
                         error!("config reload failed: {e:#}; keeping the {} running rule(s)", d.rules.len());
                         continue;
                     }
                 }
+            }
+            call = ctl_rx.recv() => {
+                let Some((req, reply)) = call else { continue };
+                let (resp, failed) = d.handle(req).await;
+                let _ = reply.send(resp);
+                if let Some(f) = failed {
+                    retry_pending = f;
+                }
+                continue;
             }
             ev = events.next() => {
                 if ev.is_none() {
@@ -338,13 +442,20 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 }
                 tokio::time::sleep(SETTLE).await;
                 events.drain();
+                d.reconcile_events += 1;
             }
             ok = docker_changed => {
                 if !ok {
                     d.docker = None;
                 }
+                d.reconcile_events += 1;
             }
             _ = tokio::time::sleep(RETRY), if retry_pending => {}
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                // Sent from the loop itself: a stuck loop stops the pings.
+                d.notifier.send("WATCHDOG=1");
+                continue;
+            }
         }
         retry_pending = d.reconcile().await;
     }
@@ -358,9 +469,18 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         debug!(rule = %rule, connections = ?p.connections, bytes = ?p.bytes,
                target_errors = ?p.target_errors, over_limit = ?p.over_limit, "final proxy counters");
     }
+    d.notifier.stopping();
     d.shutdown().await;
+    cleanup_sockets(&opts.control, &metrics);
     info!("detached from every bridge and closed every listener; bye");
     Ok(())
+}
+
+fn cleanup_sockets(control: &std::path::Path, metrics: &control::MetricsAddr) {
+    control::remove_socket(control);
+    if let control::MetricsAddr::Unix(p) = metrics {
+        control::remove_socket(p);
+    }
 }
 
 /// The kernel path, or why it cannot be used here.
@@ -567,11 +687,13 @@ async fn apply_kernel(
 }
 
 /// One log line per rule whose state changed.
-fn log_states(rules: &[Rule], before: &[RuleState], after: &[RuleState]) {
+fn log_states(rules: &[Rule], before: &[RuleState], after: &[RuleState]) -> bool {
+    let mut changed = before.len() != after.len();
     for (i, (rule, state)) in rules.iter().zip(after).enumerate() {
         if before.get(i) == Some(state) {
             continue;
         }
+        changed = true;
         match state {
             RuleState::Serving {
                 bridge,
@@ -601,6 +723,322 @@ fn log_states(rules: &[Rule], before: &[RuleState], after: &[RuleState]) {
             RuleState::Waiting(why) => {
                 warn!(service = %rule.service, "not serving {rule}: {why}");
             }
+        }
+    }
+    changed
+}
+
+/// The control socket's requests.
+impl Daemon {
+    /// The answer, and for changes whether the reconciliation that followed failed.
+    async fn handle(&mut self, req: control::Request) -> (control::Response, Option<bool>) {
+        use control::{Request, Response};
+        match req {
+            Request::Status => (
+                Response {
+                    ok: true,
+                    status: Some(self.status()),
+                    ..Default::default()
+                },
+                None,
+            ),
+            Request::Expose {
+                spec,
+                iface,
+                service,
+                persist,
+            } => match self.expose(&spec, iface, service, persist).await {
+                Ok((msg, failed)) => (
+                    Response {
+                        ok: true,
+                        message: Some(msg),
+                        ..Default::default()
+                    },
+                    Some(failed),
+                ),
+                Err(e) => (Response::error(format!("{e:#}")), None),
+            },
+            Request::Unexpose {
+                spec,
+                iface,
+                persist,
+            } => match self.unexpose(&spec, iface, persist).await {
+                Ok((msg, failed)) => (
+                    Response {
+                        ok: true,
+                        message: Some(msg),
+                        ..Default::default()
+                    },
+                    Some(failed),
+                ),
+                Err(e) => (Response::error(format!("{e:#}")), None),
+            },
+        }
+    }
+
+    async fn expose(
+        &mut self,
+        spec: &str,
+        iface: bool,
+        service: Option<String>,
+        persist: bool,
+    ) -> anyhow::Result<(String, bool)> {
+        let mut rule = if iface {
+            rule::parse_iface_spec(spec)?
+        } else {
+            rule::parse_network_spec(spec)?
+        };
+        if let Some(s) = service {
+            rule.service = s;
+        }
+        let key = (rule.source.clone(), rule.port);
+        if let Some(r) = self
+            .rules
+            .iter()
+            .find(|r| r.source == key.0 && r.port == key.1)
+        {
+            bail!(
+                "{}:{} is already exposed ({}, from the {}); `lhb unexpose` it first to change it",
+                key.0,
+                key.1,
+                r,
+                self.origin(r)
+            );
+        }
+        let saved = (
+            self.file_rules.clone(),
+            self.runtime_rules.clone(),
+            self.removed.clone(),
+        );
+        if persist {
+            persist::add(&self.config_path, &rule)?;
+            self.file_rules = config::load(&self.config_path)?.rules;
+        } else {
+            self.runtime_rules.push(rule.clone());
+        }
+        self.removed.retain(|k| *k != key);
+        let rules = match self.combine_all() {
+            Ok(r) => r,
+            Err(e) => {
+                (self.file_rules, self.runtime_rules, self.removed) = saved;
+                return Err(e);
+            }
+        };
+        self.set_rules(rules)?;
+        let failed = self.reconcile().await;
+        let where_ = if persist {
+            format!("added to {}", self.config_path.display())
+        } else {
+            "until lhb restarts; --persist keeps it".to_string()
+        };
+        Ok((
+            format!("exposed {rule} ({where_}): {}", self.state_of(&key)),
+            failed,
+        ))
+    }
+
+    async fn unexpose(
+        &mut self,
+        spec: &str,
+        iface: bool,
+        persist: bool,
+    ) -> anyhow::Result<(String, bool)> {
+        let parsed = if iface {
+            rule::parse_iface_spec(spec)?
+        } else {
+            rule::parse_network_spec(spec)?
+        };
+        let key = (parsed.source.clone(), parsed.port);
+        let same = |r: &Rule| r.source == key.0 && r.port == key.1;
+        let Some(rule) = self.rules.iter().find(|r| same(r)).cloned() else {
+            bail!(
+                "no rule {}:{} is exposed (`lhb status` lists them{})",
+                key.0,
+                key.1,
+                if iface {
+                    ""
+                } else {
+                    "; a bridge interface needs --iface"
+                }
+            );
+        };
+        let origin = self.origin(&rule);
+        let saved = (self.file_rules.clone(), self.removed.clone());
+        if persist {
+            if !self.file_rules.iter().any(same) {
+                bail!(
+                    "{}:{} is not in {} (it comes from the {origin}); without --persist it is removed until lhb restarts",
+                    key.0,
+                    key.1,
+                    self.config_path.display()
+                );
+            }
+            persist::remove(&self.config_path, &key.0, key.1)?;
+            self.file_rules = config::load(&self.config_path)?.rules;
+        }
+        self.runtime_rules.retain(|r| !same(r));
+        if (self.cli_rules.iter().any(same) || self.file_rules.iter().any(same))
+            && !self.removed.contains(&key)
+        {
+            self.removed.push(key.clone());
+        }
+        let rules = match self.combine_all() {
+            Ok(r) => r,
+            Err(e) => {
+                (self.file_rules, self.removed) = saved;
+                return Err(e);
+            }
+        };
+        self.set_rules(rules)?;
+        let failed = self.reconcile().await;
+        let note = match (persist, origin) {
+            (true, _) => format!("; removed from {}", self.config_path.display()),
+            (false, "runtime") => String::new(),
+            (false, o) => format!(
+                " until lhb restarts (it comes from the {o}; --persist removes it from the config file)"
+            ),
+        };
+        Ok((format!("unexposed {rule}{note}"), failed))
+    }
+
+    /// Where one rule stands, in words.
+    fn state_of(&self, key: &(Source, u16)) -> String {
+        let Some(i) = self
+            .rules
+            .iter()
+            .position(|r| r.source == key.0 && r.port == key.1)
+        else {
+            return "gone".into();
+        };
+        match self.applied.states.get(i) {
+            Some(RuleState::Serving {
+                bridge,
+                gateways,
+                proxied,
+                ..
+            }) => {
+                let mut at: Vec<String> = gateways
+                    .iter()
+                    .map(|g| format!("{} (kernel)", std::net::SocketAddr::new(*g, key.1)))
+                    .collect();
+                at.extend(
+                    proxied
+                        .iter()
+                        .map(|(g, _)| format!("{} (proxy)", std::net::SocketAddr::new(*g, key.1))),
+                );
+                format!("serving on {bridge} at {}", at.join(", "))
+            }
+            Some(RuleState::Waiting(why)) => format!("waiting: {why}"),
+            None => "not applied yet".into(),
+        }
+    }
+
+    fn status(&self) -> Status {
+        let chains = self
+            .firewall_chains
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut rules = Vec::new();
+        for (i, (rule, &slot)) in self.rules.iter().zip(&self.slots).enumerate() {
+            let mut r = status::RuleStatus {
+                port: rule.port,
+                target: rule.target.to_string(),
+                service: rule.service.clone(),
+                origin: self.origin(rule).to_string(),
+                ..Default::default()
+            };
+            match &rule.source {
+                Source::Network(n) => r.network = Some(n.clone()),
+                Source::Interface(n) => r.interface = Some(n.clone()),
+            }
+            match self.applied.states.get(i) {
+                Some(RuleState::Serving {
+                    bridge,
+                    ifindex,
+                    gateways,
+                    proxied,
+                    skipped,
+                }) => {
+                    r.state = "serving".into();
+                    r.bridge = Some(bridge.clone());
+                    r.ifindex = Some(*ifindex);
+                    let gw = |a: &std::net::IpAddr, path: &str, why: Option<&str>| {
+                        status::GatewayStatus {
+                            address: a.to_string(),
+                            path: path.into(),
+                            why: why.map(String::from),
+                        }
+                    };
+                    r.gateways
+                        .extend(gateways.iter().map(|a| gw(a, "kernel", None)));
+                    r.gateways
+                        .extend(proxied.iter().map(|(a, why)| gw(a, "proxy", Some(why))));
+                    r.gateways
+                        .extend(skipped.iter().map(|(a, why)| gw(a, "none", Some(why))));
+                    for (o, c) in &chains {
+                        if &o.iface == bridge && o.port == rule.port && !c.is_empty() {
+                            r.firewall.push(format!("{o}: {}", c.join(", ")));
+                        }
+                    }
+                    if let Some(e) = &self.last_error
+                        && e.contains(bridge.as_str())
+                    {
+                        r.last_error = Some(e.clone());
+                    }
+                }
+                Some(RuleState::Waiting(why)) => {
+                    r.state = "waiting".into();
+                    r.reason = Some(why.clone());
+                }
+                None => {
+                    r.state = "waiting".into();
+                    r.reason = Some("not applied yet".into());
+                }
+            }
+            if let Some(Ok(c)) = self.kernel.as_ref().map(|k| k.counters(slot)) {
+                r.counters.kernel_connections = c.connections;
+                r.counters.kernel_no_listener = c.no_listener;
+                r.counters.kernel_errors = c.errors;
+            }
+            let p = self.proxy.counters(slot);
+            let get =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            r.counters.proxy_connections = get(&p.connections);
+            r.counters.proxy_active = get(&p.active);
+            r.counters.proxy_bytes = get(&p.bytes);
+            r.counters.proxy_target_errors = get(&p.target_errors);
+            r.counters.proxy_over_limit = get(&p.over_limit);
+            rules.push(r);
+        }
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            mode: match self.paths.mode {
+                Mode::Auto => "auto",
+                Mode::Kernel => "kernel",
+                Mode::Proxy => "proxy",
+            }
+            .into(),
+            kernel_attach: self.kernel.as_ref().map(|k| k.mode().as_str().to_string()),
+            kernel_unavailable: self.kernel_unavailable.clone(),
+            docker: self.docker.as_ref().map(|d| {
+                let v = d.borrow();
+                status::DockerStatus {
+                    available: v.available,
+                    problem: v.problem.clone(),
+                }
+            }),
+            firewall: status::FirewallStatus {
+                backends: self.firewall_backends.clone(),
+                rules: chains
+                    .iter()
+                    .flat_map(|(o, c)| c.iter().map(move |c| format!("{o} in {c}")))
+                    .collect(),
+            },
+            config: self.config_path.display().to_string(),
+            reconcile_events: self.reconcile_events,
+            rules,
         }
     }
 }

@@ -6,19 +6,25 @@
 mod caps;
 mod check;
 mod config;
+mod control;
 mod daemon;
 mod docker;
 mod doctor;
 mod firewall;
 mod kernel;
 mod netlink;
+mod notify;
+mod persist;
 mod proxy;
 mod reconcile;
 mod rule;
+mod status;
+mod unit;
 mod verify;
 
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
@@ -76,6 +82,61 @@ enum Command {
         /// Most connections the proxy carries at once; more are refused and logged.
         #[arg(long, value_name = "N", default_value_t = 4096)]
         max_connections: usize,
+        /// Control socket for `lhb status`, `lhb expose` and `lhb unexpose` (mode 0600).
+        /// The metrics socket defaults to metrics.sock beside it.
+        #[arg(long, value_name = "PATH", default_value = control::DEFAULT_CONTROL)]
+        control: PathBuf,
+    },
+    /// Show the running daemon's rules: source, bridge, gateways, target, data path and
+    /// why, firewall rules, counters, last error.
+    Status {
+        /// The full state as JSON (schema in the README).
+        #[arg(long)]
+        json: bool,
+        #[arg(long, value_name = "PATH", default_value = control::DEFAULT_CONTROL)]
+        control: PathBuf,
+    },
+    /// Expose a port on a network's (or, with --iface, a bridge's) gateway at runtime.
+    Expose {
+        #[arg(value_name = "NETWORK:PORT[=TARGET]")]
+        rule: String,
+        /// Label for logs, status and metrics (default port-<PORT>).
+        #[arg(long, value_name = "NAME")]
+        service: Option<String>,
+        /// NETWORK is a bridge interface name, not a Docker network.
+        #[arg(long)]
+        iface: bool,
+        /// Also add it to the daemon's config file (comments and layout kept), so it
+        /// survives restarts.
+        #[arg(long)]
+        persist: bool,
+        #[arg(long, value_name = "PATH", default_value = control::DEFAULT_CONTROL)]
+        control: PathBuf,
+    },
+    /// Stop exposing a port at runtime.
+    Unexpose {
+        #[arg(value_name = "NETWORK:PORT")]
+        rule: String,
+        #[arg(long)]
+        iface: bool,
+        /// Also remove it from the daemon's config file.
+        #[arg(long)]
+        persist: bool,
+        #[arg(long, value_name = "PATH", default_value = control::DEFAULT_CONTROL)]
+        control: PathBuf,
+    },
+    /// The systemd unit: `print` writes it to stdout, `install` to
+    /// /etc/systemd/system/lhb.service (then `systemctl daemon-reload && systemctl
+    /// enable --now lhb`).
+    Unit {
+        #[arg(value_enum)]
+        action: UnitAction,
+        /// Config file the service runs with.
+        #[arg(long, value_name = "FILE", default_value = "/etc/lhb/lhb.toml")]
+        config: PathBuf,
+        /// Where `install` writes lhb.service.
+        #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system")]
+        dir: PathBuf,
     },
     /// Check that each rule is served from its bridge and from nowhere else: a probe
     /// namespace on the bridge must connect to every gateway; a namespace outside it,
@@ -88,6 +149,12 @@ enum Command {
     /// say for each failing step what is wrong and the fix. Works with or without a
     /// running daemon; exit status 1 if a step failed. Needs root.
     Doctor(CheckArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum UnitAction {
+    Print,
+    Install,
 }
 
 #[derive(clap::Args)]
@@ -117,6 +184,39 @@ impl From<CheckArgs> for check::Target {
             no_docker: a.no_docker,
         }
     }
+}
+
+/// A daemon's refusal is this command's error.
+fn answer(r: control::Response) -> anyhow::Result<control::Response> {
+    if r.ok {
+        Ok(r)
+    } else {
+        anyhow::bail!("{}", r.error.unwrap_or_else(|| "refused".into()))
+    }
+}
+
+fn unit_command(
+    action: UnitAction,
+    config: &std::path::Path,
+    dir: &std::path::Path,
+) -> anyhow::Result<bool> {
+    let exe = std::env::current_exe().context("finding this executable's path")?;
+    let config = if config.is_absolute() {
+        config.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(config)
+    };
+    match action {
+        UnitAction::Print => print!("{}", unit::text(&exe, &config)),
+        UnitAction::Install => {
+            let path = unit::install(dir, &exe, &config)?;
+            println!(
+                "wrote {}; now: systemctl daemon-reload && systemctl enable --now lhb",
+                path.display()
+            );
+        }
+    }
+    Ok(true)
 }
 
 fn parse_iface_rule(s: &str) -> Result<rule::Rule, String> {
@@ -161,6 +261,7 @@ fn main() -> ExitCode {
                 mode,
                 firewall,
                 max_connections,
+                control,
             } => {
                 let mut cli_rules = expose;
                 cli_rules.extend(expose_iface);
@@ -171,11 +272,65 @@ fn main() -> ExitCode {
                     mode,
                     firewall,
                     max_connections,
+                    control,
                 })
                 .await
                 .map(|()| true)
             }
             Command::Verify(a) => verify::run(a.into()).await,
+            Command::Status { json, control } => control::call(&control, &control::Request::Status)
+                .and_then(|r| {
+                    let st = answer(r)?.status.context("the daemon sent no status")?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&st)?);
+                    } else {
+                        print!("{}", st.table());
+                    }
+                    Ok(true)
+                }),
+            Command::Expose {
+                rule,
+                service,
+                iface,
+                persist,
+                control,
+            } => control::call(
+                &control,
+                &control::Request::Expose {
+                    spec: rule,
+                    iface,
+                    service,
+                    persist,
+                },
+            )
+            .and_then(answer)
+            .map(|r| {
+                println!("{}", r.message.unwrap_or_default());
+                true
+            }),
+            Command::Unexpose {
+                rule,
+                iface,
+                persist,
+                control,
+            } => control::call(
+                &control,
+                &control::Request::Unexpose {
+                    spec: rule,
+                    iface,
+                    persist,
+                },
+            )
+            .and_then(answer)
+            .map(|r| {
+                println!("{}", r.message.unwrap_or_default());
+                true
+            }),
+            Command::Unit {
+                action,
+                config,
+                dir,
+            } => unit_command(action, &config, &dir),
             Command::Doctor(a) => doctor::run(a.into()).await,
         }
     });

@@ -433,6 +433,8 @@ pub fn lhb_bin() -> PathBuf {
 pub struct Lhb {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    // Dropped after the child is stopped (Drop below runs first).
+    private: Private,
 }
 
 impl Lhb {
@@ -452,6 +454,48 @@ impl Lhb {
         bin: &std::path::Path,
         args: &[&str],
     ) -> anyhow::Result<Lhb> {
+        Self::start_full(wrapper, bin, args, &[])
+    }
+
+    /// `lhb run ARGS` with extra environment variables (NOTIFY_SOCKET, ...).
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Lhb> {
+        Self::start_full(&[], &lhb_bin(), args, env)
+    }
+
+    /// Starts the daemon without waiting for it to be ready.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Lhb> {
+        Self::spawn_full(&[], &lhb_bin(), args, env).map(|(l, _)| l)
+    }
+
+    fn start_full(
+        wrapper: &[&str],
+        bin: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Lhb> {
+        let (mut lhb, rx) = Self::spawn_full(wrapper, bin, args, env)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if rx.recv_timeout(Duration::from_millis(50)).is_ok() {
+                return Ok(lhb);
+            }
+            if let Some(status) = lhb.child.try_wait()? {
+                thread::sleep(Duration::from_millis(50));
+                bail!("lhb exited with {status} before ready:\n{}", lhb.log());
+            }
+            if Instant::now() > deadline {
+                bail!("lhb not ready after 20 s:\n{}", lhb.log());
+            }
+        }
+    }
+
+    fn spawn_full(
+        wrapper: &[&str],
+        bin: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<(Lhb, mpsc::Receiver<()>)> {
+        let private = Private::new(args)?;
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -463,7 +507,9 @@ impl Lhb {
         let mut child = cmd
             .arg("run")
             .args(no_host_config(args))
+            .args(private.args())
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -484,20 +530,30 @@ impl Lhb {
                 }
             }
         });
-        let mut lhb = Lhb { child, log };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if rx.recv_timeout(Duration::from_millis(50)).is_ok() {
-                return Ok(lhb);
-            }
-            if let Some(status) = lhb.child.try_wait()? {
-                thread::sleep(Duration::from_millis(50));
-                bail!("lhb exited with {status} before ready:\n{}", lhb.log());
-            }
-            if Instant::now() > deadline {
-                bail!("lhb not ready after 20 s:\n{}", lhb.log());
-            }
-        }
+        Ok((
+            Lhb {
+                child,
+                log,
+                private,
+            },
+            rx,
+        ))
+    }
+
+    /// SIGKILL: a crash, nothing cleaned up by lhb itself.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The control socket this daemon listens on.
+    pub fn control(&self) -> String {
+        self.private.control.display().to_string()
+    }
+
+    /// Its metrics socket (the default: beside the control socket).
+    pub fn metrics_socket(&self) -> PathBuf {
+        self.private.control.with_file_name("metrics.sock")
     }
 
     pub fn pid(&self) -> u32 {
@@ -534,6 +590,47 @@ impl Drop for Lhb {
     }
 }
 
+/// A directory of one test daemon's own (control and metrics sockets), so parallel
+/// daemons never meet; removed with it.
+pub struct Private {
+    dir: PathBuf,
+    control: PathBuf,
+    given: bool,
+}
+
+impl Private {
+    fn new(args: &[&str]) -> anyhow::Result<Private> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("{PREFIX}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let given = args.iter().position(|a| *a == "--control");
+        let control = match given {
+            Some(i) => PathBuf::from(args.get(i + 1).copied().unwrap_or_default()),
+            None => dir.join("lhb.sock"),
+        };
+        Ok(Private {
+            dir,
+            control,
+            given: given.is_some(),
+        })
+    }
+
+    fn args(&self) -> Vec<String> {
+        if self.given {
+            vec![]
+        } else {
+            vec!["--control".into(), self.control.display().to_string()]
+        }
+    }
+}
+
+impl Drop for Private {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// `--config /dev/null` unless the test gives a config: the host's /etc/lhb/lhb.toml
 /// must not leak into a test.
 fn no_host_config(args: &[&str]) -> Vec<&'static str> {
@@ -553,8 +650,12 @@ pub fn lhb_once(args: &[&str], wrapper: &[&str]) -> anyhow::Result<(ExitStatus, 
         c.args(&wrapper[1..]).arg(lhb_bin());
         c
     };
+    let private = Private::new(args)?;
     if args.first() == Some(&"run") {
-        cmd.arg("run").args(no_host_config(args)).args(&args[1..]);
+        cmd.arg("run")
+            .args(no_host_config(args))
+            .args(private.args())
+            .args(&args[1..]);
     } else {
         cmd.args(args);
     }
@@ -565,12 +666,13 @@ pub fn lhb_once(args: &[&str], wrapper: &[&str]) -> anyhow::Result<(ExitStatus, 
     ))
 }
 
-/// Runs a one-shot command (`lhb verify ...`, `lhb doctor ...`): (success, stdout,
-/// stderr). A test's rules never come from the host's config file.
+/// Runs a one-shot command (`lhb verify ...`, `lhb status ...`): (success, stdout,
+/// stderr). A check's rules never come from the host's config file.
 pub fn lhb_check(args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let checks = matches!(args.first(), Some(&"verify") | Some(&"doctor"));
     let out = Command::new(lhb_bin())
         .args(args)
-        .args(no_host_config(args))
+        .args(if checks { no_host_config(args) } else { vec![] })
         .stdin(Stdio::null())
         .output()?;
     Ok((

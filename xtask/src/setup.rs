@@ -31,6 +31,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "util-linux",
     "busybox-static",
     "ufw",
+    // systemd-analyze, for checking the generated unit.
+    "systemd",
 ];
 
 /// Applets linked in the test image: what the tests run inside containers.

@@ -95,9 +95,14 @@ trait Backend: Send {
     fn blockers(&mut self, o: &Opening) -> anyhow::Result<Vec<String>>;
 }
 
+/// The openings held and the chains each went into, for `lhb status` and metrics.
+pub type HeldChains =
+    std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<Opening, Vec<String>>>>;
+
 pub struct Firewall {
     backends: Vec<Box<dyn Backend>>,
     held: BTreeSet<Opening>,
+    chains: HeldChains,
 }
 
 impl Firewall {
@@ -123,6 +128,7 @@ impl Firewall {
         Firewall {
             backends,
             held: BTreeSet::new(),
+            chains: HeldChains::default(),
         }
     }
 
@@ -157,6 +163,10 @@ impl Firewall {
         Ok(all)
     }
 
+    pub fn chains(&self) -> HeldChains {
+        self.chains.clone()
+    }
+
     pub fn backends(&self) -> Vec<String> {
         self.backends.iter().map(|b| b.name()).collect()
     }
@@ -172,6 +182,10 @@ impl Firewall {
                 }
             }
             self.held.remove(&o);
+            self.chains
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&o);
             info!("firewall: closed {o}");
         }
         for o in wanted.difference(&self.held.clone()) {
@@ -188,6 +202,10 @@ impl Firewall {
             if !chains.is_empty() {
                 info!("firewall: opened {o} in {}", chains.join(", "));
             }
+            self.chains
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(o.clone(), chains);
         }
         match first_err {
             Some(e) => Err(e),

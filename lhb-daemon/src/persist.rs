@@ -1,0 +1,157 @@
+//! `lhb expose --persist` / `lhb unexpose --persist`: the config file gains or loses one
+//! `[[expose]]` entry. The file is edited as a document (toml_edit), so its comments,
+//! order and formatting stay; the result is checked with the same parser `run` uses
+//! before it replaces the file, atomically (temporary file in the same directory,
+//! fsync, rename).
+
+use std::{io::Write as _, os::unix::fs::PermissionsExt as _, path::Path};
+
+use anyhow::{Context as _, bail};
+use toml_edit::{ArrayOfTables, DocumentMut, Item, Table, value};
+
+use crate::{
+    config,
+    rule::{Rule, Source},
+};
+
+fn read(path: &Path) -> anyhow::Result<DocumentMut> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    text.parse::<DocumentMut>()
+        .with_context(|| format!("{}: not valid TOML", path.display()))
+}
+
+fn matches(t: &Table, source: &Source, port: u16) -> bool {
+    let (key, name) = match source {
+        Source::Network(n) => ("network", n),
+        Source::Interface(i) => ("interface", i),
+    };
+    t.get(key).and_then(Item::as_str) == Some(name.as_str())
+        && t.get("port").and_then(Item::as_integer) == Some(i64::from(port))
+}
+
+/// Appends `rule` to the file's `[[expose]]` entries (creating the file if needed).
+pub fn add(path: &Path, rule: &Rule) -> anyhow::Result<()> {
+    let mut doc = read(path)?;
+    let exposes = doc
+        .entry("expose")
+        .or_insert_with(|| Item::ArrayOfTables(ArrayOfTables::new()))
+        .as_array_of_tables_mut()
+        .with_context(|| {
+            format!(
+                "{}: `expose` is not a list of [[expose]] tables",
+                path.display()
+            )
+        })?;
+    if exposes.iter().any(|t| matches(t, &rule.source, rule.port)) {
+        bail!(
+            "{} already has {}:{}",
+            path.display(),
+            rule.source,
+            rule.port
+        );
+    }
+    let mut t = Table::new();
+    match &rule.source {
+        Source::Network(n) => t["network"] = value(n.as_str()),
+        Source::Interface(i) => t["interface"] = value(i.as_str()),
+    }
+    if rule.service != format!("port-{}", rule.port) {
+        t["service"] = value(rule.service.as_str());
+    }
+    t["port"] = value(i64::from(rule.port));
+    let default_target = std::net::SocketAddr::from(([127, 0, 0, 1], rule.port));
+    if rule.target != default_target {
+        t["target"] = value(rule.target.to_string());
+    }
+    exposes.push(t);
+    write(path, &doc.to_string())
+}
+
+/// Removes the `[[expose]]` entry for `source:port`; an error if the file has none.
+pub fn remove(path: &Path, source: &Source, port: u16) -> anyhow::Result<()> {
+    let mut doc = read(path)?;
+    let Some(exposes) = doc.get_mut("expose").and_then(Item::as_array_of_tables_mut) else {
+        bail!(
+            "{} has no [[expose]] entry for {source}:{port}",
+            path.display()
+        );
+    };
+    let before = exposes.len();
+    exposes.retain(|t| !matches(t, source, port));
+    if exposes.len() == before {
+        bail!(
+            "{} has no [[expose]] entry for {source}:{port}",
+            path.display()
+        );
+    }
+    write(path, &doc.to_string())
+}
+
+/// Checks `text` as a config, then replaces `path` with it atomically, keeping the
+/// file's permissions.
+fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    config::parse(&path.display().to_string(), text)
+        .context("the edited config would not load; the file is unchanged")?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "lhb.toml".into());
+    let tmp = dir.join(format!(".{name}.lhb-{}", std::process::id()));
+    let mode = std::fs::metadata(path)
+        .map(|m| m.permissions().mode())
+        .unwrap_or(0o644);
+    let result = (|| -> anyhow::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_and_remove_keep_comments_and_other_entries() {
+        let dir = std::env::temp_dir().join(format!("lhb-persist-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lhb.toml");
+        let original = "# my lhb\nmode = \"auto\" # keep me\n\n[[expose]]\n# ollama\ninterface = \"virbr0\"\nport = 11434\n";
+        std::fs::write(&path, original).unwrap();
+        let rule = Rule::new(
+            Source::Network("app".into()),
+            5432,
+            Some("[::1]:5432".parse().unwrap()),
+            Some("db".into()),
+        );
+        add(&path, &rule).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with(original), "{text}");
+        let cfg = config::parse("x", &text).unwrap();
+        assert_eq!(cfg.rules.len(), 2);
+        assert_eq!(cfg.rules[1], rule);
+        assert!(add(&path, &rule).is_err(), "a duplicate is refused");
+
+        remove(&path, &Source::Network("app".into()), 5432).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), original);
+        assert!(remove(&path, &Source::Network("app".into()), 5432).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,345 @@
+//! The daemon's state as `lhb status` and the metrics endpoint show it. One snapshot
+//! type, serialized as JSON over the control socket (`lhb status --json` prints it as
+//! is; its schema is in the README), as a table, and as Prometheus text.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    /// `auto`, `kernel` or `proxy`.
+    pub mode: String,
+    /// `tcx` or `clsact` when loaded; null when the kernel path is not used.
+    pub kernel_attach: Option<String>,
+    /// Why the kernel path is not used, if it is not.
+    pub kernel_unavailable: Option<String>,
+    /// null with --no-docker.
+    pub docker: Option<DockerStatus>,
+    pub firewall: FirewallStatus,
+    pub config: String,
+    /// Link, address and Docker events that led to a reconciliation, since start.
+    pub reconcile_events: u64,
+    pub rules: Vec<RuleStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DockerStatus {
+    pub available: bool,
+    pub problem: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FirewallStatus {
+    /// The firewall tools managed (e.g. `iptables`, `nftables`); empty: none.
+    pub backends: Vec<String>,
+    /// Accept rules lhb holds: `tcp to GATEWAY:PORT in on IFACE`.
+    pub rules: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RuleStatus {
+    /// Exactly one of `network` / `interface`.
+    pub network: Option<String>,
+    pub interface: Option<String>,
+    pub port: u16,
+    pub target: String,
+    pub service: String,
+    /// `command-line`, `config` or `runtime` (`lhb expose` without --persist).
+    pub origin: String,
+    /// `serving` or `waiting`.
+    pub state: String,
+    /// Why it waits, in words.
+    pub reason: Option<String>,
+    pub bridge: Option<String>,
+    pub ifindex: Option<u32>,
+    pub gateways: Vec<GatewayStatus>,
+    /// The firewall accept rules held for it.
+    pub firewall: Vec<String>,
+    pub counters: Counters,
+    /// The last error applying it (attach, bind), if the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct GatewayStatus {
+    pub address: String,
+    /// `kernel`, `proxy` or `none`.
+    pub path: String,
+    /// Why this path (or why none).
+    pub why: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Counters {
+    /// Connections the kernel path handed to the target (summed over CPUs).
+    pub kernel_connections: u64,
+    /// SYNs for which the target had no listener (refused).
+    pub kernel_no_listener: u64,
+    pub kernel_errors: u64,
+    pub proxy_connections: u64,
+    pub proxy_active: u64,
+    pub proxy_bytes: u64,
+    pub proxy_target_errors: u64,
+    pub proxy_over_limit: u64,
+}
+
+impl RuleStatus {
+    pub fn name(&self) -> String {
+        format!(
+            "{}:{}",
+            self.network
+                .as_deref()
+                .or(self.interface.as_deref())
+                .unwrap_or("?"),
+            self.port
+        )
+    }
+}
+
+impl Status {
+    /// The human view of `lhb status`.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let kernel = match (&self.kernel_attach, &self.kernel_unavailable) {
+            (Some(a), _) => format!("kernel path loaded ({a})"),
+            (None, Some(why)) => format!("kernel path unavailable: {why}"),
+            (None, None) => "kernel path not used".into(),
+        };
+        let docker = match &self.docker {
+            None => "Docker: not used".to_string(),
+            Some(d) if d.available => "Docker: reachable".to_string(),
+            Some(d) => format!(
+                "Docker: not reachable ({})",
+                d.problem.as_deref().unwrap_or("?")
+            ),
+        };
+        let fw = if self.firewall.backends.is_empty() {
+            "firewall: none managed".to_string()
+        } else {
+            format!(
+                "firewall: {} ({} rule(s) held)",
+                self.firewall.backends.join(", "),
+                self.firewall.rules.len()
+            )
+        };
+        let _ = writeln!(
+            s,
+            "lhb {} (pid {}), mode {}, {kernel}\n{docker}; {fw}; config {}",
+            self.version, self.pid, self.mode, self.config
+        );
+        let _ = writeln!(
+            s,
+            "\n{:<28} {:<8} {:<16} {:<26} {:<7} {:<22} {:>8}",
+            "RULE", "STATE", "BRIDGE", "GATEWAY", "PATH", "TARGET", "CONNS"
+        );
+        for r in &self.rules {
+            let conns = r.counters.kernel_connections + r.counters.proxy_connections;
+            let first = r.gateways.first();
+            let _ = writeln!(
+                s,
+                "{:<28} {:<8} {:<16} {:<26} {:<7} {:<22} {:>8}",
+                r.name(),
+                r.state,
+                r.bridge.as_deref().unwrap_or("-"),
+                first.map(|g| g.address.as_str()).unwrap_or("-"),
+                first.map(|g| g.path.as_str()).unwrap_or("-"),
+                r.target,
+                conns
+            );
+            for g in r.gateways.iter().skip(1) {
+                let _ = writeln!(
+                    s,
+                    "{:<28} {:<8} {:<16} {:<26} {:<7}",
+                    "", "", "", g.address, g.path
+                );
+            }
+            if let Some(why) = &r.reason {
+                let _ = writeln!(s, "  {}: {why}", r.name());
+            }
+            for g in &r.gateways {
+                if let (Some(why), true) = (&g.why, g.path != "kernel") {
+                    let _ = writeln!(s, "  {} via {}: {why}", r.name(), g.address);
+                }
+            }
+            if let Some(e) = &r.last_error {
+                let _ = writeln!(s, "  {}: last error: {e}", r.name());
+            }
+        }
+        s
+    }
+
+    /// Prometheus text exposition format (version 0.0.4).
+    pub fn prometheus(&self) -> String {
+        let mut s = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in rows {
+                let _ = writeln!(s, "{name}{labels} {v}");
+            }
+        };
+        let label = |r: &RuleStatus, extra: &str| {
+            format!(
+                "{{rule=\"{}\",service=\"{}\"{extra}}}",
+                escape(&r.name()),
+                escape(&r.service)
+            )
+        };
+        family(
+            "lhb_connections_total",
+            "counter",
+            "Connections served, by rule and data path.",
+            self.rules
+                .iter()
+                .flat_map(|r| {
+                    [
+                        (label(r, ",path=\"kernel\""), r.counters.kernel_connections),
+                        (label(r, ",path=\"proxy\""), r.counters.proxy_connections),
+                    ]
+                })
+                .collect(),
+        );
+        let per_rule = |f: fn(&Counters) -> u64| -> Vec<(String, u64)> {
+            self.rules
+                .iter()
+                .map(|r| (label(r, ""), f(&r.counters)))
+                .collect()
+        };
+        family(
+            "lhb_kernel_no_listener_total",
+            "counter",
+            "Connections the kernel path refused because the target was not listening.",
+            per_rule(|c| c.kernel_no_listener),
+        );
+        family(
+            "lhb_kernel_errors_total",
+            "counter",
+            "Kernel path failures (socket lookup or assignment).",
+            per_rule(|c| c.kernel_errors),
+        );
+        family(
+            "lhb_proxy_bytes_total",
+            "counter",
+            "Bytes the proxy carried, both directions.",
+            per_rule(|c| c.proxy_bytes),
+        );
+        family(
+            "lhb_proxy_active_connections",
+            "gauge",
+            "Connections the proxy carries now.",
+            per_rule(|c| c.proxy_active),
+        );
+        family(
+            "lhb_proxy_target_errors_total",
+            "counter",
+            "Proxied connections whose target refused or could not be reached.",
+            per_rule(|c| c.proxy_target_errors),
+        );
+        family(
+            "lhb_proxy_over_limit_total",
+            "counter",
+            "Connections turned away at --max-connections.",
+            per_rule(|c| c.proxy_over_limit),
+        );
+        family(
+            "lhb_rule_serving",
+            "gauge",
+            "1 if the rule is served on its bridge, 0 if it waits.",
+            self.rules
+                .iter()
+                .map(|r| (label(r, ""), u64::from(r.state == "serving")))
+                .collect(),
+        );
+        let mut attached: Vec<(String, u64)> = Vec::new();
+        for r in &self.rules {
+            for g in &r.gateways {
+                let l = format!(
+                    "{{bridge=\"{}\",gateway=\"{}\",port=\"{}\",path=\"{}\"}}",
+                    escape(r.bridge.as_deref().unwrap_or("")),
+                    g.address,
+                    r.port,
+                    g.path
+                );
+                attached.push((l, u64::from(g.path != "none")));
+            }
+        }
+        family(
+            "lhb_attached",
+            "gauge",
+            "1 per gateway endpoint served, by bridge, gateway, port and data path.",
+            attached,
+        );
+        family(
+            "lhb_reconcile_events_total",
+            "counter",
+            "Link, address, Docker and config events that led to a reconciliation.",
+            vec![(String::new(), self.reconcile_events)],
+        );
+        family(
+            "lhb_firewall_rules",
+            "gauge",
+            "Firewall accept rules lhb holds.",
+            vec![(String::new(), self.firewall.rules.len() as u64)],
+        );
+        if let Some(d) = &self.docker {
+            family(
+                "lhb_docker_available",
+                "gauge",
+                "1 if the Docker engine answers.",
+                vec![(String::new(), u64::from(d.available))],
+            );
+        }
+        s
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_has_help_type_and_labelled_samples() {
+        let st = Status {
+            rules: vec![RuleStatus {
+                network: Some("app".into()),
+                port: 80,
+                service: "web\"x".into(),
+                state: "serving".into(),
+                bridge: Some("br-1".into()),
+                gateways: vec![GatewayStatus {
+                    address: "172.18.0.1".into(),
+                    path: "kernel".into(),
+                    why: None,
+                }],
+                counters: Counters {
+                    kernel_connections: 7,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }],
+            reconcile_events: 3,
+            ..Default::default()
+        };
+        let text = st.prometheus();
+        assert!(text.contains("# TYPE lhb_connections_total counter"));
+        assert!(text.contains(
+            "lhb_connections_total{rule=\"app:80\",service=\"web\\\"x\",path=\"kernel\"} 7"
+        ));
+        assert!(text.contains("lhb_reconcile_events_total 3"));
+        assert!(text.contains(
+            "lhb_attached{bridge=\"br-1\",gateway=\"172.18.0.1\",port=\"80\",path=\"kernel\"} 1"
+        ));
+        // Every sample line is `name{labels} value` or `name value`.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(l.rsplit_once(' ').unwrap().1.parse::<u64>().is_ok(), "{l}");
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! lhb as a service: the systemd unit (generated, verified by systemd-analyze, and its
+//! capability set sufficient), readiness over the notify protocol, the control socket
+//! (status JSON, runtime expose/unexpose, --persist), the metrics endpoint, and what a
+//! crash or a restart does to connections.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::net::UnixDatagram,
+    thread,
+    time::{Duration, Instant},
+};
+
+use lhb_tests::{Lab, Lhb, Outcome, PeerEcho, free_port, http_get, lhb_check, wait_until};
+
+const T: Duration = Duration::from_secs(2);
+
+fn get(lab: &Lab, port: u16) -> Outcome {
+    let gw = SocketAddr::new(lab.gateway(), port);
+    lab.container.run(move || http_get(gw, T)).unwrap()
+}
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("lhbt-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn the_unit_is_accepted_by_systemd_and_its_capabilities_suffice() {
+    let dir = tmpdir("unit");
+    let (ok, unit, err) = lhb_check(&["unit", "print", "--config", "/etc/lhb/lhb.toml"]).unwrap();
+    assert!(ok, "{err}");
+    for line in [
+        "Type=notify",
+        "Restart=always",
+        "After=network-online.target docker.service",
+        "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON CAP_NET_RAW",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "RuntimeDirectory=lhb",
+        " run --config /etc/lhb/lhb.toml",
+    ] {
+        assert!(unit.contains(line), "no `{line}` in:\n{unit}");
+    }
+    assert!(
+        !unit.contains("Requires=docker"),
+        "Docker must not be required"
+    );
+    let (ok, out, err) = lhb_check(&["unit", "install", "--dir", dir.to_str().unwrap()]).unwrap();
+    assert!(ok, "{err}");
+    assert!(out.contains("systemctl daemon-reload"), "{out}");
+    let path = dir.join("lhb.service");
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap().lines().count(),
+        unit.lines().count()
+    );
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", path.to_str().unwrap()])
+        .output()
+        .expect("systemd-analyze (cargo xtask setup installs systemd)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd-analyze verify: {stderr}");
+    // Only Docker's unit may be missing on a machine without it; nothing about lhb's.
+    for l in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(l.contains("docker.service"), "systemd-analyze: {l}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // Exactly the unit's capabilities: the kernel path loads and serves.
+    let lab = Lab::new(70).unwrap();
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let spec = format!("{}:{}", lab.bridge_name(), svc.port());
+    let caps = "-all,+bpf,+net_admin,+perfmon,+net_raw";
+    let lhb = Lhb::start_wrapped(
+        &[
+            "setpriv",
+            "--inh-caps",
+            caps,
+            "--ambient-caps",
+            caps,
+            "--bounding-set",
+            caps,
+            "--",
+        ],
+        &lhb_tests::lhb_bin(),
+        &["--mode", "kernel", "--expose-iface", &spec],
+    )
+    .unwrap();
+    assert!(
+        matches!(get(&lab, svc.port()), Outcome::Served(_)),
+        "{}",
+        lhb.log()
+    );
+    assert!(!lhb.log().contains("WARN"), "{}", lhb.log());
+}
+
+/// READY=1 arrives only once the rule serves: a connection made the moment it arrives
+/// is served. STATUS= says what is served; WATCHDOG=1 comes when asked for.
+#[test]
+fn readiness_is_notified_once_the_rule_serves() {
+    let lab = Lab::new(71).unwrap();
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let dir = tmpdir("notify");
+    let sock_path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let spec = format!("{}:{}", lab.bridge_name(), svc.port());
+    let lhb = Lhb::spawn(
+        &["--mode", "kernel", "--expose-iface", &spec],
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    )
+    .unwrap();
+    let mut buf = [0u8; 4096];
+    let mut seen = Vec::new();
+    let ready = loop {
+        let n = sock.recv(&mut buf).expect("no READY=1 within 20 s");
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if msg.lines().any(|l| l == "READY=1") {
+            break msg;
+        }
+        seen.push(msg);
+    };
+    // The moment READY=1 arrives, a container is served.
+    assert!(
+        matches!(get(&lab, svc.port()), Outcome::Served(_)),
+        "{}",
+        lhb.log()
+    );
+    assert!(seen.iter().all(|m| !m.contains("READY")), "{seen:?}");
+    assert!(ready.contains("STATUS=serving 1 of 1 rule(s)"), "{ready}");
+    assert!(ready.contains(&format!("MAINPID={}", lhb.pid())), "{ready}");
+    let start = Instant::now();
+    let watchdog = loop {
+        let n = sock.recv(&mut buf).unwrap();
+        if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+            break start.elapsed();
+        }
+    };
+    assert!(watchdog < Duration::from_secs(2), "{watchdog:?}");
+    drop(lhb);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `lhb status --json`, then runtime expose / unexpose, with and without --persist: the
+/// config file keeps its comments, the container is served and then refused.
+#[test]
+fn status_and_runtime_expose_unexpose_with_persist() {
+    let lab = Lab::new(72).unwrap();
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let other = PeerEcho::start("127.0.0.1:0").unwrap();
+    let br = lab.bridge_name();
+    let dir = tmpdir("persist");
+    let cfg = dir.join("lhb.toml");
+    let original = format!(
+        "# lhb for the tests\nmode = \"auto\" # stays\n\n[[expose]]\n# the first service\ninterface = \"{br}\"\nport = {}\nservice = \"first\"\n",
+        svc.port()
+    );
+    std::fs::write(&cfg, &original).unwrap();
+    let lhb = Lhb::start(&["--config", cfg.to_str().unwrap(), "--firewall", "none"]).unwrap();
+    let ctl = lhb.control();
+
+    let (ok, out, err) = lhb_check(&["status", "--json", "--control", &ctl]).unwrap();
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["pid"], lhb.pid());
+    let r = &v["rules"][0];
+    assert_eq!(r["interface"], br.as_str());
+    assert_eq!(r["port"], svc.port());
+    assert_eq!(r["service"], "first");
+    assert_eq!(r["origin"], "config");
+    assert_eq!(r["state"], "serving");
+    assert_eq!(r["bridge"], br.as_str());
+    assert_eq!(r["gateways"][0]["address"], lab.gateway().to_string());
+    assert_eq!(r["gateways"][0]["path"], "kernel");
+    assert_eq!(r["gateways"][1]["path"], "proxy", "{out}");
+    assert!(
+        r["gateways"][1]["why"].as_str().unwrap().contains("IPv6"),
+        "{out}"
+    );
+    let (ok, table, _) = lhb_check(&["status", "--control", &ctl]).unwrap();
+    assert!(
+        ok && table.contains(&format!("{br}:{}", svc.port())),
+        "{table}"
+    );
+
+    // Runtime only: served now, not written.
+    let spec = format!("{br}:{}", other.port());
+    assert_eq!(get(&lab, other.port()), Outcome::Refused);
+    let (ok, out, err) = lhb_check(&["expose", "--iface", &spec, "--control", &ctl]).unwrap();
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("serving on"), "{out}");
+    assert!(matches!(get(&lab, other.port()), Outcome::Served(_)));
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), original);
+    let (_, out, _) = lhb_check(&["status", "--json", "--control", &ctl]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["rules"][1]["origin"], "runtime");
+    // A duplicate is refused with the reason.
+    let (ok, _, err) = lhb_check(&["expose", "--iface", &spec, "--control", &ctl]).unwrap();
+    assert!(!ok && err.contains("already exposed"), "{err}");
+    let (ok, _, err) = lhb_check(&["unexpose", "--iface", &spec, "--control", &ctl]).unwrap();
+    assert!(ok, "{err}");
+    assert_eq!(get(&lab, other.port()), Outcome::Refused);
+
+    // Persisted: written (comments kept), and gone again after unexpose --persist.
+    let (ok, out, err) = lhb_check(&[
+        "expose",
+        "--iface",
+        &spec,
+        "--service",
+        "second",
+        "--persist",
+        "--control",
+        &ctl,
+    ])
+    .unwrap();
+    assert!(ok, "{out}{err}");
+    let written = std::fs::read_to_string(&cfg).unwrap();
+    assert!(written.starts_with(&original), "{written}");
+    assert!(written.contains("service = \"second\""), "{written}");
+    assert!(matches!(get(&lab, other.port()), Outcome::Served(_)));
+    let (ok, _, err) =
+        lhb_check(&["unexpose", "--iface", &spec, "--persist", "--control", &ctl]).unwrap();
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), original);
+    assert_eq!(get(&lab, other.port()), Outcome::Refused);
+    // Unknown rule: a clear error.
+    let (ok, _, err) =
+        lhb_check(&["unexpose", "--iface", &format!("{br}:1"), "--control", &ctl]).unwrap();
+    assert!(!ok && err.contains("no rule"), "{err}");
+    drop(lhb);
+    // Without a daemon, the client says so.
+    let (ok, _, err) = lhb_check(&["status", "--control", &ctl]).unwrap();
+    assert!(!ok && err.contains("no lhb daemon answers"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn scrape_unix(path: &std::path::Path) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lhb\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn scrape_tcp(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lhb\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn sample(text: &str, prefix: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+#[test]
+fn metrics_count_connections_per_path_on_unix_and_loopback() {
+    let lab = Lab::new(73).unwrap();
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let br = lab.bridge_name();
+    let spec = format!("{br}:{}", svc.port());
+    // Default: a Unix socket beside the control socket; kernel path.
+    let lhb = Lhb::start(&["--mode", "kernel", "--expose-iface", &spec]).unwrap();
+    for _ in 0..3 {
+        assert!(matches!(get(&lab, svc.port()), Outcome::Served(_)));
+    }
+    let text = scrape_unix(&lhb.metrics_socket());
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    let rule = format!("{{rule=\"{spec}\",service=\"port-{}\"", svc.port());
+    assert_eq!(
+        sample(
+            &text,
+            &format!("lhb_connections_total{rule},path=\"kernel\"}}")
+        ),
+        Some(3),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, &format!("lhb_rule_serving{rule}}}")),
+        Some(1),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE lhb_reconcile_events_total counter"),
+        "{text}"
+    );
+    drop(lhb);
+
+    // A loopback address from the config; proxy path: bytes and connections.
+    let port = free_port("127.0.0.1").unwrap();
+    let dir = tmpdir("metrics");
+    let cfg = dir.join("lhb.toml");
+    std::fs::write(&cfg, format!("metrics = \"127.0.0.1:{port}\"\n")).unwrap();
+    let _lhb = Lhb::start(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--mode",
+        "proxy",
+        "--expose-iface",
+        &spec,
+    ])
+    .unwrap();
+    for _ in 0..2 {
+        assert!(matches!(get(&lab, svc.port()), Outcome::Served(_)));
+    }
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let text = scrape_tcp(addr);
+    let ok = wait_until(Duration::from_secs(2), || {
+        sample(
+            &scrape_tcp(addr),
+            &format!("lhb_connections_total{rule},path=\"proxy\"}}"),
+        ) == Some(2)
+    });
+    assert!(ok.is_some(), "{text}");
+    assert!(
+        sample(&text, &format!("lhb_proxy_bytes_total{rule}}}")).unwrap() > 0,
+        "{text}"
+    );
+    // Non-loopback metrics addresses are refused at load.
+    std::fs::write(&cfg, "metrics = \"0.0.0.0:9464\"\n").unwrap();
+    let (status, err) = lhb_tests::lhb_once(
+        &[
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--expose-iface",
+            &spec,
+        ],
+        &[],
+    )
+    .unwrap();
+    assert!(!status.success() && err.contains("loopback"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A stream echo service: what comes in goes back.
+fn echo_service() -> (u16, thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let h = thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { break };
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (port, h)
+}
+
+/// With the kernel path the container's connection is native TCP to the service: it
+/// keeps flowing across a `kill -9` of the daemon. New connections are served again
+/// within 1 s of the restart, and the restart leaves nothing doubled.
+#[test]
+fn kill_9_keeps_established_streams_and_a_restart_serves_within_a_second() {
+    let lab = Lab::new(74).unwrap();
+    let (port, _echo) = echo_service();
+    let spec = format!("{}:{port}", lab.bridge_name());
+    let mut lhb = Lhb::start(&["--mode", "kernel", "--expose-iface", &spec]).unwrap();
+    let gw = SocketAddr::new(lab.gateway(), port);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
+    // A stream that sends and checks a line every 20 ms until told to stop.
+    let _stream = lab
+        .container
+        .run(move || {
+            thread::spawn(move || {
+                let r = (|| -> Result<usize, String> {
+                    let mut s = TcpStream::connect_timeout(&gw, T).map_err(|e| e.to_string())?;
+                    s.set_read_timeout(Some(T)).unwrap();
+                    let mut rounds = 0;
+                    while rx.try_recv().is_err() {
+                        let msg = format!("round {rounds}\n");
+                        s.write_all(msg.as_bytes())
+                            .map_err(|e| format!("write: {e}"))?;
+                        let mut back = vec![0u8; msg.len()];
+                        s.read_exact(&mut back)
+                            .map_err(|e| format!("read after {rounds}: {e}"))?;
+                        if back != msg.as_bytes() {
+                            return Err("corrupted".into());
+                        }
+                        rounds += 1;
+                        thread::sleep(Duration::from_millis(20));
+                    }
+                    Ok(rounds)
+                })();
+                let _ = done_tx.send(r);
+            })
+        })
+        .unwrap();
+    thread::sleep(Duration::from_millis(300));
+    lhb.kill9();
+    thread::sleep(Duration::from_millis(500));
+    tx.send(()).unwrap();
+    let rounds = done_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let rounds = rounds.expect("the established stream broke when lhb was killed");
+    assert!(rounds > 20, "{rounds} rounds");
+
+    let restarted = Instant::now();
+    let lhb = Lhb::spawn(&["--mode", "kernel", "--expose-iface", &spec], &[]).unwrap();
+    let served = wait_until(Duration::from_secs(5), || {
+        lab.container
+            .run(move || TcpStream::connect_timeout(&gw, Duration::from_millis(200)).is_ok())
+            .unwrap()
+    });
+    let took = restarted.elapsed();
+    assert!(
+        served.is_some(),
+        "not served after the restart:\n{}",
+        lhb.log()
+    );
+    eprintln!("MEASURED: kill -9, restart -> first served connection: {took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}\n{}", lhb.log());
+    let progs = lhb_tests::ingress_programs(&lab.bridge_name()).unwrap();
+    assert_eq!(progs.len(), 1, "{progs:?}");
+}
