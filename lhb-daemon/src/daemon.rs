@@ -51,6 +51,10 @@ pub struct RunOptions {
     pub max_connections: usize,
     /// The control socket (`lhb status`, `lhb expose`, `lhb unexpose`).
     pub control: PathBuf,
+    /// Where the kernel path's links are pinned (bpffs).
+    pub pin_dir: PathBuf,
+    /// Leave the kernel path and the firewall rules serving on a clean exit.
+    pub keep_on_exit: bool,
 }
 
 /// Listen backlog of proxy sockets: connection bursts wait in the kernel, not refused.
@@ -291,8 +295,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut kernel_unavailable = None;
     let kernel = match mode {
         Mode::Proxy => None,
-        Mode::Kernel => Some(load_kernel_path()?),
-        Mode::Auto => match load_kernel_path() {
+        Mode::Kernel => Some(load_kernel_path(&opts.pin_dir)?),
+        Mode::Auto => match load_kernel_path(&opts.pin_dir) {
             Ok(k) => Some(k),
             Err(e) => {
                 warn!("kernel path unavailable: {e:#}; using the proxy for every rule");
@@ -365,7 +369,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // or to bind is fatal, and nothing stays behind.
     let wanted = reconcile::plan(&d.rules, &d.slots, &observed, d.paths);
     if let Err(e) = d.apply(&wanted).await {
-        d.shutdown().await;
+        d.shutdown(false).await;
         cleanup_sockets(&opts.control, &metrics);
         return Err(e);
     }
@@ -373,11 +377,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let opened = openings(&d.applied);
     if let Err(e) = firewall.sync(&opened) {
         firewall.shutdown();
-        d.shutdown().await;
+        d.shutdown(false).await;
         cleanup_sockets(&opts.control, &metrics);
         return Err(e.context("firewall"));
     }
     d.firewall = Some(FirewallTask::spawn(firewall, opened));
+    if let Some(k) = d.kernel.as_mut() {
+        k.release_earlier();
+    }
     log_states(&d.rules, &[], &d.applied.states);
     info!(
         "ready: serving {} of {} rule(s); control socket {}",
@@ -437,7 +444,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             }
             ev = events.next() => {
                 if ev.is_none() {
-                    d.shutdown().await;
+                    d.shutdown(false).await;
                     bail!("the rtnetlink event socket closed; cannot follow bridges any more");
                 }
                 tokio::time::sleep(SETTLE).await;
@@ -470,9 +477,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                target_errors = ?p.target_errors, over_limit = ?p.over_limit, "final proxy counters");
     }
     d.notifier.stopping();
-    d.shutdown().await;
+    d.shutdown(opts.keep_on_exit).await;
     cleanup_sockets(&opts.control, &metrics);
-    info!("detached from every bridge and closed every listener; bye");
+    if opts.keep_on_exit {
+        info!(
+            "--keep-on-exit: the kernel path and the firewall rules stay for the next start; proxy listeners closed; bye"
+        );
+    } else {
+        info!("detached from every bridge and closed every listener; bye");
+    }
     Ok(())
 }
 
@@ -484,23 +497,25 @@ fn cleanup_sockets(control: &std::path::Path, metrics: &control::MetricsAddr) {
 }
 
 /// The kernel path, or why it cannot be used here.
-fn load_kernel_path() -> anyhow::Result<KernelPath> {
+fn load_kernel_path(pin_dir: &std::path::Path) -> anyhow::Result<KernelPath> {
     let eff = caps::effective().context("reading this process's capabilities")?;
     let missing = caps::missing_for_kernel_path(eff);
     if !missing.is_empty() {
         return Err(StartError::MissingCapabilities(missing).into());
     }
-    Ok(KernelPath::load()?)
+    Ok(KernelPath::load(pin_dir)?)
 }
 
 impl Daemon {
-    async fn shutdown(&mut self) {
+    /// Detaches and removes everything, or with `keep` leaves the kernel path and the
+    /// firewall rules serving for the next start to take over (the proxy cannot stay).
+    async fn shutdown(&mut self, keep: bool) {
         if let Some(fw) = self.firewall.take() {
-            fw.shutdown().await;
+            fw.shutdown(keep).await;
         }
         self.proxy.shutdown();
         if let Some(k) = self.kernel.as_mut() {
-            k.shutdown(&self.netlink).await;
+            k.shutdown(&self.netlink, keep).await;
         }
     }
 

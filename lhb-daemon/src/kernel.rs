@@ -3,17 +3,28 @@
 //! endpoint map and reads the per-rule counters. lhb-ebpf's header says how the two
 //! programs share the work.
 //!
-//! Attachment uses TCX on kernels that have it (6.6+: the link goes away with the
-//! process, nothing is left behind) and a clsact qdisc with a netlink filter elsewhere;
-//! a clsact qdisc lhb had to create is removed again when its bridge is detached.
+//! Attachment uses TCX on kernels that have it (6.6+) and a clsact qdisc with a netlink
+//! filter elsewhere; a clsact qdisc lhb had to create is removed again when its bridge is
+//! detached.
+//!
+//! Surviving the daemon: the socket-lookup and TCX links are pinned in bpffs (the pin
+//! directory, one per lhb), and netlink filters outlive processes anyway, so after a
+//! crash (or an exit with --keep-on-exit) the programs keep serving with the maps they
+//! had. The next start attaches its own programs first and then releases the earlier
+//! ones: no moment without a program. A clean exit removes everything.
 
-use std::{collections::BTreeMap, io};
+use std::{
+    collections::BTreeMap,
+    io,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{
         ProgramError, SchedClassifier, SkLookup, TcAttachType,
+        links::{FdLink, PinnedLink},
         tc::{self, SchedClassifierLinkId, TcError},
     },
     util::KernelVersion,
@@ -23,12 +34,12 @@ use lhb_common::{
     SK_LOOKUP_PROGRAM, Steer,
 };
 use thiserror::Error;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 #[derive(Debug, Error)]
 pub enum KernelPathError {
     #[error(
-        "the kernel refused to load lhb's eBPF program ({0}); lhb needs CAP_BPF and CAP_NET_ADMIN (run as root or grant them)"
+        "the kernel refused to load lhb's eBPF program ({0}); lhb needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (run as root or grant them)"
     )]
     Permission(io::Error),
     #[error("the kernel's verifier rejected lhb's eBPF program: {error}\n{log}")]
@@ -73,11 +84,24 @@ impl AttachMode {
     }
 }
 
+enum AttachLink {
+    /// A netlink filter (clsact), owned by the program object.
+    Program(SchedClassifierLinkId),
+    /// A TCX link pinned in bpffs.
+    Pinned(PinnedLink),
+}
+
 struct Attachment {
     iface: String,
-    link: SchedClassifierLinkId,
+    link: AttachLink,
     /// lhb created the clsact qdisc and must remove it.
     own_clsact: bool,
+}
+
+/// Where this lhb pins its links, and the pins an earlier run left.
+struct Pins {
+    dir: PathBuf,
+    earlier: Vec<PathBuf>,
 }
 
 pub struct KernelPath {
@@ -86,12 +110,64 @@ pub struct KernelPath {
     counters: PerCpuArray<MapData, Counters>,
     attached: BTreeMap<u32, Attachment>,
     mode: AttachMode,
+    pins: Option<Pins>,
+    sk_lookup: Option<PinnedLink>,
+    /// Bridges whose earlier lhb filters (clsact) were already replaced in this run.
+    cleared: std::collections::BTreeSet<String>,
+}
+
+/// bpffs's statfs magic.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn on_bpffs(dir: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the struct we pass; the path is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+impl Pins {
+    /// The pin directory, if `dir` is (or can be made) a directory on bpffs.
+    fn open(dir: &Path) -> Result<Pins, String> {
+        let parent = dir.parent().unwrap_or(Path::new("/"));
+        if !on_bpffs(parent) {
+            return Err(format!(
+                "{} is not a bpffs mount (mount it: `mount -t bpf bpf {}`; systemd does at boot)",
+                parent.display(),
+                parent.display()
+            ));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let me = format!("-{}", std::process::id());
+        let earlier = std::fs::read_dir(dir)
+            .map_err(|e| format!("reading {}: {e}", dir.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                !p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.ends_with(&me))
+            })
+            .collect();
+        Ok(Pins {
+            dir: dir.to_path_buf(),
+            earlier,
+        })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}-{}", std::process::id()))
+    }
 }
 
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lhb"));
 
 impl KernelPath {
-    pub fn load() -> Result<KernelPath, KernelPathError> {
+    /// Loads the programs and attaches the socket-lookup one; links are pinned under
+    /// `pin_dir` where it is on bpffs (else they go with the process, and the log says so).
+    pub fn load(pin_dir: &Path) -> Result<KernelPath, KernelPathError> {
         bump_memlock_rlimit();
         let mut ebpf = Ebpf::load(PROGRAM).map_err(|e| match e {
             aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
@@ -111,12 +187,32 @@ impl KernelPath {
         tc.load().map_err(load_error)?;
         let lookup: &mut SkLookup = program(&mut ebpf, SK_LOOKUP_PROGRAM)?;
         lookup.load().map_err(load_error)?;
-        // The program serves the namespace lhb runs in; the link goes with the process.
+        // The program serves the namespace lhb runs in.
         let netns = std::fs::File::open("/proc/self/ns/net")
             .map_err(|e| KernelPathError::SkLookup(format!("opening /proc/self/ns/net: {e}")))?;
-        lookup
+        let id = lookup
             .attach(netns)
             .map_err(|e| KernelPathError::SkLookup(format!("{e:#}")))?;
+        let pins = match Pins::open(pin_dir) {
+            Ok(p) => Some(p),
+            Err(why) => {
+                warn!(
+                    "not pinning the kernel path ({why}): while lhb is down, new connections are not served"
+                );
+                None
+            }
+        };
+        let mut sk_lookup = None;
+        if let Some(pins) = &pins {
+            let link = lookup
+                .take_link(id)
+                .map_err(|e| KernelPathError::SkLookup(format!("{e:#}")))?;
+            let path = pins.path("sk_lookup");
+            let fd: FdLink = link.into();
+            sk_lookup = Some(fd.pin(&path).map_err(|e| {
+                KernelPathError::SkLookup(format!("pinning at {}: {e}", path.display()))
+            })?);
+        }
         let endpoints = take_map(&mut ebpf, ENDPOINTS_MAP)?;
         let endpoints = HashMap::try_from(endpoints)
             .map_err(|e| KernelPathError::Load(format!("{ENDPOINTS_MAP}: {e}")))?;
@@ -129,7 +225,31 @@ impl KernelPath {
             counters,
             attached: BTreeMap::new(),
             mode: AttachMode::for_running_kernel(),
+            pins,
+            sk_lookup,
+            cleared: Default::default(),
         })
+    }
+
+    /// Releases what an earlier lhb left pinned (after a crash or --keep-on-exit): called
+    /// once this run serves, so there is no moment without a program.
+    pub fn release_earlier(&mut self) {
+        let Some(pins) = self.pins.as_mut() else {
+            return;
+        };
+        let earlier = std::mem::take(&mut pins.earlier);
+        if !earlier.is_empty() {
+            info!(
+                "took over from an earlier lhb: released its {} pinned link(s)",
+                earlier.len()
+            );
+        }
+        for p in earlier {
+            // The pin is the link's last reference: unlinking it detaches the program.
+            if let Err(e) = std::fs::remove_file(&p) {
+                warn!("releasing {}: {e}", p.display());
+            }
+        }
     }
 
     pub fn mode(&self) -> AttachMode {
@@ -161,10 +281,38 @@ impl KernelPath {
                 Err(e) => return Err(attach_err(format!("adding clsact qdisc: {e}"))),
             }
         }
-        let link = self
+        if self.mode == AttachMode::Clsact && self.cleared.insert(iface.to_string()) {
+            // Filters of an earlier lhb (crash, --keep-on-exit) outlive it; they are
+            // replaced here, a moment before this run's own filter goes in.
+            if tc::qdisc_detach_program(iface, TcAttachType::Ingress, INGRESS_PROGRAM).is_ok() {
+                info!(bridge = iface, "replaced the filter an earlier lhb left");
+            }
+        }
+        // Explicit: aya's attach() picks TCX by kernel version alone, which would ignore
+        // a clsact choice (LHB_ATTACH) on a TCX kernel.
+        let options = match self.mode {
+            AttachMode::Tcx => tc::TcAttachOptions::TcxOrder(aya::programs::LinkOrder::default()),
+            AttachMode::Clsact => tc::TcAttachOptions::Netlink(tc::NlOptions::default()),
+        };
+        let id = self
             .program()
-            .attach(iface, TcAttachType::Ingress)
+            .attach_with_options(iface, TcAttachType::Ingress, options)
             .map_err(|e| attach_err(format!("{e:#}")))?;
+        let link = match (&self.pins, self.mode) {
+            (Some(pins), AttachMode::Tcx) => {
+                let path = pins.path(&format!("tc-{ifindex}"));
+                let link = self
+                    .program()
+                    .take_link(id)
+                    .map_err(|e| attach_err(format!("{e:#}")))?;
+                let fd = FdLink::try_from(link).map_err(|e| attach_err(format!("{e:#}")))?;
+                AttachLink::Pinned(
+                    fd.pin(&path)
+                        .map_err(|e| attach_err(format!("pinning at {}: {e}", path.display())))?,
+                )
+            }
+            _ => AttachLink::Program(id),
+        };
         self.attached.insert(
             ifindex,
             Attachment {
@@ -182,8 +330,17 @@ impl KernelPath {
         let Some(a) = self.attached.remove(&ifindex) else {
             return;
         };
-        if let Err(e) = self.program().detach(a.link) {
-            debug!(iface = %a.iface, "detach: {e}");
+        match a.link {
+            AttachLink::Program(id) => {
+                if let Err(e) = self.program().detach(id) {
+                    debug!(iface = %a.iface, "detach: {e}");
+                }
+            }
+            AttachLink::Pinned(p) => match p.unpin() {
+                // Dropping the last reference detaches.
+                Ok(fd) => drop(fd),
+                Err(e) => debug!(iface = %a.iface, "unpinning: {e}"),
+            },
         }
         if a.own_clsact
             && let Err(e) = netlink.remove_clsact(ifindex).await
@@ -229,10 +386,38 @@ impl KernelPath {
     }
 
     /// Detaches from every bridge (and removes the clsact qdiscs lhb created).
-    pub async fn shutdown(&mut self, netlink: &crate::netlink::Netlink) {
+    /// Detaches everything; with `keep`, leaves it all serving instead (pinned links and
+    /// filters stay for the next start to take over).
+    pub async fn shutdown(&mut self, netlink: &crate::netlink::Netlink, keep: bool) {
+        if keep {
+            if self.pins.is_none() {
+                warn!(
+                    "--keep-on-exit: nothing is pinned (see above), so the kernel path goes with lhb"
+                );
+                return;
+            }
+            for (_, a) in std::mem::take(&mut self.attached) {
+                if let AttachLink::Program(id) = a.link {
+                    match self.program().take_link(id) {
+                        // A filter detaches when its link object drops: keep it attached.
+                        Ok(link) => std::mem::forget(link),
+                        Err(e) => warn!(bridge = %a.iface, "--keep-on-exit: {e}"),
+                    }
+                }
+            }
+            // Pinned links stay attached through their pins when these drop.
+            return;
+        }
         let all: Vec<u32> = self.attached().collect();
         for ifindex in all {
             self.detach(ifindex, netlink).await;
+        }
+        if let Some(p) = self.sk_lookup.take() {
+            let _ = p.unpin();
+        }
+        if let Some(pins) = &self.pins {
+            // Only this run's pins were in it (earlier ones are released at start).
+            let _ = std::fs::remove_dir(&pins.dir);
         }
     }
 }

@@ -86,6 +86,14 @@ enum Command {
         /// The metrics socket defaults to metrics.sock beside it.
         #[arg(long, value_name = "PATH", default_value = control::DEFAULT_CONTROL)]
         control: PathBuf,
+        /// bpffs directory where the kernel path's links are pinned, so that they keep
+        /// serving while lhb is down (a crash, a restart); one per lhb.
+        #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/lhb")]
+        pin_dir: PathBuf,
+        /// On SIGTERM/SIGINT leave the kernel path and the firewall rules serving; the
+        /// next start takes them over. Without it a clean exit removes everything.
+        #[arg(long)]
+        keep_on_exit: bool,
     },
     /// Show the running daemon's rules: source, bridge, gateways, target, data path and
     /// why, firewall rules, counters, last error.
@@ -262,6 +270,8 @@ fn main() -> ExitCode {
                 firewall,
                 max_connections,
                 control,
+                pin_dir,
+                keep_on_exit,
             } => {
                 let mut cli_rules = expose;
                 cli_rules.extend(expose_iface);
@@ -273,6 +283,8 @@ fn main() -> ExitCode {
                     firewall,
                     max_connections,
                     control,
+                    pin_dir,
+                    keep_on_exit,
                 })
                 .await
                 .map(|()| true)

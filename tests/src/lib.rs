@@ -551,6 +551,11 @@ impl Lhb {
         self.private.control.display().to_string()
     }
 
+    /// Its pin directory (bpffs).
+    pub fn pin_dir(&self) -> PathBuf {
+        self.private.pins.clone()
+    }
+
     /// Its metrics socket (the default: beside the control socket).
     pub fn metrics_socket(&self) -> PathBuf {
         self.private.control.with_file_name("metrics.sock")
@@ -596,6 +601,9 @@ pub struct Private {
     dir: PathBuf,
     control: PathBuf,
     given: bool,
+    /// bpffs directory for the daemon's pinned links (--pin-dir).
+    pins: PathBuf,
+    pins_given: bool,
 }
 
 impl Private {
@@ -609,25 +617,39 @@ impl Private {
             Some(i) => PathBuf::from(args.get(i + 1).copied().unwrap_or_default()),
             None => dir.join("lhb.sock"),
         };
+        let pins_at = args.iter().position(|a| *a == "--pin-dir");
+        let pins = match pins_at {
+            Some(i) => PathBuf::from(args.get(i + 1).copied().unwrap_or_default()),
+            None => PathBuf::from(format!("/sys/fs/bpf/{PREFIX}-{}-{n}", std::process::id())),
+        };
         Ok(Private {
             dir,
             control,
             given: given.is_some(),
+            pins,
+            pins_given: pins_at.is_some(),
         })
     }
 
     fn args(&self) -> Vec<String> {
-        if self.given {
-            vec![]
-        } else {
-            vec!["--control".into(), self.control.display().to_string()]
+        let mut a = Vec::new();
+        if !self.given {
+            a.extend(["--control".into(), self.control.display().to_string()]);
         }
+        if !self.pins_given {
+            a.extend(["--pin-dir".into(), self.pins.display().to_string()]);
+        }
+        a
     }
 }
 
 impl Drop for Private {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+        // Pins a crashed or --keep-on-exit daemon left: removing them detaches.
+        if !self.pins_given {
+            let _ = std::fs::remove_dir_all(&self.pins);
+        }
     }
 }
 

@@ -93,6 +93,23 @@ pub fn run() -> anyhow::Result<()> {
         bail!("the outside namespace reached the service on the host's own address");
     }
 
+    say("`lhb status` asks the running daemon over its control socket:");
+    let ctl = lhb.control();
+    let (ok, _) = show(Command::new(lhb_bin()).args(["status", "--control", &ctl]))?;
+    if !ok {
+        bail!("lhb status failed");
+    }
+
+    say(
+        "`lhb verify` proves it with throwaway namespaces: served from the bridge, refused\n    \
+         from outside on every host address, nothing listening on a wildcard address:",
+    );
+    let (ok, _) =
+        show(Command::new(lhb_bin()).args(["verify", "--config", "/dev/null", "--iface", &spec]))?;
+    if !ok {
+        bail!("lhb verify failed");
+    }
+
     say("Stopping lhb (SIGTERM): it detaches from the bridge and the service is private again:");
     let status = lhb.stop()?;
     println!("    lhb exited: {status}");

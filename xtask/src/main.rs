@@ -139,10 +139,18 @@ fn leftovers() -> anyhow::Result<()> {
     // Where no engine answers there are no Docker networks to leave behind.
     let networks =
         lhb_tests::run("docker", &["network", "ls", "--format", "{{.Name}}"]).unwrap_or_default();
+    let pins: String = std::fs::read_dir("/sys/fs/bpf")
+        .map(|d| {
+            d.flatten()
+                .map(|e| format!("/sys/fs/bpf/{}\n", e.file_name().to_string_lossy()))
+                .collect()
+        })
+        .unwrap_or_default();
     let left: Vec<&str> = netns
         .lines()
         .chain(links.lines())
         .chain(networks.lines())
+        .chain(pins.lines().map(|l| l.trim_start_matches("/sys/fs/bpf/")))
         .filter(|l| {
             l.starts_with(lhb_tests::PREFIX) || l.starts_with("lhb-probe-") || l.starts_with("lhbp")
         })

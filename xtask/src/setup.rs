@@ -42,7 +42,30 @@ pub fn run() -> anyhow::Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     ensure_debian_packages()?;
+    ensure_bpffs()?;
     ensure_test_image()
+}
+
+/// bpffs at /sys/fs/bpf, where lhb pins its links (systemd mounts it at boot; a
+/// machine without systemd as init may not have it).
+fn ensure_bpffs() -> anyhow::Result<()> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        return Ok(());
+    }
+    println!("setup: mounting bpffs at /sys/fs/bpf");
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status()
+        .context("running mount")?
+        .success();
+    if !ok {
+        bail!("mounting bpffs at /sys/fs/bpf failed");
+    }
+    Ok(())
 }
 
 fn ensure_test_image() -> anyhow::Result<()> {

@@ -108,9 +108,12 @@ pub struct Firewall {
 impl Firewall {
     /// The backends `mode` asks for, among the tools this host has; leftovers of an
     /// earlier run are removed (the rules of this run are added by `sync`).
+    /// Rules an earlier lhb left (a crash, --keep-on-exit) are adopted: the first `sync`
+    /// keeps those still wanted, so the traffic they let in never stops, and removes
+    /// the rest.
     pub fn new(mode: FirewallMode) -> Firewall {
         let mut fw = Firewall::detect(mode);
-        fw.remove_leftovers();
+        fw.adopt_leftovers();
         fw
     }
 
@@ -132,26 +135,21 @@ impl Firewall {
         }
     }
 
-    fn remove_leftovers(&mut self) {
+    fn adopt_leftovers(&mut self) {
+        let mut adopted = BTreeSet::new();
         for b in &mut self.backends {
             match b.leftovers() {
-                Ok(left) => {
-                    for o in left {
-                        match b.close(&o) {
-                            Ok(()) => info!(
-                                "firewall: removed a rule an earlier lhb left ({}: {o})",
-                                b.name()
-                            ),
-                            Err(e) => warn!(
-                                "firewall: removing an earlier lhb rule ({}: {o}): {e:#}",
-                                b.name()
-                            ),
-                        }
-                    }
-                }
+                Ok(left) => adopted.extend(left),
                 Err(e) => warn!("firewall: reading {}: {e:#}", b.name()),
             }
         }
+        if !adopted.is_empty() {
+            info!(
+                "firewall: adopted {} rule(s) an earlier lhb left (kept if still wanted)",
+                adopted.len()
+            );
+        }
+        self.held = adopted;
     }
 
     /// Where `o` may be dropped: chains that may drop it and hold no accept for it.
@@ -231,6 +229,7 @@ impl Firewall {
 pub struct FirewallTask {
     tx: tokio::sync::watch::Sender<BTreeSet<Opening>>,
     task: tokio::task::JoinHandle<()>,
+    keep: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub const REMOVAL_GRACE: std::time::Duration = std::time::Duration::from_millis(1500);
@@ -240,6 +239,8 @@ impl FirewallTask {
     /// Takes over `fw`, whose rules already match `current`.
     pub fn spawn(mut fw: Firewall, current: BTreeSet<Opening>) -> FirewallTask {
         let (tx, mut rx) = tokio::sync::watch::channel(current);
+        let keep = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let keep_at_end = keep.clone();
         let task = tokio::spawn(async move {
             // When the next full sync (with removals) is due, if one is.
             let mut due: Option<tokio::time::Instant> = None;
@@ -276,9 +277,11 @@ impl FirewallTask {
                     }
                 }
             }
-            fw.shutdown();
+            if !keep_at_end.load(std::sync::atomic::Ordering::SeqCst) {
+                fw.shutdown();
+            }
         });
-        FirewallTask { tx, task }
+        FirewallTask { tx, task, keep }
     }
 
     pub fn want(&self, openings: BTreeSet<Opening>) {
@@ -291,8 +294,9 @@ impl FirewallTask {
         });
     }
 
-    /// Removes every rule lhb added and ends the task.
-    pub async fn shutdown(self) {
+    /// Removes every rule lhb added (unless `keep`) and ends the task.
+    pub async fn shutdown(self, keep: bool) {
+        self.keep.store(keep, std::sync::atomic::Ordering::SeqCst);
         drop(self.tx);
         let _ = self.task.await;
     }
