@@ -5,9 +5,10 @@
 //! - `build`: setup, then the `lhb` binary with its embedded eBPF object;
 //! - `test`: setup, fmt, clippy, build, every unit and end-to-end test, leftover check;
 //! - `demo`: a real end-to-end run on a throwaway topology, explained step by step;
-//! - `bench`: the direct path against the kernel path, interleaved, as ratios.
+//! - `bench`: direct, kernel, proxy and socat side by side, interleaved: table, JSON, charts.
 
 mod bench;
+mod charts;
 mod demo;
 mod setup;
 

@@ -33,6 +33,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "ufw",
     // systemd-analyze, for checking the generated unit.
     "systemd",
+    // The benchmark's PostgreSQL (pgbench) and its charts' font.
+    "postgresql",
+    "fonts-dejavu-core",
 ];
 
 /// Applets linked in the test image: what the tests run inside containers.
