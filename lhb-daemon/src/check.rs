@@ -215,6 +215,21 @@ impl ProbeNs {
         Ok(ns)
     }
 
+    /// A namespace on `bridge` that can reach each of `gateways`: one address per
+    /// address family, next to the bridge's own address of that family.
+    pub fn for_gateways(bridge: &str, gateways: &[IpAddr]) -> anyhow::Result<ProbeNs> {
+        let own = prefixes(bridge)?;
+        let mut nets: Vec<(IpAddr, u8)> = Vec::new();
+        for gw in gateways {
+            if let Some(p) = own.iter().find(|(a, _)| a.is_ipv4() == gw.is_ipv4())
+                && !nets.iter().any(|(a, _)| a.is_ipv4() == gw.is_ipv4())
+            {
+                nets.push(*p);
+            }
+        }
+        ProbeNs::on_bridge(bridge, &nets)
+    }
+
     /// A namespace outside every bridge, on a veth of its own, routed to the host (and
     /// so to every address the host has): the view of another machine on the network.
     pub fn outside(v6: bool) -> anyhow::Result<ProbeNs> {

@@ -247,16 +247,7 @@ fn diagnose(
             Err(e) => fw_err = Some(format!("{e:#}")),
         }
     }
-    let own = check::prefixes(&bridge)?;
-    let mut nets: Vec<(IpAddr, u8)> = Vec::new();
-    for gw in &gateways {
-        if let Some(p) = own.iter().find(|(a, _)| a.is_ipv4() == gw.is_ipv4())
-            && !nets.iter().any(|(a, _)| a.is_ipv4() == gw.is_ipv4())
-        {
-            nets.push(*p);
-        }
-    }
-    let probe = ProbeNs::on_bridge(&bridge, &nets)?;
+    let probe = ProbeNs::for_gateways(&bridge, &gateways)?;
     let outcomes: Vec<(SocketAddr, Outcome)> = gateways
         .iter()
         .map(|&gw| {

@@ -75,17 +75,7 @@ fn verify_rule(rule: &Rule, observed: &Observed, r: &mut Report) -> anyhow::Resu
         }
     };
 
-    // The probe takes one address per family next to the bridge's own.
-    let own = check::prefixes(&bridge)?;
-    let mut nets: Vec<(IpAddr, u8)> = Vec::new();
-    for gw in &gateways {
-        if let Some(p) = own.iter().find(|(a, _)| a.is_ipv4() == gw.is_ipv4())
-            && !nets.iter().any(|(a, _)| a.is_ipv4() == gw.is_ipv4())
-        {
-            nets.push(*p);
-        }
-    }
-    let probe = ProbeNs::on_bridge(&bridge, &nets)?;
+    let probe = ProbeNs::for_gateways(&bridge, &gateways)?;
     for &gw in &gateways {
         let to = SocketAddr::new(gw, rule.port);
         let from = probe

@@ -719,21 +719,26 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Durati
 }
 
 /// Programs on `iface`'s ingress: TCX attachments (by id, queried from the kernel)
-/// plus a line per legacy `tc` filter. Empty means nothing is attached.
+/// plus one line per legacy `tc` filter. Empty means nothing is attached.
 pub fn ingress_programs(iface: &str) -> anyhow::Result<Vec<String>> {
     use aya::programs::{SchedClassifier, TcAttachType};
     let mut found = Vec::new();
-    match SchedClassifier::query_tcx(iface, TcAttachType::Ingress) {
-        Ok((_, progs)) => found.extend(progs.iter().map(|p| format!("tcx prog {}", p.id()))),
-        // Kernels before 6.6 have no TCX; the tc filter listing below covers them.
-        Err(e) if format!("{e:?}").contains("InvalidArgument") => {}
-        Err(e) => return Err(anyhow::anyhow!("querying TCX on {iface}: {e}")),
+    // Kernels before 6.6 have no TCX; the tc filter listing below covers them.
+    let tcx = aya::util::KernelVersion::current()
+        .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+    if tcx {
+        match SchedClassifier::query_tcx(iface, TcAttachType::Ingress) {
+            Ok((_, progs)) => found.extend(progs.iter().map(|p| format!("tcx prog {}", p.id()))),
+            Err(e) => return Err(anyhow::anyhow!("querying TCX on {iface}: {e}")),
+        }
     }
+    // `tc` prints a header line per priority and a line per filter; the latter names
+    // the program (`... id N name ...`), so one entry per program.
     let filters = run("tc", &["filter", "show", "dev", iface, "ingress"])?;
     found.extend(
         filters
             .lines()
-            .filter(|l| !l.trim().is_empty())
+            .filter(|l| l.contains(" id "))
             .map(String::from),
     );
     Ok(found)

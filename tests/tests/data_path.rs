@@ -807,7 +807,7 @@ fn the_clsact_attachment_serves_and_is_removed_on_exit() {
     let br = lab.bridge_name();
     let qdiscs = run("tc", &["qdisc", "show", "dev", &br]).unwrap();
     assert!(qdiscs.contains("clsact"), "{qdiscs}");
-    assert!(!ingress_programs(&br).unwrap().is_empty());
+    assert_eq!(ingress_programs(&br).unwrap().len(), 1);
     assert!(matches!(
         get_from(&lab.container, lab.gateway(), svc.port()),
         Outcome::Served(_)

@@ -384,14 +384,10 @@ impl Drop for PinDir {
     }
 }
 
-/// Programs on the bridge's ingress: TCX links, or tc filters (one header line and one
-/// line per filter in `tc filter show`).
 fn programs_on(lab: &Lab) -> usize {
     lhb_tests::ingress_programs(&lab.bridge_name())
         .unwrap()
-        .iter()
-        .filter(|l| l.starts_with("tcx prog") || l.contains(" id "))
-        .count()
+        .len()
 }
 
 fn connects(lab: &Lab, port: u16) -> bool {

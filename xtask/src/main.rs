@@ -11,6 +11,7 @@ mod bench;
 mod charts;
 mod demo;
 mod setup;
+mod vm;
 
 use std::{
     path::PathBuf,
@@ -46,6 +47,14 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         paths: Vec<String>,
     },
+    /// Run the netns-level end-to-end tests (kernel and proxy paths) on another kernel,
+    /// booted under QEMU software emulation with virtme-ng; prints the kernel and what
+    /// `--mode auto` chose there.
+    TestVm {
+        /// `6.1` or `6.12` (Debian's newest package of that series), or a vmlinuz path.
+        #[arg(long, default_value = "6.1")]
+        kernel: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -62,6 +71,9 @@ fn main() -> ExitCode {
             .and_then(|()| require_root("the benchmark"))
             .and_then(|()| build_release())
             .and_then(|()| bench::run(quick, &paths)),
+        Cmd::TestVm { kernel } => setup::run()
+            .and_then(|()| require_root("the VM run"))
+            .and_then(|()| vm::run(&kernel)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

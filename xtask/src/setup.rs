@@ -238,7 +238,12 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 }
 
 fn ensure_debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    ensure_packages(DEBIAN_PACKAGES)
+}
+
+/// Installs whichever of `packages` is missing (apt-get, as root); idempotent.
+pub fn ensure_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
