@@ -50,11 +50,7 @@ pub fn rules(t: &Target) -> anyhow::Result<Vec<Rule>> {
         }
         return Ok(cfg.rules);
     };
-    let parsed = if t.iface {
-        rule::parse_iface_spec(spec)?
-    } else {
-        rule::parse_network_spec(spec)?
-    };
+    let parsed = rule::parse_spec_for(spec, t.iface)?;
     let from_file = cfg
         .rules
         .into_iter()

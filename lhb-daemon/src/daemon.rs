@@ -209,7 +209,7 @@ impl Daemon {
 
     /// The rule set from its parts; an error (duplicate) leaves it as it was.
     fn combine_all(&self) -> anyhow::Result<Vec<Rule>> {
-        let mut all: Vec<Rule> = self
+        let all: Vec<Rule> = self
             .cli_rules
             .iter()
             .chain(&self.file_rules)
@@ -218,7 +218,6 @@ impl Daemon {
             .cloned()
             .collect();
         rule::check_unique(&all)?;
-        all.shrink_to_fit();
         Ok(all)
     }
 
@@ -743,6 +742,21 @@ fn log_states(rules: &[Rule], before: &[RuleState], after: &[RuleState]) -> bool
     changed
 }
 
+/// The answer to an expose/unexpose, and whether the reconciliation after it failed.
+fn changed(r: anyhow::Result<(String, bool)>) -> (control::Response, Option<bool>) {
+    match r {
+        Ok((msg, failed)) => (
+            control::Response {
+                ok: true,
+                message: Some(msg),
+                ..Default::default()
+            },
+            Some(failed),
+        ),
+        Err(e) => (control::Response::error(format!("{e:#}")), None),
+    }
+}
+
 /// The control socket's requests.
 impl Daemon {
     /// The answer, and for changes whether the reconciliation that followed failed.
@@ -762,32 +776,12 @@ impl Daemon {
                 iface,
                 service,
                 persist,
-            } => match self.expose(&spec, iface, service, persist).await {
-                Ok((msg, failed)) => (
-                    Response {
-                        ok: true,
-                        message: Some(msg),
-                        ..Default::default()
-                    },
-                    Some(failed),
-                ),
-                Err(e) => (Response::error(format!("{e:#}")), None),
-            },
+            } => changed(self.expose(&spec, iface, service, persist).await),
             Request::Unexpose {
                 spec,
                 iface,
                 persist,
-            } => match self.unexpose(&spec, iface, persist).await {
-                Ok((msg, failed)) => (
-                    Response {
-                        ok: true,
-                        message: Some(msg),
-                        ..Default::default()
-                    },
-                    Some(failed),
-                ),
-                Err(e) => (Response::error(format!("{e:#}")), None),
-            },
+            } => changed(self.unexpose(&spec, iface, persist).await),
         }
     }
 
@@ -798,11 +792,7 @@ impl Daemon {
         service: Option<String>,
         persist: bool,
     ) -> anyhow::Result<(String, bool)> {
-        let mut rule = if iface {
-            rule::parse_iface_spec(spec)?
-        } else {
-            rule::parse_network_spec(spec)?
-        };
+        let mut rule = rule::parse_spec_for(spec, iface)?;
         if let Some(s) = service {
             rule.service = s;
         }
@@ -858,11 +848,7 @@ impl Daemon {
         iface: bool,
         persist: bool,
     ) -> anyhow::Result<(String, bool)> {
-        let parsed = if iface {
-            rule::parse_iface_spec(spec)?
-        } else {
-            rule::parse_network_spec(spec)?
-        };
+        let parsed = rule::parse_spec_for(spec, iface)?;
         let key = (parsed.source.clone(), parsed.port);
         let same = |r: &Rule| r.source == key.0 && r.port == key.1;
         let Some(rule) = self.rules.iter().find(|r| same(r)).cloned() else {

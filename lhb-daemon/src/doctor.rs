@@ -178,11 +178,12 @@ fn diagnose(
     // 4. Data path, per gateway.
     let mut served = Vec::new();
     let mut cross = Vec::new();
+    let listening = check::listeners(rule.port)?;
     for &gw in &gateways {
         let key = reconcile::endpoint_key(ifindex, gw, rule.port);
         let k = kernel::inspect(&bridge, &key);
-        let proxy = check::listeners(rule.port)?
-            .into_iter()
+        let proxy = listening
+            .iter()
             .find(|l| l.addr.ip() == gw && l.dev.as_deref() == Some(bridge.as_str()));
         let to = SocketAddr::new(gw, rule.port);
         match (&k, proxy) {

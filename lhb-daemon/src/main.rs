@@ -203,6 +203,13 @@ fn answer(r: control::Response) -> anyhow::Result<control::Response> {
     }
 }
 
+/// Sends a change to the daemon and prints what it did.
+fn change(control: &std::path::Path, req: control::Request) -> anyhow::Result<bool> {
+    let r = answer(control::call(control, &req)?)?;
+    println!("{}", r.message.unwrap_or_default());
+    Ok(true)
+}
+
 fn unit_command(
     action: UnitAction,
     config: &std::path::Path,
@@ -306,38 +313,28 @@ fn main() -> ExitCode {
                 iface,
                 persist,
                 control,
-            } => control::call(
+            } => change(
                 &control,
-                &control::Request::Expose {
+                control::Request::Expose {
                     spec: rule,
                     iface,
                     service,
                     persist,
                 },
-            )
-            .and_then(answer)
-            .map(|r| {
-                println!("{}", r.message.unwrap_or_default());
-                true
-            }),
+            ),
             Command::Unexpose {
                 rule,
                 iface,
                 persist,
                 control,
-            } => control::call(
+            } => change(
                 &control,
-                &control::Request::Unexpose {
+                control::Request::Unexpose {
                     spec: rule,
                     iface,
                     persist,
                 },
-            )
-            .and_then(answer)
-            .map(|r| {
-                println!("{}", r.message.unwrap_or_default());
-                true
-            }),
+            ),
             Command::Unit {
                 action,
                 config,

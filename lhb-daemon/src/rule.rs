@@ -97,6 +97,12 @@ pub fn parse_network_spec(spec: &str) -> Result<Rule, RuleError> {
     parse_spec(spec, true)
 }
 
+/// A spec from `lhb expose`/`unexpose`/`verify`/`doctor`: an interface with `--iface`,
+/// else a Docker network.
+pub fn parse_spec_for(spec: &str, iface: bool) -> Result<Rule, RuleError> {
+    parse_spec(spec, !iface)
+}
+
 fn parse_spec(spec: &str, network: bool) -> Result<Rule, RuleError> {
     let (left, target) = match spec.split_once('=') {
         Some((l, t)) => (l, Some(t)),

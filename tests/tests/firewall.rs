@@ -20,6 +20,17 @@ impl Drop for Undo {
     }
 }
 
+/// An iptables DROP of everything entering on `br`, removed on drop.
+fn drop_on(br: &str) -> Undo {
+    sh(&["iptables", "-w", "-I", "INPUT", "-i", br, "-j", "DROP"]);
+    Undo(
+        ["iptables", "-w", "-D", "INPUT", "-i", br, "-j", "DROP"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    )
+}
+
 fn sh(args: &[&str]) {
     run(args[0], &args[1..]).unwrap();
 }
@@ -101,13 +112,7 @@ fn an_iptables_drop_on_the_bridge_gets_a_scoped_accept_and_is_restored() {
     for (n, mode) in [(50, "kernel"), (150, "proxy")] {
         let lab = Lab::new(n).unwrap();
         let br = lab.bridge_name();
-        sh(&["iptables", "-w", "-I", "INPUT", "-i", &br, "-j", "DROP"]);
-        let _undo = Undo(
-            ["iptables", "-w", "-D", "INPUT", "-i", &br, "-j", "DROP"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-        );
+        let _undo = drop_on(&br);
         served_through_a_dropping_firewall(&lab, mode, "auto");
     }
 }
@@ -274,13 +279,7 @@ fn doctor_names_a_dropping_firewall_and_its_fix() {
     let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let lab = Lab::new(53).unwrap();
     let br = lab.bridge_name();
-    sh(&["iptables", "-w", "-I", "INPUT", "-i", &br, "-j", "DROP"]);
-    let _undo = Undo(
-        ["iptables", "-w", "-D", "INPUT", "-i", &br, "-j", "DROP"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-    );
+    let _undo = drop_on(&br);
     let svc = PeerEcho::start("127.0.0.1:0").unwrap();
     let spec = format!("{br}:{}", svc.port());
     let gw = SocketAddr::new(lab.gateway(), svc.port());

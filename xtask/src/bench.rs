@@ -397,7 +397,6 @@ struct Postgres {
     proc: Option<Child>,
     dir: std::path::PathBuf,
     bin: std::path::PathBuf,
-    port: u16,
 }
 
 impl Postgres {
@@ -459,7 +458,6 @@ impl Postgres {
             proc: Some(child),
             dir,
             bin: bin.clone(),
-            port,
         };
         let lo = SocketAddr::from(([127, 0, 0, 1], port));
         wait_until(Duration::from_secs(20), || {
@@ -553,7 +551,6 @@ impl Drop for Postgres {
             let _ = c.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-        let _ = self.port;
     }
 }
 
@@ -906,10 +903,9 @@ pub fn run(quick: bool, only: &[String]) -> anyhow::Result<()> {
             let t0 = Instant::now();
             let to = SocketAddr::new(relab.borrow().gateway(), q);
             let lab_ref = relab.borrow();
-            let took = wait_until(Duration::from_secs(10), || served(&lab_ref, to)).with_context(
-                || format!("{} path not served after the bridge came back", path.name()),
-            )?;
-            let _ = took;
+            wait_until(Duration::from_secs(10), || served(&lab_ref, to)).with_context(|| {
+                format!("{} path not served after the bridge came back", path.name())
+            })?;
             record(
                 path,
                 "bridge re-created -> served",
