@@ -223,7 +223,7 @@ pub fn run(kernel: &str) -> anyhow::Result<()> {
             .unwrap_or_default(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let status = Command::new(&vng)
+    let mut child = Command::new(&vng)
         .env("PATH", path)
         .arg("-r")
         .arg(&vmlinuz)
@@ -238,8 +238,18 @@ pub fn run(kernel: &str) -> anyhow::Result<()> {
         .arg(format!("--rwdir={}", out_dir.display()))
         .args(["--exec", &format!("sh {}", script.display())])
         .stdin(Stdio::null())
-        .status()
+        // Pipes, copied on: given a file as stdout, virtme reopens it from the start and
+        // overwrites what came before it (CI's log of the host suite).
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .context("running vng")?;
+    let mut out = child.stdout.take().context("vng stdout")?;
+    let mut err = child.stderr.take().context("vng stderr")?;
+    let copy_err = std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::stderr()));
+    std::io::copy(&mut out, &mut std::io::stdout()).context("copying the VM's output")?;
+    let _ = copy_err.join();
+    let status = child.wait().context("waiting for vng")?;
     let took = started.elapsed().as_secs_f64();
     let ran = std::fs::read_to_string(out_dir.join("kernel")).unwrap_or_default();
     println!(
