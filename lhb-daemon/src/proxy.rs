@@ -5,8 +5,9 @@
 //! every interface that routes to it.
 //!
 //! Bytes move with splice(2) through one pipe per direction, never through user space.
-//! A half-close on one side is passed on while the other direction keeps flowing; a
-//! reset on either side resets the other. The number of connections is bounded.
+//! A half-close on one side is passed on while the other direction keeps flowing. A
+//! reset is passed on only after everything received before it was delivered: a
+//! service that replies and resets still gets its reply to the client. The number of connections is bounded.
 
 use std::{
     collections::BTreeMap,
@@ -74,6 +75,8 @@ pub struct Proxy {
 /// Bytes one splice call may move; also the pipe's size.
 const CHUNK: usize = 1 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client that acknowledges nothing for this long is reset with its queue unsent.
+const DRAIN_STALL: Duration = Duration::from_secs(5);
 
 impl Proxy {
     pub fn new(max_connections: usize, backlog: i32) -> Proxy {
@@ -230,33 +233,111 @@ async fn serve(client: TcpStream, target: SocketAddr, counters: &ProxyCounters) 
     let up = pump(&client, &upstream);
     let down = pump(&upstream, &client);
     tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (false, false);
-    let result = loop {
+    let (mut up_end, mut down_end) = (None, None);
+    // Both directions run to their own end: an error in one never discards what the
+    // other has received. Only a client that is gone ends everything at once, since
+    // nothing can reach it any more.
+    while up_end.is_none() || down_end.is_none() {
         tokio::select! {
-            r = &mut up, if !up_done => match r {
-                Ok(n) => { counters.bytes.fetch_add(n, Ordering::Relaxed); up_done = true; }
-                Err(e) => break Err(e),
-            },
-            r = &mut down, if !down_done => match r {
-                Ok(n) => { counters.bytes.fetch_add(n, Ordering::Relaxed); down_done = true; }
-                Err(e) => break Err(e),
-            },
+            r = &mut up, if up_end.is_none() => {
+                counters.bytes.fetch_add(r.bytes, Ordering::Relaxed);
+                if matches!(r.end, End::ReadFailed(_)) {
+                    // The client reset: everything it sent is forwarded, now the
+                    // service sees the reset.
+                    reset(&upstream);
+                    reset(&client);
+                    return Err(r.end.into_error());
+                }
+                up_end = Some(r.end);
+            }
+            r = &mut down, if down_end.is_none() => {
+                counters.bytes.fetch_add(r.bytes, Ordering::Relaxed);
+                if matches!(r.end, End::WriteFailed(_)) {
+                    reset(&upstream);
+                    reset(&client);
+                    return Err(r.end.into_error());
+                }
+                down_end = Some(r.end);
+            }
         }
-        if up_done && down_done {
-            break Ok(());
+        if matches!(down_end, Some(End::ReadFailed(_))) {
+            // The service reset after its last bytes: those are in the client's send
+            // queue; the reset is passed on once they are delivered.
+            break;
         }
-    };
-    if result.is_err() {
-        // A reset (or any failure) on one side resets the other.
-        reset(&client);
-        reset(&upstream);
     }
-    result
+    let failed = [up_end, down_end]
+        .into_iter()
+        .flatten()
+        .find(|e| !matches!(e, End::Eof));
+    match failed {
+        None => Ok(()),
+        Some(e) => {
+            drain_then_reset(&client).await;
+            reset(&upstream);
+            Err(e.into_error())
+        }
+    }
+}
+
+/// How one direction ended.
+enum End {
+    /// The source closed; the close was passed on.
+    Eof,
+    /// Reading the source failed (a reset): every byte read before was delivered.
+    ReadFailed(io::Error),
+    /// Writing to the destination failed: it is gone.
+    WriteFailed(io::Error),
+}
+
+impl End {
+    fn into_error(self) -> io::Error {
+        match self {
+            End::Eof => io::Error::other("closed"),
+            End::ReadFailed(e) | End::WriteFailed(e) => e,
+        }
+    }
+}
+
+struct Pumped {
+    bytes: u64,
+    end: End,
 }
 
 /// Closing with SO_LINGER 0 sends a RST instead of a FIN.
 fn reset(s: &TcpStream) {
     let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
+/// A reset discards the send queue, so the bytes still queued for the client go out
+/// first; a client that stops acknowledging is reset after [`DRAIN_STALL`] anyway.
+async fn drain_then_reset(s: &TcpStream) {
+    let mut last = usize::MAX;
+    let mut since = tokio::time::Instant::now();
+    loop {
+        let queued = unsent(s);
+        if queued == 0 {
+            break;
+        }
+        if queued < last {
+            last = queued;
+            since = tokio::time::Instant::now();
+        } else if since.elapsed() > DRAIN_STALL {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    reset(s);
+}
+
+/// Bytes in the socket's send queue not yet acknowledged by the peer.
+fn unsent(s: &TcpStream) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the valid pointer.
+    if unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) } != 0 {
+        return 0;
+    }
+    n.max(0) as usize
 }
 
 struct Pipe {
@@ -304,38 +385,69 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// Moves bytes from `from` to `to` until `from` ends, then half-closes `to`.
-async fn pump(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
-    let pipe = Pipe::new()?;
-    let mut total = 0u64;
+/// Moves bytes from `from` to `to` until `from` ends, then half-closes `to`. Whatever
+/// was read is written before the next read, so a read error loses nothing.
+async fn pump(from: &TcpStream, to: &TcpStream) -> Pumped {
+    let pipe = match Pipe::new() {
+        Ok(p) => p,
+        Err(e) => {
+            return Pumped {
+                bytes: 0,
+                end: End::ReadFailed(e),
+            };
+        }
+    };
+    let mut bytes = 0u64;
     loop {
         // The pipe is empty here, so EAGAIN can only mean the socket has nothing.
         let n = loop {
-            from.readable().await?;
+            if let Err(e) = from.readable().await {
+                return Pumped {
+                    bytes,
+                    end: End::ReadFailed(e),
+                };
+            }
             match from.try_io(Interest::READABLE, || {
                 splice(from.as_raw_fd(), pipe.w.as_raw_fd(), CHUNK)
             }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    return Pumped {
+                        bytes,
+                        end: End::ReadFailed(e),
+                    };
+                }
             }
         };
         if n == 0 {
-            // SAFETY: shutdown on a valid socket fd.
-            unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
-            return Ok(total);
+            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            return Pumped {
+                bytes,
+                end: End::Eof,
+            };
         }
         let mut left = n;
         while left > 0 {
-            to.writable().await?;
+            if let Err(e) = to.writable().await {
+                return Pumped {
+                    bytes,
+                    end: End::WriteFailed(e),
+                };
+            }
             match to.try_io(Interest::WRITABLE, || {
                 splice(pipe.r.as_raw_fd(), to.as_raw_fd(), left)
             }) {
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    return Pumped {
+                        bytes,
+                        end: End::WriteFailed(e),
+                    };
+                }
             }
         }
-        total += n as u64;
+        bytes += n as u64;
     }
 }

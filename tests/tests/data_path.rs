@@ -325,26 +325,8 @@ fn sigterm_detaches_everything(p: &Path) {
 
 fn redis_benchmark_through_the_gateway_has_no_errors(p: &Path) {
     let lab = p.lab(9);
-    let port = free_port("127.0.0.1").unwrap();
-    struct Redis(std::process::Child);
-    impl Drop for Redis {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _redis = Redis(
-        std::process::Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server (installed by `cargo xtask setup`)"),
-    );
-    let up = wait_until(Duration::from_secs(10), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    assert!(up.is_some(), "redis-server did not start");
+    let redis = Redis::start();
+    let port = redis.1;
     let _lhb = p.start(&["--expose-iface", &expose(&lab, &port.to_string())]);
     let out = lab
         .container
@@ -538,6 +520,175 @@ fn half_close_is_passed_on_and_the_reply_still_flows(p: &Path) {
     assert_eq!(reply, "got 100000 bytes");
 }
 
+/// A real Redis on loopback, killed on drop.
+struct Redis(std::process::Child, u16);
+
+impl Redis {
+    fn start() -> Redis {
+        let port = free_port("127.0.0.1").unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (installed by `cargo xtask setup`)");
+        let r = Redis(child, port);
+        let up = wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(up.is_some(), "redis-server did not start");
+        r
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Bytes a socket has sent that its peer has not acknowledged yet.
+fn unacked(s: &std::net::TcpStream) -> i32 {
+    use std::os::fd::AsRawFd as _;
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one int through the valid pointer.
+    unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    n
+}
+
+/// Redis answers a protocol error and closes with the client's input unread, which
+/// makes its kernel send a reset right behind the answer. The answer must still reach
+/// the client, which is still writing when it arrives.
+fn a_reply_followed_by_a_reset_reaches_the_client(p: &Path) {
+    let lab = p.lab(15);
+    let redis = Redis::start();
+    let _lhb = p.start(&["--expose-iface", &expose(&lab, &redis.1.to_string())]);
+    let gw = SocketAddr::new(lab.gateway(), redis.1);
+    for round in 0..10 {
+        let got = lab
+            .container
+            .run(move || {
+                let mut s = std::net::TcpStream::connect_timeout(&gw, T).unwrap();
+                s.write_all(b"*1\r\n$x\r\n").unwrap();
+                // Keep writing for a while, as a pipelining client would, and ignore
+                // the errors the reset causes.
+                let until = Instant::now() + Duration::from_millis(150);
+                let pings = b"*1\r\n$4\r\nPING\r\n".repeat(256);
+                while Instant::now() < until && s.write_all(&pings).is_ok() {}
+                s.set_read_timeout(Some(T)).unwrap();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                String::from_utf8_lossy(&got).into_owned()
+            })
+            .unwrap();
+        assert!(
+            got.starts_with("-ERR Protocol error"),
+            "round {round}: the client got {got:?}"
+        );
+    }
+}
+
+/// Several MiB still on their way to a slow client when the service resets: all of it
+/// arrives, intact, and then the reset.
+fn a_large_reply_in_flight_when_the_service_resets_arrives_intact(p: &Path) {
+    const SIZE: usize = 6 << 20;
+    let lab = p.lab(16);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut hello = [0u8; 5];
+        c.read_exact(&mut hello).unwrap();
+        c.write_all(&payload(7, SIZE)).unwrap();
+        // Everything is handed over to the peer before the reset, which otherwise
+        // discards what the service's own kernel still queues.
+        let until = Instant::now() + Duration::from_secs(20);
+        while unacked(&c) > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    });
+    let _lhb = p.start(&["--expose-iface", &expose(&lab, &port.to_string())]);
+    let gw = SocketAddr::new(lab.gateway(), port);
+    let (got, end) = lab
+        .container
+        .run(move || {
+            let mut s = std::net::TcpStream::connect_timeout(&gw, T).unwrap();
+            s.write_all(b"hello").unwrap();
+            // Slow at first: the reply piles up in every buffer on the way.
+            std::thread::sleep(Duration::from_millis(300));
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut got = Vec::with_capacity(SIZE);
+            let mut buf = vec![0u8; 64 * 1024];
+            let end = loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break "eof".to_string(),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => break format!("{:?}", e.kind()),
+                }
+            };
+            (got, end)
+        })
+        .unwrap();
+    server.join().unwrap();
+    assert_eq!(got.len(), SIZE, "bytes received (then {end})");
+    assert_eq!(digest(&got), digest(&payload(7, SIZE)), "checksum");
+    assert_eq!(
+        end, "ConnectionReset",
+        "the reset is passed on after the data"
+    );
+}
+
+/// The client sends, then resets while the service is still sending: the service gets
+/// every byte the client sent and then sees the reset.
+fn a_client_reset_reaches_the_service_and_nothing_it_sent_is_lost(p: &Path) {
+    const SENT: usize = 256 * 1024;
+    let lab = p.lab(17);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || -> (u64, String) {
+        let (mut c, _) = l.accept().unwrap();
+        let mut got = vec![0u8; SENT];
+        c.read_exact(&mut got).unwrap();
+        c.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        let chunk = vec![1u8; 64 * 1024];
+        let end = loop {
+            if let Err(e) = c.write_all(&chunk) {
+                break format!("{:?}", e.kind());
+            }
+        };
+        (digest(&got), end)
+    });
+    let _lhb = p.start(&["--expose-iface", &expose(&lab, &port.to_string())]);
+    let gw = SocketAddr::new(lab.gateway(), port);
+    lab.container
+        .run(move || {
+            let mut s = std::net::TcpStream::connect_timeout(&gw, T).unwrap();
+            s.write_all(&payload(3, SENT)).unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            s.read_exact(&mut buf).unwrap();
+            socket2::SockRef::from(&s)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        })
+        .unwrap();
+    let (sent, end) = server.join().unwrap();
+    assert_eq!(sent, digest(&payload(3, SENT)), "what the client sent");
+    assert!(
+        end == "ConnectionReset" || end == "BrokenPipe",
+        "the service saw {end}"
+    );
+}
+
 /// An echo server on loopback, a thread per connection, with a backlog for a burst of
 /// a thousand SYNs (std's 128 would drop them with either data path, or none).
 fn echo_server(bind: &str) -> SocketAddr {
@@ -698,6 +849,9 @@ mod light {
     bad_input_gets_a_clear_error_and_nothing_is_attached,
     sighup_reloads_the_config_and_a_bad_file_keeps_the_running_rules,
     half_close_is_passed_on_and_the_reply_still_flows,
+    a_reply_followed_by_a_reset_reaches_the_client,
+    a_large_reply_in_flight_when_the_service_resets_arrives_intact,
+    a_client_reset_reaches_the_service_and_nothing_it_sent_is_lost,
     );
 }
 
