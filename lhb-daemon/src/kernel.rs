@@ -244,6 +244,11 @@ impl KernelPath {
                 earlier.len()
             );
         }
+        // Unpinned links detach asynchronously (after an RCU grace period, from a work
+        // queue), in no set order. That is safe because this run's programs already run
+        // beside the earlier ones: lhb_ingress passes the packet on to the next program
+        // (TCX_NEXT), so both fill their listener maps, and either socket-lookup program
+        // can serve.
         for p in earlier {
             // The pin is the link's last reference: unlinking it detaches the program.
             if let Err(e) = std::fs::remove_file(&p) {

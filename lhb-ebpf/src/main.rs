@@ -24,7 +24,10 @@ use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_ANY, BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_OK, bpf_sock, bpf_sock_tuple},
+    bindings::{
+        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_SK_LOOKUP_F_REPLACE, BPF_TCP_LISTEN, TC_ACT_UNSPEC,
+        bpf_sock, bpf_sock_tuple,
+    },
     helpers::generated::{
         bpf_map_lookup_elem, bpf_map_update_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp,
     },
@@ -75,8 +78,11 @@ pub fn lhb_ingress(ctx: TcContext) -> i32 {
         publish_listener(&ctx, &syn);
     }
     // The packet always continues: the socket lookup decides where it lands, and with no
-    // listener the kernel answers the SYN with an immediate RST.
-    TC_ACT_OK as i32
+    // listener the kernel answers the SYN with an immediate RST. UNSPEC (TCX_NEXT), not
+    // OK (TCX_PASS): OK would end the pipeline here, so a program attached after this one
+    // (another tool's, or the next lhb's while it takes over from this one) would never
+    // run, and the next lhb's listener map would stay empty until this one is gone.
+    TC_ACT_UNSPEC
 }
 
 #[sk_lookup]
@@ -282,7 +288,9 @@ fn assign_listener(ctx: &SkLookupContext) {
     if sk.is_null() {
         return;
     }
-    let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk, 0) };
+    // REPLACE: while one lhb takes over from another both programs run and select the
+    // same listener; the later one (the newer lhb) wins instead of failing with EEXIST.
+    let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk, BPF_SK_LOOKUP_F_REPLACE as u64) };
     unsafe { bpf_sk_release(sk) };
     if ret == 0 {
         count(counters, |c| c.connections += 1);

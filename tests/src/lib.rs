@@ -793,3 +793,95 @@ pub fn bpf_link_exists(id: u64) -> bool {
 pub fn free_port(ip: &str) -> anyhow::Result<u16> {
     Ok(TcpListener::bind((ip, 0))?.local_addr()?.port())
 }
+
+/// A client that connects to `addr` from a namespace every `every` (connect, write a
+/// line, read something back, close) until stopped, counting tries and failures: the
+/// measure of "no gap" while faults are injected.
+pub struct Poller {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tries: Arc<std::sync::atomic::AtomicU64>,
+    failures: Arc<Mutex<Vec<(Instant, String)>>>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl Poller {
+    pub fn start(ns: &Netns, addr: SocketAddr, every: Duration) -> anyhow::Result<Poller> {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let path = format!("/run/netns/{}", ns.name);
+        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let tries = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let (s, t, f) = (stop.clone(), tries.clone(), failures.clone());
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let handle = thread::spawn(move || {
+            // SAFETY: setns on this thread only; the fd is valid for the call.
+            let ok = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } == 0;
+            let _ = ready_tx.send(ok);
+            if !ok {
+                return;
+            }
+            while !s.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                t.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = poll_once(addr) {
+                    if let Ok(mut v) = f.lock() {
+                        v.push((started, e));
+                    }
+                }
+                thread::sleep(every.saturating_sub(started.elapsed()));
+            }
+        });
+        if !ready_rx.recv().unwrap_or(false) {
+            bail!("setns({path}) failed");
+        }
+        Ok(Poller {
+            stop,
+            tries,
+            failures,
+            handle: Some(handle),
+        })
+    }
+
+    pub fn tries(&self) -> u64 {
+        self.tries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Each failure: when it started and what happened.
+    pub fn failures(&self) -> Vec<(Instant, String)> {
+        self.failures.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Stops and returns (tries, failures).
+    pub fn finish(mut self) -> (u64, Vec<(Instant, String)>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        (self.tries(), self.failures())
+    }
+}
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// One round trip to an echo or peer-echo service: something must come back.
+fn poll_once(addr: SocketAddr) -> Result<(), String> {
+    let t = Duration::from_millis(500);
+    let mut s = TcpStream::connect_timeout(&addr, t).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(t)).map_err(|e| e.to_string())?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => Err("closed without an answer".into()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("read: {e}")),
+    }
+}
