@@ -824,10 +824,10 @@ impl Poller {
             while !s.load(Ordering::Relaxed) {
                 let started = Instant::now();
                 t.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = poll_once(addr) {
-                    if let Ok(mut v) = f.lock() {
-                        v.push((started, e));
-                    }
+                if let Err(e) = poll_once(addr)
+                    && let Ok(mut v) = f.lock()
+                {
+                    v.push((started, e));
                 }
                 thread::sleep(every.saturating_sub(started.elapsed()));
             }
