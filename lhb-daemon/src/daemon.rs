@@ -291,10 +291,29 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut observed = netlink.snapshot().await?;
     observed.docker = docker.as_ref().map(|d| d.borrow().clone());
 
+    // Bound before anything is loaded or attached: a second lhb stops here, touching
+    // nothing.
+    let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel(16);
+    control::serve(&opts.control, ctl_tx.clone())?;
+    let metrics = cfg
+        .metrics
+        .clone()
+        .unwrap_or_else(|| control::MetricsAddr::Unix(opts.control.with_file_name("metrics.sock")));
+    if let Err(e) = control::serve_metrics(&metrics, ctl_tx).await {
+        control::remove_socket(&opts.control);
+        return Err(e);
+    }
+
     let mut kernel_unavailable = None;
     let kernel = match mode {
         Mode::Proxy => None,
-        Mode::Kernel => Some(load_kernel_path(&opts.pin_dir)?),
+        Mode::Kernel => match load_kernel_path(&opts.pin_dir) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                cleanup_sockets(&opts.control, &metrics);
+                return Err(e);
+            }
+        },
         Mode::Auto => match load_kernel_path(&opts.pin_dir) {
             Ok(k) => Some(k),
             Err(e) => {
@@ -308,18 +327,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         mode,
         kernel: kernel.is_some(),
     };
-    preflight(&rules, &slots, &observed, paths)?;
-
-    // Bound before anything is attached: a second lhb stops here, touching nothing.
-    let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel(16);
-    control::serve(&opts.control, ctl_tx.clone())?;
-    let metrics = cfg
-        .metrics
-        .clone()
-        .unwrap_or_else(|| control::MetricsAddr::Unix(opts.control.with_file_name("metrics.sock")));
-    if let Err(e) = control::serve_metrics(&metrics, ctl_tx).await {
-        control::remove_socket(&opts.control);
-        return Err(e);
+    // From here on every early exit undoes what is in place: a failed start leaves no
+    // link, pin, program or socket behind.
+    if let Err(e) = preflight(&rules, &slots, &observed, paths) {
+        if let Some(mut k) = kernel {
+            k.shutdown(&netlink, false).await;
+        }
+        cleanup_sockets(&opts.control, &metrics);
+        return Err(e.into());
     }
 
     let firewall = Firewall::new(firewall_mode);
@@ -355,7 +370,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     if let Some(k) = d.kernel.as_mut() {
         for &slot in &d.slots {
-            k.reset_counters(slot)?;
+            if let Err(e) = k.reset_counters(slot) {
+                d.shutdown(false).await;
+                cleanup_sockets(&opts.control, &metrics);
+                return Err(e.context("zeroing the kernel counters"));
+            }
         }
         info!(
             attach = k.mode().as_str(),

@@ -187,6 +187,15 @@ impl KernelPath {
         tc.load().map_err(load_error)?;
         let lookup: &mut SkLookup = program(&mut ebpf, SK_LOOKUP_PROGRAM)?;
         lookup.load().map_err(load_error)?;
+        // Everything that can fail without side effects comes first: once the
+        // socket-lookup link is pinned, it outlives this process.
+        let endpoints = take_map(&mut ebpf, ENDPOINTS_MAP)?;
+        let endpoints = HashMap::try_from(endpoints)
+            .map_err(|e| KernelPathError::Load(format!("{ENDPOINTS_MAP}: {e}")))?;
+        let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
+        let counters = PerCpuArray::try_from(counters)
+            .map_err(|e| KernelPathError::Load(format!("{COUNTERS_MAP}: {e}")))?;
+        let lookup: &mut SkLookup = program(&mut ebpf, SK_LOOKUP_PROGRAM)?;
         // The program serves the namespace lhb runs in.
         let netns = std::fs::File::open("/proc/self/ns/net")
             .map_err(|e| KernelPathError::SkLookup(format!("opening /proc/self/ns/net: {e}")))?;
@@ -213,12 +222,6 @@ impl KernelPath {
                 KernelPathError::SkLookup(format!("pinning at {}: {e}", path.display()))
             })?);
         }
-        let endpoints = take_map(&mut ebpf, ENDPOINTS_MAP)?;
-        let endpoints = HashMap::try_from(endpoints)
-            .map_err(|e| KernelPathError::Load(format!("{ENDPOINTS_MAP}: {e}")))?;
-        let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
-        let counters = PerCpuArray::try_from(counters)
-            .map_err(|e| KernelPathError::Load(format!("{COUNTERS_MAP}: {e}")))?;
         Ok(KernelPath {
             ebpf,
             endpoints,

@@ -99,3 +99,72 @@ fn two_daemons_killed_and_restarted_together_serve_without_a_gap() {
         );
     }
 }
+
+/// Every way a start can fail after lhb has begun to set up (the kernel path loaded,
+/// links pinned, the bridge attached, sockets bound) leaves nothing behind.
+#[test]
+fn failed_starts_leave_nothing_behind() {
+    let lab = Lab::new(22).unwrap();
+    let br = lab.bridge_name();
+    let pins = PinDir::new("failed");
+    let dir = std::env::temp_dir().join(format!("lhbt22-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let control = dir.join("lhb.sock");
+    let control = control.to_str().unwrap();
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    // The IPv6 gateway of an IPv4 target goes through the proxy in auto mode: with its
+    // port taken, the start fails after the kernel path is attached to the bridge.
+    let taken = std::net::TcpListener::bind((lab.gateway6(), svc.port())).unwrap();
+    let good = format!("{br}:{}", svc.port());
+    let not_a_bridge = format!("{}:80", lab.container_veth());
+    let cases: [(&str, Vec<&str>, &str); 3] = [
+        (
+            "kernel",
+            vec!["--expose-iface", "nosuch0:80"],
+            "does not exist",
+        ),
+        (
+            "kernel",
+            vec!["--expose-iface", &good, "--expose-iface", &not_a_bridge],
+            "is not a bridge",
+        ),
+        ("auto", vec!["--expose-iface", &good], "already in use"),
+    ];
+    for (mode, rules, want) in cases {
+        let mut args = vec![
+            "run",
+            "--mode",
+            mode,
+            "--pin-dir",
+            &pins.0,
+            "--control",
+            control,
+        ];
+        args.extend(rules.iter().copied());
+        let (status, stderr) = lhb_tests::lhb_once(&args, &[]).unwrap();
+        assert!(!status.success(), "{args:?} started");
+        assert!(stderr.contains(want), "{args:?}: want `{want}` in {stderr}");
+        let left: Vec<String> = std::fs::read_dir(&pins.0)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{args:?}: pinned links left: {left:?}");
+        assert!(
+            !std::path::Path::new(&pins.0).exists(),
+            "{args:?}: pin directory left"
+        );
+        assert_eq!(
+            lhb_tests::ingress_programs(&br).unwrap(),
+            Vec::<String>::new(),
+            "{args:?}: a program was left on the bridge"
+        );
+        for sock in ["lhb.sock", "metrics.sock"] {
+            assert!(!dir.join(sock).exists(), "{args:?}: {sock} left behind");
+        }
+    }
+    drop(taken);
+    std::fs::remove_dir_all(&dir).ok();
+}
