@@ -954,11 +954,12 @@ impl Daemon {
     }
 
     fn status(&self) -> Status {
-        let chains = self
+        let fw = self
             .firewall_chains
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let chains = &fw.chains;
         let mut rules = Vec::new();
         for (i, (rule, &slot)) in self.rules.iter().zip(&self.slots).enumerate() {
             let mut r = status::RuleStatus {
@@ -996,7 +997,7 @@ impl Daemon {
                         .extend(proxied.iter().map(|(a, why)| gw(a, "proxy", Some(why))));
                     r.gateways
                         .extend(skipped.iter().map(|(a, why)| gw(a, "none", Some(why))));
-                    for (o, c) in &chains {
+                    for (o, c) in chains {
                         if &o.iface == bridge && o.port == rule.port && !c.is_empty() {
                             r.firewall.push(format!("{o}: {}", c.join(", ")));
                         }
@@ -1055,6 +1056,15 @@ impl Daemon {
                     .iter()
                     .flat_map(|(o, c)| c.iter().map(move |c| format!("{o} in {c}")))
                     .collect(),
+                heals: fw.heals,
+                last_heal: fw.last_heal.as_ref().map(|h| status::HealStatus {
+                    unix_time: h
+                        .at
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or_default(),
+                    restored: h.restored.clone(),
+                }),
             },
             config: self.config_path.display().to_string(),
             reconcile_events: self.reconcile_events,

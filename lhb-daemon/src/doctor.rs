@@ -287,9 +287,16 @@ fn diagnose(
                 blockers.join(", "),
                 rule.port
             ),
-            Some(format!(
-                "let lhb manage it (`--firewall auto`, the default, or `firewall = \"auto\"` in the config; `none` turns it off), or add the accept yourself: `{example}`"
-            )),
+            Some(if daemons.is_empty() {
+                format!(
+                    "let lhb manage it (`--firewall auto`, the default, or `firewall = \"auto\"` in the config; `none` turns it off), or add the accept yourself: `{example}`"
+                )
+            } else {
+                format!(
+                    "lhb runs (pid {}); with `--firewall auto` (the default) it restores its accept within 2 s of any ruleset change, so either it runs with `--firewall none`, or its firewall tool fails: `lhb status` shows the firewall it manages and its log (`journalctl -u lhb`) the error. Meanwhile, add the accept yourself: `{example}`",
+                    daemons.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+                )
+            }),
         ),
         (None, false) => r.step(
             Level::Warn,

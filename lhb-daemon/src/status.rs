@@ -37,6 +37,20 @@ pub struct FirewallStatus {
     pub backends: Vec<String>,
     /// Accept rules lhb holds: `tcp to GATEWAY:PORT in on IFACE`.
     pub rules: Vec<String>,
+    /// Times lhb found its accepts gone from the ruleset (a reload, a rewrite, a new
+    /// dropping chain) and restored them.
+    #[serde(default)]
+    pub heals: u64,
+    #[serde(default)]
+    pub last_heal: Option<HealStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct HealStatus {
+    /// Seconds since the Unix epoch.
+    pub unix_time: u64,
+    /// `OPENING in CHAIN` for each accept put back.
+    pub restored: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -119,8 +133,16 @@ impl Status {
         let fw = if self.firewall.backends.is_empty() {
             "firewall: none managed".to_string()
         } else {
+            let healed = match &self.firewall.last_heal {
+                Some(h) => format!(
+                    "; restored after a ruleset change {} time(s), last {}s ago",
+                    self.firewall.heals,
+                    unix_now().saturating_sub(h.unix_time)
+                ),
+                None => String::new(),
+            };
             format!(
-                "firewall: {} ({} rule(s) held)",
+                "firewall: {} ({} rule(s) held{healed})",
                 self.firewall.backends.join(", "),
                 self.firewall.rules.len()
             )
@@ -283,6 +305,20 @@ impl Status {
             "Firewall accept rules lhb holds.",
             vec![(String::new(), self.firewall.rules.len() as u64)],
         );
+        family(
+            "lhb_firewall_heals_total",
+            "counter",
+            "Times lhb restored its firewall accepts after the ruleset changed under it.",
+            vec![(String::new(), self.firewall.heals)],
+        );
+        if let Some(h) = &self.firewall.last_heal {
+            family(
+                "lhb_firewall_last_heal_timestamp_seconds",
+                "gauge",
+                "When lhb last restored its firewall accepts (Unix time).",
+                vec![(String::new(), h.unix_time)],
+            );
+        }
         if let Some(d) = &self.docker {
             family(
                 "lhb_docker_available",
@@ -299,6 +335,13 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

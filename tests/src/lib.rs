@@ -885,3 +885,90 @@ fn poll_once(addr: SocketAddr) -> Result<(), String> {
         Err(e) => Err(format!("read: {e}")),
     }
 }
+
+/// A namespace that plays the host, for tests that change the host's firewall: the
+/// machine running the tests keeps its own. Inside it a bridge `br0` (10.204.N.1/24);
+/// a container namespace on that bridge, and an outside namespace routed to the host
+/// (10.205.N.1).
+pub struct HostLab {
+    pub host: Netns,
+    pub container: Netns,
+    pub outside: Netns,
+    pub n: u8,
+}
+
+impl HostLab {
+    pub fn new(n: u8) -> anyhow::Result<HostLab> {
+        let host = Netns::new(&format!("{PREFIX}{n}h"))?;
+        let container = Netns::new(&format!("{PREFIX}{n}c"))?;
+        let outside = Netns::new(&format!("{PREFIX}{n}o"))?;
+        let lab = HostLab {
+            host,
+            container,
+            outside,
+            n,
+        };
+        let (gw, host_out) = (lab.gateway().to_string(), lab.host_outside_ip().to_string());
+        lab.ip(&["link", "add", "br0", "type", "bridge"])?;
+        lab.ip(&["addr", "add", &format!("{gw}/24"), "dev", "br0"])?;
+        lab.ip(&["link", "set", "br0", "up"])?;
+        for (ns, veth, addr, route_via, master) in [
+            (&lab.container, "cv", format!("10.204.{n}.2/24"), &gw, true),
+            (
+                &lab.outside,
+                "ov",
+                format!("10.205.{n}.2/24"),
+                &host_out,
+                false,
+            ),
+        ] {
+            lab.ip(&[
+                "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+            ])?;
+            if master {
+                lab.ip(&["link", "set", veth, "master", "br0"])?;
+            } else {
+                lab.ip(&["addr", "add", &format!("{host_out}/24"), "dev", veth])?;
+            }
+            lab.ip(&["link", "set", veth, "up"])?;
+            run("ip", &["-n", &ns.name, "addr", "add", &addr, "dev", "eth0"])?;
+            run("ip", &["-n", &ns.name, "link", "set", "eth0", "up"])?;
+            run(
+                "ip",
+                &["-n", &ns.name, "route", "add", "default", "via", route_via],
+            )?;
+        }
+        Ok(lab)
+    }
+
+    fn ip(&self, args: &[&str]) -> anyhow::Result<()> {
+        let mut all = vec!["-n", self.host.name.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all).map(|_| ())
+    }
+
+    pub fn gateway(&self) -> IpAddr {
+        IpAddr::from([10, 204, self.n, 1])
+    }
+
+    pub fn host_outside_ip(&self) -> IpAddr {
+        IpAddr::from([10, 205, self.n, 1])
+    }
+
+    /// Runs a command in the host namespace; its stdout.
+    pub fn sh(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["netns", "exec", self.host.name.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Runs a shell pipeline in the host namespace.
+    pub fn shell(&self, script: &str) -> anyhow::Result<String> {
+        self.sh(&["sh", "-c", script])
+    }
+
+    /// `lhb run ARGS` inside the host namespace, ready.
+    pub fn lhb(&self, args: &[&str]) -> anyhow::Result<Lhb> {
+        Lhb::start_wrapped(&["ip", "netns", "exec", &self.host.name], &lhb_bin(), args)
+    }
+}

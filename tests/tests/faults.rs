@@ -168,3 +168,110 @@ fn failed_starts_leave_nothing_behind() {
     drop(taken);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+fn served(ns: &lhb_tests::Netns, to: SocketAddr) -> bool {
+    ns.run(move || {
+        matches!(
+            lhb_tests::http_get(to, Duration::from_millis(300)),
+            lhb_tests::Outcome::Served(_)
+        )
+    })
+    .unwrap()
+}
+
+/// How long until `to` is served from `ns` again, if within 2 s.
+fn healed_within_2s(ns: &lhb_tests::Netns, to: SocketAddr) -> Option<Duration> {
+    lhb_tests::wait_until(Duration::from_secs(2), || served(ns, to))
+}
+
+/// The host's firewall is reloaded or rewritten under lhb (in a namespace that plays
+/// the host): an `iptables-restore` without lhb's accept, `nft flush ruleset` followed
+/// by the host's own chain coming back, a dropping policy that appears while lhb runs,
+/// and a legacy-iptables restore (no notifications there). Each time lhb puts back
+/// exactly its own accept within 2 s, and status and metrics count the heals.
+#[test]
+fn the_firewall_heals_within_two_seconds_of_reloads_and_new_dropping_chains() {
+    let lab = lhb_tests::HostLab::new(23).unwrap();
+    let svc = lab
+        .host
+        .run(|| PeerEcho::start("127.0.0.1:0").unwrap())
+        .unwrap();
+    let to = SocketAddr::new(lab.gateway(), svc.port());
+    let spec = format!("br0:{}", svc.port());
+    let args = ["--no-docker", "--mode", "kernel", "--expose-iface", &spec];
+    lab.sh(&["iptables", "-w", "-I", "INPUT", "-i", "br0", "-j", "DROP"])
+        .unwrap();
+    assert!(!served(&lab.container, to), "the host does not drop");
+    let mut lhb = lab.lhb(&args).unwrap();
+    assert!(served(&lab.container, to), "{}", lhb.log());
+
+    let mut times = Vec::new();
+    // What netfilter-persistent and friends do: the saved ruleset, without lhb's rule.
+    lab.shell("iptables-save | grep -v 'lhb ' | iptables-restore")
+        .unwrap();
+    times.push(("iptables-restore", healed_within_2s(&lab.container, to)));
+    // A firewall service restart: everything flushed, then its own chain loaded again.
+    lab.sh(&["nft", "flush", "ruleset"]).unwrap();
+    lab.shell(
+        "nft add table inet hostfw && nft add chain inet hostfw input \
+         '{ type filter hook input priority 0; policy drop; }' && \
+         nft add rule inet hostfw input iifname lo accept",
+    )
+    .unwrap();
+    times.push((
+        "nft flush ruleset + the host's chain back",
+        healed_within_2s(&lab.container, to),
+    ));
+    // A dropping chain that was not there when the rule was opened.
+    lab.sh(&["nft", "delete", "table", "inet", "hostfw"])
+        .unwrap();
+    lab.sh(&["iptables", "-w", "-P", "INPUT", "DROP"]).unwrap();
+    times.push(("a new DROP policy", healed_within_2s(&lab.container, to)));
+    let fw_rules = lab.sh(&["iptables", "-w", "-S", "INPUT"]).unwrap();
+    assert_eq!(
+        fw_rules.lines().filter(|l| l.contains("lhb ")).count(),
+        1,
+        "exactly one accept of lhb's: {fw_rules}"
+    );
+    let (ok, json, err) =
+        lhb_tests::lhb_check(&["status", "--json", "--control", &lhb.control()]).unwrap();
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let heals = v["firewall"]["heals"].as_u64().unwrap_or_default();
+    assert!(heals >= 2, "heals: {heals} in {json}");
+    assert!(
+        v["firewall"]["last_heal"]["restored"][0]
+            .as_str()
+            .is_some_and(|r| r.contains(&spec.replace("br0:", ":"))),
+        "{json}"
+    );
+    assert!(lhb.stop().unwrap().success());
+    lab.sh(&["iptables", "-w", "-P", "INPUT", "ACCEPT"])
+        .unwrap();
+
+    // Legacy iptables announces nothing: the periodic check finds it.
+    lab.sh(&[
+        "iptables-legacy",
+        "-w",
+        "-I",
+        "INPUT",
+        "-i",
+        "br0",
+        "-j",
+        "DROP",
+    ])
+    .unwrap();
+    let mut lhb = lab.lhb(&args).unwrap();
+    assert!(served(&lab.container, to), "{}", lhb.log());
+    lab.shell("iptables-legacy-save | grep -v 'lhb ' | iptables-legacy-restore")
+        .unwrap();
+    times.push((
+        "iptables-legacy-restore",
+        healed_within_2s(&lab.container, to),
+    ));
+    assert!(lhb.stop().unwrap().success());
+    for (what, t) in &times {
+        assert!(t.is_some(), "not healed within 2 s after {what}");
+        println!("healed after {what} in {:?}", t.unwrap());
+    }
+}

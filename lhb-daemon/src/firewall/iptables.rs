@@ -165,6 +165,34 @@ impl Backend for Xtables {
             .collect())
     }
 
+    fn missing(&mut self, held: &BTreeSet<Opening>) -> anyhow::Result<BTreeSet<Opening>> {
+        let mine: Vec<&Opening> = held
+            .iter()
+            .filter(|o| o.gateway.is_ipv6() == self.v6)
+            .collect();
+        if mine.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let lines = self.input()?;
+        if may_drop(&lines).is_none() {
+            return Ok(BTreeSet::new());
+        }
+        Ok(mine
+            .into_iter()
+            .filter(|o| {
+                let tag = o.tag();
+                !lines.iter().any(|l| comment(l) == Some(tag.as_str()))
+            })
+            .cloned()
+            .collect())
+    }
+
+    fn notified(&self) -> bool {
+        // iptables-nft writes nf_tables; the legacy variant writes x_tables, which
+        // announce nothing.
+        !self.bin.ends_with("-legacy")
+    }
+
     fn leftovers(&mut self) -> anyhow::Result<BTreeSet<Opening>> {
         Ok(self
             .input()?

@@ -9,6 +9,7 @@
 //! one nftables base chain does not stop another base chain from dropping, so every input
 //! chain that would drop gets its own accept.
 
+mod changes;
 mod iptables;
 mod nft;
 
@@ -93,11 +94,33 @@ trait Backend: Send {
     /// The chains of this backend that may drop `o` and hold no accept of lhb's for it,
     /// each with why it may drop. Read only.
     fn blockers(&mut self, o: &Opening) -> anyhow::Result<Vec<String>>;
+    /// Which of `held` lack an accept in a chain that may drop them now (someone
+    /// reloaded or rewrote the ruleset, or a dropping chain appeared). One read of the
+    /// ruleset for all of them.
+    fn missing(&mut self, held: &BTreeSet<Opening>) -> anyhow::Result<BTreeSet<Opening>>;
+    /// Whether changes to this backend's rules are announced as nf_tables netlink
+    /// notifications (nftables and iptables-nft; not legacy iptables).
+    fn notified(&self) -> bool;
 }
 
-/// The openings held and the chains each went into, for `lhb status` and metrics.
-pub type HeldChains =
-    std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<Opening, Vec<String>>>>;
+/// What the firewall side holds, for `lhb status` and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct FirewallState {
+    /// The openings held and the chains each went into.
+    pub chains: std::collections::BTreeMap<Opening, Vec<String>>,
+    /// Times lhb found its accepts gone (or a new dropping chain) and restored them.
+    pub heals: u64,
+    pub last_heal: Option<Heal>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Heal {
+    pub at: std::time::SystemTime,
+    /// `OPENING in CHAIN` for each accept put back.
+    pub restored: Vec<String>,
+}
+
+pub type HeldChains = std::sync::Arc<std::sync::Mutex<FirewallState>>;
 
 pub struct Firewall {
     backends: Vec<Box<dyn Backend>>,
@@ -180,35 +203,102 @@ impl Firewall {
                 }
             }
             self.held.remove(&o);
-            self.chains
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&o);
+            self.state().chains.remove(&o);
             info!("firewall: closed {o}");
         }
         for o in wanted.difference(&self.held.clone()) {
             let mut chains = Vec::new();
+            let mut failed = false;
             for b in &mut self.backends {
                 match b.open(o) {
                     Ok(c) => chains.extend(c),
                     Err(e) => {
+                        failed = true;
                         first_err.get_or_insert(e.context(format!("{}: adding {o}", b.name())));
                     }
                 }
             }
-            self.held.insert(o.clone());
             if !chains.is_empty() {
                 info!("firewall: opened {o} in {}", chains.join(", "));
             }
-            self.chains
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(o.clone(), chains);
+            self.state().chains.insert(o.clone(), chains);
+            // Not held until every backend has it, so the retry opens it again (opening
+            // is idempotent: a backend that has it already adds nothing).
+            if !failed {
+                self.held.insert(o.clone());
+            }
         }
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, FirewallState> {
+        self.chains.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts back every accept of lhb's that is missing from a backend (`all`, or only
+    /// the backends whose changes are not announced), reading each ruleset once. What
+    /// was restored, as `OPENING in CHAIN`.
+    pub fn heal(&mut self, all: bool) -> anyhow::Result<Vec<String>> {
+        let mut restored = Vec::new();
+        let mut first_err = None;
+        for b in &mut self.backends {
+            if !all && b.notified() {
+                continue;
+            }
+            let missing = match b.missing(&self.held) {
+                Ok(m) => m,
+                Err(e) => {
+                    first_err.get_or_insert(e.context(format!("{}: reading", b.name())));
+                    continue;
+                }
+            };
+            for o in missing {
+                match b.open(&o) {
+                    Ok(chains) => {
+                        let mut state = self.chains.lock().unwrap_or_else(|p| p.into_inner());
+                        let held = state.chains.entry(o.clone()).or_default();
+                        for c in chains {
+                            restored.push(format!("{o} in {c}"));
+                            if !held.contains(&c) {
+                                held.push(c);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(e.context(format!("{}: restoring {o}", b.name())));
+                    }
+                }
+            }
+        }
+        if !restored.is_empty() {
+            warn!(
+                "firewall: lhb's accept was gone (the ruleset was reloaded or changed); restored {}",
+                restored.join(", ")
+            );
+            let mut state = self.state();
+            state.heals += 1;
+            state.last_heal = Some(Heal {
+                at: std::time::SystemTime::now(),
+                restored: restored.clone(),
+            });
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(restored),
+        }
+    }
+
+    /// Whether some backend's changes come without a notification (legacy iptables):
+    /// only a periodic check sees those.
+    pub fn has_unnotified(&self) -> bool {
+        self.backends.iter().any(|b| !b.notified())
+    }
+
+    pub fn holds_any(&self) -> bool {
+        !self.held.is_empty()
     }
 
     /// Removes every rule lhb added.
@@ -234,6 +324,13 @@ pub struct FirewallTask {
 
 pub const REMOVAL_GRACE: std::time::Duration = std::time::Duration::from_millis(1500);
 const RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+/// A burst of ruleset changes (a reload is many) is checked once, this long after it.
+const CHANGES_SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
+/// How often tables that announce no changes (legacy iptables) are checked.
+const UNNOTIFIED_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+/// Every this many periodic ticks, all backends are checked, in case a notification
+/// was missed.
+const FULL_CHECK_TICKS: u32 = 30;
 
 impl FirewallTask {
     /// Takes over `fw`, whose rules already match `current`.
@@ -244,6 +341,19 @@ impl FirewallTask {
         let task = tokio::spawn(async move {
             // When the next full sync (with removals) is due, if one is.
             let mut due: Option<tokio::time::Instant> = None;
+            let mut changes = match changes::subscribe() {
+                Ok(rx) => Some(rx),
+                Err(e) => {
+                    warn!(
+                        "firewall: no nftables change notifications ({e}); checking every {}s instead",
+                        UNNOTIFIED_CHECK.as_secs()
+                    );
+                    None
+                }
+            };
+            let mut tick = tokio::time::interval(UNNOTIFIED_CHECK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut ticks = 0u32;
             loop {
                 let wake = async {
                     match due {
@@ -251,7 +361,32 @@ impl FirewallTask {
                         None => std::future::pending().await,
                     }
                 };
+                let changed = async {
+                    match changes.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
+                    Some(()) = changed => {
+                        tokio::time::sleep(CHANGES_SETTLE).await;
+                        if let Some(rx) = changes.as_mut() {
+                            while rx.try_recv().is_ok() {}
+                        }
+                        if fw.holds_any() && let Err(e) = fw.heal(true) {
+                            warn!("firewall: {e:#}");
+                        }
+                    }
+                    _ = tick.tick() => {
+                        ticks = ticks.wrapping_add(1);
+                        let all = changes.is_none() || ticks.is_multiple_of(FULL_CHECK_TICKS);
+                        if fw.holds_any()
+                            && (all || fw.has_unnotified())
+                            && let Err(e) = fw.heal(all)
+                        {
+                            warn!("firewall: {e:#}");
+                        }
+                    }
                     changed = rx.changed() => {
                         if changed.is_err() {
                             break;
@@ -319,6 +454,94 @@ fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backend whose chain may drop everything, whose first `open` fails, and which
+    /// records the accepts it holds.
+    #[derive(Default)]
+    struct FailsOnce {
+        opens: u32,
+        has: std::sync::Arc<std::sync::Mutex<BTreeSet<Opening>>>,
+    }
+
+    impl Backend for FailsOnce {
+        fn name(&self) -> String {
+            "test".into()
+        }
+        fn open(&mut self, o: &Opening) -> anyhow::Result<Vec<String>> {
+            self.opens += 1;
+            if self.opens == 1 {
+                anyhow::bail!("the xtables lock is busy");
+            }
+            self.has.lock().unwrap().insert(o.clone());
+            Ok(vec!["test INPUT".into()])
+        }
+        fn close(&mut self, o: &Opening) -> anyhow::Result<()> {
+            self.has.lock().unwrap().remove(o);
+            Ok(())
+        }
+        fn leftovers(&mut self) -> anyhow::Result<BTreeSet<Opening>> {
+            Ok(BTreeSet::new())
+        }
+        fn blockers(&mut self, _: &Opening) -> anyhow::Result<Vec<String>> {
+            Ok(vec![])
+        }
+        fn missing(&mut self, held: &BTreeSet<Opening>) -> anyhow::Result<BTreeSet<Opening>> {
+            let has = self.has.lock().unwrap();
+            Ok(held.difference(&has).cloned().collect())
+        }
+        fn notified(&self) -> bool {
+            true
+        }
+    }
+
+    fn opening() -> Opening {
+        Opening {
+            iface: "br0".into(),
+            gateway: "10.0.0.1".parse().unwrap(),
+            port: 80,
+        }
+    }
+
+    #[test]
+    fn an_opening_that_failed_is_opened_by_the_retry() {
+        let backend = FailsOnce::default();
+        let has = backend.has.clone();
+        let mut fw = Firewall {
+            backends: vec![Box::new(backend)],
+            held: BTreeSet::new(),
+            chains: HeldChains::default(),
+        };
+        let wanted = BTreeSet::from([opening()]);
+        assert!(fw.sync(&wanted).is_err());
+        assert!(has.lock().unwrap().is_empty());
+        fw.sync(&wanted).unwrap();
+        assert_eq!(*has.lock().unwrap(), wanted);
+        assert!(fw.holds_any());
+    }
+
+    #[test]
+    fn an_accept_removed_under_lhb_is_restored_and_counted() {
+        let backend = FailsOnce {
+            opens: 1,
+            ..FailsOnce::default()
+        };
+        let has = backend.has.clone();
+        let mut fw = Firewall {
+            backends: vec![Box::new(backend)],
+            held: BTreeSet::new(),
+            chains: HeldChains::default(),
+        };
+        let wanted = BTreeSet::from([opening()]);
+        fw.sync(&wanted).unwrap();
+        assert!(fw.heal(true).unwrap().is_empty(), "nothing to heal yet");
+        has.lock().unwrap().clear();
+        let restored = fw.heal(true).unwrap();
+        assert_eq!(restored, vec![format!("{} in test INPUT", opening())]);
+        assert_eq!(*has.lock().unwrap(), wanted);
+        let state = fw.chains.lock().unwrap().clone();
+        assert_eq!(state.heals, 1);
+        assert_eq!(state.chains[&opening()], vec!["test INPUT".to_string()]);
+    }
 
     #[test]
     fn tags_name_the_opening_and_nothing_else_parses() {

@@ -93,6 +93,16 @@ impl Nft {
     }
 }
 
+/// Whether chain `c` holds a rule tagged `tag`.
+fn has_tag(rules: &[Rule], c: &Chain, tag: &str) -> bool {
+    rules.iter().any(|r| {
+        r.family == c.family
+            && r.table == c.table
+            && r.chain == c.name
+            && r.comment.as_deref() == Some(tag)
+    })
+}
+
 /// Whether chain `c` sees `o`'s address family.
 fn fits(c: &Chain, o: &Opening) -> bool {
     match c.family.as_str() {
@@ -148,13 +158,7 @@ impl Backend for Nft {
         let mut opened = Vec::new();
         for c in chains.iter().filter(|c| c.may_drop && fits(c, o)) {
             let label = format!("nft {} {} {}", c.family, c.table, c.name);
-            let present = rules.iter().any(|r| {
-                r.family == c.family
-                    && r.table == c.table
-                    && r.chain == c.name
-                    && r.comment.as_deref() == Some(tag.as_str())
-            });
-            if !present {
+            if !has_tag(&rules, c, &tag) {
                 let proto = if v6 { "ip6" } else { "ip" };
                 nft_script(&format!(
                     "insert rule {} {} {} iifname \"{}\" {proto} daddr {} tcp dport {} accept comment \"{tag}\"\n",
@@ -187,16 +191,31 @@ impl Backend for Nft {
         Ok(chains
             .iter()
             .filter(|c| c.may_drop && fits(c, o))
-            .filter(|c| {
-                !rules.iter().any(|r| {
-                    r.family == c.family
-                        && r.table == c.table
-                        && r.chain == c.name
-                        && r.comment.as_deref() == Some(tag.as_str())
-                })
-            })
+            .filter(|c| !has_tag(&rules, c, &tag))
             .map(|c| format!("nft {} {} {} (input hook)", c.family, c.table, c.name))
             .collect())
+    }
+
+    fn missing(&mut self, held: &BTreeSet<Opening>) -> anyhow::Result<BTreeSet<Opening>> {
+        if held.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let (chains, rules) = self.ruleset()?;
+        Ok(held
+            .iter()
+            .filter(|o| {
+                let tag = o.tag();
+                chains
+                    .iter()
+                    .filter(|c| c.may_drop && fits(c, o))
+                    .any(|c| !has_tag(&rules, c, &tag))
+            })
+            .cloned()
+            .collect())
+    }
+
+    fn notified(&self) -> bool {
+        true
     }
 
     fn leftovers(&mut self) -> anyhow::Result<BTreeSet<Opening>> {
