@@ -63,6 +63,7 @@ struct Expose {
     service: Option<String>,
     port: Spanned<i64>,
     target: Option<Spanned<TargetValue>>,
+    max_connections: Option<Spanned<i64>>,
 }
 
 /// `target = 8080` and `target = "127.0.0.1:8080"` are both accepted.
@@ -155,7 +156,18 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
                 Some(parsed.map_err(|err| invalid(Some(span), err.to_string()))?)
             }
         };
-        let r = Rule::new(source, port, target, e.service);
+        let mut r = Rule::new(source, port, target, e.service);
+        if let Some(m) = e.max_connections {
+            let span = m.span();
+            let n = *m.get_ref();
+            if !(1..=1_000_000).contains(&n) {
+                return Err(invalid(
+                    Some(span),
+                    format!("max_connections = {n} is not in 1..=1000000"),
+                ));
+            }
+            r.max_connections = Some(n as usize);
+        }
         if let Some((_, first)) = seen
             .iter()
             .find(|(o, _)| o.source == r.source && o.port == r.port)
@@ -210,6 +222,7 @@ network = "windmill_default"   # Docker network name
 service = "gateway"
 port = 18789
 target = "127.0.0.1:18789"
+max_connections = 200
 
 [[expose]]
 interface = "virbr0"
@@ -225,6 +238,8 @@ port = 11434
         assert_eq!(rules[1].source, Source::Interface("virbr0".into()));
         assert_eq!(rules[1].target, "127.0.0.1:11434".parse().unwrap());
         assert_eq!(rules[1].service, "port-11434");
+        assert_eq!(rules[0].max_connections, Some(200));
+        assert_eq!(rules[1].max_connections, None);
     }
 
     #[test]
@@ -236,6 +251,11 @@ port = 11434
                 "unknown field `colour`",
             ),
             ("bogus = 1\n", 1, "unknown field `bogus`"),
+            (
+                "[[expose]]\nnetwork = \"n\"\nport = 80\nmax_connections = 0\n",
+                4,
+                "max_connections = 0 is not in 1..=1000000",
+            ),
             (
                 "[[expose]]\nnetwork = \"n\"\nport = 0\n",
                 3,

@@ -25,7 +25,7 @@ use crate::{
     netlink::Netlink,
     notify::Notifier,
     persist,
-    proxy::Proxy,
+    proxy::{FD_RESERVE, FDS_PER_CONNECTION, Proxy},
     reconcile::{self, Mode, Observed, Paths, Plan, RuleState},
     rule::{self, Rule, Source},
     status::{self, Status},
@@ -48,7 +48,8 @@ pub struct RunOptions {
     pub mode: Option<Mode>,
     /// --firewall, if given (it wins over the file's `firewall`).
     pub firewall: Option<FirewallMode>,
-    pub max_connections: usize,
+    /// --max-connections, if given; else derived from the open-file limit.
+    pub max_connections: Option<usize>,
     /// The control socket (`lhb status`, `lhb expose`, `lhb unexpose`).
     pub control: PathBuf,
     /// Where the kernel path's links are pinned (bpffs).
@@ -354,7 +355,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         slots,
         slot_map,
         kernel,
-        proxy: Proxy::new(opts.max_connections, PROXY_BACKLOG),
+        proxy: Proxy::new(proxy_budget(opts.max_connections), PROXY_BACKLOG),
         firewall: None,
         paths,
         netlink,
@@ -507,6 +508,50 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How many connections the proxy may carry: each holds [`FDS_PER_CONNECTION`] fds,
+/// and [`FD_RESERVE`] stay free so the control and metrics sockets always answer.
+fn proxy_budget(asked: Option<usize>) -> usize {
+    let nofile = raise_nofile_limit();
+    let budget = (nofile.saturating_sub(FD_RESERVE) / FDS_PER_CONNECTION).max(1) as usize;
+    let max = match asked {
+        Some(n) if n > budget => {
+            warn!(
+                "--max-connections {n} is more than the open-file limit ({nofile}) allows: using {budget} (raise LimitNOFILE to allow more)"
+            );
+            budget
+        }
+        Some(n) => n,
+        None => budget,
+    };
+    info!("proxy: at most {max} connection(s) at once (open-file limit {nofile})");
+    max
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (systemd's default soft limit, 1024,
+/// is meant for select(2) users; lhb uses epoll); the soft limit in force after.
+fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
 fn cleanup_sockets(control: &std::path::Path, metrics: &control::MetricsAddr) {
     control::remove_socket(control);
     if let control::MetricsAddr::Unix(p) = metrics {
@@ -578,6 +623,7 @@ impl Daemon {
                 }
             }
         }
+        self.share_proxy();
         if let Some(fw) = &self.firewall {
             fw.want(openings(&self.applied));
         }
@@ -586,6 +632,24 @@ impl Daemon {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+impl Daemon {
+    /// Each proxied rule's share of the proxy's connections: its `max_connections`, or
+    /// an equal part of the total.
+    fn share_proxy(&self) {
+        let proxied: std::collections::BTreeSet<u32> =
+            self.applied.proxies.values().map(|t| t.slot).collect();
+        let share = (self.proxy.max_connections() / proxied.len().max(1)).max(1);
+        let limits = self
+            .rules
+            .iter()
+            .zip(&self.slots)
+            .filter(|(_, s)| proxied.contains(s))
+            .map(|(r, &s)| (s, r.max_connections.unwrap_or(share)))
+            .collect();
+        self.proxy.set_limits(&limits);
     }
 }
 
@@ -1030,6 +1094,8 @@ impl Daemon {
             r.counters.proxy_bytes = get(&p.bytes);
             r.counters.proxy_target_errors = get(&p.target_errors);
             r.counters.proxy_over_limit = get(&p.over_limit);
+            r.counters.proxy_max_connections = get(&p.limit);
+            r.counters.proxy_accept_errors = get(&p.accept_errors);
             rules.push(r);
         }
         Status {

@@ -79,9 +79,12 @@ enum Command {
         /// input chains. Default: the config's `firewall`, else auto.
         #[arg(long, value_name = "auto|nftables|iptables|none", value_parser = firewall::parse_mode)]
         firewall: Option<firewall::FirewallMode>,
-        /// Most connections the proxy carries at once; more are refused and logged.
-        #[arg(long, value_name = "N", default_value_t = 4096)]
-        max_connections: usize,
+        /// Most connections the proxy carries at once, over all rules; more are refused
+        /// and logged. Each rule may hold an equal share (or its config's
+        /// `max_connections`). Default: what the open-file limit allows, (limit - 256) / 6
+        /// (lhb raises its soft limit to the hard one at start).
+        #[arg(long, value_name = "N")]
+        max_connections: Option<usize>,
         /// Control socket for `lhb status`, `lhb expose` and `lhb unexpose` (mode 0600).
         /// The metrics socket defaults to metrics.sock beside it.
         #[arg(long, value_name = "PATH", default_value = control::DEFAULT_CONTROL)]

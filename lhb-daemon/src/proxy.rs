@@ -57,6 +57,10 @@ pub struct ProxyCounters {
     pub target_errors: AtomicU64,
     /// Turned away because the connection limit was reached.
     pub over_limit: AtomicU64,
+    /// The most connections this rule may hold at once (its share of the total).
+    pub limit: AtomicU64,
+    /// accept(2) failures (EMFILE and friends).
+    pub accept_errors: AtomicU64,
 }
 
 struct Listening {
@@ -75,6 +79,14 @@ pub struct Proxy {
 /// Bytes one splice call may move; also the pipe's size.
 const CHUNK: usize = 1 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 6;
+/// File descriptors one proxied connection holds: two sockets and two pipes.
+pub const FDS_PER_CONNECTION: u64 = 6;
+/// File descriptors kept for everything else (control and metrics clients, netlink,
+/// BPF objects, firewall tools' pipes, listeners).
+pub const FD_RESERVE: u64 = 256;
 /// A client that acknowledges nothing for this long is reset with its queue unsent.
 const DRAIN_STALL: Duration = Duration::from_secs(5);
 
@@ -133,6 +145,21 @@ impl Proxy {
         self.counters_for(slot)
     }
 
+    /// The total every rule shares.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    /// Sets how many connections each rule slot may hold at once: one container
+    /// cannot take the slots of every other rule.
+    pub fn set_limits(&self, limits: &BTreeMap<u32, usize>) {
+        for (&slot, &limit) in limits {
+            self.counters_for(slot)
+                .limit
+                .store(limit as u64, Ordering::Relaxed);
+        }
+    }
+
     pub fn shutdown(&mut self) {
         let keys: Vec<ProxyKey> = self.listeners.keys().cloned().collect();
         for k in keys {
@@ -181,17 +208,42 @@ async fn accept_loop(
         let (client, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                warn!(listener = %label, "accept: {e}");
+                // EMFILE and friends: the connection waits in the backlog; back off
+                // instead of spinning, and say so once per power of two.
+                let n = counters.accept_errors.fetch_add(1, Ordering::Relaxed);
+                if n.is_power_of_two() || n == 0 {
+                    warn!(listener = %label, "accept: {e} ({} time(s) so far); retrying", n + 1);
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        // The rule's share first, then the total: a slot is taken only if both allow.
+        let share = counters.limit.load(Ordering::Relaxed);
+        let reserved = counters
+            .active
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |a| {
+                (share == 0 || a < share).then_some(a + 1)
+            })
+            .is_ok();
+        let permit = if reserved {
+            limit.clone().try_acquire_owned().ok()
+        } else {
+            None
+        };
+        let Some(permit) = permit else {
+            if reserved {
+                counters.active.fetch_sub(1, Ordering::Relaxed);
+            }
             let n = counters.over_limit.fetch_add(1, Ordering::Relaxed);
             // One line per power of two: visible, but never a flood.
             if n.is_power_of_two() || n == 0 {
-                warn!(listener = %label, "connection limit ({max}) reached: refusing {peer} ({} refused so far)", n + 1);
+                let which = if reserved || share >= max as u64 {
+                    format!("the proxy's connection limit ({max})")
+                } else {
+                    format!("this rule's share of connections ({share})")
+                };
+                warn!(listener = %label, "{which} reached: refusing {peer} ({} refused so far)", n + 1);
             }
             reset(&client);
             continue;
@@ -199,7 +251,6 @@ async fn accept_loop(
         let counters = counters.clone();
         tokio::spawn(async move {
             counters.connections.fetch_add(1, Ordering::Relaxed);
-            counters.active.fetch_add(1, Ordering::Relaxed);
             let r = serve(client, target, &counters).await;
             counters.active.fetch_sub(1, Ordering::Relaxed);
             if let Err(e) = r {
@@ -230,6 +281,14 @@ async fn serve(client: TcpStream, target: SocketAddr, counters: &ProxyCounters) 
     };
     client.set_nodelay(true)?;
     upstream.set_nodelay(true)?;
+    // A peer that vanished (a container killed, a host gone) frees its slot after about
+    // two minutes instead of holding it for ever.
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    socket2::SockRef::from(&client).set_tcp_keepalive(&keepalive)?;
+    socket2::SockRef::from(&upstream).set_tcp_keepalive(&keepalive)?;
     let up = pump(&client, &upstream);
     let down = pump(&upstream, &client);
     tokio::pin!(up, down);

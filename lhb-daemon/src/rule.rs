@@ -37,6 +37,9 @@ pub struct Rule {
     pub target: SocketAddr,
     /// Label for logs and status.
     pub service: String,
+    /// The most proxied connections this rule may hold at once (`max_connections =` in
+    /// the config); None: an equal share of the proxy's total.
+    pub max_connections: Option<usize>,
 }
 
 impl Rule {
@@ -51,6 +54,7 @@ impl Rule {
             port,
             target: target.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
             service: service.unwrap_or_else(|| format!("port-{port}")),
+            max_connections: None,
         }
     }
 }

@@ -98,6 +98,12 @@ pub struct Counters {
     pub proxy_bytes: u64,
     pub proxy_target_errors: u64,
     pub proxy_over_limit: u64,
+    /// This rule's share of the proxy's connections (0 while it proxies nothing).
+    #[serde(default)]
+    pub proxy_max_connections: u64,
+    /// accept(2) failures on its proxy listeners (EMFILE and friends).
+    #[serde(default)]
+    pub proxy_accept_errors: u64,
 }
 
 impl RuleStatus {

@@ -42,6 +42,9 @@ Restart=always
 RestartSec=1
 WatchdogSec=30
 TimeoutStopSec=20
+# SIGTERM to lhb alone: with the default (control-group) an iptables that lhb runs while
+# it removes its rules gets the signal too, and the rule stays behind.
+KillMode=mixed
 RuntimeDirectory=lhb
 RuntimeDirectoryMode=0755
 
@@ -69,6 +72,8 @@ MemoryDenyWriteExecute=yes
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 SystemCallArchitectures=native
 LimitMEMLOCK=infinity
+# The proxy's connection budget is (LimitNOFILE - 256) / 6.
+LimitNOFILE=65536
 
 [Install]
 WantedBy=multi-user.target

@@ -275,3 +275,129 @@ fn the_firewall_heals_within_two_seconds_of_reloads_and_new_dropping_chains() {
         println!("healed after {what} in {:?}", t.unwrap());
     }
 }
+
+/// An echo service that holds every connection open until the client closes it, a
+/// thread (small stack) per connection.
+fn holding_echo() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let _ = std::thread::Builder::new()
+                .stack_size(32 * 1024)
+                .spawn(move || {
+                    use std::io::{Read as _, Write as _};
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = c.read(&mut buf) {
+                        if n == 0 || c.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+        }
+    });
+    port
+}
+
+/// Opens `n` connections to `to` from `ns` and checks each with a one-byte round trip;
+/// the ones that work are held open and returned.
+fn hold(ns: &lhb_tests::Netns, to: SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+    ns.run(move || {
+        use std::io::{Read as _, Write as _};
+        (0..n)
+            .filter_map(|_| {
+                let mut s =
+                    std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)).ok()?;
+                s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+                s.write_all(b"x").ok()?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).ok()?;
+                Some(s)
+            })
+            .collect()
+    })
+    .unwrap()
+}
+
+fn status_json(lhb: &Lhb) -> serde_json::Value {
+    let (ok, json, err) =
+        lhb_tests::lhb_check(&["status", "--json", "--control", &lhb.control()]).unwrap();
+    assert!(ok, "lhb status: {err}");
+    serde_json::from_str(&json).unwrap()
+}
+
+/// Under systemd's default soft fd limit (1024) the proxy raises it to the hard limit
+/// and carries 600 idle connections on one rule; with the hard limit at 1024 too, the
+/// budget is (1024 - 256) / 6 = 128, each of two rules gets half, and the rule flooded
+/// with 600 connections cannot starve the other. `lhb status` answers throughout.
+#[test]
+fn one_rule_flooded_with_idle_connections_cannot_starve_another() {
+    let mut hard = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid pointer.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) };
+    assert!(
+        hard.rlim_max >= 4096,
+        "this test needs a hard fd limit of 4096 or more"
+    );
+    // The test's own 600 client and 600 service sockets.
+    let raised = libc::rlimit {
+        rlim_cur: hard.rlim_max,
+        rlim_max: hard.rlim_max,
+    };
+    // SAFETY: setrlimit with a valid pointer.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) };
+    let (a, b) = (Lab::new(24).unwrap(), Lab::new(25).unwrap());
+    let flooded = holding_echo();
+    let other = PeerEcho::start("127.0.0.1:0").unwrap();
+    let spec_a = format!("{}:{flooded}", a.bridge_name());
+    let spec_b = format!("{}:{}", b.bridge_name(), other.port());
+    let args = [
+        "--mode",
+        "proxy",
+        "--no-docker",
+        "--expose-iface",
+        &spec_a,
+        "--expose-iface",
+        &spec_b,
+    ];
+    let to_a = SocketAddr::new(a.gateway(), flooded);
+    let to_b = SocketAddr::new(b.gateway(), other.port());
+    let soft_only = format!("--nofile=1024:{}", hard.rlim_max);
+    for (limit, want_held) in [(soft_only.as_str(), 600), ("--nofile=1024:1024", 64)] {
+        let lhb =
+            Lhb::start_wrapped(&["prlimit", limit, "--"], &lhb_tests::lhb_bin(), &args).unwrap();
+        let held = hold(&a.container, to_a, 600);
+        assert_eq!(
+            held.len(),
+            want_held,
+            "{limit}: connections held\n{}",
+            lhb.log()
+        );
+        assert!(
+            served(&b.container, to_b),
+            "{limit}: the other rule starved"
+        );
+        let v = status_json(&lhb);
+        let share = v["rules"][0]["counters"]["proxy_max_connections"]
+            .as_u64()
+            .unwrap_or_default();
+        let refused = v["rules"][0]["counters"]["proxy_over_limit"]
+            .as_u64()
+            .unwrap_or_default();
+        if want_held == 64 {
+            assert_eq!(share, 64, "{v}");
+            assert_eq!(refused, 600 - 64, "{v}");
+            assert!(
+                lhb.log()
+                    .contains("this rule's share of connections (64) reached")
+            );
+        } else {
+            assert_eq!(refused, 0, "{v}");
+        }
+        drop(held);
+    }
+}
