@@ -90,7 +90,16 @@ async fn session(tx: &watch::Sender<DockerView>, was_up: &mut bool) -> Result<()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs().saturating_sub(1))
         .unwrap_or(0);
-    let filters = [("type".to_string(), vec!["network".to_string()])].into();
+    // Only what changes a bridge: a container joining or leaving a network (connect,
+    // disconnect: every container start and stop) changes none.
+    let filters = [
+        ("type".to_string(), vec!["network".to_string()]),
+        (
+            "event".to_string(),
+            vec!["create".to_string(), "destroy".to_string()],
+        ),
+    ]
+    .into();
     let mut events = docker.events(Some(EventsOptions {
         since: Some(since.to_string()),
         filters: Some(filters),

@@ -164,3 +164,180 @@ pub fn wget_from(network: &str, url: &str, extra: &[&str]) -> anyhow::Result<Str
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// A throwaway Docker engine of the test's own: its own socket, data root, exec root
+/// and pid file, `--iptables=false --ip6tables=false --bridge=none` and an empty config
+/// file, so it never touches the machine's engine or firewall. It can be killed with -9
+/// and started again on the same state, as a host's engine restarts.
+pub struct Engine {
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+    /// `unix://...`, for DOCKER_HOST.
+    pub host: String,
+    /// Bridges its networks made, removed on drop if the engine left them.
+    bridges: std::sync::Mutex<Vec<String>>,
+}
+
+impl Engine {
+    pub fn start(name: &str) -> anyhow::Result<Engine> {
+        let dir =
+            std::env::temp_dir().join(format!("{PREFIX}-engine-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("daemon.json"), "{}")?;
+        let mut e = Engine {
+            host: format!("unix://{}", dir.join("docker.sock").display()),
+            dir,
+            child: None,
+            bridges: Default::default(),
+        };
+        e.spawn()?;
+        Ok(e)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let d = |p: &str| self.dir.join(p).display().to_string();
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("dockerd.log"))?;
+        let child = Command::new("dockerd")
+            .args(["--config-file", &d("daemon.json")])
+            .args(["--host", &self.host])
+            .args(["--data-root", &d("root"), "--exec-root", &d("exec")])
+            .args(["--pidfile", &d("dockerd.pid")])
+            .args(["--iptables=false", "--ip6tables=false", "--bridge=none"])
+            .args(["--storage-driver", "vfs"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting dockerd")?;
+        self.child = Some(child);
+        let up = crate::wait_until(std::time::Duration::from_secs(30), || {
+            self.docker(&["version", "--format", "{{.Server.Version}}"])
+                .is_ok()
+        });
+        if up.is_none() {
+            let _ = std::fs::copy(
+                self.dir.join("dockerd.log"),
+                std::env::temp_dir().join("lhbt-engine-failed.log"),
+            );
+            bail!(
+                "the test's dockerd did not answer within 30 s:\n{}",
+                std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// `docker ARGS` against this engine; its stdout.
+    pub fn docker(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out: Output = Command::new("docker")
+            .args(args)
+            .env("DOCKER_HOST", &self.host)
+            .output()
+            .context("running docker")?;
+        if !out.status.success() {
+            bail!(
+                "docker {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Creates a bridge network; its bridge's name.
+    pub fn network(&self, name: &str, subnet: &str) -> anyhow::Result<String> {
+        let id = self.docker(&["network", "create", "--subnet", subnet, name])?;
+        let br = format!("br-{}", &id[..12]);
+        self.bridges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(br.clone());
+        Ok(br)
+    }
+
+    /// A crash: SIGKILL, nothing cleaned up by the engine. The containerd it started
+    /// goes too (a restarted dockerd waits in vain for a stale one's socket).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.kill_containerd();
+    }
+
+    fn kill_containerd(&self) {
+        let pattern = format!("{}/exec/containerd", self.dir.display());
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &pattern])
+            .status();
+        // dockerd finds its containerd by this pid file; a killed one may linger as a
+        // zombie that still answers kill(pid, 0), so the file goes too.
+        let _ = std::fs::remove_file(self.dir.join("exec/containerd/containerd.pid"));
+        // Gone before the next start looks for it.
+        let _ = crate::wait_until(std::time::Duration::from_secs(5), || {
+            !Command::new("pgrep")
+                .args(["-f", &pattern])
+                .stdout(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        });
+    }
+
+    /// The engine's own mounts (it bind-mounts its data root), innermost first.
+    fn unmount_all(&self) {
+        let dir = self.dir.display().to_string();
+        let mut points: Vec<String> = std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1).map(String::from))
+            .filter(|p| p.starts_with(&dir))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            let _ = Command::new("umount").args(["-l", &p]).status();
+        }
+    }
+
+    /// Starts the engine again on the same state.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            if let Ok(ids) = self.docker(&["network", "ls", "-q", "--filter", "driver=bridge"]) {
+                for id in ids.lines() {
+                    let _ = self.docker(&["network", "rm", id]);
+                }
+            }
+            if let Some(c) = &self.child {
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            }
+            if let Some(mut c) = self.child.take() {
+                let _ = c.wait();
+            }
+        }
+        self.kill_containerd();
+        for br in self
+            .bridges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = Command::new("ip")
+                .args(["link", "del", br])
+                .stderr(Stdio::null())
+                .status();
+        }
+        self.unmount_all();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -107,8 +107,15 @@ fn failed_starts_leave_nothing_behind() {
     let lab = Lab::new(22).unwrap();
     let br = lab.bridge_name();
     let pins = PinDir::new("failed");
+    struct RmDir(std::path::PathBuf);
+    impl Drop for RmDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
     let dir = std::env::temp_dir().join(format!("lhbt22-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let _rm = RmDir(dir.clone());
     let control = dir.join("lhb.sock");
     let control = control.to_str().unwrap();
     let svc = PeerEcho::start("127.0.0.1:0").unwrap();
@@ -166,7 +173,6 @@ fn failed_starts_leave_nothing_behind() {
         }
     }
     drop(taken);
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 fn served(ns: &lhb_tests::Netns, to: SocketAddr) -> bool {
@@ -400,4 +406,96 @@ fn one_rule_flooded_with_idle_connections_cannot_starve_another() {
         }
         drop(held);
     }
+}
+
+/// A network rule's container: a namespace plugged into `bridge` at `.2`.
+fn container_on(name: &str, bridge: &str, net: u8) -> (lhb_tests::Netns, lhb_tests::HostLink) {
+    let ns = lhb_tests::Netns::new(&format!("lhbt27{name}")).unwrap();
+    let veth = lhb_tests::plug(
+        &ns,
+        &format!("lhbt27{name}v"),
+        Some(bridge),
+        &[&format!("10.227.{net}.2/24")],
+        &[&format!("10.227.{net}.1")],
+    )
+    .unwrap();
+    (ns, veth)
+}
+
+fn rule_state(lhb: &Lhb, network: &str) -> String {
+    let v = status_json(lhb);
+    v["rules"]
+        .as_array()
+        .and_then(|rules| rules.iter().find(|r| r["network"] == network))
+        .map(|r| r["state"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default()
+}
+
+/// The Docker engine itself is killed with -9 and restarted (an engine of the test's
+/// own, so the machine's is untouched). The kernel path keeps serving while it is down;
+/// once it is back, a network removed is dropped and a network created is served, each
+/// within a second.
+#[test]
+fn a_docker_engine_killed_and_restarted_is_followed() {
+    let mut engine = lhb_tests::docker::Engine::start("restart").unwrap();
+    let br_a = engine.network("lhbt27a", "10.227.1.0/24").unwrap();
+    let br_b = engine.network("lhbt27b", "10.227.2.0/24").unwrap();
+    let (ca, _va) = container_on("a", &br_a, 1);
+    let (cb, _vb) = container_on("b", &br_b, 2);
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let rule = |n: &str| format!("{n}:{}", svc.port());
+    let (ra, rb, rc) = (rule("lhbt27a"), rule("lhbt27b"), rule("lhbt27c"));
+    let lhb = Lhb::start_env(
+        &[
+            "--mode", "kernel", "--expose", &ra, "--expose", &rb, "--expose", &rc,
+        ],
+        &[("DOCKER_HOST", engine.host.as_str())],
+    )
+    .unwrap();
+    let gw = |net: u8| SocketAddr::new([10, 227, net, 1].into(), svc.port());
+    assert!(served(&ca, gw(1)), "{}", lhb.log());
+    assert!(served(&cb, gw(2)), "{}", lhb.log());
+    let poller = Poller::start(&ca, gw(1), Duration::from_millis(10)).unwrap();
+
+    engine.kill9();
+    let lost = lhb_tests::wait_until(Duration::from_secs(5), || {
+        lhb.log().contains("Docker engine lost")
+    });
+    assert!(lost.is_some(), "{}", lhb.log());
+    // Down for a second: served all along (the poller counts).
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(served(&cb, gw(2)), "not served while the engine was down");
+    engine.restart().unwrap();
+    let back = lhb_tests::wait_until(Duration::from_secs(10), || {
+        lhb.log().matches("Docker engine connected").count() >= 2
+    });
+    assert!(back.is_some(), "not reconnected:\n{}", lhb.log());
+
+    engine.docker(&["network", "rm", "lhbt27b"]).unwrap();
+    let dropped = lhb_tests::wait_until(Duration::from_secs(1), || {
+        rule_state(&lhb, "lhbt27b") == "waiting"
+    });
+    assert!(
+        dropped.is_some(),
+        "a removed network still served:\n{}",
+        lhb.log()
+    );
+    let created = std::time::Instant::now();
+    let br_c = engine.network("lhbt27c", "10.227.3.0/24").unwrap();
+    let (cc, _vc) = container_on("c", &br_c, 3);
+    let up = lhb_tests::wait_until(Duration::from_secs(1), || served(&cc, gw(3)));
+    assert!(up.is_some(), "a created network not served:\n{}", lhb.log());
+    let (tries, failures) = poller.finish();
+    assert!(tries > 100, "{tries} tries");
+    assert!(
+        failures.is_empty(),
+        "{} of {tries} failed while the engine restarted: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    println!(
+        "dropped {:?} after `network rm`, served {:?} after `network create`",
+        dropped.unwrap(),
+        created.elapsed()
+    );
 }
