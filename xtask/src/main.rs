@@ -5,12 +5,14 @@
 //! - `build`: setup, then the `lhb` binary with its embedded eBPF object;
 //! - `test`: setup, fmt, clippy, build, every unit and end-to-end test, leftover check;
 //! - `demo`: a real end-to-end run on a throwaway topology, explained step by step;
-//! - `bench`: direct, kernel, proxy and socat side by side, interleaved: table, JSON, charts.
+//! - `bench`: direct, kernel, proxy and socat side by side, interleaved: table, JSON, charts;
+//! - `soak`: lhb under random (seeded) faults for N minutes while clients connect.
 
 mod bench;
 mod charts;
 mod demo;
 mod setup;
+mod soak;
 mod vm;
 
 use std::{
@@ -34,7 +36,8 @@ enum Cmd {
     Setup,
     /// Build the lhb binary (debug) with its eBPF programs.
     Build,
-    /// Run fmt, clippy and every test (needs root: real namespaces, bridges and BPF).
+    /// Run fmt, clippy, every test and a two-minute soak (needs root: real namespaces,
+    /// bridges and BPF).
     Test,
     /// Show lhb at work on a throwaway topology, step by step.
     Demo,
@@ -46,6 +49,17 @@ enum Cmd {
         /// Only these paths (comma-separated: direct,kernel,proxy,socat,tokio).
         #[arg(long, value_delimiter = ',')]
         paths: Vec<String>,
+    },
+    /// Inject faults at random (seeded) intervals for N minutes while clients on several
+    /// bridges connect over both data paths: bridges and Docker networks re-created,
+    /// firewall reloads, service restarts, SIGHUP (good and bad), kill -9 of lhb. Fails
+    /// on any connection failure outside a fault's own outage, or on any leak.
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Replays the fault sequence of an earlier run (printed at its start).
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// Run the netns-level end-to-end tests (kernel and proxy paths) on another kernel,
     /// booted under QEMU software emulation with virtme-ng; prints the kernel and what
@@ -71,6 +85,11 @@ fn main() -> ExitCode {
             .and_then(|()| require_root("the benchmark"))
             .and_then(|()| build_release())
             .and_then(|()| bench::run(quick, &paths)),
+        Cmd::Soak { minutes, seed } => setup::run()
+            .and_then(|()| require_root("the soak"))
+            .and_then(|()| build())
+            .and_then(|()| soak::run(minutes, seed))
+            .and_then(|()| leftovers()),
         Cmd::TestVm { kernel } => setup::run()
             .and_then(|()| require_root("the VM run"))
             .and_then(|()| vm::run(&kernel)),
@@ -141,6 +160,13 @@ fn test() -> anyhow::Result<()> {
     c.args(["test"]);
     c.env("LHB_BIN", workspace_root().join("target/debug/lhb"));
     status(c, "cargo test")?;
+    leftovers()?;
+    // CI's share of the soak: two minutes (LHB_SOAK_MINUTES changes it).
+    let minutes = std::env::var("LHB_SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(2.0);
+    soak::run(minutes, None)?;
     leftovers()
 }
 
