@@ -27,6 +27,9 @@ use lhb_tests::{HostLab, Lab, Lhb, Netns, PeerEcho, Poller, docker::Engine};
 
 /// How long after a fault's own outage lhb may still be healing.
 const HEAL: Duration = Duration::from_secs(2);
+/// The longest a client's attempt can take (connect, then read): one that started this
+/// long before a fault was still in flight when it hit.
+const ATTEMPT: Duration = Duration::from_secs(1);
 const POLL_EVERY: Duration = Duration::from_millis(20);
 
 /// Deterministic xorshift, so a seed replays the same fault sequence.
@@ -329,12 +332,18 @@ pub fn run(minutes: f64, seed: Option<u64>) -> anyhow::Result<()> {
     while start.elapsed() < length {
         std::thread::sleep(Duration::from_millis(1000 + rng.below(3000)));
         let f = FAULTS[rng.below(FAULTS.len() as u64) as usize];
+        let at = start.elapsed();
         let w = rig
             .inject(f)
             .with_context(|| format!("injecting: {}", f.name()))?;
         windows.push(w);
         *injected.entry(f).or_default() += 1;
-        eprintln!("soak: {:>5.1}s {}", start.elapsed().as_secs_f64(), f.name());
+        eprintln!(
+            "soak: {:>5.1}s to {:>5.1}s {}",
+            at.as_secs_f64(),
+            start.elapsed().as_secs_f64(),
+            f.name()
+        );
     }
     std::thread::sleep(HEAL);
     let fds_after = rig.fds();
@@ -344,7 +353,7 @@ pub fn run(minutes: f64, seed: Option<u64>) -> anyhow::Result<()> {
         let excused = |at: &Instant| {
             windows
                 .iter()
-                .any(|w| w.clients.contains(&name) && *at >= w.from && *at <= w.until)
+                .any(|w| w.clients.contains(&name) && *at + ATTEMPT >= w.from && *at <= w.until)
         };
         let counted: Vec<&(Instant, String)> =
             failures.iter().filter(|(at, _)| !excused(at)).collect();
