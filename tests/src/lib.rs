@@ -972,3 +972,20 @@ impl HostLab {
         Lhb::start_wrapped(&["ip", "netns", "exec", &self.host.name], &lhb_bin(), args)
     }
 }
+
+/// Removes a pin directory a test chose itself (whatever a daemon left in it).
+pub struct PinDir(pub String);
+
+impl PinDir {
+    pub fn new(name: &str) -> PinDir {
+        let d = format!("/sys/fs/bpf/lhbt-{name}-{}", std::process::id());
+        let _ = std::fs::remove_dir_all(&d);
+        PinDir(d)
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

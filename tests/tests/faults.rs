@@ -7,24 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lhb_tests::{Lab, Lhb, PeerEcho, Poller};
-
-/// Removes a pin directory a test chose itself (whatever a daemon left in it).
-struct PinDir(String);
-
-impl PinDir {
-    fn new(name: &str) -> PinDir {
-        let d = format!("/sys/fs/bpf/lhbt-{name}-{}", std::process::id());
-        let _ = std::fs::remove_dir_all(&d);
-        PinDir(d)
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use lhb_tests::{Lab, Lhb, PeerEcho, PinDir, Poller};
 
 /// Two daemons (own pin directories, own bridges) are killed with -9 and restarted at
 /// the same moment, five times, while a client on each bridge connects every 10 ms:

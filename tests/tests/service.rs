@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lhb_tests::{Lab, Lhb, Outcome, PeerEcho, free_port, http_get, lhb_check, wait_until};
+use lhb_tests::{Lab, Lhb, Outcome, PeerEcho, PinDir, free_port, http_get, lhb_check, wait_until};
 
 const T: Duration = Duration::from_secs(2);
 
@@ -365,23 +365,6 @@ fn echo_service() -> (u16, thread::JoinHandle<()>) {
         }
     });
     (port, h)
-}
-
-/// Removes a pin directory a test chose itself (whatever a daemon left in it).
-struct PinDir(String);
-
-impl PinDir {
-    fn new(name: &str) -> PinDir {
-        let d = format!("/sys/fs/bpf/lhbt-{name}-{}", std::process::id());
-        let _ = std::fs::remove_dir_all(&d);
-        PinDir(d)
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn programs_on(lab: &Lab) -> usize {

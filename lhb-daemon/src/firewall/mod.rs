@@ -502,15 +502,25 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_opening_that_failed_is_opened_by_the_retry() {
-        let backend = FailsOnce::default();
+    /// A firewall of `backend` alone, and what the backend holds.
+    fn with(
+        backend: FailsOnce,
+    ) -> (
+        Firewall,
+        std::sync::Arc<std::sync::Mutex<BTreeSet<Opening>>>,
+    ) {
         let has = backend.has.clone();
-        let mut fw = Firewall {
+        let fw = Firewall {
             backends: vec![Box::new(backend)],
             held: BTreeSet::new(),
             chains: HeldChains::default(),
         };
+        (fw, has)
+    }
+
+    #[test]
+    fn an_opening_that_failed_is_opened_by_the_retry() {
+        let (mut fw, has) = with(FailsOnce::default());
         let wanted = BTreeSet::from([opening()]);
         assert!(fw.sync(&wanted).is_err());
         assert!(has.lock().unwrap().is_empty());
@@ -521,16 +531,10 @@ mod tests {
 
     #[test]
     fn an_accept_removed_under_lhb_is_restored_and_counted() {
-        let backend = FailsOnce {
+        let (mut fw, has) = with(FailsOnce {
             opens: 1,
             ..FailsOnce::default()
-        };
-        let has = backend.has.clone();
-        let mut fw = Firewall {
-            backends: vec![Box::new(backend)],
-            held: BTreeSet::new(),
-            chains: HeldChains::default(),
-        };
+        });
         let wanted = BTreeSet::from([opening()]);
         fw.sync(&wanted).unwrap();
         assert!(fw.heal(true).unwrap().is_empty(), "nothing to heal yet");
