@@ -166,12 +166,17 @@ pub fn wget_from(network: &str, url: &str, extra: &[&str]) -> anyhow::Result<Str
 }
 
 /// A throwaway Docker engine of the test's own: its own socket, data root, exec root
-/// and pid file, `--iptables=false --ip6tables=false --bridge=none` and an empty config
-/// file, so it never touches the machine's engine or firewall. It can be killed with -9
-/// and started again on the same state, as a host's engine restarts.
+/// and pid file, `--iptables=false --ip6tables=false`, an empty config file, and a
+/// default bridge of its own (`--bridge=lhbt-eN`, 10.231.N.1/24), so it never touches the
+/// machine's engine, firewall or docker0: `--bridge=none` would make it delete the
+/// machine's docker0 at start, as dockerd removes the default bridge it is told not to
+/// use. It can be killed with -9 and started again on the same state, as a host's engine
+/// restarts.
 pub struct Engine {
     dir: std::path::PathBuf,
     child: Option<std::process::Child>,
+    /// Its default bridge, made by the test.
+    default_bridge: crate::HostLink,
     /// `unix://...`, for DOCKER_HOST.
     pub host: String,
     /// Bridges its networks made, removed on drop if the engine left them.
@@ -179,16 +184,20 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn start(name: &str) -> anyhow::Result<Engine> {
+    /// An engine numbered `n` (its default bridge is `lhbt-eN`, 10.231.N.1/24).
+    pub fn start(name: &str, n: u8) -> anyhow::Result<Engine> {
         let dir =
             std::env::temp_dir().join(format!("{PREFIX}-engine-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("daemon.json"), "{}")?;
+        let default_bridge =
+            crate::bridge(&format!("{PREFIX}-e{n}"), &[&format!("10.231.{n}.1/24")])?;
         let mut e = Engine {
             host: format!("unix://{}", dir.join("docker.sock").display()),
             dir,
             child: None,
+            default_bridge,
             bridges: Default::default(),
         };
         e.spawn()?;
@@ -206,7 +215,8 @@ impl Engine {
             .args(["--host", &self.host])
             .args(["--data-root", &d("root"), "--exec-root", &d("exec")])
             .args(["--pidfile", &d("dockerd.pid")])
-            .args(["--iptables=false", "--ip6tables=false", "--bridge=none"])
+            .args(["--iptables=false", "--ip6tables=false"])
+            .args(["--bridge", &self.default_bridge.name])
             .args(["--storage-driver", "vfs"])
             .stdout(Stdio::null())
             .stderr(log)

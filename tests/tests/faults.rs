@@ -424,7 +424,9 @@ fn rule_state(lhb: &Lhb, network: &str) -> String {
 /// within a second.
 #[test]
 fn a_docker_engine_killed_and_restarted_is_followed() {
-    let mut engine = lhb_tests::docker::Engine::start("restart").unwrap();
+    let docker0 = || std::path::Path::new("/sys/class/net/docker0").exists();
+    let had_docker0 = docker0();
+    let mut engine = lhb_tests::docker::Engine::start("restart", 1).unwrap();
     let br_a = engine.network("lhbt27a", "10.227.1.0/24").unwrap();
     let br_b = engine.network("lhbt27b", "10.227.2.0/24").unwrap();
     let (ca, _va) = container_on("a", &br_a, 1);
@@ -467,8 +469,8 @@ fn a_docker_engine_killed_and_restarted_is_followed() {
         "a removed network still served:\n{}",
         lhb.log()
     );
-    let created = std::time::Instant::now();
     let br_c = engine.network("lhbt27c", "10.227.3.0/24").unwrap();
+    let created = std::time::Instant::now();
     let (cc, _vc) = container_on("c", &br_c, 3);
     let up = lhb_tests::wait_until(Duration::from_secs(1), || served(&cc, gw(3)));
     assert!(up.is_some(), "a created network not served:\n{}", lhb.log());
@@ -479,6 +481,13 @@ fn a_docker_engine_killed_and_restarted_is_followed() {
         "{} of {tries} failed while the engine restarted: {:?}",
         failures.len(),
         failures.first()
+    );
+    drop(lhb);
+    drop(engine);
+    assert_eq!(
+        docker0(),
+        had_docker0,
+        "the test's engine changed the machine's docker0"
     );
     println!(
         "dropped {:?} after `network rm`, served {:?} after `network create`",

@@ -117,7 +117,7 @@ impl Rig {
         std::fs::create_dir_all(&dir)?;
         let lab = Lab::new(28)?;
         let host = HostLab::new(29)?;
-        let engine = Engine::start("soak")?;
+        let engine = Engine::start("soak", 2)?;
         let bridge = engine.network(NETWORK, SUBNET)?;
         let net_container = Netns::new("lhbt-soakc")?;
         let net_veth = lhb_tests::plug(
