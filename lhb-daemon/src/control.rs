@@ -3,6 +3,7 @@
 //! JSON response per connection. Also the metrics endpoint (Prometheus text over HTTP, on
 //! a Unix socket or a loopback TCP address), which asks the daemon the same way.
 
+use std::os::unix::fs::FileTypeExt as _;
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::SocketAddr,
@@ -92,7 +93,14 @@ fn bind_unix(path: &Path, what: &str) -> anyhow::Result<tokio::net::UnixListener
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating {} for the {what}", dir.display()))?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            // A typo'd path must never cost a file (`metrics = "unix:/etc/lhb/lhb.toml"`).
+            bail!(
+                "{what} {} exists and is not a socket: refusing to replace it (choose another path)",
+                path.display()
+            );
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             bail!(
                 "{what} {} answers: another lhb is running (stop it, or give this one its own --control PATH)",
@@ -268,6 +276,10 @@ pub fn call(path: &Path, req: &Request) -> anyhow::Result<Response> {
 }
 
 pub fn remove_socket(path: &Path) {
+    // Only ever a socket: whatever else is there now is not lhb's.
+    if !std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        return;
+    }
     if let Err(e) = std::fs::remove_file(path)
         && e.kind() != std::io::ErrorKind::NotFound
     {
@@ -278,6 +290,19 @@ pub fn remove_socket(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_path_that_names_another_file_is_refused_and_kept() {
+        let dir = std::env::temp_dir().join(format!("lhb-ctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("lhb.toml");
+        std::fs::write(&file, "[[expose]]\n").unwrap();
+        let err = bind_unix(&file, "metrics socket").unwrap_err().to_string();
+        assert!(err.contains("is not a socket"), "{err}");
+        remove_socket(&file);
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "[[expose]]\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn metrics_addresses_are_unix_or_loopback_only() {
