@@ -338,19 +338,21 @@ impl FirewallTask {
         let (tx, mut rx) = tokio::sync::watch::channel(current);
         let keep = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let keep_at_end = keep.clone();
+        // Subscribed before the task runs, so that from "ready" on no change is missed
+        // (and the socket exists by then, not some time after).
+        let mut changes = match changes::subscribe() {
+            Ok(rx) => Some(rx),
+            Err(e) => {
+                warn!(
+                    "firewall: no nftables change notifications ({e}); checking every {}s instead",
+                    UNNOTIFIED_CHECK.as_secs()
+                );
+                None
+            }
+        };
         let task = tokio::spawn(async move {
             // When the next full sync (with removals) is due, if one is.
             let mut due: Option<tokio::time::Instant> = None;
-            let mut changes = match changes::subscribe() {
-                Ok(rx) => Some(rx),
-                Err(e) => {
-                    warn!(
-                        "firewall: no nftables change notifications ({e}); checking every {}s instead",
-                        UNNOTIFIED_CHECK.as_secs()
-                    );
-                    None
-                }
-            };
             let mut tick = tokio::time::interval(UNNOTIFIED_CHECK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut ticks = 0u32;
