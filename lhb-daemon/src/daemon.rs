@@ -1124,11 +1124,7 @@ impl Daemon {
                     .collect(),
                 heals: fw.heals,
                 last_heal: fw.last_heal.as_ref().map(|h| status::HealStatus {
-                    unix_time: h
-                        .at
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or_default(),
+                    unix_time: status::unix_time(h.at),
                     restored: h.restored.clone(),
                 }),
             },

@@ -7,7 +7,8 @@
 //! Bytes move with splice(2) through one pipe per direction, never through user space.
 //! A half-close on one side is passed on while the other direction keeps flowing. A
 //! reset is passed on only after everything received before it was delivered: a
-//! service that replies and resets still gets its reply to the client. The number of connections is bounded.
+//! service that replies and resets still gets its reply to the client. The number of
+//! connections is bounded, per rule and in total.
 
 use std::{
     collections::BTreeMap,
@@ -173,6 +174,9 @@ fn bind(key: &ProxyKey, backlog: i32) -> io::Result<TcpListener> {
     let addr = SocketAddr::new(key.gateway, key.port);
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
+    // Accepted sockets inherit keepalive and its timers: set once here, not per
+    // connection.
+    sock.set_tcp_keepalive(&keepalive())?;
     if key.gateway.is_ipv6() {
         sock.set_only_v6(true)?;
     }
@@ -281,14 +285,8 @@ async fn serve(client: TcpStream, target: SocketAddr, counters: &ProxyCounters) 
     };
     client.set_nodelay(true)?;
     upstream.set_nodelay(true)?;
-    // A peer that vanished (a container killed, a host gone) frees its slot after about
-    // two minutes instead of holding it for ever.
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_INTERVAL)
-        .with_retries(KEEPALIVE_PROBES);
-    socket2::SockRef::from(&client).set_tcp_keepalive(&keepalive)?;
-    socket2::SockRef::from(&upstream).set_tcp_keepalive(&keepalive)?;
+    // The client side has keepalive from the listener (see `bind`).
+    socket2::SockRef::from(&upstream).set_tcp_keepalive(&keepalive())?;
     let up = pump(&client, &upstream);
     let down = pump(&upstream, &client);
     tokio::pin!(up, down);
@@ -297,27 +295,28 @@ async fn serve(client: TcpStream, target: SocketAddr, counters: &ProxyCounters) 
     // other has received. Only a client that is gone ends everything at once, since
     // nothing can reach it any more.
     while up_end.is_none() || down_end.is_none() {
-        tokio::select! {
-            r = &mut up, if up_end.is_none() => {
-                counters.bytes.fetch_add(r.bytes, Ordering::Relaxed);
-                if matches!(r.end, End::ReadFailed(_)) {
-                    // The client reset: everything it sent is forwarded, now the
-                    // service sees the reset.
-                    reset(&upstream);
-                    reset(&client);
-                    return Err(r.end.into_error());
-                }
-                up_end = Some(r.end);
-            }
-            r = &mut down, if down_end.is_none() => {
-                counters.bytes.fetch_add(r.bytes, Ordering::Relaxed);
-                if matches!(r.end, End::WriteFailed(_)) {
-                    reset(&upstream);
-                    reset(&client);
-                    return Err(r.end.into_error());
-                }
-                down_end = Some(r.end);
-            }
+        // Which direction ended, and how.
+        let (from_client, r) = tokio::select! {
+            r = &mut up, if up_end.is_none() => (true, r),
+            r = &mut down, if down_end.is_none() => (false, r),
+        };
+        counters.bytes.fetch_add(r.bytes, Ordering::Relaxed);
+        // The client reset (everything it sent is forwarded) or cannot be written to:
+        // the service sees the reset at once.
+        let client_gone = match &r.end {
+            End::ReadFailed(_) => from_client,
+            End::WriteFailed(_) => !from_client,
+            End::Eof => false,
+        };
+        if client_gone {
+            reset(&upstream);
+            reset(&client);
+            return Err(r.end.into_error());
+        }
+        if from_client {
+            up_end = Some(r.end);
+        } else {
+            down_end = Some(r.end);
         }
         if matches!(down_end, Some(End::ReadFailed(_))) {
             // The service reset after its last bytes: those are in the client's send
@@ -361,6 +360,15 @@ impl End {
 struct Pumped {
     bytes: u64,
     end: End,
+}
+
+/// A peer that vanished (a container killed, a host gone) frees its slot after about
+/// two minutes instead of holding it for ever.
+fn keepalive() -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES)
 }
 
 /// Closing with SO_LINGER 0 sends a RST instead of a FIN.

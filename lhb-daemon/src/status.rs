@@ -344,8 +344,12 @@ fn escape(v: &str) -> String {
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+    unix_time(std::time::SystemTime::now())
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_time(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default()
 }
