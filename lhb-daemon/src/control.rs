@@ -4,6 +4,10 @@
 //! a Unix socket or a loopback TCP address), which asks the daemon the same way.
 
 use std::os::unix::fs::FileTypeExt as _;
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::SocketAddr,
@@ -15,14 +19,99 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncRead, AsyncWrite, AsyncWriteExt as _},
-    sync::{mpsc, oneshot},
+    io::{
+        AsyncBufRead, AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite,
+        AsyncWriteExt as _,
+    },
+    sync::{Semaphore, mpsc, oneshot},
 };
 use tracing::{debug, warn};
 
 use crate::status::Status;
 
 pub const DEFAULT_CONTROL: &str = "/run/lhb/lhb.sock";
+
+/// The longest control request: a spec and a service name fit in far less.
+const MAX_CONTROL_REQUEST: usize = 16 * 1024;
+/// The longest metrics request head (request line and headers together).
+const MAX_METRICS_REQUEST: usize = 8 * 1024;
+/// The whole request must arrive within this: a client that trickles bytes holds a
+/// slot for at most this long.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests served at once, per endpoint; more are answered "busy" at once rather than
+/// queued, so a local user opening connections in a loop costs lhb nothing lasting.
+const CONCURRENT_REQUESTS: usize = 16;
+
+/// Requests refused, process-wide (every endpoint counts here): malformed, too large,
+/// too slow, or over the concurrency limit.
+pub static BAD_REQUESTS: AtomicU64 = AtomicU64::new(0);
+pub static BUSY_REQUESTS: AtomicU64 = AtomicU64::new(0);
+
+/// Why a request was not read.
+#[derive(Debug, PartialEq, Eq)]
+enum ReadError {
+    TooLarge(usize),
+    TimedOut,
+    Closed,
+    Invalid(String),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::TooLarge(max) => write!(f, "request larger than {max} bytes"),
+            ReadError::TimedOut => write!(
+                f,
+                "request not complete within {}s",
+                REQUEST_TIMEOUT.as_secs()
+            ),
+            ReadError::Closed => write!(f, "connection closed before a whole request"),
+            ReadError::Invalid(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Reads one `\n`-terminated line of at most `max` bytes.
+async fn read_line_bounded<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<String, ReadError> {
+    let mut buf = Vec::new();
+    let n = r
+        .take(max as u64 + 1)
+        .read_until(b'\n', &mut buf)
+        .await
+        .map_err(|e| ReadError::Invalid(e.to_string()))?;
+    if n == 0 {
+        return Err(ReadError::Closed);
+    }
+    if buf.last() != Some(&b'\n') {
+        return Err(if n > max {
+            ReadError::TooLarge(max)
+        } else {
+            ReadError::Closed
+        });
+    }
+    String::from_utf8(buf).map_err(|_| ReadError::Invalid("request is not UTF-8".into()))
+}
+
+/// One endpoint's slots; a connection that gets none is answered "busy".
+#[derive(Clone)]
+struct Slots(Arc<Semaphore>);
+
+impl Slots {
+    fn new() -> Slots {
+        Slots(Arc::new(Semaphore::new(CONCURRENT_REQUESTS)))
+    }
+
+    fn take(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let p = self.0.clone().try_acquire_owned().ok();
+        if p.is_none() {
+            BUSY_REQUESTS.fetch_add(1, Ordering::Relaxed);
+        }
+        p
+    }
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "lowercase")]
@@ -70,16 +159,21 @@ pub type Call = (Request, oneshot::Sender<Response>);
 /// answers belongs to a running lhb, and that is an error.
 pub fn serve(path: &Path, tx: mpsc::Sender<Call>) -> anyhow::Result<()> {
     let listener = bind_unix(path, "control socket")?;
+    let slots = Slots::new();
     tokio::spawn(async move {
         loop {
             let Ok((conn, _)) = listener.accept().await else {
+                // EMFILE: do not spin; the connection waits in the backlog.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
             let tx = tx.clone();
+            let permit = slots.take();
             tokio::spawn(async move {
-                if let Err(e) = handle_control(conn, tx).await {
+                if let Err(e) = handle_control(conn, tx, permit.is_some()).await {
                     debug!("control connection: {e:#}");
                 }
+                drop(permit);
             });
         }
     });
@@ -122,13 +216,31 @@ fn bind_unix(path: &Path, what: &str) -> anyhow::Result<tokio::net::UnixListener
 async fn handle_control(
     conn: tokio::net::UnixStream,
     tx: mpsc::Sender<Call>,
+    admitted: bool,
 ) -> anyhow::Result<()> {
     let (r, mut w) = conn.into_split();
-    let mut line = String::new();
-    tokio::io::BufReader::new(r).read_line(&mut line).await?;
-    let resp = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => ask(&tx, req).await,
-        Err(e) => Response::error(format!("bad request: {e}")),
+    let resp = if !admitted {
+        Response::error(format!(
+            "busy: {CONCURRENT_REQUESTS} control requests already in progress; try again"
+        ))
+    } else {
+        let mut r = tokio::io::BufReader::new(r);
+        let line = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            read_line_bounded(&mut r, MAX_CONTROL_REQUEST),
+        )
+        .await
+        .unwrap_or(Err(ReadError::TimedOut))
+        .and_then(|l| {
+            serde_json::from_str::<Request>(&l).map_err(|e| ReadError::Invalid(e.to_string()))
+        });
+        match line {
+            Ok(req) => ask(&tx, req).await,
+            Err(e) => {
+                BAD_REQUESTS.fetch_add(1, Ordering::Relaxed);
+                Response::error(format!("bad request: {e}"))
+            }
+        }
     };
     let mut out = serde_json::to_vec(&resp)?;
     out.push(b'\n');
@@ -181,10 +293,14 @@ pub async fn serve_metrics(addr: &MetricsAddr, tx: mpsc::Sender<Call>) -> anyhow
         MetricsAddr::Off => {}
         MetricsAddr::Unix(path) => {
             let listener = bind_unix(path, "metrics socket")?;
+            let slots = Slots::new();
             tokio::spawn(async move {
                 loop {
-                    if let Ok((c, _)) = listener.accept().await {
-                        tokio::spawn(scrape(c, tx.clone()));
+                    match listener.accept().await {
+                        Ok((c, _)) => {
+                            tokio::spawn(scrape(c, tx.clone(), slots.take()));
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                     }
                 }
             });
@@ -193,10 +309,14 @@ pub async fn serve_metrics(addr: &MetricsAddr, tx: mpsc::Sender<Call>) -> anyhow
             let listener = tokio::net::TcpListener::bind(a)
                 .await
                 .with_context(|| format!("binding the metrics address {a}"))?;
+            let slots = Slots::new();
             tokio::spawn(async move {
                 loop {
-                    if let Ok((c, _)) = listener.accept().await {
-                        tokio::spawn(scrape(c, tx.clone()));
+                    match listener.accept().await {
+                        Ok((c, _)) => {
+                            tokio::spawn(scrape(c, tx.clone(), slots.take()));
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                     }
                 }
             });
@@ -205,54 +325,92 @@ pub async fn serve_metrics(addr: &MetricsAddr, tx: mpsc::Sender<Call>) -> anyhow
     Ok(())
 }
 
-async fn scrape<S: AsyncRead + AsyncWrite + Unpin>(conn: S, tx: mpsc::Sender<Call>) {
+async fn scrape<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: S,
+    tx: mpsc::Sender<Call>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
     let mut reader = tokio::io::BufReader::new(conn);
-    let mut request = String::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut first = true;
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).await.ok()? == 0 {
-                return None;
-            }
-            if first {
-                request = line.trim().to_string();
-                first = false;
-            }
-            if line == "\r\n" || line == "\n" {
-                return Some(());
-            }
-        }
-    })
-    .await;
-    if !matches!(read, Ok(Some(()))) {
-        return;
-    }
-    let path = request.split_whitespace().nth(1).unwrap_or("");
-    let (code, body) = if !request.starts_with("GET ") {
-        ("405 Method Not Allowed", "only GET\n".to_string())
-    } else if path == "/metrics" || path == "/" {
-        match ask(&tx, Request::Status).await {
-            Response {
-                status: Some(st), ..
-            } => ("200 OK", st.prometheus()),
-            r => (
-                "503 Service Unavailable",
-                r.error.unwrap_or_default() + "\n",
-            ),
-        }
+    let head = if permit.is_none() {
+        Err(None)
     } else {
-        ("404 Not Found", "try /metrics\n".to_string())
+        tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut reader))
+            .await
+            .unwrap_or(Err(ReadError::TimedOut))
+            .map_err(Some)
+    };
+    let (code, body) = match head {
+        Err(None) => (
+            "503 Service Unavailable",
+            format!("busy: {CONCURRENT_REQUESTS} scrapes already in progress\n"),
+        ),
+        Err(Some(ReadError::Closed)) => return,
+        Err(Some(e)) => {
+            BAD_REQUESTS.fetch_add(1, Ordering::Relaxed);
+            let code = match e {
+                ReadError::TooLarge(_) => "431 Request Header Fields Too Large",
+                ReadError::TimedOut => "408 Request Timeout",
+                _ => "400 Bad Request",
+            };
+            (code, format!("{e}\n"))
+        }
+        Ok(request) => answer(&request, &tx).await,
     };
     let head = format!(
         "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     let mut conn = reader.into_inner();
-    if conn.write_all(head.as_bytes()).await.is_ok() {
-        let _ = conn.write_all(body.as_bytes()).await;
+    let write = async {
+        conn.write_all(head.as_bytes()).await?;
+        conn.write_all(body.as_bytes()).await?;
+        conn.shutdown().await
+    };
+    // A scraper that does not read its answer holds its slot no longer than a slow sender.
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, write).await;
+    drop(permit);
+}
+
+/// Reads an HTTP request head (request line and headers, up to the blank line), at most
+/// [`MAX_METRICS_REQUEST`] bytes in all, and returns the request line.
+async fn read_head<R: AsyncBufRead + Unpin>(r: &mut R) -> Result<String, ReadError> {
+    let mut left = MAX_METRICS_REQUEST;
+    let mut request = None;
+    loop {
+        let line = read_line_bounded(r, left).await.map_err(|e| match e {
+            ReadError::TooLarge(_) => ReadError::TooLarge(MAX_METRICS_REQUEST),
+            e => e,
+        })?;
+        left -= line.len();
+        if line == "\r\n" || line == "\n" {
+            return request.ok_or(ReadError::Invalid("no request line".into()));
+        }
+        request.get_or_insert_with(|| line.trim().to_string());
     }
-    let _ = conn.shutdown().await;
+}
+
+async fn answer(request: &str, tx: &mpsc::Sender<Call>) -> (&'static str, String) {
+    let mut words = request.split(' ');
+    let (method, path, version) = (words.next(), words.next(), words.next());
+    if words.next().is_some() || !version.is_some_and(|v| v.starts_with("HTTP/1.")) {
+        BAD_REQUESTS.fetch_add(1, Ordering::Relaxed);
+        return ("400 Bad Request", "not an HTTP/1.x request line\n".into());
+    }
+    if method != Some("GET") {
+        return ("405 Method Not Allowed", "only GET\n".into());
+    }
+    if !matches!(path, Some("/metrics" | "/")) {
+        return ("404 Not Found", "try /metrics\n".into());
+    }
+    match ask(tx, Request::Status).await {
+        Response {
+            status: Some(st), ..
+        } => ("200 OK", st.prometheus()),
+        r => (
+            "503 Service Unavailable",
+            r.error.unwrap_or_default() + "\n",
+        ),
+    }
 }
 
 /// The client side: one request to the daemon at `path`.
@@ -290,6 +448,36 @@ pub fn remove_socket(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn requests_are_read_within_bounds() {
+        let mut ok: &[u8] = b"{\"command\":\"status\"}\nrest";
+        assert_eq!(
+            read_line_bounded(&mut ok, 64).await.unwrap(),
+            "{\"command\":\"status\"}\n"
+        );
+        let long = vec![b'a'; 100];
+        assert_eq!(
+            read_line_bounded(&mut &long[..], 64).await,
+            Err(ReadError::TooLarge(64))
+        );
+        assert_eq!(
+            read_line_bounded(&mut &b"no newline"[..], 64).await,
+            Err(ReadError::Closed)
+        );
+        assert_eq!(
+            read_line_bounded(&mut &b"\xff\xfe\n"[..], 64).await,
+            Err(ReadError::Invalid("request is not UTF-8".into()))
+        );
+        let mut head: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(read_head(&mut head).await.unwrap(), "GET /metrics HTTP/1.1");
+        let mut endless = "X-A: b\r\n".repeat(2000);
+        endless.insert_str(0, "GET / HTTP/1.1\r\n");
+        assert_eq!(
+            read_head(&mut endless.as_bytes()).await,
+            Err(ReadError::TooLarge(MAX_METRICS_REQUEST))
+        );
+    }
 
     #[test]
     fn a_socket_path_that_names_another_file_is_refused_and_kept() {

@@ -1130,6 +1130,10 @@ impl Daemon {
             },
             config: self.config_path.display().to_string(),
             reconcile_events: self.reconcile_events,
+            requests: status::RequestCounters {
+                bad: control::BAD_REQUESTS.load(std::sync::atomic::Ordering::Relaxed),
+                busy: control::BUSY_REQUESTS.load(std::sync::atomic::Ordering::Relaxed),
+            },
             rules,
         }
     }

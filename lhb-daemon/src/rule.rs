@@ -76,7 +76,7 @@ pub enum RuleError {
     )]
     Syntax { spec: String },
     #[error(
-        "`{spec}`: interface name `{name}` is not a valid Linux interface name (1 to 15 characters, no `/`, `:` or spaces)"
+        "`{spec}`: interface name `{name}` is not one lhb accepts (1 to 15 letters, digits, `_`, `.` or `-`; no wildcards, quotes or spaces)"
     )]
     InterfaceName { spec: String, name: String },
     #[error("`{spec}`: port `{port}` is not in 1..=65535")]
@@ -204,14 +204,19 @@ pub fn parse_target(spec: &str, target: &str) -> Result<SocketAddr, RuleError> {
     Ok(addr)
 }
 
-fn valid_ifname(name: &str) -> bool {
+/// An interface name lhb accepts: one the kernel accepts (1 to 15 bytes, not `.` or
+/// `..`) made only of letters, digits, `_`, `.` and `-`. Narrower than the kernel on
+/// purpose: the name ends up in nft and iptables rules, where `*` and `+` are wildcards
+/// and a quote or a space is syntax. Every bridge naming scheme in use (docker0, br-<id>,
+/// virbr0, podman0, vmbr0, lxcbr0, cni0) fits.
+pub fn valid_ifname(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 15
         && name != "."
         && name != ".."
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0')
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
 /// Refuses two rules for the same source and port.
@@ -299,6 +304,26 @@ mod tests {
             parse_iface_spec("averyveryverylongname:80"),
             Err(RuleError::InterfaceName { .. })
         ));
+        for name in [
+            "br*", "br+", "br\"0", "br 0", "br0;", ".", "..", "b/r", "br\u{e9}",
+        ] {
+            assert!(
+                matches!(
+                    parse_iface_spec(&format!("{name}:80")),
+                    Err(RuleError::InterfaceName { .. })
+                ),
+                "{name}"
+            );
+        }
+        for name in [
+            "docker0",
+            "br-0123456789ab",
+            "virbr0",
+            "vmbr0.100",
+            "lxc_br-1",
+        ] {
+            assert!(parse_iface_spec(&format!("{name}:80")).is_ok(), "{name}");
+        }
         assert!(matches!(
             parse_iface_spec("br0:80=localhost:80"),
             Err(RuleError::Target { .. })

@@ -22,7 +22,18 @@ pub struct Status {
     pub config: String,
     /// Link, address and Docker events that led to a reconciliation, since start.
     pub reconcile_events: u64,
+    /// Control and metrics requests refused.
+    #[serde(default)]
+    pub requests: RequestCounters,
     pub rules: Vec<RuleStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RequestCounters {
+    /// Malformed, too large or too slow.
+    pub bad: u64,
+    /// Answered "busy": too many requests at once on one endpoint.
+    pub busy: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -304,6 +315,15 @@ impl Status {
             "counter",
             "Link, address, Docker and config events that led to a reconciliation.",
             vec![(String::new(), self.reconcile_events)],
+        );
+        family(
+            "lhb_requests_refused_total",
+            "counter",
+            "Control and metrics requests refused: malformed, too large or too slow (bad), or too many at once (busy).",
+            vec![
+                ("{reason=\"bad\"}".into(), self.requests.bad),
+                ("{reason=\"busy\"}".into(), self.requests.busy),
+            ],
         );
         family(
             "lhb_firewall_rules",

@@ -81,6 +81,18 @@ impl fmt::Display for Opening {
     }
 }
 
+/// Refuses an opening whose interface name could read as a wildcard or as syntax in a
+/// rule. Names from the command line are checked when parsed; this catches a bridge
+/// found under a rule (a Docker network's bridge), whose name lhb did not choose.
+fn check_iface(o: &Opening) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        crate::rule::valid_ifname(&o.iface),
+        "bridge name {:?} has characters lhb will not put into a firewall rule (only letters, digits, `_`, `.` and `-`)",
+        o.iface
+    );
+    Ok(())
+}
+
 /// One firewall tool.
 trait Backend: Send {
     fn name(&self) -> String;

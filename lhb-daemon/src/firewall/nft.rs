@@ -53,6 +53,8 @@ impl Nft {
                 let name = c["name"].as_str().unwrap_or_default().to_string();
                 if c["hook"].as_str() != Some("input")
                     || !matches!(family.as_str(), "ip" | "ip6" | "inet")
+                    || !plain_name(&table)
+                    || !plain_name(&name)
                     || (self.skip_xtables && xtables_managed(&family, &table, &name))
                 {
                     continue;
@@ -91,6 +93,22 @@ impl Nft {
         }
         Ok((chains, rules.into_iter().map(|(r, _)| r).collect()))
     }
+}
+
+/// A table or chain name lhb writes into a script unquoted: nft identifier characters
+/// only. Others (possible with quoting) are left alone, never guessed at.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-' | b'/'))
+}
+
+/// Whether `r` sits in one of `chains` (lhb's input base chains).
+fn in_chains(chains: &[Chain], r: &Rule) -> bool {
+    chains
+        .iter()
+        .any(|c| c.family == r.family && c.table == r.table && c.name == r.chain)
 }
 
 /// Whether chain `c` holds a rule tagged `tag`.
@@ -152,6 +170,7 @@ impl Backend for Nft {
     }
 
     fn open(&mut self, o: &Opening) -> anyhow::Result<Vec<String>> {
+        super::check_iface(o)?;
         let (chains, rules) = self.ruleset()?;
         let tag = o.tag();
         let v6 = o.gateway.is_ipv6();
@@ -171,11 +190,13 @@ impl Backend for Nft {
     }
 
     fn close(&mut self, o: &Opening) -> anyhow::Result<()> {
-        let (_, rules) = self.ruleset()?;
+        let (chains, rules) = self.ruleset()?;
         let tag = o.tag();
+        // Only where lhb inserts: a rule someone else tagged alike in another chain
+        // (a forward chain, an output chain) is theirs.
         for r in rules
             .iter()
-            .filter(|r| r.comment.as_deref() == Some(tag.as_str()))
+            .filter(|r| r.comment.as_deref() == Some(tag.as_str()) && in_chains(&chains, r))
         {
             nft_script(&format!(
                 "delete rule {} {} {} handle {}\n",
@@ -222,11 +243,7 @@ impl Backend for Nft {
         let (chains, rules) = self.ruleset()?;
         Ok(rules
             .iter()
-            .filter(|r| {
-                chains
-                    .iter()
-                    .any(|c| c.family == r.family && c.table == r.table && c.name == r.chain)
-            })
+            .filter(|r| in_chains(&chains, r))
             .filter_map(|r| r.comment.as_deref().and_then(Opening::from_tag))
             .collect())
     }
@@ -234,7 +251,16 @@ impl Backend for Nft {
 
 #[cfg(test)]
 mod tests {
-    use super::xtables_managed;
+    use super::{plain_name, xtables_managed};
+
+    #[test]
+    fn only_plain_chain_names_are_written_into_scripts() {
+        assert!(plain_name("input"));
+        assert!(plain_name("LIBVIRT_INP"));
+        assert!(!plain_name("in put"));
+        assert!(!plain_name("x\"; flush ruleset; \""));
+        assert!(!plain_name(""));
+    }
 
     #[test]
     fn iptables_nft_chains_are_recognised() {
