@@ -456,7 +456,7 @@ mod tests {
             read_line_bounded(&mut ok, 64).await.unwrap(),
             "{\"command\":\"status\"}\n"
         );
-        let long = vec![b'a'; 100];
+        let long = [b'a'; 100];
         assert_eq!(
             read_line_bounded(&mut &long[..], 64).await,
             Err(ReadError::TooLarge(64))
