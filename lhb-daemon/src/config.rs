@@ -64,6 +64,10 @@ struct Expose {
     port: Spanned<i64>,
     target: Option<Spanned<TargetValue>>,
     max_connections: Option<Spanned<i64>>,
+    #[serde(default)]
+    proxy_protocol: bool,
+    #[serde(default)]
+    allow_uplinks: bool,
 }
 
 /// `target = 8080` and `target = "127.0.0.1:8080"` are both accepted.
@@ -157,6 +161,9 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
             }
         };
         let mut r = Rule::new(source, port, target, e.service);
+        r.proxy_protocol = e.proxy_protocol;
+        r.given = format!("{file}:{}", line_of(text, span.start));
+        r.allow_uplinks = e.allow_uplinks;
         if let Some(m) = e.max_connections {
             let span = m.span();
             let n = *m.get_ref();

@@ -7,7 +7,11 @@
 //! with a new ifindex or address are followed without polling. SIGINT/SIGTERM detach
 //! everything before exit.
 
-use std::{collections::HashMap, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use thiserror::Error;
@@ -25,7 +29,7 @@ use crate::{
     netlink::Netlink,
     notify::Notifier,
     persist,
-    proxy::{FD_RESERVE, FDS_PER_CONNECTION, Proxy},
+    proxy::{self, FD_RESERVE, FDS_PER_CONNECTION, Proxy, ProxyKey},
     reconcile::{self, Mode, Observed, Paths, Plan, RuleState},
     rule::{self, Rule, Source},
     status::{self, Status},
@@ -36,6 +40,8 @@ use crate::{
 const SETTLE: Duration = Duration::from_millis(15);
 /// An attachment that failed is retried this often until it succeeds or its bridge goes.
 const RETRY: Duration = Duration::from_secs(1);
+/// The longest wait between two retries of something that keeps failing.
+const RETRY_MAX: Duration = Duration::from_secs(10);
 /// How long the start waits for the Docker engine's first answer before going on.
 const DOCKER_FIRST_ANSWER: Duration = Duration::from_secs(3);
 
@@ -147,6 +153,9 @@ struct Daemon {
     config_path: PathBuf,
     reconcile_events: u64,
     last_error: Option<String>,
+    /// Proxy listeners that could not be bound (another program holds the address),
+    /// retried with backoff; the rest of the rules are served meanwhile.
+    proxy_errors: BTreeMap<ProxyKey, String>,
     kernel_unavailable: Option<String>,
     firewall_backends: Vec<String>,
     firewall_chains: crate::firewall::HeldChains,
@@ -189,11 +198,15 @@ impl Daemon {
                 false
             }
             Err(e) => {
-                error!("{e:#} (retrying in {}s)", RETRY.as_secs());
-                self.last_error = Some(format!("{e:#}"));
+                let e = format!("{e:#}");
+                // Said once per distinct error: a retry every few seconds is no news.
+                if self.last_error.as_ref() != Some(&e) {
+                    error!("{e} (retrying)");
+                }
+                self.last_error = Some(e);
                 true
             }
-        };
+        } || !self.proxy_errors.is_empty();
         if log_states(&self.rules, &before, &self.applied.states) {
             self.notifier.status(&self.summary());
         }
@@ -348,6 +361,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         config_path: opts.config.clone(),
         reconcile_events: 0,
         last_error: None,
+        proxy_errors: BTreeMap::new(),
         kernel_unavailable,
         firewall_backends: firewall.backends(),
         firewall_chains: firewall.chains(),
@@ -385,7 +399,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
 
     // At start every interface rule's bridge exists (preflight), so a failure to attach
-    // or to bind is fatal, and nothing stays behind.
+    // is fatal, and nothing stays behind. A proxy address held by another program is
+    // not: that rule's gateway is retried while the others serve.
     let wanted = reconcile::plan(&d.rules, &d.slots, &observed, d.paths);
     if let Err(e) = d.apply(&wanted).await {
         d.shutdown(false).await;
@@ -415,7 +430,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let watchdog = Notifier::watchdog_interval();
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
 
-    let mut retry_pending = false;
+    let mut retry_pending = !d.proxy_errors.is_empty();
+    let mut retry_delay = RETRY;
     loop {
         let docker_changed = async {
             match d.docker.as_mut() {
@@ -436,8 +452,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                         let old = std::mem::replace(&mut d.file_rules, f.rules);
                         match d.combine_all() {
                             Ok(rules) => {
-                                info!("config reloaded from {}: {} rule(s)", opts.config.display(), rules.len());
-                                d.set_rules(rules)?;
+                                let n = rules.len();
+                                if let Err(e) = d.set_rules(rules) {
+                                    d.file_rules = old;
+                                    error!("config reload failed: {e:#}; keeping the {} running rule(s)", d.rules.len());
+                                    continue;
+                                }
+                                info!("config reloaded from {}: {n} rule(s)", opts.config.display());
                             }
                             Err(e) => {
                                 d.file_rules = old;
@@ -476,7 +497,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 }
                 d.reconcile_events += 1;
             }
-            _ = tokio::time::sleep(RETRY), if retry_pending => {}
+            _ = tokio::time::sleep(retry_delay), if retry_pending => {
+                retry_delay = (retry_delay * 2).min(RETRY_MAX);
+                retry_pending = d.reconcile().await;
+                if !retry_pending {
+                    retry_delay = RETRY;
+                }
+                continue;
+            }
             _ = watchdog_tick.tick(), if watchdog.is_some() => {
                 // Sent from the loop itself: a stuck loop stops the pings.
                 d.notifier.send("WATCHDOG=1");
@@ -484,6 +512,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             }
         }
         retry_pending = d.reconcile().await;
+        if !retry_pending {
+            retry_delay = RETRY;
+        }
     }
 
     for (rule, slot) in d.rules.iter().zip(&d.slots) {
@@ -583,7 +614,8 @@ impl Daemon {
     }
 
     /// Brings both data paths from what is applied to `wanted`. A failed attachment or
-    /// bind is left out of `applied`, so the next call tries again.
+    /// bind is left out of `applied`, so the next call tries again. Returns the kernel
+    /// path's error; proxy binds that failed are in `proxy_errors`.
     async fn apply(&mut self, wanted: &Plan) -> anyhow::Result<()> {
         let mut first_err: Option<anyhow::Error> = None;
         if let Some(kernel) = self.kernel.as_mut()
@@ -603,6 +635,8 @@ impl Daemon {
             self.applied.proxies.remove(&key);
             info!(bridge = %key.bridge, "proxy stopped listening on {}:{}", key.gateway, key.port);
         }
+        self.proxy_errors
+            .retain(|k, _| wanted.proxies.contains_key(k));
         for (key, target) in &wanted.proxies {
             if self.applied.proxies.contains_key(key) {
                 continue;
@@ -610,16 +644,21 @@ impl Daemon {
             match self.proxy.listen(key, *target) {
                 Ok(()) => {
                     self.applied.proxies.insert(key.clone(), *target);
-                    info!(bridge = %key.bridge, "proxy listening on {}:{} (bound to {}) -> {}",
-                          key.gateway, key.port, key.bridge, target.target);
+                    self.proxy_errors.remove(key);
+                    info!(bridge = %key.bridge, "proxy listening on {}:{} (bound to {}) -> {}; the service sees clients as {}",
+                          key.gateway, key.port, key.bridge, target.target, proxy::seen_as(key.ifindex, target));
                 }
                 Err(e) => {
-                    first_err.get_or_insert(anyhow::anyhow!(
-                        "proxy for {}:{} on {}: {e}",
-                        key.gateway,
-                        key.port,
-                        key.bridge
-                    ));
+                    // Never fatal: a local user who bound the port first must not be
+                    // able to stop lhb serving every other rule. Retried with backoff.
+                    let e = format!(
+                        "proxy for {}:{} on {}: {e} (`lhb doctor` names the process; retrying)",
+                        key.gateway, key.port, key.bridge
+                    );
+                    if self.proxy_errors.get(key) != Some(&e) {
+                        error!("{e}");
+                    }
+                    self.proxy_errors.insert(key.clone(), e);
                 }
             }
         }
@@ -876,6 +915,7 @@ impl Daemon {
         persist: bool,
     ) -> anyhow::Result<(String, bool)> {
         let mut rule = rule::parse_spec_for(spec, iface)?;
+        rule.given = format!("lhb expose {spec}");
         if let Some(s) = service {
             rule.service = s;
         }
@@ -1053,12 +1093,28 @@ impl Daemon {
                             address: a.to_string(),
                             path: path.into(),
                             why: why.map(String::from),
+                            ..Default::default()
                         }
                     };
-                    r.gateways
-                        .extend(gateways.iter().map(|a| gw(a, "kernel", None)));
-                    r.gateways
-                        .extend(proxied.iter().map(|(a, why)| gw(a, "proxy", Some(why))));
+                    r.gateways.extend(gateways.iter().map(|a| {
+                        let mut g = gw(a, "kernel", None);
+                        g.client_seen_as = Some("the container's own address".into());
+                        g
+                    }));
+                    r.gateways.extend(proxied.iter().map(|(a, why)| {
+                        let mut g = gw(a, "proxy", Some(why));
+                        let key = ProxyKey {
+                            bridge: bridge.clone(),
+                            ifindex: *ifindex,
+                            gateway: *a,
+                            port: rule.port,
+                        };
+                        if let Some(t) = self.applied.proxies.get(&key) {
+                            g.client_seen_as = Some(proxy::seen_as(*ifindex, t));
+                        }
+                        g.error = self.proxy_errors.get(&key).cloned();
+                        g
+                    }));
                     r.gateways
                         .extend(skipped.iter().map(|(a, why)| gw(a, "none", Some(why))));
                     for (o, c) in chains {

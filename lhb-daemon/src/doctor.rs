@@ -186,6 +186,11 @@ fn diagnose(
             .iter()
             .find(|l| l.addr.ip() == gw && l.dev.as_deref() == Some(bridge.as_str()));
         let to = SocketAddr::new(gw, rule.port);
+        // Another program listening where lhb's proxy should: it gets the containers'
+        // connections (a local user can bind a gateway port above 1023 first).
+        let squatter = listening
+            .iter()
+            .find(|l| l.covers(to) && l.dev.as_deref() != Some(bridge.as_str()));
         match (&k, proxy) {
             (Ok(kernel::Inspection { endpoint: true, attached: Some(how) }), _) => {
                 served.push(gw);
@@ -204,6 +209,16 @@ fn diagnose(
                 Level::Fail,
                 format!("data path {to}: nothing serves it (cannot read BPF maps: {e:#})"),
                 daemon_fix(daemons),
+            ),
+            (Ok(_), None) if let Some(s) = squatter => r.step(
+                Level::Fail,
+                format!(
+                    "data path {to}: not served by lhb; {} holds this address, and containers connecting to it reach that program",
+                    s.describe()
+                ),
+                Some(format!(
+                    "stop that program or move it off {to}; a running lhb retries and serves the address once it is free"
+                )),
             ),
             (Ok(_), None) if gw.is_ipv4() != rule.target.is_ipv4() => {
                 cross.push(gw);

@@ -238,11 +238,15 @@ fn unit_command(
 }
 
 fn parse_iface_rule(s: &str) -> Result<rule::Rule, String> {
-    rule::parse_iface_spec(s).map_err(|e| e.to_string())
+    let mut r = rule::parse_iface_spec(s).map_err(|e| e.to_string())?;
+    r.given = format!("--expose-iface {s}");
+    Ok(r)
 }
 
 fn parse_network_rule(s: &str) -> Result<rule::Rule, String> {
-    rule::parse_network_spec(s).map_err(|e| e.to_string())
+    let mut r = rule::parse_network_spec(s).map_err(|e| e.to_string())?;
+    r.given = format!("--expose {s}");
+    Ok(r)
 }
 
 fn init_logging() {

@@ -3,8 +3,17 @@
 //! order and formatting stay; the result is checked with the same parser `run` uses
 //! before it replaces the file, atomically (temporary file in the same directory,
 //! fsync, rename).
+//!
+//! The daemon runs as root and the file is usually /etc/lhb/lhb.toml: a config path
+//! that is a symbolic link is refused (it could point lhb's write anywhere), the
+//! temporary file has a random name and is created exclusively (no one can have put
+//! a file or link there first), and the new file keeps the old one's mode and owner.
 
-use std::{io::Write as _, os::unix::fs::PermissionsExt as _, path::Path};
+use std::{
+    io::Write as _,
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::Path,
+};
 
 use anyhow::{Context as _, bail};
 use toml_edit::{ArrayOfTables, DocumentMut, Item, Table, value};
@@ -15,6 +24,7 @@ use crate::{
 };
 
 fn read(path: &Path) -> anyhow::Result<DocumentMut> {
+    refuse_symlink(path)?;
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -91,9 +101,20 @@ pub fn remove(path: &Path, source: &Source, port: u16) -> anyhow::Result<()> {
     write(path, &doc.to_string())
 }
 
+fn refuse_symlink(path: &Path) -> anyhow::Result<()> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        bail!(
+            "{} is a symbolic link: --persist edits only a regular file (give the link's target as --config)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Checks `text` as a config, then replaces `path` with it atomically, keeping the
-/// file's permissions.
+/// file's mode and owner.
 fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    refuse_symlink(path)?;
     config::parse(&path.display().to_string(), text)
         .context("the edited config would not load; the file is unchanged")?;
     let dir = path
@@ -105,22 +126,30 @@ fn write(path: &Path, text: &str) -> anyhow::Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "lhb.toml".into());
-    let tmp = dir.join(format!(".{name}.lhb-{}", std::process::id()));
-    let mode = std::fs::metadata(path)
-        .map(|m| m.permissions().mode())
-        .unwrap_or(0o644);
+    let old = std::fs::symlink_metadata(path).ok();
     let result = (|| -> anyhow::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
+        // O_EXCL, a random name, mode 0600 until the final mode is set; removed if
+        // anything below fails.
+        let mut f = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".lhb-tmp")
+            .tempfile_in(dir)?;
         f.write_all(text.as_bytes())?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
+        match &old {
+            Some(m) => {
+                std::os::unix::fs::fchown(f.as_file(), Some(m.uid()), Some(m.gid()))?;
+                f.as_file()
+                    .set_permissions(std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
+            }
+            None => f
+                .as_file()
+                .set_permissions(std::fs::Permissions::from_mode(0o644))?,
+        }
+        f.as_file().sync_all()?;
+        f.persist(path)?;
         std::fs::File::open(dir)?.sync_all()?;
         Ok(())
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
     result.with_context(|| format!("writing {}", path.display()))
 }
 
@@ -152,6 +181,35 @@ mod tests {
         remove(&path, &Source::Network("app".into()), 5432).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), original);
         assert!(remove(&path, &Source::Network("app".into()), 5432).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn mode_and_owner_are_kept_and_symlinks_refused() {
+        let dir = std::env::temp_dir().join(format!("lhb-persist-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lhb.toml");
+        std::fs::write(&path, "").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        std::os::unix::fs::chown(&path, Some(4242), Some(4343)).unwrap();
+        let rule = Rule::new(Source::Interface("br0".into()), 80, None, None);
+        add(&path, &rule).unwrap();
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o640, 4242, 4343));
+        // Nothing but the config is left in the directory.
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("lhb.toml")]);
+
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let link = dir.join("link.toml");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let err = add(&link, &rule).unwrap_err().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -9,6 +9,13 @@
 //! reset is passed on only after everything received before it was delivered: a
 //! service that replies and resets still gets its reply to the client. The number of
 //! connections is bounded, per rule and in total.
+//!
+//! The service must never take a container for a local process: connections to an
+//! IPv4 target come from a loopback address of the bridge's own ([`loopback_source`],
+//! in 127.128.0.0/9), never 127.0.0.1, so `127.0.0.1/32 trust` rules and "localhost
+//! only" checks do not match them. IPv6 has one loopback address: a `[::1]` target sees
+//! `::1`. A rule with `proxy_protocol` sends a PROXY v2 header with the container's
+//! address first.
 
 use std::{
     collections::BTreeMap,
@@ -46,6 +53,30 @@ pub struct ProxyKey {
 pub struct ProxyTarget {
     pub target: SocketAddr,
     pub slot: u32,
+    /// Start each connection with a PROXY protocol v2 header.
+    pub proxy_protocol: bool,
+}
+
+/// The address the proxy connects from to reach an IPv4 target for bridge `ifindex`:
+/// 127.128.0.0 plus the ifindex (23 bits). The whole of 127.0.0.0/8 is local on Linux,
+/// so no address needs adding; this half is clear of 127.0.0.1, 127.0.0.53
+/// (systemd-resolved) and 127.0.1.1 (Debian's hostname entry), and one address per
+/// bridge lets a service tell bridges apart.
+pub fn loopback_source(ifindex: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(0x7f80_0000 | (ifindex & 0x007f_ffff))
+}
+
+/// What the service sees as the client of a connection proxied for bridge `ifindex`.
+pub fn seen_as(ifindex: u32, target: &ProxyTarget) -> String {
+    let from = match target.target {
+        SocketAddr::V4(_) => loopback_source(ifindex).to_string(),
+        SocketAddr::V6(_) => "::1".to_string(),
+    };
+    if target.proxy_protocol {
+        format!("{from}, with the container's address in a PROXY v2 header")
+    } else {
+        from
+    }
 }
 
 /// Proxy activity, per rule slot.
@@ -113,14 +144,15 @@ impl Proxy {
         let limit = self.limit.clone();
         let max = self.max_connections;
         let label = format!("{}:{}@{}", key.gateway, key.port, key.bridge);
-        let task = tokio::spawn(accept_loop(
-            listener,
-            target.target,
-            limit,
-            max,
-            counters,
-            label,
-        ));
+        let upstream = Upstream {
+            target: target.target,
+            source: match target.target {
+                SocketAddr::V4(_) => Some(IpAddr::V4(loopback_source(key.ifindex))),
+                SocketAddr::V6(_) => None,
+            },
+            proxy_protocol: target.proxy_protocol,
+        };
+        let task = tokio::spawn(accept_loop(listener, upstream, limit, max, counters, label));
         self.listeners
             .insert(key.clone(), Listening { target, task });
         Ok(())
@@ -200,9 +232,18 @@ fn bind(key: &ProxyKey, backlog: i32) -> io::Result<TcpListener> {
     TcpListener::from_std(sock.into())
 }
 
+/// How the proxy reaches the service for one listener.
+#[derive(Clone, Copy, Debug)]
+struct Upstream {
+    target: SocketAddr,
+    /// Bound before connecting; None: the kernel's choice (::1 for [::1]).
+    source: Option<IpAddr>,
+    proxy_protocol: bool,
+}
+
 async fn accept_loop(
     listener: TcpListener,
-    target: SocketAddr,
+    upstream: Upstream,
     limit: Arc<Semaphore>,
     max: usize,
     counters: Arc<ProxyCounters>,
@@ -255,18 +296,63 @@ async fn accept_loop(
         let counters = counters.clone();
         tokio::spawn(async move {
             counters.connections.fetch_add(1, Ordering::Relaxed);
-            let r = serve(client, target, &counters).await;
+            let r = serve(client, upstream, &counters).await;
             counters.active.fetch_sub(1, Ordering::Relaxed);
             if let Err(e) = r {
-                debug!("{peer} -> {target}: {e}");
+                debug!("{peer} -> {}: {e}", upstream.target);
             }
             drop(permit);
         });
     }
 }
 
-async fn serve(client: TcpStream, target: SocketAddr, counters: &ProxyCounters) -> io::Result<()> {
-    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+/// Connects to the service from `up.source`, and writes the PROXY header if asked.
+async fn connect(up: Upstream, client: &TcpStream) -> io::Result<TcpStream> {
+    let sock = match up.target {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    if let Some(src) = up.source {
+        // The port is chosen at connect(), per destination, instead of reserving one
+        // of this source's ports for every destination at bind().
+        bind_address_no_port(&sock)?;
+        sock.bind(SocketAddr::new(src, 0))?;
+    }
+    let mut s = sock.connect(up.target).await?;
+    if up.proxy_protocol {
+        let header = ppp::v2::Builder::with_addresses(
+            ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+            ppp::v2::Protocol::Stream,
+            (client.peer_addr()?, client.local_addr()?),
+        )
+        .build()?;
+        tokio::io::AsyncWriteExt::write_all(&mut s, &header).await?;
+    }
+    Ok(s)
+}
+
+/// IP_BIND_ADDRESS_NO_PORT: neither socket2 nor tokio has it.
+fn bind_address_no_port(sock: &tokio::net::TcpSocket) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a c_int option value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+async fn serve(client: TcpStream, up: Upstream, counters: &ProxyCounters) -> io::Result<()> {
+    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, connect(up, &client)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             counters.target_errors.fetch_add(1, Ordering::Relaxed);

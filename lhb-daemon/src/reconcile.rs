@@ -81,18 +81,36 @@ pub struct Plan {
     pub states: Vec<RuleState>,
 }
 
+/// Why a rule with `proxy_protocol = true` is proxied even where the kernel path could
+/// serve it: only the proxy can write the header.
+const PROXY_PROTOCOL: &str = "proxy_protocol = true (only the proxy can send the header)";
+
 /// `slots[i]` is the counter slot of `rules[i]`.
 pub fn plan(rules: &[Rule], slots: &[u32], observed: &Observed, paths: Paths) -> Plan {
     let mut plan = Plan::default();
+    // Which rule serves each (bridge, port): a network rule and an interface rule can
+    // name the same bridge, and the second must not silently take the first's place.
+    let mut claimed: BTreeMap<(u32, u16), &Rule> = BTreeMap::new();
     for (rule, &slot) in rules.iter().zip(slots) {
         let state = match bridge_of(rule, observed) {
             Err(why) => RuleState::Waiting(why),
+            Ok((name, link, _)) if claimed.contains_key(&(link.ifindex, rule.port)) => {
+                let first = claimed[&(link.ifindex, rule.port)];
+                RuleState::Waiting(format!(
+                    "bridge {name} port {} is already served by rule {first} (given as {}); this rule (given as {}) is not served: remove one of the two",
+                    rule.port,
+                    given(first),
+                    given(rule)
+                ))
+            }
             Ok((name, link, gateways)) => {
+                claimed.insert((link.ifindex, rule.port), rule);
                 let mut served = Vec::new();
                 let mut proxied = Vec::new();
                 let mut skipped = Vec::new();
                 for gw in gateways {
                     let kernel = match (paths.mode, paths.kernel) {
+                        _ if rule.proxy_protocol => Err(PROXY_PROTOCOL),
                         (Mode::Proxy, _) => Err("--mode proxy"),
                         (_, false) => Err("the kernel path is not loaded"),
                         _ => endpoint(link.ifindex, gw, rule, slot),
@@ -102,7 +120,7 @@ pub fn plan(rules: &[Rule], slots: &[u32], observed: &Observed, paths: Paths) ->
                             plan.endpoints.insert(k, v);
                             served.push(gw);
                         }
-                        Err(why) if paths.mode != Mode::Kernel => {
+                        Err(why) if paths.mode != Mode::Kernel || why == PROXY_PROTOCOL => {
                             let key = ProxyKey {
                                 bridge: name.to_string(),
                                 ifindex: link.ifindex,
@@ -114,6 +132,7 @@ pub fn plan(rules: &[Rule], slots: &[u32], observed: &Observed, paths: Paths) ->
                                 ProxyTarget {
                                     target: rule.target,
                                     slot,
+                                    proxy_protocol: rule.proxy_protocol,
                                 },
                             );
                             proxied.push((gw, why));
@@ -144,6 +163,10 @@ pub fn plan(rules: &[Rule], slots: &[u32], observed: &Observed, paths: Paths) ->
         plan.states.push(state);
     }
     plan
+}
+
+fn given(r: &Rule) -> &str {
+    if r.given.is_empty() { "?" } else { &r.given }
 }
 
 /// docker0's IPv4 gateway: from IPAM when Docker reports it (older engines leave an
@@ -765,6 +788,44 @@ mod tests {
         ]);
         let p2 = plan(&r, &s, &o2, auto);
         assert_ne!(p.proxies, p2.proxies);
+    }
+
+    #[test]
+    fn a_network_rule_and_an_interface_rule_on_one_bridge_and_port_collide() {
+        let mut n = crate::rule::parse_network_spec("app:80").unwrap();
+        n.given = "--expose app:80".into();
+        let mut i = parse_iface_spec("br-app:80=81").unwrap();
+        i.given = "/etc/lhb/lhb.toml:7".into();
+        let other = parse_iface_spec("br-app:81").unwrap();
+        let o = with_networks(
+            observed(&[("br-app", link(5, &["10.4.0.1"]))]),
+            &[("app", "br-app", &["10.4.0.1"])],
+        );
+        let p = plan(&[n, i, other], &[0, 1, 2], &o, KERNEL);
+        assert!(matches!(p.states[0], RuleState::Serving { .. }));
+        let why = waiting(&p, 1);
+        assert!(
+            why.contains("already served by rule app:80")
+                && why.contains("--expose app:80")
+                && why.contains("/etc/lhb/lhb.toml:7"),
+            "{why}"
+        );
+        assert!(matches!(p.states[2], RuleState::Serving { .. }));
+        // The first rule's target, untouched by the second.
+        let port80 = endpoint_key(5, "10.4.0.1".parse().unwrap(), 80);
+        assert_eq!(p.endpoints[&port80].target_port, 80);
+        assert_eq!(p.endpoints.len(), 2);
+    }
+
+    #[test]
+    fn proxy_protocol_rules_are_proxied_even_in_kernel_mode() {
+        let (mut r, s) = rules(&["br0:80"]);
+        r[0].proxy_protocol = true;
+        let o = observed(&[("br0", link(5, &["10.3.0.1", "fd00:3::1"]))]);
+        let p = plan(&r, &s, &o, KERNEL);
+        assert!(p.endpoints.is_empty() && p.attach.is_empty());
+        assert_eq!(p.proxies.len(), 2);
+        assert!(p.proxies.values().all(|t| t.proxy_protocol));
     }
 
     #[test]

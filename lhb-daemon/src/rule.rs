@@ -29,7 +29,7 @@ impl fmt::Display for Source {
 }
 
 /// One exposure: containers on `source` reach `target` at `gateway:port`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Rule {
     pub source: Source,
     pub port: u16,
@@ -40,7 +40,51 @@ pub struct Rule {
     /// The most proxied connections this rule may hold at once (`max_connections =` in
     /// the config); None: an equal share of the proxy's total.
     pub max_connections: Option<usize>,
+    /// Send a PROXY protocol v2 header first, so that the service learns the
+    /// container's address (`proxy_protocol = true`); always served by the proxy.
+    pub proxy_protocol: bool,
+    /// Serve even when the bridge has ports that lead off the host (`allow_uplinks =
+    /// true`, `--allow-uplinks`): a NIC, bond, VLAN or tunnel makes the service reachable
+    /// from that network too.
+    pub allow_uplinks: bool,
+    /// Where the rule was given, for messages: `--expose-iface br0:80`,
+    /// `/etc/lhb/lhb.toml:12`, `lhb expose`. Not part of what the rule is.
+    pub given: String,
 }
+
+impl PartialEq for Rule {
+    fn eq(&self, o: &Rule) -> bool {
+        let Rule {
+            source,
+            port,
+            target,
+            service,
+            max_connections,
+            proxy_protocol,
+            allow_uplinks,
+            given: _,
+        } = self;
+        (
+            source,
+            port,
+            target,
+            service,
+            max_connections,
+            proxy_protocol,
+            allow_uplinks,
+        ) == (
+            &o.source,
+            &o.port,
+            &o.target,
+            &o.service,
+            &o.max_connections,
+            &o.proxy_protocol,
+            &o.allow_uplinks,
+        )
+    }
+}
+
+impl Eq for Rule {}
 
 impl Rule {
     pub fn new(
@@ -55,6 +99,9 @@ impl Rule {
             target: target.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
             service: service.unwrap_or_else(|| format!("port-{port}")),
             max_connections: None,
+            proxy_protocol: false,
+            allow_uplinks: false,
+            given: String::new(),
         }
     }
 }
@@ -89,6 +136,8 @@ pub enum RuleError {
     Target { spec: String, target: String },
     #[error("rule {rule} is given twice (the same source and port may be exposed once)")]
     Duplicate { rule: String },
+    #[error("{count} rules: lhb serves at most {max} at a time")]
+    TooMany { count: usize, max: u32 },
 }
 
 /// Parses `IFACE:PORT[=TARGET]` (`--expose-iface`).
@@ -219,8 +268,15 @@ pub fn valid_ifname(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
-/// Refuses two rules for the same source and port.
+/// Refuses two rules for the same source and port, and more rules than the kernel
+/// maps have room for.
 pub fn check_unique(rules: &[Rule]) -> Result<(), RuleError> {
+    if rules.len() > lhb_common::MAX_RULES as usize {
+        return Err(RuleError::TooMany {
+            count: rules.len(),
+            max: lhb_common::MAX_RULES,
+        });
+    }
     let mut seen = std::collections::BTreeSet::new();
     for r in rules {
         if !seen.insert((r.source.clone(), r.port)) {

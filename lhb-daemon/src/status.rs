@@ -95,6 +95,13 @@ pub struct GatewayStatus {
     pub path: String,
     /// Why this path (or why none).
     pub why: Option<String>,
+    /// The client address the service sees for connections through this gateway.
+    #[serde(default)]
+    pub client_seen_as: Option<String>,
+    /// Why this gateway is not served right now (its proxy address is held by another
+    /// program); retried.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -202,6 +209,17 @@ impl Status {
                 if let (Some(why), true) = (&g.why, g.path != "kernel") {
                     let _ = writeln!(s, "  {} via {}: {why}", r.name(), g.address);
                 }
+                if let (Some(seen), true) = (&g.client_seen_as, g.path == "proxy") {
+                    let _ = writeln!(
+                        s,
+                        "  {} via {}: the service sees clients as {seen}",
+                        r.name(),
+                        g.address
+                    );
+                }
+                if let Some(e) = &g.error {
+                    let _ = writeln!(s, "  {} via {}: NOT SERVED: {e}", r.name(), g.address);
+                }
             }
             if let Some(e) = &r.last_error {
                 let _ = writeln!(s, "  {}: last error: {e}", r.name());
@@ -301,7 +319,7 @@ impl Status {
                     r.port,
                     g.path
                 );
-                attached.push((l, u64::from(g.path != "none")));
+                attached.push((l, u64::from(g.path != "none" && g.error.is_none())));
             }
         }
         family(
@@ -391,6 +409,7 @@ mod tests {
                     address: "172.18.0.1".into(),
                     path: "kernel".into(),
                     why: None,
+                    ..Default::default()
                 }],
                 counters: Counters {
                     kernel_connections: 7,

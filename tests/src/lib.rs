@@ -569,6 +569,13 @@ impl Lhb {
         self.log.lock().map(|v| v.join("\n")).unwrap_or_default()
     }
 
+    /// `lhb status --json` of this daemon.
+    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let (ok, json, err) = lhb_check(&["status", "--json", "--control", &self.control()])?;
+        anyhow::ensure!(ok, "lhb status: {err}");
+        Ok(serde_json::from_str(&json)?)
+    }
+
     /// SIGTERM, then the exit status (SIGKILL after 10 s).
     pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
         // SAFETY: signalling our own child.
