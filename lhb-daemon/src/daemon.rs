@@ -756,6 +756,9 @@ fn preflight(
                     iface: iface.clone(),
                 });
             }
+            // Waits, like a rule whose bridge has not appeared: the uplink may be
+            // removed, and the reason is logged and in `lhb status`.
+            Some(l) if !l.uplinks.is_empty() && !rule.allow_uplinks => continue,
             Some(_) => {}
         }
         if let RuleState::Waiting(reason) = state {

@@ -143,6 +143,22 @@ fn diagnose(
             ),
             Some(l) => {
                 r.step(Level::Ok, format!("bridge {name}: up (ifindex {})", l.ifindex), None);
+                if !l.uplinks.is_empty() {
+                    let ports = l.uplinks.join(", ");
+                    if rule.allow_uplinks {
+                        r.step(
+                            Level::Warn,
+                            format!("bridge {name}: port(s) leading off this host: {ports}; allow_uplinks = true, so the service is served to every machine on that network too"),
+                            None,
+                        );
+                    } else {
+                        r.step(
+                            Level::Fail,
+                            format!("bridge {name}: port(s) leading off this host: {ports}; lhb does not serve here, since every machine on that network could connect"),
+                            Some(format!("take the port(s) off the bridge, or, if serving that network is intended, set `allow_uplinks = true` on the rule (--allow-uplinks {})", rule.source.name())),
+                        );
+                    }
+                }
                 if l.addrs.is_empty() {
                     r.step(
                         Level::Fail,
@@ -160,9 +176,11 @@ fn diagnose(
             (b.to_string(), l.ifindex, g)
         }
         Err(why) => {
+            // An uplink was reported above, with its fix.
             if bridge_name
                 .as_ref()
-                .is_some_and(|n| observed.links.contains_key(n))
+                .and_then(|n| observed.links.get(n))
+                .is_some_and(|l| l.uplinks.is_empty() || rule.allow_uplinks)
             {
                 r.step(Level::Fail, format!("gateway: {why}"), None);
             }

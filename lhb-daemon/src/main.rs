@@ -65,6 +65,12 @@ enum Command {
         /// needed), forwarded to TARGET as above. Repeatable.
         #[arg(long = "expose-iface", value_name = "IFACE:PORT[=TARGET]", value_parser = parse_iface_rule)]
         expose_iface: Vec<rule::Rule>,
+        /// Serve the --expose/--expose-iface rules of NAME (a network or bridge as given
+        /// there) even though the bridge has ports that lead off this host (a network
+        /// card, bond, VLAN, tunnel): the service is then reachable from that whole
+        /// network. Without it such a rule waits. Repeatable.
+        #[arg(long = "allow-uplinks", value_name = "NAME")]
+        allow_uplinks: Vec<String>,
         /// Do not talk to the Docker engine (only interface rules can be served).
         #[arg(long)]
         no_docker: bool,
@@ -285,6 +291,7 @@ fn main() -> ExitCode {
                 config,
                 expose,
                 expose_iface,
+                allow_uplinks,
                 no_docker,
                 mode,
                 firewall,
@@ -295,6 +302,18 @@ fn main() -> ExitCode {
             } => {
                 let mut cli_rules = expose;
                 cli_rules.extend(expose_iface);
+                for name in &allow_uplinks {
+                    let mut found = false;
+                    for r in cli_rules.iter_mut().filter(|r| r.source.name() == name) {
+                        r.allow_uplinks = true;
+                        found = true;
+                    }
+                    if !found {
+                        anyhow::bail!(
+                            "--allow-uplinks {name}: no --expose or --expose-iface rule names {name} (for config rules, set `allow_uplinks = true` on the [[expose]] entry)"
+                        );
+                    }
+                }
                 daemon::run(daemon::RunOptions {
                     cli_rules,
                     config,

@@ -88,34 +88,51 @@ impl Netlink {
     /// Every link with its usable gateway addresses.
     pub async fn snapshot(&self) -> anyhow::Result<Observed> {
         let mut by_index: BTreeMap<u32, (String, Link)> = BTreeMap::new();
+        // (bridge ifindex, "PORT (KIND)") for each bridge port that leads off the host.
+        let mut uplinks: Vec<(u32, String)> = Vec::new();
         let mut links = self.handle.link().get().execute();
         while let Some(msg) = links.try_next().await.map_err(nl_err)? {
             let mut name = None;
-            let mut is_bridge = false;
+            let mut kind = None;
+            let mut master = None;
             for attr in &msg.attributes {
                 match attr {
                     LinkAttribute::IfName(n) => name = Some(n.clone()),
+                    LinkAttribute::Controller(m) => master = Some(*m),
                     LinkAttribute::LinkInfo(infos) => {
-                        is_bridge = infos
-                            .iter()
-                            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge)));
+                        kind = infos.iter().find_map(|i| match i {
+                            LinkInfo::Kind(k) => Some(k.clone()),
+                            _ => None,
+                        });
                     }
                     _ => {}
                 }
             }
-            if let Some(name) = name {
-                let ifindex = msg.header.index;
-                by_index.insert(
-                    ifindex,
-                    (
-                        name,
-                        Link {
-                            ifindex,
-                            is_bridge,
-                            addrs: Vec::new(),
-                        },
-                    ),
-                );
+            let Some(name) = name else { continue };
+            if let Some(m) = master
+                && let Some(what) = off_host(kind.as_ref())
+            {
+                uplinks.push((m, format!("{name} ({what})")));
+            }
+            let ifindex = msg.header.index;
+            by_index.insert(
+                ifindex,
+                (
+                    name,
+                    Link {
+                        ifindex,
+                        is_bridge: kind == Some(InfoKind::Bridge),
+                        addrs: Vec::new(),
+                        uplinks: Vec::new(),
+                    },
+                ),
+            );
+        }
+        for (master, port) in uplinks {
+            if let Some((_, l)) = by_index.get_mut(&master)
+                && l.is_bridge
+            {
+                l.uplinks.push(port);
             }
         }
         let mut addrs = self.handle.address().get().execute();
@@ -162,6 +179,18 @@ impl Netlink {
         };
         msg.attributes.push(TcAttribute::Kind("clsact".to_string()));
         req.execute().await.map_err(nl_err)
+    }
+}
+
+/// What a bridge port of link kind `kind` is, if it leads off this host. A veth's other
+/// end is a container (or another namespace) here, a tun/tap's a VM or a process here;
+/// everything else (a NIC has no kind; bond, team, VLAN, macvlan, VXLAN, GENEVE, GRE,
+/// WireGuard...) carries frames to and from other machines.
+fn off_host(kind: Option<&InfoKind>) -> Option<String> {
+    match kind {
+        Some(InfoKind::Veth | InfoKind::Tun) => None,
+        None => Some("a network card".into()),
+        Some(k) => Some(k.to_string()),
     }
 }
 

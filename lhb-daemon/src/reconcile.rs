@@ -43,6 +43,10 @@ pub struct Link {
     pub is_bridge: bool,
     /// Addresses a container on this link can use as its gateway (no IPv6 link-local).
     pub addrs: Vec<IpAddr>,
+    /// For a bridge: its ports that lead off this host, as "NAME (KIND)": anything but
+    /// a veth (a container) or a tun/tap (a VM), e.g. a network card, bond, VLAN or
+    /// tunnel. A service served on such a bridge is served to that whole network.
+    pub uplinks: Vec<String>,
 }
 
 /// Every interface of the host, by name, and what Docker says (`None`: --no-docker).
@@ -188,6 +192,14 @@ fn host_gateway(docker: &DockerView, observed: &Observed) -> Option<IpAddr> {
         })
 }
 
+/// Why a bridge with ports off the host is not served, and how to serve it anyway.
+pub fn uplink_reason(bridge: &str, uplinks: &[String]) -> String {
+    format!(
+        "bridge {bridge} has port(s) leading off this host: {}; serving on it would expose the service to every machine on that network (set `allow_uplinks = true` on the rule, or --allow-uplinks {bridge}, if that is intended)",
+        uplinks.join(", ")
+    )
+}
+
 /// The rule's bridge, its link and the gateway addresses to serve, or why there are none.
 pub fn bridge_of<'a>(
     rule: &Rule,
@@ -232,6 +244,9 @@ pub fn bridge_of<'a>(
     }
     if link.addrs.is_empty() {
         return Err(format!("bridge {name} has no IP address to serve on"));
+    }
+    if !link.uplinks.is_empty() && !rule.allow_uplinks {
+        return Err(uplink_reason(name, &link.uplinks));
     }
     // A Docker network's gateways are the IPAM ones actually on its bridge; a plain
     // bridge serves on every address it has.
@@ -372,6 +387,7 @@ mod tests {
             ifindex,
             is_bridge: true,
             addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            uplinks: Vec::new(),
         }
     }
 
@@ -815,6 +831,29 @@ mod tests {
         let port80 = endpoint_key(5, "10.4.0.1".parse().unwrap(), 80);
         assert_eq!(p.endpoints[&port80].target_port, 80);
         assert_eq!(p.endpoints.len(), 2);
+    }
+
+    #[test]
+    fn a_bridge_with_an_uplink_waits_unless_the_rule_allows_it() {
+        let (mut r, s) = rules(&["br0:80", "br0:81"]);
+        r[1].allow_uplinks = true;
+        let mut br0 = link(5, &["10.3.0.1"]);
+        br0.uplinks = vec!["vx0 (vxlan)".into()];
+        let p = plan(&r, &s, &observed(&[("br0", br0.clone())]), KERNEL);
+        let why = waiting(&p, 0);
+        assert!(
+            why.contains("vx0 (vxlan)") && why.contains("allow_uplinks"),
+            "{why}"
+        );
+        assert!(matches!(p.states[1], RuleState::Serving { .. }));
+        // The uplink goes: served again.
+        br0.uplinks.clear();
+        let p = plan(&r, &s, &observed(&[("br0", br0)]), KERNEL);
+        assert!(
+            p.states
+                .iter()
+                .all(|s| matches!(s, RuleState::Serving { .. }))
+        );
     }
 
     #[test]

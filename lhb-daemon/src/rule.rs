@@ -19,6 +19,15 @@ pub enum Source {
     Interface(String),
 }
 
+impl Source {
+    /// The network or interface name.
+    pub fn name(&self) -> &str {
+        match self {
+            Source::Network(n) | Source::Interface(n) => n,
+        }
+    }
+}
+
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -62,7 +62,15 @@ pub async fn run(t: Target) -> anyhow::Result<bool> {
 
 fn verify_rule(rule: &Rule, observed: &Observed, r: &mut Report) -> anyhow::Result<()> {
     let (bridge, gateways) = match reconcile::bridge_of(rule, observed) {
-        Ok((bridge, _, gateways)) => (bridge.to_string(), gateways),
+        Ok((bridge, link, gateways)) => {
+            if !link.uplinks.is_empty() {
+                println!(
+                    "NOTE  bridge {bridge} has port(s) leading off this host ({}): with allow_uplinks the service is reachable from that network too; the outside probes below cannot see it",
+                    link.uplinks.join(", ")
+                );
+            }
+            (bridge.to_string(), gateways)
+        }
         Err(why) => {
             r.line(
                 false,

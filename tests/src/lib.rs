@@ -124,7 +124,21 @@ impl Drop for HostLink {
 /// Creates bridge `name` with the given addresses (CIDR), up.
 pub fn bridge(name: &str, addrs: &[&str]) -> anyhow::Result<HostLink> {
     ip_quiet(&["link", "del", name]);
-    ip(&["link", "add", name, "type", "bridge"])?;
+    // A fixed address, as Docker and libvirt give their bridges: otherwise the bridge
+    // takes the lowest address of its ports, and plugging a port in or out changes the
+    // gateway's MAC under the containers' neighbour caches.
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let mac = format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        h as u8,
+        (h >> 8) as u8,
+        (h >> 16) as u8,
+        (h >> 24) as u8,
+        (h >> 32) as u8
+    );
+    ip(&["link", "add", name, "address", &mac, "type", "bridge"])?;
     let link = HostLink {
         name: name.to_string(),
     };

@@ -465,3 +465,100 @@ fn a_config_over_the_rule_limit_is_refused_on_sighup_and_nothing_changes() {
     ));
     assert_eq!(lhb.status().unwrap()["rules"].as_array().unwrap().len(), 1);
 }
+
+/// A bridge that also has a port leading off the host (a VXLAN tunnel here; a network
+/// card, bond or VLAN alike) would serve the whole network behind it. The rule waits
+/// with the port named, from the moment the port is added (also at start), `lhb
+/// verify` and `lhb doctor` fail on it, it is served again when the port goes, and
+/// `--allow-uplinks` serves it anyway.
+#[test]
+fn a_bridge_with_an_uplink_is_not_served_unless_allowed() {
+    let lab = Lab::new(86).unwrap();
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let br = lab.bridge_name();
+    let spec = format!("{br}:{}", svc.port());
+    let served = || {
+        matches!(
+            get_from(&lab.container, lab.gateway(), svc.port()),
+            Outcome::Served(_)
+        )
+    };
+    let refused = || get_from(&lab.container, lab.gateway(), svc.port()) == Outcome::Refused;
+    let lhb = Lhb::start(&["--mode", "kernel", "--expose-iface", &spec]).unwrap();
+    assert!(served());
+
+    let vx = vxlan("lhbt86vx", &br);
+    assert!(
+        wait_until(Duration::from_secs(2), refused).is_some(),
+        "still served with an uplink"
+    );
+    let st = lhb.status().unwrap();
+    assert_eq!(st["rules"][0]["state"], "waiting");
+    let why = st["rules"][0]["reason"].as_str().unwrap().to_string();
+    assert!(
+        why.contains("lhbt86vx (vxlan)") && why.contains("allow_uplinks"),
+        "{why}"
+    );
+    assert!(lhb.log().contains("lhbt86vx (vxlan)"), "{}", lhb.log());
+    for check in ["verify", "doctor"] {
+        let (ok, out, err) = lhb_check(&[check, "--no-docker", "--iface", &spec]).unwrap();
+        assert!(!ok, "{check} passed: {out}{err}");
+        assert!(out.contains("lhbt86vx (vxlan)"), "{check}: {out}{err}");
+    }
+
+    // A second daemon started while the uplink is there: it starts, and waits.
+    let pins = lhb_tests::PinDir::new("uplink-b");
+    let other = Lhb::start(&[
+        "--mode",
+        "proxy",
+        "--pin-dir",
+        &pins.0,
+        "--expose-iface",
+        &spec,
+    ])
+    .unwrap();
+    assert!(other.log().contains("lhbt86vx (vxlan)"), "{}", other.log());
+    drop(other);
+
+    drop(vx);
+    assert!(
+        wait_until(Duration::from_secs(2), served).is_some(),
+        "not served after the uplink went: {:?}\n{}",
+        get_from(&lab.container, lab.gateway(), svc.port()),
+        lhb.log()
+    );
+    drop(lhb);
+
+    let _vx = vxlan("lhbt86vx", &br);
+    let _lhb = Lhb::start(&[
+        "--mode",
+        "kernel",
+        "--expose-iface",
+        &spec,
+        "--allow-uplinks",
+        &br,
+    ])
+    .unwrap();
+    assert!(served(), "--allow-uplinks: not served");
+}
+
+/// A VXLAN device plugged into `bridge`, removed on drop.
+fn vxlan(name: &str, bridge: &str) -> lhb_tests::HostLink {
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let _ = Command::new("ip").args(["link", "del", name]).output();
+    ip(&[
+        "link", "add", name, "type", "vxlan", "id", "86", "dstport", "4789",
+    ]);
+    let link = lhb_tests::HostLink {
+        name: name.to_string(),
+    };
+    ip(&["link", "set", name, "master", bridge, "up"]);
+    link
+}
