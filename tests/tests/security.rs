@@ -316,7 +316,7 @@ fn a_gateway_port_taken_first_is_reported_retried_and_the_rest_served() {
     let me = std::fs::read_to_string("/proc/self/comm").unwrap();
     assert!(!ok, "{out}");
     assert!(
-        out.contains(&format!("holds this address")) && out.contains(me.trim()),
+        out.contains("holds this address") && out.contains(me.trim()),
         "{out}"
     );
 
