@@ -154,6 +154,10 @@ enum Command {
         /// Where `install` writes lhb.service.
         #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system")]
         dir: PathBuf,
+        /// Let `lhb expose --persist` edit the config: its directory (not a system
+        /// directory such as /etc itself) becomes writable for the service.
+        #[arg(long)]
+        persist: bool,
     },
     /// Check that each rule is served from its bridge and from nowhere else: a probe
     /// namespace on the bridge must connect to every gateway; a namespace outside it,
@@ -223,6 +227,7 @@ fn unit_command(
     action: UnitAction,
     config: &std::path::Path,
     dir: &std::path::Path,
+    persist: bool,
 ) -> anyhow::Result<bool> {
     let exe = std::env::current_exe().context("finding this executable's path")?;
     let config = if config.is_absolute() {
@@ -231,9 +236,9 @@ fn unit_command(
         std::env::current_dir()?.join(config)
     };
     match action {
-        UnitAction::Print => print!("{}", unit::text(&exe, &config)),
+        UnitAction::Print => print!("{}", unit::text(&exe, &config, persist)?),
         UnitAction::Install => {
-            let path = unit::install(dir, &exe, &config)?;
+            let path = unit::install(dir, &exe, &config, persist)?;
             println!(
                 "wrote {}; now: systemctl daemon-reload && systemctl enable --now lhb",
                 path.display()
@@ -371,7 +376,8 @@ fn main() -> ExitCode {
                 action,
                 config,
                 dir,
-            } => unit_command(action, &config, &dir),
+                persist,
+            } => unit_command(action, &config, &dir, persist),
             Command::Doctor(a) => doctor::run(a.into()).await,
         }
     });

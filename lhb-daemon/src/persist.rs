@@ -150,7 +150,19 @@ fn write(path: &Path, text: &str) -> anyhow::Result<()> {
         std::fs::File::open(dir)?.sync_all()?;
         Ok(())
     })();
-    result.with_context(|| format!("writing {}", path.display()))
+    result.map_err(|e| {
+        let read_only = e
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::EROFS));
+        if read_only {
+            e.context(format!(
+                "writing {}: read-only here (under the systemd unit, reinstall it with `lhb unit install --persist` to let --persist edit the config)",
+                path.display()
+            ))
+        } else {
+            e.context(format!("writing {}", path.display()))
+        }
+    })
 }
 
 #[cfg(test)]
