@@ -36,6 +36,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The benchmark's PostgreSQL (pgbench) and its charts' font.
     "postgresql",
     "fonts-dejavu-core",
+    // The adversarial suite's hand-made frames (tests/hostile/probe.py) and SYN flood.
+    "python3-scapy",
+    "hping3",
 ];
 
 /// Applets linked in the test image: what the tests run inside containers.
