@@ -11,6 +11,16 @@ use anyhow::Context as _;
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=LHB_EBPF_TOOLCHAIN");
     println!("cargo:rerun-if-env-changed=LHB_CACHE_DIR");
+    println!("cargo:rerun-if-env-changed=LHB_NO_EBPF");
+
+    // The fuzz targets (cargo xtask fuzz) use the parsers only: no programs to build
+    // under their instrumentation flags. A daemon built so cannot load its kernel path
+    // and says so (kernel.rs).
+    if env::var_os("LHB_NO_EBPF").is_some() {
+        let out = PathBuf::from(env::var("OUT_DIR").context("OUT_DIR")?);
+        std::fs::write(out.join("lhb"), b"").context("writing the empty program object")?;
+        return Ok(());
+    }
 
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
     let root = manifest

@@ -32,7 +32,7 @@ use crate::status::Status;
 pub const DEFAULT_CONTROL: &str = "/run/lhb/lhb.sock";
 
 /// The longest control request: a spec and a service name fit in far less.
-const MAX_CONTROL_REQUEST: usize = 16 * 1024;
+pub const MAX_CONTROL_REQUEST: usize = 16 * 1024;
 /// The longest metrics request head (request line and headers together).
 const MAX_METRICS_REQUEST: usize = 8 * 1024;
 /// The whole request must arrive within this: a client that trickles bytes holds a
@@ -49,7 +49,7 @@ pub static BUSY_REQUESTS: AtomicU64 = AtomicU64::new(0);
 
 /// Why a request was not read.
 #[derive(Debug, PartialEq, Eq)]
-enum ReadError {
+pub enum ReadError {
     TooLarge(usize),
     TimedOut,
     Closed,
@@ -72,7 +72,7 @@ impl std::fmt::Display for ReadError {
 }
 
 /// Reads one `\n`-terminated line of at most `max` bytes.
-async fn read_line_bounded<R: AsyncBufRead + Unpin>(
+pub async fn read_line_bounded<R: AsyncBufRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> Result<String, ReadError> {
@@ -373,7 +373,7 @@ async fn scrape<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Reads an HTTP request head (request line and headers, up to the blank line), at most
 /// [`MAX_METRICS_REQUEST`] bytes in all, and returns the request line.
-async fn read_head<R: AsyncBufRead + Unpin>(r: &mut R) -> Result<String, ReadError> {
+pub async fn read_head<R: AsyncBufRead + Unpin>(r: &mut R) -> Result<String, ReadError> {
     let mut left = MAX_METRICS_REQUEST;
     let mut request = None;
     loop {

@@ -3,26 +3,9 @@
 //!
 //! This file parses the command line, sets up logging and hands over to the daemon.
 
-mod caps;
-mod check;
-mod config;
-mod control;
-mod daemon;
-mod docker;
-mod doctor;
-mod firewall;
-mod kernel;
-mod netlink;
-mod notify;
-mod persist;
-mod proxy;
-mod reconcile;
-mod rule;
-mod status;
-mod unit;
-mod verify;
-
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
+
+use lhb_daemon::{check, config, control, daemon, doctor, firewall, reconcile, rule, unit, verify};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};

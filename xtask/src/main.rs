@@ -6,11 +6,13 @@
 //! - `test`: setup, fmt, clippy, build, every unit and end-to-end test, leftover check;
 //! - `demo`: a real end-to-end run on a throwaway topology, explained step by step;
 //! - `bench`: direct, kernel, proxy and socat side by side, interleaved: table, JSON, charts;
-//! - `soak`: lhb under random (seeded) faults for N minutes while clients connect.
+//! - `soak`: lhb under random (seeded) faults for N minutes while clients connect;
+//! - `fuzz`: the cargo-fuzz targets (parsers, control requests) for N runs each.
 
 mod bench;
 mod charts;
 mod demo;
+mod fuzz;
 mod setup;
 mod soak;
 mod vm;
@@ -61,6 +63,13 @@ enum Cmd {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Fuzz the config parser, the rule spec parser and the control and metrics
+    /// requests (cargo-fuzz, libFuzzer) from the committed corpus.
+    Fuzz {
+        /// Iterations per target.
+        #[arg(long, default_value_t = 1_000_000)]
+        runs: u64,
+    },
     /// Run the netns-level end-to-end tests (kernel and proxy paths) on another kernel,
     /// booted under QEMU software emulation with virtme-ng; prints the kernel and what
     /// `--mode auto` chose there.
@@ -90,6 +99,7 @@ fn main() -> ExitCode {
             .and_then(|()| build())
             .and_then(|()| soak::run(minutes, seed))
             .and_then(|()| leftovers()),
+        Cmd::Fuzz { runs } => setup::run().and_then(|()| fuzz::run(runs)),
         Cmd::TestVm { kernel } => setup::run()
             .and_then(|()| require_root("the VM run"))
             .and_then(|()| vm::run(&kernel)),
@@ -167,7 +177,13 @@ fn test() -> anyhow::Result<()> {
         .and_then(|m| m.parse().ok())
         .unwrap_or(2.0);
     soak::run(minutes, None)?;
-    leftovers()
+    leftovers()?;
+    // CI's share of the fuzzing: a short pass over each target (LHB_FUZZ_RUNS changes it).
+    let runs = std::env::var("LHB_FUZZ_RUNS")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(50_000);
+    fuzz::run(runs)
 }
 
 /// Fails if a test left a namespace, a link or a Docker network behind (names start

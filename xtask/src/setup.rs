@@ -47,6 +47,7 @@ const BUSYBOX_APPLETS: &[&str] = &["sh", "wget", "nc", "sleep", "cat", "echo", "
 pub fn run() -> anyhow::Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
+    ensure_cargo_fuzz()?;
     ensure_debian_packages()?;
     ensure_bpffs()?;
     ensure_test_image()
@@ -236,6 +237,37 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
         .context("running cargo install bpf-linker")?;
     if !status.success() {
         bail!("building bpf-linker failed ({status}); see the output above");
+    }
+    Ok(())
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz` (and the short pass of `cargo xtask test`).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    let has = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION)
+        })
+        .unwrap_or(false);
+    if has {
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute, once)");
+    let status = Command::new("cargo")
+        .args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ])
+        .status()
+        .context("running cargo install cargo-fuzz")?;
+    if !status.success() {
+        bail!("installing cargo-fuzz failed ({status}); see the output above");
     }
     Ok(())
 }

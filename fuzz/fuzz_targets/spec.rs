@@ -1,0 +1,31 @@
+//! The rule spec parser (`--expose`, `--expose-iface`, `lhb expose`): never a panic,
+//! and what it accepts is a loopback target, a real port, a name lhb may put into a
+//! firewall rule, and prints back to a spec that parses to the same rule.
+#![no_main]
+
+use lhb_daemon::rule;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|spec: &str| {
+    for iface in [true, false] {
+        let Ok(r) = rule::parse_spec_for(spec, iface) else {
+            continue;
+        };
+        assert!(r.port != 0 && r.target.port() != 0, "{spec:?}");
+        assert!(r.target.ip().is_loopback(), "{spec:?}");
+        let name = match &r.source {
+            rule::Source::Interface(n) => {
+                assert!(rule::valid_ifname(n), "{spec:?}");
+                n
+            }
+            rule::Source::Network(n) => n,
+        };
+        assert!(!name.contains([':', '=', ' ', '"', '*', '+']), "{spec:?}");
+        let again = format!("{}:{}={}", name, r.port, r.target);
+        let r2 = rule::parse_spec_for(&again, iface).expect("a rule's own spec parses");
+        assert_eq!(
+            (r2.source, r2.port, r2.target),
+            (r.source, r.port, r.target)
+        );
+    }
+});

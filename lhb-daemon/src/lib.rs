@@ -1,0 +1,21 @@
+//! lhb's daemon and tools as a library: the `lhb` binary (main.rs) is its command line,
+//! and the fuzz targets (fuzz/) call the parsers directly.
+
+pub mod caps;
+pub mod check;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod docker;
+pub mod doctor;
+pub mod firewall;
+pub mod kernel;
+pub mod netlink;
+pub mod notify;
+pub mod persist;
+pub mod proxy;
+pub mod reconcile;
+pub mod rule;
+pub mod status;
+pub mod unit;
+pub mod verify;
