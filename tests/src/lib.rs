@@ -702,11 +702,32 @@ pub fn lhb_once(args: &[&str], wrapper: &[&str]) -> anyhow::Result<(ExitStatus, 
     } else {
         cmd.args(args);
     }
-    let out = cmd.stdin(Stdio::null()).output()?;
-    Ok((
-        out.status,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
+    // A run that was meant to fail but started serves until killed: end it after 30 s
+    // so the test fails on its assertion instead of hanging the suite.
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stderr = child.stderr.take().context("no stderr")?;
+    let reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break child.wait()?;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = reader.join().unwrap_or_default();
+    Ok((status, stderr))
 }
 
 /// Runs a one-shot command (`lhb verify ...`, `lhb status ...`): (success, stdout,
