@@ -280,3 +280,74 @@ fn doctor_names_a_dropping_firewall_and_its_fix() {
     assert!(ok, "{out}");
     assert!(lhb.stop().unwrap().success());
 }
+
+/// The nftables backend removes only what it inserted, where it inserted it: a rule in
+/// a forward or output chain that carries the very tag lhb uses (someone's copy, a
+/// hand-made rule) survives lhb's start, its clean-up and its exit. In a namespace that
+/// plays the host.
+#[test]
+fn nft_clean_up_touches_only_lhbs_rules_in_its_input_chains() {
+    let lab = lhb_tests::HostLab::new(53).unwrap();
+    let svc = lab
+        .host
+        .run(|| PeerEcho::start("127.0.0.1:0").unwrap())
+        .unwrap();
+    let port = svc.port();
+    let tag = format!("lhb br0 {} {port}", lab.gateway());
+    let script = format!(
+        "nft add table inet hostfw && \
+         nft add chain inet hostfw input '{{ type filter hook input priority 0; policy drop; }}' && \
+         nft add rule inet hostfw input iifname lo accept && \
+         nft add chain inet hostfw forwarding '{{ type filter hook forward priority 0; policy accept; }}' && \
+         nft add rule inet hostfw forwarding iifname br0 tcp dport {port} accept comment '\"{tag}\"' && \
+         nft add chain inet hostfw outgoing '{{ type filter hook output priority 0; policy accept; }}' && \
+         nft add rule inet hostfw outgoing tcp dport {port} accept comment '\"{tag}\"'"
+    );
+    lab.shell(&script).unwrap();
+    let theirs = || -> usize {
+        let rules = lab.sh(&["nft", "list", "ruleset"]).unwrap();
+        let mut chain = String::new();
+        let mut n = 0;
+        for l in rules.lines() {
+            if let Some(c) = l.trim().strip_prefix("chain ") {
+                chain = c.trim_end_matches(" {").to_string();
+            }
+            if l.contains(&tag) && chain != "input" {
+                n += 1;
+            }
+        }
+        n
+    };
+    assert_eq!(theirs(), 2);
+    let to = SocketAddr::new(lab.gateway(), port);
+    let spec = format!("br0:{port}");
+    let mut lhb = lab
+        .lhb(&[
+            "--no-docker",
+            "--mode",
+            "kernel",
+            "--firewall",
+            "nftables",
+            "--expose-iface",
+            &spec,
+        ])
+        .unwrap();
+    assert!(
+        matches!(get(&lab.container, to), Outcome::Served(_)),
+        "{}",
+        lhb.log()
+    );
+    let input = lab
+        .sh(&["nft", "list", "chain", "inet", "hostfw", "input"])
+        .unwrap();
+    assert!(
+        input.contains(&tag),
+        "no accept in the input chain: {input}"
+    );
+    assert!(lhb.stop().unwrap().success(), "{}", lhb.log());
+    let input = lab
+        .sh(&["nft", "list", "chain", "inet", "hostfw", "input"])
+        .unwrap();
+    assert!(!input.contains(&tag), "lhb's accept left: {input}");
+    assert_eq!(theirs(), 2, "lhb removed rules it did not insert");
+}
