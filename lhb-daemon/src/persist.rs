@@ -151,9 +151,10 @@ fn write(path: &Path, text: &str) -> anyhow::Result<()> {
         Ok(())
     })();
     result.map_err(|e| {
-        let read_only = e
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.raw_os_error() == Some(libc::EROFS));
+        let read_only = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::ReadOnlyFilesystem)
+        });
         if read_only {
             e.context(format!(
                 "writing {}: read-only here (under the systemd unit, reinstall it with `lhb unit install --persist` to let --persist edit the config)",

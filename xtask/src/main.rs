@@ -7,7 +7,9 @@
 //! - `demo`: a real end-to-end run on a throwaway topology, explained step by step;
 //! - `bench`: direct, kernel, proxy and socat side by side, interleaved: table, JSON, charts;
 //! - `soak`: lhb under random (seeded) faults for N minutes while clients connect;
-//! - `fuzz`: the cargo-fuzz targets (parsers, control requests) for N runs each.
+//! - `fuzz`: the cargo-fuzz targets (parsers, control requests) for N runs each;
+//! - `test-systemd`: the unit under a real systemd (runc container), `test-vm`: the
+//!   end-to-end tests on other kernels.
 
 mod bench;
 mod charts;
@@ -15,6 +17,7 @@ mod demo;
 mod fuzz;
 mod setup;
 mod soak;
+mod systemd;
 mod vm;
 
 use std::{
@@ -70,6 +73,9 @@ enum Cmd {
         #[arg(long, default_value_t = 1_000_000)]
         runs: u64,
     },
+    /// Run lhb's generated unit under a real systemd 252 booted as PID 1 in a runc
+    /// container (readiness, hardening, firewall healing, --persist, kill -9, stops).
+    TestSystemd,
     /// Run the netns-level end-to-end tests (kernel and proxy paths) on another kernel,
     /// booted under QEMU software emulation with virtme-ng; prints the kernel and what
     /// `--mode auto` chose there.
@@ -100,6 +106,9 @@ fn main() -> ExitCode {
             .and_then(|()| soak::run(minutes, seed))
             .and_then(|()| leftovers()),
         Cmd::Fuzz { runs } => setup::run().and_then(|()| fuzz::run(runs)),
+        Cmd::TestSystemd => setup::run()
+            .and_then(|()| require_root("the systemd run"))
+            .and_then(|()| systemd::run()),
         Cmd::TestVm { kernel } => setup::run()
             .and_then(|()| require_root("the VM run"))
             .and_then(|()| vm::run(&kernel)),
