@@ -206,10 +206,10 @@ fn apt_mirror() -> String {
         };
         for l in text.lines() {
             let l = l.trim();
-            if let Some(u) = l.strip_prefix("URIs:") {
-                if let Some(u) = u.split_whitespace().find(|u| !u.contains("security")) {
-                    return u.to_string();
-                }
+            if let Some(u) = l.strip_prefix("URIs:")
+                && let Some(u) = u.split_whitespace().find(|u| !u.contains("security"))
+            {
+                return u.to_string();
             }
             if let Some(rest) = l.strip_prefix("deb ")
                 && let Some(u) = rest.split_whitespace().find(|w| w.starts_with("http"))
