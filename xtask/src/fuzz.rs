@@ -31,6 +31,8 @@ pub fn run(runs: u64) -> anyhow::Result<()> {
                 "--",
                 &format!("-runs={runs}"),
                 "-max_len=4096",
+                // One line per new input is thousands of lines in CI's log.
+                "-verbosity=0",
                 "-print_final_stats=1",
             ])
             // The parsers only: no eBPF programs to build under the fuzzer's flags.
