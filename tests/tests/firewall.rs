@@ -287,7 +287,7 @@ fn doctor_names_a_dropping_firewall_and_its_fix() {
 /// plays the host.
 #[test]
 fn nft_clean_up_touches_only_lhbs_rules_in_its_input_chains() {
-    let lab = lhb_tests::HostLab::new(53).unwrap();
+    let lab = lhb_tests::HostLab::new(54).unwrap();
     let svc = lab
         .host
         .run(|| PeerEcho::start("127.0.0.1:0").unwrap())

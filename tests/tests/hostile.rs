@@ -96,6 +96,8 @@ fn mac(dev: &str) -> String {
 
 /// The rule's bridge gets crafted frames from a container; only a SYN to the exposed
 /// gateway port may be answered with a SYN-ACK:
+/// - to the neighbour bridge's gateway, where another rule serves a port, and to its own
+///   gateway at that port, and to the host's outside address: never a SYN-ACK;
 /// - to 127.0.0.1 and ::1 through the gateway's MAC (a container with route_localnet
 ///   on sends exactly this): nothing answers;
 /// - with the source spoofed as loopback, as the neighbour bridge's container, as the
@@ -112,6 +114,8 @@ fn crafted_frames_from_a_container(mode: &str, n: u8) {
     let unexposed = Counting::start("127.0.0.1:0");
     let unexposed6 = Counting::start("[::1]:0");
     let br = lab.bridge_name();
+    // The neighbour bridge has a rule of its own, for a port this bridge does not have.
+    let theirs = Counting::start("127.0.0.1:0");
     let _lhb = Lhb::start(&[
         "--mode",
         mode,
@@ -119,6 +123,8 @@ fn crafted_frames_from_a_container(mode: &str, n: u8) {
         &format!("{br}:{}", svc.port),
         "--expose-iface",
         &format!("{br}:{0}=[::1]:{0}", svc6.port),
+        "--expose-iface",
+        &format!("lhbt{n}nb:{}", theirs.port),
     ])
     .unwrap();
     // Served normally, so a silence below is the scoping at work.
@@ -180,6 +186,29 @@ fn crafted_frames_from_a_container(mode: &str, n: u8) {
             ),
         ),
         (
+            "to the neighbour bridge's gateway and rule",
+            theirs.port,
+            format!(
+                "{e}/IP(src='{me}', dst='{}')/{}",
+                lab.neighbour_gateway(),
+                syn(theirs.port)
+            ),
+        ),
+        (
+            "to its own gateway at the neighbour's port",
+            theirs.port,
+            format!("{e}/IP(src='{me}', dst='{gw}')/{}", syn(theirs.port)),
+        ),
+        (
+            "to the host's outside address",
+            p,
+            format!(
+                "{e}/IP(src='{me}', dst='{}')/{}",
+                lab.host_outside_ip(),
+                syn(p)
+            ),
+        ),
+        (
             "vlan-tagged",
             p,
             format!("{e}/Dot1Q(vlan=5)/IP(src='{me}', dst='{gw}')/{}", syn(p)),
@@ -232,6 +261,9 @@ fn crafted_frames_from_a_container(mode: &str, n: u8) {
         assert_eq!(is(name), "none", "{mode}: {name}: {got:?}");
     }
     for name in [
+        "to the neighbour bridge's gateway and rule",
+        "to its own gateway at the neighbour's port",
+        "to the host's outside address",
         "ip options to an unexposed port",
         "hop-by-hop to an unexposed port",
         "destination options to an unexposed port",
@@ -244,7 +276,10 @@ fn crafted_frames_from_a_container(mode: &str, n: u8) {
     );
     // Half-open at most: none of these became a connection.
     thread::sleep(Duration::from_millis(200));
-    assert_eq!(unexposed.accepted() + unexposed6.accepted(), 0);
+    assert_eq!(
+        unexposed.accepted() + unexposed6.accepted() + theirs.accepted(),
+        0
+    );
     assert_eq!((svc.accepted(), svc6.accepted()), (before, before6));
     // And lhb serves as before.
     assert!(connects(&lab.container, lab.gateway(), svc.port));
