@@ -236,6 +236,9 @@ async fn handle_control(
         });
         match line {
             Ok(req) => ask(&tx, req).await,
+            // A connect-and-close (a liveness check, another lhb looking for this one)
+            // is no bad request, and there is no one to answer.
+            Err(ReadError::Closed) => return Ok(()),
             Err(e) => {
                 BAD_REQUESTS.fetch_add(1, Ordering::Relaxed);
                 Response::error(format!("bad request: {e}"))
