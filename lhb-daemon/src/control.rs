@@ -129,6 +129,8 @@ pub enum Request {
         iface: bool,
         persist: bool,
     },
+    /// Re-read the config file, as SIGHUP does, and answer whether it loaded.
+    Reload,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

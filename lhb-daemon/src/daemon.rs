@@ -153,6 +153,10 @@ struct Daemon {
     config_path: PathBuf,
     reconcile_events: u64,
     last_error: Option<String>,
+    /// `--mode` given on the command line (a `mode =` in a reloaded file does not apply).
+    cli_mode: Option<Mode>,
+    /// Why the last reload failed, until one succeeds: in STATUS= and `lhb status`.
+    reload_error: Option<String>,
     /// Proxy listeners that could not be bound (another program holds the address),
     /// retried with backoff; the rest of the rules are served meanwhile.
     proxy_errors: BTreeMap<ProxyKey, String>,
@@ -214,11 +218,62 @@ impl Daemon {
     }
 
     fn summary(&self) -> String {
-        format!(
+        let mut s = format!(
             "serving {} of {} rule(s)",
             serving(&self.applied),
             self.rules.len()
-        )
+        );
+        if let Some(e) = &self.reload_error {
+            s += &format!("; config reload FAILED, running rules kept: {e}");
+        }
+        s
+    }
+
+    /// Reads the config file again and takes its rules (SIGHUP, `lhb reload`). A file
+    /// that does not load, or rules that do not combine, change nothing: the error is
+    /// logged, kept for STATUS= and `lhb status` until a reload succeeds, and returned.
+    /// The caller reconciles after a success.
+    fn reload(&mut self) -> anyhow::Result<usize> {
+        let result = (|| -> anyhow::Result<usize> {
+            let f = config::load(&self.config_path)?;
+            if f.mode
+                .is_some_and(|m| self.cli_mode.is_none() && m != self.paths.mode)
+            {
+                warn!("config reload: a new `mode` takes effect at the next start");
+            }
+            let old = std::mem::replace(&mut self.file_rules, f.rules);
+            let rules = match self.combine_all() {
+                Ok(r) => r,
+                Err(e) => {
+                    self.file_rules = old;
+                    return Err(e);
+                }
+            };
+            let n = rules.len();
+            if let Err(e) = self.set_rules(rules) {
+                self.file_rules = old;
+                return Err(e);
+            }
+            Ok(n)
+        })();
+        match &result {
+            Ok(n) => {
+                info!(
+                    "config reloaded from {}: {n} rule(s)",
+                    self.config_path.display()
+                );
+                self.reload_error = None;
+            }
+            Err(e) => {
+                error!(
+                    "config reload failed: {e:#}; keeping the {} running rule(s)",
+                    self.rules.len()
+                );
+                self.reload_error = Some(format!("{e:#}"));
+                self.notifier.status(&self.summary());
+            }
+        }
+        result
     }
 
     /// The rule set from its parts; an error (duplicate) leaves it as it was.
@@ -362,6 +417,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         reconcile_events: 0,
         last_error: None,
         proxy_errors: BTreeMap::new(),
+        cli_mode: opts.mode,
+        reload_error: None,
         kernel_unavailable,
         firewall_backends: firewall.backends(),
         firewall_chains: firewall.chains(),
@@ -444,33 +501,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
             _ = sighup.recv() => {
                 d.reconcile_events += 1;
-                match config::load(&opts.config) {
-                    Ok(f) => {
-                        if f.mode.is_some_and(|m| opts.mode.is_none() && m != d.paths.mode) {
-                            warn!("config reload: a new `mode` takes effect at the next start");
-                        }
-                        let old = std::mem::replace(&mut d.file_rules, f.rules);
-                        match d.combine_all() {
-                            Ok(rules) => {
-                                let n = rules.len();
-                                if let Err(e) = d.set_rules(rules) {
-                                    d.file_rules = old;
-                                    error!("config reload failed: {e:#}; keeping the {} running rule(s)", d.rules.len());
-                                    continue;
-                                }
-                                info!("config reloaded from {}: {n} rule(s)", opts.config.display());
-                            }
-                            Err(e) => {
-                                d.file_rules = old;
-                                error!("config reload failed: {e:#}; keeping the {} running rule(s)", d.rules.len());
-                                continue;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        error!("config reload failed: {e:#}; keeping the {} running rule(s)", d.rules.len());
-                        continue;
-                    }
+                if d.reload().is_err() {
+                    continue;
                 }
             }
             call = ctl_rx.recv() => {
@@ -907,6 +939,30 @@ impl Daemon {
                 iface,
                 persist,
             } => changed(self.unexpose(&spec, iface, persist).await),
+            Request::Reload => {
+                self.reconcile_events += 1;
+                let r = match self.reload() {
+                    Ok(n) => {
+                        let failed = self.reconcile().await;
+                        // STATUS= loses the reload error even when nothing else changed.
+                        self.notifier.status(&self.summary());
+                        Ok((
+                            format!(
+                                "config reloaded from {}: {n} rule(s); {}",
+                                self.config_path.display(),
+                                self.summary()
+                            ),
+                            failed,
+                        ))
+                    }
+                    Err(e) => Err(e.context(format!(
+                        "config reload from {} failed; the {} running rule(s) are kept",
+                        self.config_path.display(),
+                        self.rules.len()
+                    ))),
+                };
+                changed(r)
+            }
         }
     }
 
@@ -1189,6 +1245,7 @@ impl Daemon {
             },
             config: self.config_path.display().to_string(),
             reconcile_events: self.reconcile_events,
+            reload_error: self.reload_error.clone(),
             requests: status::RequestCounters {
                 bad: control::BAD_REQUESTS.load(std::sync::atomic::Ordering::Relaxed),
                 busy: control::BUSY_REQUESTS.load(std::sync::atomic::Ordering::Relaxed),

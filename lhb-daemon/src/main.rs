@@ -125,6 +125,13 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = control::DEFAULT_CONTROL)]
         control: PathBuf,
     },
+    /// Make the running daemon re-read its config file (as SIGHUP does) and wait for the
+    /// answer: fails, with the reason, if the file does not load (the running rules
+    /// stay). The unit's ExecReload, so `systemctl reload lhb` fails on a bad file.
+    Reload {
+        #[arg(long, value_name = "PATH", default_value = control::DEFAULT_CONTROL)]
+        control: PathBuf,
+    },
     /// The systemd unit: `print` writes it to stdout, `install` to
     /// /etc/systemd/system/lhb.service (then `systemctl daemon-reload && systemctl
     /// enable --now lhb`).
@@ -355,6 +362,7 @@ fn main() -> ExitCode {
                     persist,
                 },
             ),
+            Command::Reload { control } => change(&control, control::Request::Reload),
             Command::Unit {
                 action,
                 config,

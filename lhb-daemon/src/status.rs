@@ -25,6 +25,10 @@ pub struct Status {
     /// Control and metrics requests refused.
     #[serde(default)]
     pub requests: RequestCounters,
+    /// Why the last config reload failed (the running rules were kept); null once a
+    /// reload succeeds.
+    #[serde(default)]
+    pub reload_error: Option<String>,
     pub rules: Vec<RuleStatus>,
 }
 
@@ -176,6 +180,9 @@ impl Status {
             "lhb {} (pid {}), mode {}, {kernel}\n{docker}; {fw}; config {}",
             self.version, self.pid, self.mode, self.config
         );
+        if let Some(e) = &self.reload_error {
+            let _ = writeln!(s, "config reload FAILED (running rules kept): {e}");
+        }
         let _ = writeln!(
             s,
             "\n{:<28} {:<8} {:<16} {:<26} {:<7} {:<22} {:>8}",

@@ -97,7 +97,8 @@ Wants=network-online.target
 Type=notify
 NotifyAccess=main
 ExecStart={exe} run --config {config}
-ExecReload=/bin/kill -HUP $MAINPID
+# Synchronous: `systemctl reload` fails, with the reason, on a config that does not load.
+ExecReload={exe} reload
 Restart=always
 RestartSec=1
 WatchdogSec=30

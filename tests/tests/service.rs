@@ -527,3 +527,69 @@ fn keep_on_exit_leaves_the_kernel_path_serving_for_the_next_start() {
     assert_eq!(programs_on(&lab), 0);
     assert_eq!(get(&lab, svc.port()), Outcome::Refused);
 }
+
+/// `lhb reload` (the unit's ExecReload) answers whether the file loaded: a bad file
+/// fails with the file, line and reason, the running rules stay, and the error shows in
+/// `lhb status` and in STATUS= to systemd until a good file is loaded, which takes
+/// effect and clears it.
+#[test]
+fn lhb_reload_answers_whether_the_config_loaded() {
+    let lab = Lab::new(76).unwrap();
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let other = PeerEcho::start("127.0.0.1:0").unwrap();
+    let dir = tmpdir("reload");
+    let cfg = dir.join("lhb.toml");
+    let br = lab.bridge_name();
+    let rule = |port: u16| format!("[[expose]]\ninterface = \"{br}\"\nport = {port}\n");
+    std::fs::write(&cfg, rule(svc.port())).unwrap();
+    let notify = dir.join("notify.sock");
+    let sd = UnixDatagram::bind(&notify).unwrap();
+    sd.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let lhb = Lhb::start_env(
+        &["--mode", "kernel", "--config", cfg.to_str().unwrap()],
+        &[("NOTIFY_SOCKET", notify.to_str().unwrap())],
+    )
+    .unwrap();
+    let ctl = lhb.control();
+
+    std::fs::write(&cfg, format!("{}port = 80\n", rule(svc.port()))).unwrap();
+    let (ok, out, err) = lhb_check(&["reload", "--control", &ctl]).unwrap();
+    assert!(!ok, "a bad reload succeeded: {out}");
+    assert!(
+        err.contains("lhb.toml:4") && err.contains("running rule(s) are kept"),
+        "{err}"
+    );
+    assert!(matches!(get(&lab, svc.port()), Outcome::Served(_)));
+    let st = lhb.status().unwrap();
+    assert!(
+        st["reload_error"].as_str().unwrap().contains("lhb.toml:4"),
+        "{st}"
+    );
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    let failed_status = wait_until(Duration::from_secs(2), || {
+        if let Ok(n) = sd.recv(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        seen.contains("config reload FAILED")
+    });
+    assert!(failed_status.is_some(), "STATUS= did not say: {seen}");
+
+    std::fs::write(&cfg, format!("{}{}", rule(svc.port()), rule(other.port()))).unwrap();
+    let (ok, out, err) = lhb_check(&["reload", "--control", &ctl]).unwrap();
+    assert!(ok, "{err}");
+    assert!(out.contains("2 rule(s)"), "{out}");
+    assert!(matches!(get(&lab, other.port()), Outcome::Served(_)));
+    assert!(lhb.status().unwrap()["reload_error"].is_null());
+    seen.clear();
+    let cleared = wait_until(Duration::from_secs(2), || {
+        if let Ok(n) = sd.recv(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        seen.contains("STATUS=serving 2 of 2 rule(s)\n")
+            || seen.ends_with("STATUS=serving 2 of 2 rule(s)")
+    });
+    assert!(cleared.is_some(), "STATUS= not cleared: {seen}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -9,7 +9,8 @@
 //! Checked, with the unit exactly as `lhb unit install` writes it: readiness and
 //! STATUS=, both data paths serving, the `systemd-analyze security` exposure, a firewall
 //! drop healed with the unit's syscall filter on the firewall tools, `--persist` refused
-//! read-only without `unit install --persist` and working with it (mode kept), kill -9
+//! read-only without `unit install --persist` and working with it (mode kept), a bad
+//! reload failing `systemctl reload` and shown by `systemctl status`, kill -9
 //! restarted by systemd with no connection lost, and repeated stops leaving no rule and
 //! no pin behind.
 
@@ -120,6 +121,33 @@ fn scenario(c: &Container) -> anyhow::Result<()> {
     ensure!(c.get("http://10.99.0.1:8081/")?, "8081 not served");
     ok(
         "--persist: refused read-only with the fix named; with `unit install --persist` written, mode kept",
+    );
+
+    // A bad file: `systemctl reload` fails and `systemctl status` says why; a good one
+    // clears it.
+    c.sh("cp /etc/lhb/lhb.toml /tmp/good.toml && echo 'port = 1' >> /etc/lhb/lhb.toml")?;
+    let (reloaded, out) = c.sh_status("systemctl reload lhb 2>&1")?;
+    ensure!(
+        !reloaded,
+        "systemctl reload succeeded on a bad config: {out}"
+    );
+    let st = c.sh("systemctl status lhb --no-pager -l || true")?;
+    ensure!(
+        st.contains("config reload FAILED"),
+        "systemctl status: {st}"
+    );
+    ensure!(
+        c.get("http://10.99.0.1:8081/")?,
+        "the running rules were not kept"
+    );
+    c.sh("cp /tmp/good.toml /etc/lhb/lhb.toml && systemctl reload lhb")?;
+    let status = c.sh("systemctl show lhb -p StatusText --value")?;
+    ensure!(
+        status.trim() == "serving 2 of 2 rule(s)",
+        "STATUS= {status:?}"
+    );
+    ok(
+        "a bad config makes `systemctl reload` fail and shows in `systemctl status`; a good one clears it",
     );
 
     // kill -9: systemd restarts lhb; the pinned links serve throughout.
