@@ -78,8 +78,6 @@ pub enum StartError {
         caps = .0.join(" and ")
     )]
     MissingCapabilities(Vec<&'static str>),
-    #[error("rule {rule}: interface {iface} does not exist (check `ip -br link show type bridge`)")]
-    NoSuchInterface { rule: String, iface: String },
     #[error(
         "rule {rule}: interface {iface} is not a bridge; lhb serves containers on Linux bridges (docker0, br-*, virbr0, podman0, ...)"
     )]
@@ -755,8 +753,9 @@ fn serving(plan: &Plan) -> usize {
         .count()
 }
 
-/// Refuses, before anything is loaded, interface rules that cannot work at all. Network
-/// rules may wait: a Docker network can be created after lhb starts.
+/// Refuses, before anything is attached, interface rules that cannot work at all (not a
+/// bridge, no address). A bridge that does not exist yet is waited for, as a Docker
+/// network is.
 fn preflight(
     rules: &[Rule],
     slots: &[u32],
@@ -770,12 +769,10 @@ fn preflight(
         };
         let r = rule.to_string();
         match observed.links.get(iface) {
-            None => {
-                return Err(StartError::NoSuchInterface {
-                    rule: r,
-                    iface: iface.clone(),
-                });
-            }
+            // Waits, like a network rule: a bridge may come up after lhb (libvirt's
+            // virbr0 after boot). A typo shows at once as a warning, in `lhb status`
+            // and in `lhb doctor`.
+            None => continue,
             Some(l) if !l.is_bridge => {
                 return Err(StartError::NotABridge {
                     rule: r,

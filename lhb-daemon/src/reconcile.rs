@@ -238,7 +238,11 @@ pub fn bridge_of<'a>(
     let (name, link) = observed
         .links
         .get_key_value(name)
-        .ok_or_else(|| format!("interface {name} does not exist (yet)"))?;
+        .ok_or_else(|| {
+            format!(
+                "interface {name} does not exist (yet); served once it appears (bridges here: `ip -br link show type bridge`)"
+            )
+        })?;
     if !link.is_bridge {
         return Err(format!("interface {name} is not a bridge"));
     }

@@ -368,10 +368,6 @@ fn bad_input_gets_a_clear_error_and_nothing_is_attached(p: &Path) {
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec![], "no rule to serve"),
         (
-            vec![format!("lhbt{}nosuch:80", p.base)],
-            "nosuch does not exist",
-        ),
-        (
             vec![format!("{}:80", lab.container_veth())],
             "is not a bridge",
         ),

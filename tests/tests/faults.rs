@@ -115,11 +115,13 @@ fn failed_starts_leave_nothing_behind() {
     let good = format!("{br}:{}", svc.port());
     let nothing_left = |args: &[&str]| nothing_left_in(&pins.0, &br, &dir, args);
     let not_a_bridge = format!("{}:80", lab.container_veth());
+    let _bare = lhb_tests::bridge("lhbt22bare", &[]).unwrap();
+    let bare_rule = "lhbt22bare:80".to_string();
     let cases: [(&str, Vec<&str>, &str); 2] = [
         (
             "kernel",
-            vec!["--expose-iface", "nosuch0:80"],
-            "does not exist",
+            vec!["--expose-iface", &good, "--expose-iface", &bare_rule],
+            "has no IP address",
         ),
         (
             "kernel",
@@ -516,4 +518,32 @@ fn a_docker_engine_killed_and_restarted_is_followed() {
         dropped.unwrap(),
         created.elapsed()
     );
+}
+
+/// An interface rule whose bridge does not exist yet (libvirt's virbr0 comes up after
+/// boot) does not stop the start: the daemon is ready, says at once that the rule waits
+/// and why, and serves it when the bridge appears, on both data paths.
+#[test]
+fn an_interface_rule_waits_for_its_bridge_and_serves_when_it_appears() {
+    for (n, mode) in [(26u8, "kernel"), (126, "proxy")] {
+        let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+        let spec = format!("lhbt{n}br:{}", svc.port());
+        let lhb = Lhb::start(&["--mode", mode, "--expose-iface", &spec]).unwrap();
+        assert!(
+            lhb.log().contains("does not exist (yet)") && lhb.log().contains("WARN"),
+            "{}",
+            lhb.log()
+        );
+        let st = lhb.status().unwrap();
+        assert_eq!(st["rules"][0]["state"], "waiting", "{st}");
+        let lab = Lab::new(n).unwrap();
+        let to = SocketAddr::new(lab.gateway(), svc.port());
+        let took = lhb_tests::wait_until(Duration::from_secs(2), || served(&lab.container, to));
+        assert!(
+            took.is_some(),
+            "{mode}: not served after the bridge appeared:\n{}",
+            lhb.log()
+        );
+        assert_eq!(lhb.status().unwrap()["rules"][0]["state"], "serving");
+    }
 }

@@ -11,8 +11,8 @@
 //! drop healed with the unit's syscall filter on the firewall tools, `--persist` refused
 //! read-only without `unit install --persist` and working with it (mode kept), a bad
 //! reload failing `systemctl reload` and shown by `systemctl status`, kill -9
-//! restarted by systemd with no connection lost, and repeated stops leaving no rule and
-//! no pin behind.
+//! restarted by systemd with no connection lost, repeated stops leaving no rule and no
+//! pin behind, and a rule for a bridge that appears after start waiting, then served.
 
 use std::{
     path::{Path, PathBuf},
@@ -181,6 +181,42 @@ fn scenario(c: &Container) -> anyhow::Result<()> {
         c.sh("systemctl start lhb")?;
     }
     ok("10 stops: no firewall rule and no pin left after any of them");
+
+    // A rule for a bridge that comes up later (libvirt's virbr0 after boot): the unit
+    // starts, the rule waits, and it is served when the bridge appears.
+    c.sh("systemctl stop lhb && printf '[[expose]]\ninterface = \"br1\"\nport = 8080\n' >> /etc/lhb/lhb.toml \
+          && systemctl start lhb")?;
+    ensure!(
+        c.sh("systemctl is-active lhb")?.trim() == "active",
+        "lhb did not start"
+    );
+    let status = c.sh("systemctl show lhb -p StatusText --value")?;
+    ensure!(
+        status.trim() == "serving 2 of 3 rule(s)",
+        "STATUS= {status:?}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    c.sh(
+        "ip link add br1 address 02:00:00:00:00:02 type bridge && ip addr add 10.98.0.1/24 dev br1 \
+          && ip link set br1 up && ip netns add c1 \
+          && ip link add c1v type veth peer name eth0 netns c1 && ip link set c1v master br1 up \
+          && ip -n c1 addr add 10.98.0.2/24 dev eth0 && ip -n c1 link set eth0 up",
+    )?;
+    let get1 = "ip netns exec c1 python3 -c \"import urllib.request as u; print(u.urlopen('http://10.98.0.1:8080/', timeout=2).read().decode())\"";
+    let served = c.wait(Duration::from_secs(3), || {
+        Ok(c.sh_status(get1)?.1.contains("served"))
+    })?;
+    ensure!(
+        served,
+        "br1 not served after it appeared:\n{}",
+        c.journal()?
+    );
+    let status = c.sh("systemctl show lhb -p StatusText --value")?;
+    ensure!(
+        status.trim() == "serving 3 of 3 rule(s)",
+        "STATUS= {status:?}"
+    );
+    ok("a rule for a bridge that appears 3 s after start waits, then serves");
     Ok(())
 }
 
