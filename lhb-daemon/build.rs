@@ -8,10 +8,40 @@ use std::{env, path::PathBuf};
 
 use anyhow::Context as _;
 
+/// `lhb --version` names the commit it was built from (`unknown` outside a git checkout,
+/// e.g. from a source tarball). Rebuilt when HEAD moves, not on every edit.
+fn git_revision() -> anyhow::Result<()> {
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(&manifest)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let rev = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
+        let dir = PathBuf::from(dir);
+        let mut watched = vec![dir.join("HEAD"), dir.join("packed-refs")];
+        if let Some(r) = git(&["symbolic-ref", "-q", "HEAD"]) {
+            watched.push(dir.join(r));
+        }
+        // A path that does not exist would make cargo run this script on every build.
+        for f in watched.iter().filter(|f| f.exists()) {
+            println!("cargo:rerun-if-changed={}", f.display());
+        }
+    }
+    println!("cargo:rustc-env=LHB_GIT_REVISION={rev}");
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=LHB_EBPF_TOOLCHAIN");
     println!("cargo:rerun-if-env-changed=LHB_CACHE_DIR");
     println!("cargo:rerun-if-env-changed=LHB_NO_EBPF");
+    git_revision()?;
 
     // The fuzz targets (cargo xtask fuzz) use the parsers only: no programs to build
     // under their instrumentation flags. A daemon built so cannot load its kernel path

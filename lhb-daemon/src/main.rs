@@ -14,7 +14,7 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser)]
 #[command(
     name = "lhb",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("LHB_GIT_REVISION"), ")"),
     about = "localhost bridge: containers reach 127.0.0.1-only host services through their bridge gateway",
     long_about = "lhb lets containers on a Linux bridge reach host services that listen only on \
 127.0.0.1 or ::1, through the bridge's gateway address, for an explicit allow-list of \
@@ -124,6 +124,13 @@ enum Command {
         persist: bool,
         #[arg(long, value_name = "PATH", default_value = control::DEFAULT_CONTROL)]
         control: PathBuf,
+    },
+    /// Print a shell completion script: `lhb completions bash >
+    /// /etc/bash_completion.d/lhb`, `lhb completions zsh > ~/.zfunc/_lhb`, `lhb completions
+    /// fish > ~/.config/fish/completions/lhb.fish`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// Make the running daemon re-read its config file (as SIGHUP does) and wait for the
     /// answer: fails, with the reason, if the file does not load (the running rules
@@ -362,6 +369,11 @@ fn main() -> ExitCode {
                     persist,
                 },
             ),
+            Command::Completions { shell } => {
+                use clap::CommandFactory as _;
+                clap_complete::generate(shell, &mut Cli::command(), "lhb", &mut std::io::stdout());
+                Ok(true)
+            }
             Command::Reload { control } => change(&control, control::Request::Reload),
             Command::Unit {
                 action,

@@ -593,3 +593,45 @@ fn lhb_reload_answers_whether_the_config_loaded() {
     assert!(cleared.is_some(), "STATUS= not cleared: {seen}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `lhb --version` names the commit it was built from, and `lhb completions SHELL`
+/// prints a script the shell accepts (bash checked with `bash -n`; zsh and fish are not
+/// on this machine, so only their output is checked) that knows every subcommand.
+#[test]
+fn version_names_the_commit_and_completions_cover_every_subcommand() {
+    let (ok, out, err) = lhb_check(&["--version"]).unwrap();
+    assert!(ok, "{err}");
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    assert!(
+        out.starts_with("lhb ") && out.contains(&format!("({head})")),
+        "{out} (HEAD {head})"
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        let (ok, script, err) = lhb_check(&["completions", shell]).unwrap();
+        assert!(ok, "{shell}: {err}");
+        for sub in [
+            "run", "status", "expose", "unexpose", "reload", "verify", "doctor", "unit",
+        ] {
+            assert!(script.contains(sub), "{shell}: no `{sub}`");
+        }
+        if shell == "bash" {
+            let mut check = std::process::Command::new("bash")
+                .arg("-n")
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            check
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(script.as_bytes())
+                .unwrap();
+            assert!(check.wait().unwrap().success(), "bash -n refused it");
+        }
+    }
+}
