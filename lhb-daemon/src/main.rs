@@ -155,6 +155,10 @@ enum Command {
         /// directory such as /etc itself) becomes writable for the service.
         #[arg(long)]
         persist: bool,
+        /// The lhb binary the unit runs (default: this one). `install` refuses a path
+        /// the unit's sandbox hides (/home, /root, /tmp...).
+        #[arg(long, value_name = "PATH")]
+        exe: Option<PathBuf>,
     },
     /// Check that each rule is served from its bridge and from nowhere else: a probe
     /// namespace on the bridge must connect to every gateway; a namespace outside it,
@@ -225,15 +229,32 @@ fn unit_command(
     config: &std::path::Path,
     dir: &std::path::Path,
     persist: bool,
+    exe: Option<PathBuf>,
 ) -> anyhow::Result<bool> {
-    let exe = std::env::current_exe().context("finding this executable's path")?;
+    let exe = match exe {
+        Some(e) => e,
+        None => std::env::current_exe().context("finding this executable's path")?,
+    };
+    anyhow::ensure!(
+        exe.is_absolute(),
+        "--exe {}: give an absolute path",
+        exe.display()
+    );
     let config = if config.is_absolute() {
         config.to_path_buf()
     } else {
         std::env::current_dir()?.join(config)
     };
     match action {
-        UnitAction::Print => print!("{}", unit::text(&exe, &config, persist)?),
+        UnitAction::Print => {
+            if let Some((directive, hidden)) = unit::hidden_by_sandbox(&exe) {
+                eprintln!(
+                    "lhb: warning: {} is under {hidden}, which the unit's {directive} hides: install the binary elsewhere (e.g. /usr/local/sbin) before using this unit",
+                    exe.display()
+                );
+            }
+            print!("{}", unit::text(&exe, &config, persist)?)
+        }
         UnitAction::Install => {
             let path = unit::install(dir, &exe, &config, persist)?;
             println!(
@@ -380,7 +401,8 @@ fn main() -> ExitCode {
                 config,
                 dir,
                 persist,
-            } => unit_command(action, &config, &dir, persist),
+                exe,
+            } => unit_command(action, &config, &dir, persist, exe),
             Command::Doctor(a) => doctor::run(a.into()).await,
         }
     });

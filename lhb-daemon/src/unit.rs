@@ -154,6 +154,20 @@ WantedBy=multi-user.target
     ))
 }
 
+/// Where the unit's sandbox would hide `exe`: the directive and the directory. Such a
+/// unit fails with status=203/EXEC (e.g. a `cargo install` binary under /root).
+pub fn hidden_by_sandbox(exe: &Path) -> Option<(&'static str, &'static str)> {
+    [
+        ("ProtectHome=yes", "/home"),
+        ("ProtectHome=yes", "/root"),
+        ("ProtectHome=yes", "/run/user"),
+        ("PrivateTmp=yes", "/tmp"),
+        ("PrivateTmp=yes", "/var/tmp"),
+    ]
+    .into_iter()
+    .find(|(_, dir)| exe.starts_with(dir))
+}
+
 /// Writes the unit to `dir`/lhb.service; the path written.
 pub fn install(
     dir: &Path,
@@ -161,6 +175,13 @@ pub fn install(
     config: &Path,
     persist: bool,
 ) -> anyhow::Result<std::path::PathBuf> {
+    if let Some((directive, hidden)) = hidden_by_sandbox(exe) {
+        anyhow::bail!(
+            "{} is under {hidden}, which the unit's {directive} hides from the service: it could not start (status=203/EXEC). Install the binary first: `sudo install -m 0755 {} /usr/local/sbin/lhb`, then `sudo /usr/local/sbin/lhb unit install` (or give --exe PATH)",
+            exe.display(),
+            exe.display()
+        );
+    }
     let path = dir.join("lhb.service");
     std::fs::write(&path, text(exe, config, persist)?)
         .with_context(|| format!("writing {}", path.display()))?;
@@ -182,6 +203,26 @@ mod tests {
             "\"/x/a\\\"b\\\\c%%d$$e\""
         );
         assert!(quote(Path::new("/x/a\nb")).is_err());
+    }
+
+    #[test]
+    fn binaries_the_sandbox_hides_are_named() {
+        for exe in [
+            "/root/.cargo/bin/lhb",
+            "/home/me/lhb",
+            "/tmp/x/lhb",
+            "/var/tmp/lhb",
+        ] {
+            assert!(hidden_by_sandbox(Path::new(exe)).is_some(), "{exe}");
+        }
+        for exe in [
+            "/usr/sbin/lhb",
+            "/usr/local/bin/lhb",
+            "/opt/lhb/lhb",
+            "/rooted/lhb",
+        ] {
+            assert!(hidden_by_sandbox(Path::new(exe)).is_none(), "{exe}");
+        }
     }
 
     #[test]

@@ -54,7 +54,50 @@ fn the_unit_is_accepted_by_systemd_and_its_capabilities_suffice() {
         !unit.contains("Requires=docker"),
         "Docker must not be required"
     );
-    let (ok, out, err) = lhb_check(&["unit", "install", "--dir", dir.to_str().unwrap()]).unwrap();
+    // A binary the sandbox would hide is refused, with the fix.
+    let (ok, _, err) = lhb_check(&[
+        "unit",
+        "install",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--exe",
+        "/root/.cargo/bin/lhb",
+    ])
+    .unwrap();
+    assert!(
+        !ok && err.contains("ProtectHome") && err.contains("install -m 0755"),
+        "{err}"
+    );
+    // This checkout may itself be under /tmp or /root: the unit then names a copy of the
+    // binary in a directory the sandbox leaves visible (removed at the end).
+    let bin = lhb_tests::lhb_bin();
+    let visible = ["/home", "/root", "/tmp", "/var/tmp", "/run/user"]
+        .iter()
+        .all(|d| !bin.starts_with(d));
+    let copy_dir = std::path::PathBuf::from(format!("/var/lib/lhbt-unit-{}", std::process::id()));
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _copy = Remove(copy_dir.clone());
+    let exe = if visible {
+        bin.clone()
+    } else {
+        std::fs::create_dir_all(&copy_dir).unwrap();
+        std::fs::copy(&bin, copy_dir.join("lhb")).unwrap();
+        copy_dir.join("lhb")
+    };
+    let (ok, out, err) = lhb_check(&[
+        "unit",
+        "install",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--exe",
+        exe.to_str().unwrap(),
+    ])
+    .unwrap();
     assert!(ok, "{err}");
     assert!(out.contains("systemctl daemon-reload"), "{out}");
     let path = dir.join("lhb.service");
