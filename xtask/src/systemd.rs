@@ -11,8 +11,8 @@
 //! drop healed with the unit's syscall filter on the firewall tools, `--persist` refused
 //! read-only without `unit install --persist` and working with it (mode kept), a bad
 //! reload failing `systemctl reload` and shown by `systemctl status`, kill -9
-//! restarted by systemd with no connection lost, repeated stops leaving no rule and no
-//! pin behind, and a rule for a bridge that appears after start waiting, then served.
+//! restarted by systemd with no connection lost, 50 stops leaving no rule and no pin
+//! behind, the watchdog restarting a daemon that stopped answering, and a rule for a bridge that appears after start waiting, then served.
 
 use std::{
     path::{Path, PathBuf},
@@ -163,13 +163,13 @@ fn scenario(c: &Container) -> anyhow::Result<()> {
     let back = c.wait(Duration::from_secs(10), || {
         Ok(
             c.sh("systemctl show lhb -p MainPID --value")?.trim() != pid.trim()
-                && c.sh("systemctl is-active lhb")?.trim() == "active",
+                && c.sh_status("systemctl is-active lhb")?.1.trim() == "active",
         )
     })?;
     ensure!(back, "not restarted after kill -9:\n{}", c.journal()?);
     ok("kill -9: restarted by systemd, no connection failed meanwhile");
 
-    for i in 0..10 {
+    for i in 0..50 {
         c.sh("systemctl stop lhb")?;
         let left = c.sh(
             "iptables -S INPUT | grep -c 'lhb ' || true; ls /sys/fs/bpf/lhb 2>/dev/null | wc -l",
@@ -180,7 +180,37 @@ fn scenario(c: &Container) -> anyhow::Result<()> {
         );
         c.sh("systemctl start lhb")?;
     }
-    ok("10 stops: no firewall rule and no pin left after any of them");
+    ok("50 stops: no firewall rule and no pin left after any of them");
+
+    // The watchdog: a daemon that stops answering (SIGSTOP) is killed and restarted by
+    // systemd. A drop-in shortens WatchdogSec so the check takes seconds, not 30.
+    c.sh("mkdir -p /etc/systemd/system/lhb.service.d \
+          && printf '[Service]\nWatchdogSec=2\n' > /etc/systemd/system/lhb.service.d/watchdog.conf \
+          && systemctl daemon-reload && systemctl restart lhb")?;
+    let pid = c.sh("systemctl show lhb -p MainPID --value")?;
+    c.sh(&format!("kill -STOP {}", pid.trim()))?;
+    let restarted = c.wait(Duration::from_secs(10), || {
+        Ok(
+            c.sh("systemctl show lhb -p MainPID --value")?.trim() != pid.trim()
+                && c.sh_status("systemctl is-active lhb")?.1.trim() == "active",
+        )
+    })?;
+    ensure!(
+        restarted,
+        "a stopped daemon was not restarted by the watchdog:\n{}",
+        c.journal()?
+    );
+    let log = c.sh("journalctl -u lhb --no-pager | grep -i watchdog || true")?;
+    ensure!(
+        log.contains("atchdog timeout"),
+        "no watchdog timeout in the journal: {log}"
+    );
+    c.sh("rm -r /etc/systemd/system/lhb.service.d && systemctl daemon-reload && systemctl restart lhb")?;
+    ensure!(
+        c.get("http://10.99.0.1:8080/")?,
+        "not served after the watchdog restart"
+    );
+    ok("the watchdog: a daemon stopped with SIGSTOP is killed and restarted by systemd");
 
     // A rule for a bridge that comes up later (libvirt's virbr0 after boot): the unit
     // starts, the rule waits, and it is served when the bridge appears.
