@@ -666,7 +666,7 @@ fn version_names_the_commit_and_completions_cover_every_subcommand() {
     let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
     assert!(
         out.starts_with("lhb ") && out.contains(&format!("({head})")),
-        "{out} (HEAD {head})"
+        "{out} (HEAD is {head}: a binary built before the last commit? `cargo xtask build`)"
     );
     for shell in ["bash", "zsh", "fish"] {
         let (ok, script, err) = lhb_check(&["completions", shell]).unwrap();
