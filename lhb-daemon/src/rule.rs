@@ -63,6 +63,8 @@ pub struct Rule {
 
 impl PartialEq for Rule {
     fn eq(&self, o: &Rule) -> bool {
+        // Destructured, not field by field: a field added to Rule fails to compile here
+        // until it is either compared or, like `given`, deliberately left out.
         let Rule {
             source,
             port,

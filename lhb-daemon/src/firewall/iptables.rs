@@ -113,7 +113,6 @@ impl Backend for Xtables {
     }
 
     fn open(&mut self, o: &Opening) -> anyhow::Result<Vec<String>> {
-        super::check_iface(o)?;
         if o.gateway.is_ipv6() != self.v6 {
             return Ok(vec![]);
         }

@@ -219,6 +219,11 @@ impl Firewall {
             info!("firewall: closed {o}");
         }
         for o in wanted.difference(&self.held.clone()) {
+            // Once, before any backend writes it; heal() only reopens what passed here.
+            if let Err(e) = check_iface(o) {
+                first_err.get_or_insert(e);
+                continue;
+            }
             let mut chains = Vec::new();
             let mut failed = false;
             for b in &mut self.backends {

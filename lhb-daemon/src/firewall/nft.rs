@@ -170,7 +170,6 @@ impl Backend for Nft {
     }
 
     fn open(&mut self, o: &Opening) -> anyhow::Result<Vec<String>> {
-        super::check_iface(o)?;
         let (chains, rules) = self.ruleset()?;
         let tag = o.tag();
         let v6 = o.gateway.is_ipv6();
