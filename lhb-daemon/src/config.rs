@@ -210,6 +210,26 @@ fn line_of(text: &str, offset: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
+    /// The package's /etc/lhb/lhb.toml: serves nothing as shipped, and each example in
+    /// it, uncommented, is a valid rule (so the comments cannot rot).
+    #[test]
+    fn the_packaged_config_holds_no_rule_and_valid_examples() {
+        let text = include_str!("../debian/lhb.toml");
+        let shipped = parse("lhb.toml", text).unwrap();
+        assert!(shipped.rules.is_empty() && shipped.mode.is_none());
+        let examples: String = text
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if !rest.starts_with([' ', '\t']) && !rest.is_empty() => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let all = parse("lhb.toml", &examples).unwrap();
+        assert_eq!(all.rules.len(), 2, "{examples}");
+        assert!(all.mode.is_some() && all.firewall.is_some() && all.metrics.is_some());
+    }
+
     use super::*;
     use crate::rule::Source;
 

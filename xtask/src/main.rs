@@ -8,12 +8,14 @@
 //! - `bench`: direct, kernel, proxy and socat side by side, interleaved: table, JSON, charts;
 //! - `soak`: lhb under random (seeded) faults for N minutes while clients connect;
 //! - `fuzz`: the cargo-fuzz targets (parsers, control requests) for N runs each;
+//! - `dist`: the Debian package (and a static musl tarball), lintian-checked;
 //! - `test-systemd`: the unit under a real systemd (runc container), `test-vm`: the
 //!   end-to-end tests on other kernels.
 
 mod bench;
 mod charts;
 mod demo;
+mod dist;
 mod fuzz;
 mod setup;
 mod soak;
@@ -73,6 +75,13 @@ enum Cmd {
         #[arg(long, default_value_t = 1_000_000)]
         runs: u64,
     },
+    /// Build what a user installs: the Debian package (target/dist/lhb_*.deb, checked
+    /// with lintian) and, with --musl, a static binary tarball.
+    Dist {
+        /// Also the static x86_64-unknown-linux-musl tarball.
+        #[arg(long)]
+        musl: bool,
+    },
     /// Run lhb's generated unit under a real systemd 252 booted as PID 1 in a runc
     /// container (readiness, hardening, firewall healing, --persist, kill -9, stops).
     TestSystemd,
@@ -106,6 +115,7 @@ fn main() -> ExitCode {
             .and_then(|()| soak::run(minutes, seed))
             .and_then(|()| leftovers()),
         Cmd::Fuzz { runs } => setup::run().and_then(|()| fuzz::run(runs)),
+        Cmd::Dist { musl } => setup::run().and_then(|()| dist::run(musl)).map(drop),
         Cmd::TestSystemd => setup::run()
             .and_then(|()| require_root("the systemd run"))
             .and_then(|()| systemd::run()),

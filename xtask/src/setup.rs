@@ -245,29 +245,27 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    ensure_cargo_tool("cargo-fuzz", "fuzz", CARGO_FUZZ_VERSION)
+}
+
+/// Installs cargo subcommand `krate` (`cargo SUB`) at exactly `version` unless that
+/// version answers `cargo SUB --version` already.
+pub fn ensure_cargo_tool(krate: &str, sub: &str, version: &str) -> anyhow::Result<()> {
     let has = Command::new("cargo")
-        .args(["fuzz", "--version"])
+        .args([sub, "--version"])
         .output()
-        .map(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION)
-        })
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(version))
         .unwrap_or(false);
     if has {
         return Ok(());
     }
-    println!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute, once)");
+    println!("setup: installing {krate} {version} (a minute or two, once)");
     let status = Command::new("cargo")
-        .args([
-            "install",
-            "cargo-fuzz",
-            "--locked",
-            "--version",
-            CARGO_FUZZ_VERSION,
-        ])
+        .args(["install", krate, "--locked", "--version", version])
         .status()
-        .context("running cargo install cargo-fuzz")?;
+        .with_context(|| format!("running cargo install {krate}"))?;
     if !status.success() {
-        bail!("installing cargo-fuzz failed ({status}); see the output above");
+        bail!("installing {krate} failed ({status}); see the output above");
     }
     Ok(())
 }
