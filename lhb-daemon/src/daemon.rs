@@ -43,7 +43,7 @@ const RETRY: Duration = Duration::from_secs(1);
 /// The longest wait between two retries of something that keeps failing.
 const RETRY_MAX: Duration = Duration::from_secs(10);
 /// How long the start waits for the Docker engine's first answer before going on.
-const DOCKER_FIRST_ANSWER: Duration = Duration::from_secs(3);
+pub(crate) const DOCKER_FIRST_ANSWER: Duration = Duration::from_secs(3);
 
 pub struct RunOptions {
     /// Rules from --expose and --expose-iface.
@@ -91,7 +91,7 @@ pub enum StartError {
 }
 
 /// Command-line rules first, then the file's; the same source and port only once.
-fn combine(cli: &[Rule], file: Vec<Rule>) -> Result<Vec<Rule>, rule::RuleError> {
+pub(crate) fn combine(cli: &[Rule], file: Vec<Rule>) -> Result<Vec<Rule>, rule::RuleError> {
     let mut all = cli.to_vec();
     all.extend(file);
     rule::check_unique(&all)?;
@@ -100,7 +100,7 @@ fn combine(cli: &[Rule], file: Vec<Rule>) -> Result<Vec<Rule>, rule::RuleError> 
 
 /// Counter slots: a rule keeps its slot (and counters) across reloads.
 #[derive(Default)]
-struct Slots {
+pub(crate) struct Slots {
     by_rule: HashMap<(Source, u16), u32>,
     free: Vec<u32>,
     next: u32,
@@ -108,7 +108,7 @@ struct Slots {
 
 impl Slots {
     /// Slots for `rules`, in order, and the ones that are new (to be zeroed).
-    fn assign(&mut self, rules: &[Rule]) -> (Vec<u32>, Vec<u32>) {
+    pub(crate) fn assign(&mut self, rules: &[Rule]) -> (Vec<u32>, Vec<u32>) {
         let keys: Vec<(Source, u16)> = rules.iter().map(|r| (r.source.clone(), r.port)).collect();
         let gone: Vec<(Source, u16)> = self
             .by_rule
@@ -216,11 +216,18 @@ impl Daemon {
     }
 
     fn summary(&self) -> String {
-        let mut s = format!(
-            "serving {} of {} rule(s)",
-            serving(&self.applied),
-            self.rules.len()
-        );
+        let mut s = if self.rules.is_empty() {
+            format!(
+                "no rule yet: add [[expose]] entries to {}, then `lhb reload`",
+                self.config_path.display()
+            )
+        } else {
+            format!(
+                "serving {} of {} rule(s)",
+                serving(&self.applied),
+                self.rules.len()
+            )
+        };
         if let Some(e) = &self.reload_error {
             s += &format!("; config reload FAILED, running rules kept: {e}");
         }
@@ -322,10 +329,19 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let file_rules = cfg.rules.clone();
     let rules = combine(&opts.cli_rules, cfg.rules)?;
     if rules.is_empty() {
-        return Err(StartError::NoRules {
-            config: opts.config.display().to_string(),
+        // A config file of the administrator's with no entry yet (the package's, for
+        // one) is a daemon waiting for rules: it must not fail at every boot. With no
+        // file and no flag there is nothing to wait for: a mistake, said at once.
+        if !std::fs::metadata(&opts.config).is_ok_and(|m| m.is_file()) {
+            return Err(StartError::NoRules {
+                config: opts.config.display().to_string(),
+            }
+            .into());
         }
-        .into());
+        warn!(
+            "{} has no [[expose]] entry: nothing is served until one is added (then `lhb reload`) or `lhb expose` adds a rule",
+            opts.config.display()
+        );
     }
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -335,14 +351,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (netlink, mut events) = Netlink::connect()?;
     let mut docker = (!opts.no_docker).then(docker::watch);
     if let Some(rx) = docker.as_mut() {
-        // Whether it answered or not, the view below says what is known.
-        let _ = tokio::time::timeout(
-            DOCKER_FIRST_ANSWER,
-            rx.wait_for(|v| v.available || v.problem.is_some()),
-        )
-        .await
-        .map(|r| r.is_ok());
-        let view = rx.borrow().clone();
+        let view = first_docker_view(rx).await;
         if !view.available {
             let why = view
                 .problem
@@ -569,6 +578,19 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the engine says within [`DOCKER_FIRST_ANSWER`] of the start; whether it
+/// answered or not, the view says what is known.
+pub(crate) async fn first_docker_view(
+    rx: &mut tokio::sync::watch::Receiver<docker::DockerView>,
+) -> docker::DockerView {
+    let _ = tokio::time::timeout(
+        DOCKER_FIRST_ANSWER,
+        rx.wait_for(|v| v.available || v.problem.is_some()),
+    )
+    .await;
+    rx.borrow().clone()
+}
+
 /// How many connections the proxy may carry: each holds [`FDS_PER_CONNECTION`] fds,
 /// and [`FD_RESERVE`] stay free so the control and metrics sockets always answer.
 fn proxy_budget(asked: Option<usize>) -> usize {
@@ -621,7 +643,7 @@ fn cleanup_sockets(control: &std::path::Path, metrics: &control::MetricsAddr) {
 }
 
 /// The kernel path, or why it cannot be used here.
-fn load_kernel_path(pin_dir: &std::path::Path) -> anyhow::Result<KernelPath> {
+pub(crate) fn load_kernel_path(pin_dir: &std::path::Path) -> anyhow::Result<KernelPath> {
     let eff = caps::effective().context("reading this process's capabilities")?;
     let missing = caps::missing_for_kernel_path(eff);
     if !missing.is_empty() {
@@ -724,7 +746,7 @@ impl Daemon {
 
 /// The traffic the firewall must let in for what is applied: every served gateway port,
 /// on its bridge.
-fn openings(plan: &Plan) -> std::collections::BTreeSet<Opening> {
+pub(crate) fn openings(plan: &Plan) -> std::collections::BTreeSet<Opening> {
     let kernel = plan.endpoints.keys().filter_map(|k| {
         let iface = plan.attach.get(&k.ifindex)?.clone();
         let gateway = if k.family == lhb_common::FAMILY_V4 {
@@ -746,6 +768,75 @@ fn openings(plan: &Plan) -> std::collections::BTreeSet<Opening> {
     kernel.chain(proxied).collect()
 }
 
+/// A rule as `lhb status` shows it, from where it stands; counters, firewall rules
+/// and errors are the running daemon's to add. `lhb plan` shows the same view.
+pub(crate) fn rule_view(
+    rule: &Rule,
+    origin: &str,
+    state: Option<&RuleState>,
+    proxies: &BTreeMap<ProxyKey, proxy::ProxyTarget>,
+) -> status::RuleStatus {
+    let mut r = status::RuleStatus {
+        port: rule.port,
+        target: rule.target.to_string(),
+        service: rule.service.clone(),
+        origin: origin.to_string(),
+        ..Default::default()
+    };
+    match &rule.source {
+        Source::Network(n) => r.network = Some(n.clone()),
+        Source::Interface(n) => r.interface = Some(n.clone()),
+    }
+    match state {
+        Some(RuleState::Serving {
+            bridge,
+            ifindex,
+            gateways,
+            proxied,
+            skipped,
+        }) => {
+            r.state = "serving".into();
+            r.bridge = Some(bridge.clone());
+            r.ifindex = Some(*ifindex);
+            let gw = |a: &std::net::IpAddr, path: &str, why: Option<&str>| status::GatewayStatus {
+                address: a.to_string(),
+                path: path.into(),
+                why: why.map(String::from),
+                ..Default::default()
+            };
+            r.gateways.extend(gateways.iter().map(|a| {
+                let mut g = gw(a, "kernel", None);
+                g.client_seen_as = Some("the container's own address".into());
+                g
+            }));
+            r.gateways.extend(proxied.iter().map(|(a, why)| {
+                let mut g = gw(a, "proxy", Some(why));
+                let key = ProxyKey {
+                    bridge: bridge.clone(),
+                    ifindex: *ifindex,
+                    gateway: *a,
+                    port: rule.port,
+                };
+                if let Some(t) = proxies.get(&key) {
+                    g.client_seen_as = Some(proxy::seen_as(*ifindex, t));
+                }
+                g
+            }));
+            r.gateways
+                .extend(skipped.iter().map(|(a, why)| gw(a, "none", Some(why))));
+        }
+        Some(RuleState::Waiting(why)) => {
+            r.state = "waiting".into();
+            r.reason = Some(why.clone());
+        }
+        None => {
+            r.state = "waiting".into();
+            r.reason = Some("not applied yet".into());
+        }
+    }
+    r
+}
+
 fn serving(plan: &Plan) -> usize {
     plan.states
         .iter()
@@ -756,7 +847,7 @@ fn serving(plan: &Plan) -> usize {
 /// Refuses, before anything is attached, interface rules that cannot work at all (not a
 /// bridge, no address). A bridge that does not exist yet is waited for, as a Docker
 /// network is.
-fn preflight(
+pub(crate) fn preflight(
     rules: &[Rule],
     slots: &[u32],
     observed: &Observed,
@@ -1122,75 +1213,31 @@ impl Daemon {
         let chains = &fw.chains;
         let mut rules = Vec::new();
         for (i, (rule, &slot)) in self.rules.iter().zip(&self.slots).enumerate() {
-            let mut r = status::RuleStatus {
-                port: rule.port,
-                target: rule.target.to_string(),
-                service: rule.service.clone(),
-                origin: self.origin(rule).to_string(),
-                ..Default::default()
-            };
-            match &rule.source {
-                Source::Network(n) => r.network = Some(n.clone()),
-                Source::Interface(n) => r.interface = Some(n.clone()),
-            }
-            match self.applied.states.get(i) {
-                Some(RuleState::Serving {
-                    bridge,
-                    ifindex,
-                    gateways,
-                    proxied,
-                    skipped,
-                }) => {
-                    r.state = "serving".into();
-                    r.bridge = Some(bridge.clone());
-                    r.ifindex = Some(*ifindex);
-                    let gw = |a: &std::net::IpAddr, path: &str, why: Option<&str>| {
-                        status::GatewayStatus {
-                            address: a.to_string(),
-                            path: path.into(),
-                            why: why.map(String::from),
-                            ..Default::default()
-                        }
-                    };
-                    r.gateways.extend(gateways.iter().map(|a| {
-                        let mut g = gw(a, "kernel", None);
-                        g.client_seen_as = Some("the container's own address".into());
-                        g
-                    }));
-                    r.gateways.extend(proxied.iter().map(|(a, why)| {
-                        let mut g = gw(a, "proxy", Some(why));
-                        let key = ProxyKey {
-                            bridge: bridge.clone(),
-                            ifindex: *ifindex,
-                            gateway: *a,
-                            port: rule.port,
-                        };
-                        if let Some(t) = self.applied.proxies.get(&key) {
-                            g.client_seen_as = Some(proxy::seen_as(*ifindex, t));
-                        }
-                        g.error = self.proxy_errors.get(&key).cloned();
-                        g
-                    }));
-                    r.gateways
-                        .extend(skipped.iter().map(|(a, why)| gw(a, "none", Some(why))));
-                    for (o, c) in chains {
-                        if &o.iface == bridge && o.port == rule.port && !c.is_empty() {
-                            r.firewall.push(format!("{o}: {}", c.join(", ")));
-                        }
-                    }
-                    if let Some(e) = &self.last_error
-                        && e.contains(bridge.as_str())
-                    {
-                        r.last_error = Some(e.clone());
+            let mut r = rule_view(
+                rule,
+                self.origin(rule),
+                self.applied.states.get(i),
+                &self.applied.proxies,
+            );
+            if let Some(RuleState::Serving { bridge, .. }) = self.applied.states.get(i) {
+                for g in r.gateways.iter_mut().filter(|g| g.path == "proxy") {
+                    let key = g.address.parse().ok().map(|gateway| ProxyKey {
+                        bridge: bridge.clone(),
+                        ifindex: r.ifindex.unwrap_or_default(),
+                        gateway,
+                        port: rule.port,
+                    });
+                    g.error = key.and_then(|k| self.proxy_errors.get(&k).cloned());
+                }
+                for (o, c) in chains {
+                    if &o.iface == bridge && o.port == rule.port && !c.is_empty() {
+                        r.firewall.push(format!("{o}: {}", c.join(", ")));
                     }
                 }
-                Some(RuleState::Waiting(why)) => {
-                    r.state = "waiting".into();
-                    r.reason = Some(why.clone());
-                }
-                None => {
-                    r.state = "waiting".into();
-                    r.reason = Some("not applied yet".into());
+                if let Some(e) = &self.last_error
+                    && e.contains(bridge.as_str())
+                {
+                    r.last_error = Some(e.clone());
                 }
             }
             if let Some(Ok(c)) = self.kernel.as_ref().map(|k| k.counters(slot)) {

@@ -168,15 +168,7 @@ impl KernelPath {
     /// Loads the programs and attaches the socket-lookup one; links are pinned under
     /// `pin_dir` where it is on bpffs (else they go with the process, and the log says so).
     pub fn load(pin_dir: &Path) -> Result<KernelPath, KernelPathError> {
-        bump_memlock_rlimit();
-        let mut ebpf = Ebpf::load(PROGRAM).map_err(|e| match e {
-            aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
-                if io_error.raw_os_error() == Some(libc::EPERM) =>
-            {
-                KernelPathError::Permission(io_error)
-            }
-            other => KernelPathError::Load(format!("{other:#}")),
-        })?;
+        let mut ebpf = load_object()?;
         // The program logs only on rare failures; without log statements the map is
         // absent, which is fine.
         match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -232,6 +224,20 @@ impl KernelPath {
             sk_lookup,
             cleared: Default::default(),
         })
+    }
+
+    /// Whether `load` would work here: both programs through the verifier, then
+    /// dropped, with nothing attached or pinned (`lhb plan`). Attaching the
+    /// socket-lookup program is the one step not tried.
+    pub fn probe() -> Result<AttachMode, KernelPathError> {
+        let mut ebpf = load_object()?;
+        program::<SchedClassifier>(&mut ebpf, INGRESS_PROGRAM)?
+            .load()
+            .map_err(load_error)?;
+        program::<SkLookup>(&mut ebpf, SK_LOOKUP_PROGRAM)?
+            .load()
+            .map_err(load_error)?;
+        Ok(AttachMode::for_running_kernel())
     }
 
     /// Releases what an earlier lhb left pinned (after a crash or --keep-on-exit): called
@@ -508,6 +514,19 @@ fn load_error(e: ProgramError) -> KernelPathError {
         },
         other => KernelPathError::Load(other.to_string()),
     }
+}
+
+/// The object with its maps created (no map is pinned), programs not loaded yet.
+fn load_object() -> Result<Ebpf, KernelPathError> {
+    bump_memlock_rlimit();
+    Ebpf::load(PROGRAM).map_err(|e| match e {
+        aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+            if io_error.raw_os_error() == Some(libc::EPERM) =>
+        {
+            KernelPathError::Permission(io_error)
+        }
+        other => KernelPathError::Load(format!("{other:#}")),
+    })
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, KernelPathError> {

@@ -13,6 +13,7 @@ pub mod kernel;
 pub mod netlink;
 pub mod notify;
 pub mod persist;
+pub mod plan;
 pub mod proxy;
 pub mod reconcile;
 pub mod rule;

@@ -5,7 +5,9 @@
 
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
-use lhb_daemon::{check, config, control, daemon, doctor, firewall, reconcile, rule, unit, verify};
+use lhb_daemon::{
+    check, config, control, daemon, doctor, firewall, plan, reconcile, rule, unit, verify,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -37,55 +39,29 @@ enum Command {
     /// Run the daemon: serve the rules until SIGINT/SIGTERM, following their bridges.
     /// SIGHUP reloads the config file; a bad file keeps the running rules.
     Run {
-        /// Config file ([[expose]] entries); a missing file holds no rules.
-        #[arg(long, value_name = "FILE", default_value = "/etc/lhb/lhb.toml")]
-        config: PathBuf,
-        /// Expose PORT on Docker network NETWORK's gateway, forwarded to TARGET (PORT,
-        /// 127.0.0.1:PORT or [::1]:PORT; default 127.0.0.1:<PORT>). Repeatable.
-        #[arg(long = "expose", value_name = "NETWORK:PORT[=TARGET]", value_parser = parse_network_rule)]
-        expose: Vec<rule::Rule>,
-        /// Expose PORT on bridge IFACE's gateway address(es) (any Linux bridge, no Docker
-        /// needed), forwarded to TARGET as above. Repeatable.
-        #[arg(long = "expose-iface", value_name = "IFACE:PORT[=TARGET]", value_parser = parse_iface_rule)]
-        expose_iface: Vec<rule::Rule>,
-        /// Serve the --expose/--expose-iface rules of NAME (a network or bridge as given
-        /// there) even though the bridge has ports that lead off this host (a network
-        /// card, bond, VLAN, tunnel): the service is then reachable from that whole
-        /// network. Without it such a rule waits. Repeatable.
-        #[arg(long = "allow-uplinks", value_name = "NAME")]
-        allow_uplinks: Vec<String>,
-        /// Do not talk to the Docker engine (only interface rules can be served).
-        #[arg(long)]
-        no_docker: bool,
-        /// Data path: `kernel` (eBPF; fails if it cannot load), `proxy` (splice proxy
-        /// bound to the gateway and the bridge), `auto` (kernel where it can serve,
-        /// proxy elsewhere, and the log says why). Default: the config's `mode`, else auto.
-        #[arg(long, value_name = "auto|kernel|proxy", value_parser = config::parse_mode)]
-        mode: Option<reconcile::Mode>,
-        /// Firewall integration: where input filtering would drop the served traffic,
-        /// add an accept scoped to the bridge, gateway, TCP and port (tagged `lhb ...`,
-        /// removed on exit). `auto`: the iptables variants in use and native nftables
-        /// input chains. Default: the config's `firewall`, else auto.
-        #[arg(long, value_name = "auto|nftables|iptables|none", value_parser = firewall::parse_mode)]
-        firewall: Option<firewall::FirewallMode>,
+        #[command(flatten)]
+        serve: Serve,
         /// Most connections the proxy carries at once, over all rules; more are refused
         /// and logged. Each rule may hold an equal share (or its config's
         /// `max_connections`). Default: what the open-file limit allows, (limit - 256) / 6
         /// (lhb raises its soft limit to the hard one at start).
         #[arg(long, value_name = "N")]
         max_connections: Option<usize>,
-        /// Control socket for `lhb status`, `lhb expose` and `lhb unexpose` (mode 0600).
-        /// The metrics socket defaults to metrics.sock beside it.
-        #[arg(long, value_name = "PATH", default_value = control::DEFAULT_CONTROL)]
-        control: PathBuf,
-        /// bpffs directory where the kernel path's links are pinned, so that they keep
-        /// serving while lhb is down (a crash, a restart); one per lhb.
-        #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/lhb")]
-        pin_dir: PathBuf,
         /// On SIGTERM/SIGINT leave the kernel path and the firewall rules serving; the
         /// next start takes them over. Without it a clean exit removes everything.
         #[arg(long)]
         keep_on_exit: bool,
+    },
+    /// Print every change `lhb run` would make on this host with the same config and
+    /// flags, changing nothing: program attachments, how each gateway would be served
+    /// and why, proxy listeners, the exact firewall rules per backend, pins taken over,
+    /// and what would wait and why. Exit status 1 if `run` would fail to start.
+    Plan {
+        #[command(flatten)]
+        serve: Serve,
+        /// The plan as JSON (the rules as `lhb status --json` shows them).
+        #[arg(long)]
+        json: bool,
     },
     /// Show the running daemon's rules: source, bridge, gateways, target, data path and
     /// why, firewall rules, counters, last error.
@@ -132,6 +108,13 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Write the man pages, lhb(8) and lhb-SUBCOMMAND(8), into DIR (used to build the
+    /// package).
+    #[command(hide = true)]
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Make the running daemon re-read its config file (as SIGHUP does) and wait for the
     /// answer: fails, with the reason, if the file does not load (the running rules
     /// stay). The unit's ExecReload, so `systemctl reload lhb` fails on a bad file.
@@ -171,6 +154,71 @@ enum Command {
     /// say for each failing step what is wrong and the fix. Works with or without a
     /// running daemon; exit status 1 if a step failed. Needs root.
     Doctor(CheckArgs),
+}
+
+/// The rules and how to serve them: the same for `run` and `plan`.
+#[derive(clap::Args)]
+struct Serve {
+    /// Config file ([[expose]] entries); a missing file holds no rules.
+    #[arg(long, value_name = "FILE", default_value = "/etc/lhb/lhb.toml")]
+    config: PathBuf,
+    /// Expose PORT on Docker network NETWORK's gateway, forwarded to TARGET (PORT,
+    /// 127.0.0.1:PORT or [::1]:PORT; default 127.0.0.1:<PORT>). Repeatable.
+    #[arg(long = "expose", value_name = "NETWORK:PORT[=TARGET]", value_parser = parse_network_rule)]
+    expose: Vec<rule::Rule>,
+    /// Expose PORT on bridge IFACE's gateway address(es) (any Linux bridge, no Docker
+    /// needed), forwarded to TARGET as above. Repeatable.
+    #[arg(long = "expose-iface", value_name = "IFACE:PORT[=TARGET]", value_parser = parse_iface_rule)]
+    expose_iface: Vec<rule::Rule>,
+    /// Serve the --expose/--expose-iface rules of NAME (a network or bridge as given
+    /// there) even though the bridge has ports that lead off this host (a network
+    /// card, bond, VLAN, tunnel): the service is then reachable from that whole
+    /// network. Without it such a rule waits. Repeatable.
+    #[arg(long = "allow-uplinks", value_name = "NAME")]
+    allow_uplinks: Vec<String>,
+    /// Do not talk to the Docker engine (only interface rules can be served).
+    #[arg(long)]
+    no_docker: bool,
+    /// Data path: `kernel` (eBPF; fails if it cannot load), `proxy` (splice proxy
+    /// bound to the gateway and the bridge), `auto` (kernel where it can serve,
+    /// proxy elsewhere, and the log says why). Default: the config's `mode`, else auto.
+    #[arg(long, value_name = "auto|kernel|proxy", value_parser = config::parse_mode)]
+    mode: Option<reconcile::Mode>,
+    /// Firewall integration: where input filtering would drop the served traffic,
+    /// add an accept scoped to the bridge, gateway, TCP and port (tagged `lhb ...`,
+    /// removed on exit). `auto`: the iptables variants in use and native nftables
+    /// input chains. Default: the config's `firewall`, else auto.
+    #[arg(long, value_name = "auto|nftables|iptables|none", value_parser = firewall::parse_mode)]
+    firewall: Option<firewall::FirewallMode>,
+    /// Control socket for `lhb status`, `lhb expose` and `lhb unexpose` (mode 0600).
+    /// The metrics socket defaults to metrics.sock beside it.
+    #[arg(long, value_name = "PATH", default_value = control::DEFAULT_CONTROL)]
+    control: PathBuf,
+    /// bpffs directory where the kernel path's links are pinned, so that they keep
+    /// serving while lhb is down (a crash, a restart); one per lhb.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/lhb")]
+    pin_dir: PathBuf,
+}
+
+impl Serve {
+    /// The command-line rules, with `--allow-uplinks` applied.
+    fn cli_rules(&self) -> anyhow::Result<Vec<rule::Rule>> {
+        let mut cli_rules = self.expose.clone();
+        cli_rules.extend(self.expose_iface.iter().cloned());
+        for name in &self.allow_uplinks {
+            let mut found = false;
+            for r in cli_rules.iter_mut().filter(|r| r.source.name() == name) {
+                r.allow_uplinks = true;
+                found = true;
+            }
+            if !found {
+                anyhow::bail!(
+                    "--allow-uplinks {name}: no --expose or --expose-iface rule names {name} (for config rules, set `allow_uplinks = true` on the [[expose]] entry)"
+                );
+            }
+        }
+        Ok(cli_rules)
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -266,6 +314,38 @@ fn unit_command(
     Ok(true)
 }
 
+/// The pages come from the same definitions as `--help`, so they cannot drift from it.
+/// Section 8: a system administration command.
+fn man_pages(dir: &std::path::Path) -> anyhow::Result<bool> {
+    use clap::CommandFactory as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let root = Cli::command();
+    let version = root.get_version().unwrap_or_default().to_string();
+    let mut pages = vec![root.clone()];
+    for sub in root.get_subcommands().filter(|c| !c.is_hide_set()) {
+        let name = format!("lhb-{}", sub.get_name());
+        pages.push(
+            sub.clone()
+                .name(name.clone())
+                .bin_name(format!("lhb {}", sub.get_name()))
+                .version(version.clone()),
+        );
+    }
+    for page in pages {
+        let path = dir.join(format!("{}.8", page.get_name()));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(page)
+            .section("8")
+            .manual("lhb manual")
+            .source(format!("lhb {version}"))
+            .render(&mut out)
+            .context("rendering a man page")?;
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(true)
+}
+
 fn parse_iface_rule(s: &str) -> Result<rule::Rule, String> {
     let mut r = rule::parse_iface_spec(s).map_err(|e| e.to_string())?;
     r.given = format!("--expose-iface {s}");
@@ -311,45 +391,37 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run {
-                config,
-                expose,
-                expose_iface,
-                allow_uplinks,
-                no_docker,
-                mode,
-                firewall,
+                serve,
                 max_connections,
-                control,
-                pin_dir,
                 keep_on_exit,
             } => {
-                let mut cli_rules = expose;
-                cli_rules.extend(expose_iface);
-                for name in &allow_uplinks {
-                    let mut found = false;
-                    for r in cli_rules.iter_mut().filter(|r| r.source.name() == name) {
-                        r.allow_uplinks = true;
-                        found = true;
-                    }
-                    if !found {
-                        anyhow::bail!(
-                            "--allow-uplinks {name}: no --expose or --expose-iface rule names {name} (for config rules, set `allow_uplinks = true` on the [[expose]] entry)"
-                        );
-                    }
-                }
+                let cli_rules = serve.cli_rules()?;
                 daemon::run(daemon::RunOptions {
                     cli_rules,
-                    config,
-                    no_docker,
-                    mode,
-                    firewall,
+                    config: serve.config,
+                    no_docker: serve.no_docker,
+                    mode: serve.mode,
+                    firewall: serve.firewall,
                     max_connections,
-                    control,
-                    pin_dir,
+                    control: serve.control,
+                    pin_dir: serve.pin_dir,
                     keep_on_exit,
                 })
                 .await
                 .map(|()| true)
+            }
+            Command::Plan { serve, json } => {
+                let cli_rules = serve.cli_rules()?;
+                let opts = plan::PlanOptions {
+                    cli_rules,
+                    config: serve.config,
+                    no_docker: serve.no_docker,
+                    mode: serve.mode,
+                    firewall: serve.firewall,
+                    control: serve.control,
+                    pin_dir: serve.pin_dir,
+                };
+                plan::run(opts, json).await
             }
             Command::Verify(a) => verify::run(a.into()).await,
             Command::Status { json, control } => control::call(&control, &control::Request::Status)
@@ -395,6 +467,7 @@ fn main() -> ExitCode {
                 clap_complete::generate(shell, &mut Cli::command(), "lhb", &mut std::io::stdout());
                 Ok(true)
             }
+            Command::Man { dir } => man_pages(&dir),
             Command::Reload { control } => change(&control, control::Request::Reload),
             Command::Unit {
                 action,

@@ -351,3 +351,159 @@ fn nft_clean_up_touches_only_lhbs_rules_in_its_input_chains() {
     assert!(!input.contains(&tag), "lhb's accept left: {input}");
     assert_eq!(theirs(), 2, "lhb removed rules it did not insert");
 }
+
+/// `lhb plan` says what `lhb run` then does, and changes nothing itself: on a host
+/// (namespace) whose iptables and native nftables input chains both drop, with a
+/// dual-stack bridge (kernel path for IPv4, proxy for IPv6) and a rule whose bridge
+/// does not exist. Compared: each rule's state, reason and gateways (path, why, client
+/// seen as), the program attachments, the proxy listeners and every firewall accept
+/// (opening and chain, and the rule's tag in the ruleset).
+#[test]
+fn lhb_plan_says_what_run_then_does_and_changes_nothing() {
+    let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let lab = lhb_tests::HostLab::new(55).unwrap();
+    lab.shell(
+        "ip addr add fd00:55::1/64 dev br0 nodad && iptables -w -P INPUT DROP \
+         && nft add table inet hostfw \
+         && nft add chain inet hostfw input '{ type filter hook input priority 0; policy drop; }'",
+    )
+    .unwrap();
+    let svc = lab
+        .host
+        .run(|| PeerEcho::start("127.0.0.1:0").unwrap())
+        .unwrap();
+    let pins = lhb_tests::PinDir::new("plan");
+    let dir = tempfile_dir();
+    let control = format!("{dir}/lhb.sock");
+    let (spec, waiting) = (format!("br0:{}", svc.port()), "br9:9".to_string());
+    let args = [
+        "--no-docker",
+        "--config",
+        "/dev/null",
+        "--expose-iface",
+        spec.as_str(),
+        "--expose-iface",
+        waiting.as_str(),
+        "--control",
+        control.as_str(),
+        "--pin-dir",
+        pins.0.as_str(),
+    ];
+    let ruleset = || {
+        lab.shell("iptables-save | grep -v '^#'; ip6tables-save | grep -v '^#'; nft list ruleset")
+            .unwrap()
+    };
+    let before = ruleset();
+    let mut plan_cmd = vec!["netns", "exec", lab.host.name.as_str()];
+    let bin = lhb_tests::lhb_bin().display().to_string();
+    plan_cmd.extend([bin.as_str(), "plan", "--json"]);
+    plan_cmd.extend(args);
+    let plan: serde_json::Value = serde_json::from_str(&run("ip", &plan_cmd).unwrap()).unwrap();
+
+    // Nothing changed: ruleset, pins, programs, listeners.
+    assert_eq!(ruleset(), before, "lhb plan changed the ruleset");
+    assert!(
+        std::fs::read_dir(&pins.0).map(|d| d.count()).unwrap_or(0) == 0,
+        "lhb plan pinned something"
+    );
+    let progs = || {
+        lab.host
+            .run(|| lhb_tests::ingress_programs("br0").unwrap())
+            .unwrap()
+    };
+    assert!(progs().is_empty(), "{:?}", progs());
+    let port = svc.port().to_string();
+    let listening = || lab.sh(&["ss", "-ltnH"]).unwrap();
+    // ss names the device a socket is bound to: `[fd00:55::1]%br0:PORT`.
+    let bound = format!("[fd00:55::1]%br0:{port} ");
+    assert!(!listening().contains(&bound), "{}", listening());
+
+    // What it says: the IPv4 gateway in-kernel, the IPv6 one proxied, br9 waiting, and
+    // accepts in iptables INPUT (IPv4) and the native chain (both).
+    assert_eq!(plan["fails"], serde_json::Value::Null, "{plan:#}");
+    assert_eq!(plan["programs"][0]["bridge"], "br0", "{plan:#}");
+    let listeners = plan["proxy_listeners"].as_array().unwrap();
+    assert_eq!(listeners.len(), 1, "{plan:#}");
+    assert!(
+        listeners[0]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("[fd00:55::1]:{port} on br0"))
+    );
+    let planned: std::collections::BTreeSet<String> = plan["firewall"]["add"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            format!(
+                "{} in {}",
+                a["opening"].as_str().unwrap(),
+                a["chain"].as_str().unwrap()
+            )
+        })
+        .collect();
+    let chains: std::collections::BTreeSet<&str> = plan["firewall"]["add"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["chain"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        chains,
+        ["iptables INPUT", "nft inet hostfw input"].into(),
+        "{plan:#}"
+    );
+    assert_eq!(planned.len(), 3, "{plan:#}");
+    assert_eq!(plan["rules"][1]["state"], "waiting", "{plan:#}");
+
+    // What run does.
+    let mut lhb = lab.lhb(&args).unwrap();
+    let status = lhb.status().unwrap();
+    for (p, s) in plan["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(status["rules"].as_array().unwrap())
+    {
+        for field in ["state", "reason", "bridge", "ifindex", "origin", "target"] {
+            assert_eq!(p[field], s[field], "{field}: plan {p:#} status {s:#}");
+        }
+        let gateways = |v: &serde_json::Value| -> Vec<(String, String, String, String)> {
+            v["gateways"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|g| {
+                    let f = |k: &str| g[k].as_str().unwrap_or("-").to_string();
+                    (f("address"), f("path"), f("why"), f("client_seen_as"))
+                })
+                .collect()
+        };
+        assert_eq!(gateways(p), gateways(s));
+    }
+    assert_eq!(plan["kernel_attach"], status["kernel_attach"]);
+    let held: std::collections::BTreeSet<String> = status["firewall"]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(planned, held, "plan {plan:#}\nlog: {}", lhb.log());
+    let now = ruleset();
+    for a in plan["firewall"]["add"].as_array().unwrap() {
+        let rule = a["rule"].as_str().unwrap();
+        let tag = rule.split("comment ").nth(1).unwrap().trim_matches('"');
+        assert!(now.contains(tag), "{rule} not in:\n{now}");
+    }
+    assert_eq!(progs().len(), 1, "{:?}", progs());
+    assert!(listening().contains(&bound), "{}", listening());
+    assert!(lhb.stop().unwrap().success());
+    assert_eq!(ruleset(), before, "the ruleset was not restored");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn tempfile_dir() -> String {
+    let d = std::env::temp_dir().join(format!("lhbt-plan-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.display().to_string()
+}

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use super::{Backend, Opening, run};
+use super::{Backend, Exec, Insert, Opening, run};
 
 pub struct Xtables {
     bin: &'static str,
@@ -112,23 +112,34 @@ impl Backend for Xtables {
         self.bin.to_string()
     }
 
-    fn open(&mut self, o: &Opening) -> anyhow::Result<Vec<String>> {
+    fn planned(&mut self, o: &Opening) -> anyhow::Result<Vec<Insert>> {
         if o.gateway.is_ipv6() != self.v6 {
             return Ok(vec![]);
         }
         let lines = self.input()?;
         let tag = o.tag();
-        if lines.iter().any(|l| comment(l) == Some(tag.as_str())) {
-            return Ok(vec![format!("{} INPUT", self.bin)]);
-        }
-        if may_drop(&lines).is_none() {
+        let present = lines.iter().any(|l| comment(l) == Some(tag.as_str()));
+        if !present && may_drop(&lines).is_none() {
             return Ok(vec![]);
         }
         let mut args = vec!["-w".to_string(), "-I".into(), "INPUT".into(), "1".into()];
         args.extend(Self::spec(o));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run(self.bin, &args)?;
-        Ok(vec![format!("{} INPUT", self.bin)])
+        let shown: Vec<String> = args
+            .iter()
+            .map(|a| {
+                if a.contains(' ') {
+                    format!("\"{a}\"")
+                } else {
+                    a.clone()
+                }
+            })
+            .collect();
+        Ok(vec![Insert {
+            chain: format!("{} INPUT", self.bin),
+            rule: format!("{} {}", self.bin, shown.join(" ")),
+            present,
+            exec: Exec::Run(self.bin, args),
+        }])
     }
 
     fn close(&mut self, o: &Opening) -> anyhow::Result<()> {

@@ -15,6 +15,7 @@ mod nft;
 
 use std::{collections::BTreeSet, fmt, net::IpAddr, process::Command};
 
+use anyhow::Context as _;
 use tracing::{info, warn};
 
 /// `--firewall`.
@@ -93,12 +94,66 @@ fn check_iface(o: &Opening) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One accept rule a backend would add for an opening, or holds already.
+#[derive(Clone, Debug)]
+pub struct Insert {
+    /// Where, as status reports it: `iptables INPUT`, `nft inet filter input`.
+    pub chain: String,
+    /// The rule in the tool's own syntax, exactly as lhb adds it.
+    pub rule: String,
+    /// lhb's tagged accept for this opening is in that chain already.
+    pub present: bool,
+    exec: Exec,
+}
+
+#[derive(Clone, Debug)]
+enum Exec {
+    /// A program and its arguments (iptables variants).
+    Run(&'static str, Vec<String>),
+    /// An nft script.
+    Nft(String),
+}
+
+impl Insert {
+    fn apply(&self) -> anyhow::Result<()> {
+        match &self.exec {
+            Exec::Run(bin, args) => {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                run(bin, &args).map(drop)
+            }
+            Exec::Nft(script) => nft::nft_script(script),
+        }
+    }
+}
+
+/// What a first `sync` would do (`Firewall::plan`).
+pub struct SyncPlan {
+    /// Per wanted opening, the accept in each chain that needs one.
+    pub inserts: Vec<(Opening, Insert)>,
+    /// Accepts an earlier lhb left that are still wanted.
+    pub kept: BTreeSet<Opening>,
+    /// Accepts an earlier lhb left that are no longer wanted.
+    pub removed: BTreeSet<Opening>,
+}
+
 /// One firewall tool.
 trait Backend: Send {
     fn name(&self) -> String;
+    /// The accept rule for `o` in every chain of this backend that would drop it, and
+    /// whether it is there already. Read only: `lhb plan` shows these, `open` adds them.
+    fn planned(&mut self, o: &Opening) -> anyhow::Result<Vec<Insert>>;
     /// Adds the accept rule to every chain of this backend that would drop it; the
     /// chains it went into.
-    fn open(&mut self, o: &Opening) -> anyhow::Result<Vec<String>>;
+    fn open(&mut self, o: &Opening) -> anyhow::Result<Vec<String>> {
+        let mut chains = Vec::new();
+        for i in self.planned(o)? {
+            if !i.present {
+                i.apply()?;
+            }
+            chains.push(i.chain);
+        }
+        Ok(chains)
+    }
     /// Removes every rule tagged for `o`.
     fn close(&mut self, o: &Opening) -> anyhow::Result<()>;
     /// Every opening some earlier run left behind (tagged rules).
@@ -185,6 +240,34 @@ impl Firewall {
             );
         }
         self.held = adopted;
+    }
+
+    /// What `sync(wanted)` would do first on a fresh start, changing nothing: for each
+    /// wanted opening the inserts (an opening an earlier lhb left is kept as it is),
+    /// and the earlier openings it would remove.
+    pub fn plan(&mut self, wanted: &BTreeSet<Opening>) -> anyhow::Result<SyncPlan> {
+        let mut earlier = BTreeSet::new();
+        for b in &mut self.backends {
+            earlier.extend(
+                b.leftovers()
+                    .with_context(|| format!("reading {}", b.name()))?,
+            );
+        }
+        let mut inserts = Vec::new();
+        for o in wanted.difference(&earlier) {
+            check_iface(o)?;
+            for b in &mut self.backends {
+                let planned = b
+                    .planned(o)
+                    .with_context(|| format!("{}: reading for {o}", b.name()))?;
+                inserts.extend(planned.into_iter().map(|i| (o.clone(), i)));
+            }
+        }
+        Ok(SyncPlan {
+            inserts,
+            kept: wanted.intersection(&earlier).cloned().collect(),
+            removed: earlier.difference(wanted).cloned().collect(),
+        })
     }
 
     /// Where `o` may be dropped: chains that may drop it and hold no accept for it.
@@ -485,6 +568,9 @@ mod tests {
     impl Backend for FailsOnce {
         fn name(&self) -> String {
             "test".into()
+        }
+        fn planned(&mut self, _: &Opening) -> anyhow::Result<Vec<Insert>> {
+            unreachable!("open is overridden")
         }
         fn open(&mut self, o: &Opening) -> anyhow::Result<Vec<String>> {
             self.opens += 1;

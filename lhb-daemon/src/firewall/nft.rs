@@ -12,7 +12,7 @@ use std::{
 use anyhow::Context as _;
 use serde_json::Value;
 
-use super::{Backend, Opening, run};
+use super::{Backend, Exec, Insert, Opening, run};
 
 pub struct Nft {
     skip_xtables: bool,
@@ -139,7 +139,7 @@ fn xtables_managed(family: &str, table: &str, chain: &str) -> bool {
             .all(|c| c.is_ascii_uppercase() || c == '_' || c == '-')
 }
 
-fn nft_script(script: &str) -> anyhow::Result<()> {
+pub(super) fn nft_script(script: &str) -> anyhow::Result<()> {
     let mut child = tokio::task::block_in_place(|| {
         Command::new("nft")
             .args(["-f", "-"])
@@ -169,23 +169,26 @@ impl Backend for Nft {
         "nftables".into()
     }
 
-    fn open(&mut self, o: &Opening) -> anyhow::Result<Vec<String>> {
+    fn planned(&mut self, o: &Opening) -> anyhow::Result<Vec<Insert>> {
         let (chains, rules) = self.ruleset()?;
         let tag = o.tag();
-        let v6 = o.gateway.is_ipv6();
-        let mut opened = Vec::new();
-        for c in chains.iter().filter(|c| c.may_drop && fits(c, o)) {
-            let label = format!("nft {} {} {}", c.family, c.table, c.name);
-            if !has_tag(&rules, c, &tag) {
-                let proto = if v6 { "ip6" } else { "ip" };
-                nft_script(&format!(
-                    "insert rule {} {} {} iifname \"{}\" {proto} daddr {} tcp dport {} accept comment \"{tag}\"\n",
+        let proto = if o.gateway.is_ipv6() { "ip6" } else { "ip" };
+        Ok(chains
+            .iter()
+            .filter(|c| c.may_drop && fits(c, o))
+            .map(|c| {
+                let rule = format!(
+                    "insert rule {} {} {} iifname \"{}\" {proto} daddr {} tcp dport {} accept comment \"{tag}\"",
                     c.family, c.table, c.name, o.iface, o.gateway, o.port
-                ))?;
-            }
-            opened.push(label);
-        }
-        Ok(opened)
+                );
+                Insert {
+                    chain: format!("nft {} {} {}", c.family, c.table, c.name),
+                    present: has_tag(&rules, c, &tag),
+                    exec: Exec::Nft(format!("{rule}\n")),
+                    rule: format!("nft {rule}"),
+                }
+            })
+            .collect())
     }
 
     fn close(&mut self, o: &Opening) -> anyhow::Result<()> {

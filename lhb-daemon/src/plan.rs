@@ -1,0 +1,445 @@
+//! `lhb plan`: every change `lhb run` would make on this host with the same config and
+//! flags, right now, with nothing changed. It runs the daemon's own start-up steps
+//! (config merge, Docker's first answer, the netlink snapshot, preflight,
+//! `reconcile::plan`, the firewall backends' planned inserts) up to the point where
+//! `run` would start writing, and reports instead: program attachments, how each
+//! gateway is served and why, proxy listeners, firewall rules (the exact rule per
+//! backend and chain), pins taken over, and what waits and why.
+//!
+//! The kernel path is probed by loading both programs through the verifier and
+//! dropping them (nothing attached, nothing pinned).
+
+use std::{collections::BTreeSet, path::PathBuf};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    caps, config, control,
+    daemon::{self, Slots},
+    docker,
+    firewall::{Firewall, FirewallMode},
+    kernel::KernelPath,
+    netlink::Netlink,
+    reconcile::{self, Mode, Paths},
+    rule::Rule,
+    status::{DockerStatus, GatewayStatus, RuleStatus},
+};
+
+/// What `lhb plan` is asked about: the same inputs as `lhb run`.
+pub struct PlanOptions {
+    pub cli_rules: Vec<Rule>,
+    pub config: PathBuf,
+    pub no_docker: bool,
+    pub mode: Option<Mode>,
+    pub firewall: Option<FirewallMode>,
+    pub control: PathBuf,
+    pub pin_dir: PathBuf,
+}
+
+/// The plan, as `lhb plan --json` prints it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct HostPlan {
+    pub config: String,
+    /// `auto`, `kernel` or `proxy`.
+    pub mode: String,
+    /// `tcx` or `clsact` where the kernel path would load; null otherwise.
+    pub kernel_attach: Option<String>,
+    /// Why the kernel path would not be used, if it would not.
+    pub kernel_unavailable: Option<String>,
+    /// Why `lhb run` would stop at start instead, changing nothing; null if it starts.
+    pub fails: Option<String>,
+    /// The pid of an lhb already answering on the control socket: a second `run` would
+    /// stop there; this plan is what a restart of it would do.
+    pub running: Option<u32>,
+    /// null with --no-docker.
+    pub docker: Option<DockerStatus>,
+    /// Bridges the ingress program is attached to.
+    pub programs: Vec<Attachment>,
+    /// The socket-lookup program for lhb's network namespace and where its link is
+    /// pinned; null if no rule takes the kernel path.
+    pub socket_lookup: Option<String>,
+    /// Links an earlier lhb pinned: served by until this run serves, then released.
+    pub takeover: Vec<String>,
+    /// `GATEWAY:PORT on BRIDGE -> TARGET` for each proxy listener bound.
+    pub proxy_listeners: Vec<String>,
+    pub firewall: FirewallPlan,
+    pub rules: Vec<RulePlan>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Attachment {
+    pub bridge: String,
+    pub ifindex: u32,
+    /// `tcx ingress` or `tc clsact ingress`.
+    pub hook: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FirewallPlan {
+    pub backends: Vec<String>,
+    /// Accepts to add, each in the tool's own syntax.
+    pub add: Vec<FirewallRule>,
+    /// Accepts an earlier lhb left that are still wanted: kept as they are.
+    pub keep: Vec<String>,
+    /// Accepts an earlier lhb left that are no longer wanted: removed.
+    pub remove: Vec<String>,
+    /// Why the firewall could not be read, if it could not (`run` would retry).
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FirewallRule {
+    /// `tcp to GATEWAY:PORT in on BRIDGE`.
+    pub opening: String,
+    /// `iptables INPUT`, `nft inet filter input`: as `lhb status` names it.
+    pub chain: String,
+    pub rule: String,
+}
+
+/// A rule as `lhb status` would show it once running (same fields, no counters).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RulePlan {
+    pub network: Option<String>,
+    pub interface: Option<String>,
+    pub port: u16,
+    pub target: String,
+    pub service: String,
+    pub origin: String,
+    /// `serving` or `waiting`.
+    pub state: String,
+    pub reason: Option<String>,
+    pub bridge: Option<String>,
+    pub ifindex: Option<u32>,
+    pub gateways: Vec<GatewayStatus>,
+}
+
+impl From<RuleStatus> for RulePlan {
+    fn from(r: RuleStatus) -> Self {
+        RulePlan {
+            network: r.network,
+            interface: r.interface,
+            port: r.port,
+            target: r.target,
+            service: r.service,
+            origin: r.origin,
+            state: r.state,
+            reason: r.reason,
+            bridge: r.bridge,
+            ifindex: r.ifindex,
+            gateways: r.gateways,
+        }
+    }
+}
+
+pub async fn run(opts: PlanOptions, json: bool) -> anyhow::Result<bool> {
+    let plan = compute(opts).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        print!("{}", plan.text());
+    }
+    Ok(plan.fails.is_none())
+}
+
+/// The same steps as `daemon::run`, in the same order, each stopping where `run`
+/// would stop.
+pub async fn compute(opts: PlanOptions) -> anyhow::Result<HostPlan> {
+    let cfg = config::load(&opts.config)?;
+    let mode = opts.mode.or(cfg.mode).unwrap_or_default();
+    let firewall_mode = opts.firewall.or(cfg.firewall).unwrap_or_default();
+    let file_rules = cfg.rules.clone();
+    let rules = daemon::combine(&opts.cli_rules, cfg.rules)?;
+    let mut plan = HostPlan {
+        config: opts.config.display().to_string(),
+        mode: mode_name(mode).into(),
+        running: control::call(&opts.control, &control::Request::Status)
+            .ok()
+            .and_then(|r| r.status)
+            .map(|s| s.pid),
+        ..Default::default()
+    };
+    if rules.is_empty() && !std::fs::metadata(&opts.config).is_ok_and(|m| m.is_file()) {
+        plan.fails = Some(
+            daemon::StartError::NoRules {
+                config: plan.config.clone(),
+            }
+            .to_string(),
+        );
+        return Ok(plan);
+    }
+
+    let (netlink, _events) = Netlink::connect()?;
+    let mut docker = (!opts.no_docker).then(docker::watch);
+    let view = match docker.as_mut() {
+        Some(rx) => Some(daemon::first_docker_view(rx).await),
+        None => None,
+    };
+    plan.docker = view.as_ref().map(|v| DockerStatus {
+        available: v.available,
+        problem: v.problem.clone(),
+    });
+    let (slots, _) = Slots::default().assign(&rules);
+    let mut observed = netlink.snapshot().await?;
+    observed.docker = view;
+
+    let kernel = match mode {
+        Mode::Proxy => None,
+        Mode::Kernel | Mode::Auto => Some(probe_kernel()),
+    };
+    match kernel {
+        Some(Err(e)) if mode == Mode::Kernel => {
+            plan.fails = Some(format!("{e:#}"));
+            return Ok(plan);
+        }
+        Some(Err(e)) => {
+            plan.kernel_unavailable = Some(format!("{e:#}"));
+        }
+        Some(Ok(attach)) => plan.kernel_attach = Some(attach.into()),
+        None => {}
+    }
+    let paths = Paths {
+        mode,
+        kernel: plan.kernel_attach.is_some(),
+    };
+    if let Err(e) = daemon::preflight(&rules, &slots, &observed, paths) {
+        plan.fails = Some(e.to_string());
+        return Ok(plan);
+    }
+    let wanted = reconcile::plan(&rules, &slots, &observed, paths);
+
+    let hook = match plan.kernel_attach.as_deref() {
+        Some("tcx") => "tcx ingress",
+        _ => "tc clsact ingress",
+    };
+    plan.programs = wanted
+        .attach
+        .iter()
+        .map(|(&ifindex, bridge)| Attachment {
+            bridge: bridge.clone(),
+            ifindex,
+            hook: hook.into(),
+        })
+        .collect();
+    if paths.kernel {
+        plan.socket_lookup = Some(format!(
+            "one socket-lookup program for lhb's network namespace, its link pinned in {}",
+            opts.pin_dir.display()
+        ));
+        plan.takeover = std::fs::read_dir(&opts.pin_dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path().display().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        plan.takeover.sort();
+    }
+    plan.proxy_listeners = wanted
+        .proxies
+        .iter()
+        .map(|(k, t)| {
+            let gw = std::net::SocketAddr::new(k.gateway, k.port);
+            format!("{gw} on {} -> {}", k.bridge, t.target)
+        })
+        .collect();
+
+    let openings = daemon::openings(&wanted);
+    let mut fw = Firewall::detect(firewall_mode);
+    plan.firewall.backends = fw.backends();
+    match fw.plan(&openings) {
+        Ok(p) => {
+            plan.firewall.add = p
+                .inserts
+                .into_iter()
+                .filter(|(_, i)| !i.present)
+                .map(|(o, i)| FirewallRule {
+                    opening: o.to_string(),
+                    chain: i.chain,
+                    rule: i.rule,
+                })
+                .collect();
+            plan.firewall.keep = strings(&p.kept);
+            plan.firewall.remove = strings(&p.removed);
+        }
+        Err(e) => plan.firewall.error = Some(format!("{e:#}")),
+    }
+
+    let origin = |r: &Rule| {
+        let same = |c: &Rule| c.source == r.source && c.port == r.port;
+        if opts.cli_rules.iter().any(same) {
+            "command-line"
+        } else if file_rules.iter().any(same) {
+            "config"
+        } else {
+            "runtime"
+        }
+    };
+    plan.rules = rules
+        .iter()
+        .zip(&wanted.states)
+        .map(|(r, s)| daemon::rule_view(r, origin(r), Some(s), &wanted.proxies).into())
+        .collect();
+    Ok(plan)
+}
+
+fn strings(set: &BTreeSet<crate::firewall::Opening>) -> Vec<String> {
+    set.iter().map(ToString::to_string).collect()
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Auto => "auto",
+        Mode::Kernel => "kernel",
+        Mode::Proxy => "proxy",
+    }
+}
+
+/// As `daemon::load_kernel_path` decides, without attaching: capabilities, then the
+/// programs through the verifier.
+fn probe_kernel() -> anyhow::Result<&'static str> {
+    let eff = caps::effective().context("reading this process's capabilities")?;
+    let missing = caps::missing_for_kernel_path(eff);
+    if !missing.is_empty() {
+        return Err(daemon::StartError::MissingCapabilities(missing).into());
+    }
+    Ok(KernelPath::probe()?.as_str())
+}
+
+impl HostPlan {
+    /// The plan in words: what would change, then each rule.
+    pub fn text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "lhb plan: what `lhb run --config {}` would change on this host now (nothing was changed)",
+            self.config
+        );
+        if let Some(pid) = self.running {
+            let _ = writeln!(
+                s,
+                "note: lhb (pid {pid}) runs on this control socket; a second `lhb run` would stop there. This is what restarting it would do."
+            );
+        }
+        if let Some(f) = &self.fails {
+            let _ = writeln!(
+                s,
+                "\n`lhb run` would exit at start and change nothing:\n  {f}"
+            );
+            return s;
+        }
+        let _ = writeln!(s, "\ndata path: mode {}", self.mode);
+        match (&self.kernel_attach, &self.kernel_unavailable) {
+            (Some(a), _) => {
+                let _ = writeln!(s, "  kernel path: loads here (attaches with {a})");
+            }
+            (None, Some(why)) => {
+                let _ = writeln!(s, "  kernel path: unavailable ({why}); the proxy serves");
+            }
+            (None, None) => {
+                let _ = writeln!(s, "  kernel path: not used (--mode proxy)");
+            }
+        }
+        if let Some(d) = &self.docker {
+            let _ = match (&d.available, &d.problem) {
+                (true, _) => writeln!(s, "  Docker engine: answers"),
+                (false, p) => writeln!(
+                    s,
+                    "  Docker engine: not reachable ({}); network rules wait for it",
+                    p.as_deref().unwrap_or("no answer")
+                ),
+            };
+        }
+        let _ = writeln!(s, "\nchanges:");
+        let mut changes = 0;
+        for a in &self.programs {
+            changes += 1;
+            let _ = writeln!(
+                s,
+                "  attach the ingress program to {} (ifindex {}, {})",
+                a.bridge, a.ifindex, a.hook
+            );
+        }
+        if let Some(l) = &self.socket_lookup {
+            changes += 1;
+            let _ = writeln!(s, "  attach {l}");
+        }
+        for p in &self.takeover {
+            changes += 1;
+            let _ = writeln!(
+                s,
+                "  take over {p} (an earlier lhb's; released once serving)"
+            );
+        }
+        for l in &self.proxy_listeners {
+            changes += 1;
+            let _ = writeln!(s, "  bind a proxy listener to {l}");
+        }
+        for f in &self.firewall.add {
+            changes += 1;
+            let _ = writeln!(
+                s,
+                "  firewall: {} in {}:\n    {}",
+                f.opening, f.chain, f.rule
+            );
+        }
+        for k in &self.firewall.keep {
+            let _ = writeln!(s, "  firewall: keep {k} (an earlier lhb's accept)");
+        }
+        for r in &self.firewall.remove {
+            changes += 1;
+            let _ = writeln!(
+                s,
+                "  firewall: remove {r} (an earlier lhb's, no longer wanted)"
+            );
+        }
+        if let Some(e) = &self.firewall.error {
+            let _ = writeln!(s, "  firewall: cannot read it ({e}); `lhb run` would retry");
+        }
+        if self.firewall.backends.is_empty() {
+            let _ = writeln!(s, "  firewall: none managed");
+        } else if self.firewall.add.is_empty() && self.firewall.error.is_none() {
+            let _ = writeln!(
+                s,
+                "  firewall: no accept needed ({} would not drop this traffic)",
+                self.firewall.backends.join(", ")
+            );
+        }
+        if changes == 0 {
+            let _ = writeln!(s, "  none");
+        }
+        let _ = writeln!(s, "\nrules:");
+        if self.rules.is_empty() {
+            let _ = writeln!(
+                s,
+                "  none: add [[expose]] entries to {} (see the examples in it)",
+                self.config
+            );
+        }
+        for r in &self.rules {
+            let source = match (&r.network, &r.interface) {
+                (Some(n), _) => format!("network {n}"),
+                (_, Some(i)) => format!("interface {i}"),
+                _ => "?".into(),
+            };
+            let _ = writeln!(
+                s,
+                "  {} ({source}, port {} -> {}, {}): {}",
+                r.service, r.port, r.target, r.origin, r.state
+            );
+            if let Some(why) = &r.reason {
+                let _ = writeln!(s, "    waits: {why}");
+            }
+            for g in &r.gateways {
+                let why = g
+                    .why
+                    .as_deref()
+                    .map(|w| format!(" ({w})"))
+                    .unwrap_or_default();
+                let _ = writeln!(s, "    {} -> {}{why}", g.address, g.path);
+            }
+        }
+        s
+    }
+}
