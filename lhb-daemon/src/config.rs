@@ -1,4 +1,5 @@
-//! The configuration file (TOML, PRODUCT.md): `[[expose]]` entries become rules.
+//! The configuration file (TOML; its keys are in the README under "Use"): `[[expose]]`
+//! entries become rules.
 //!
 //! Every mistake is reported with the file, the line and the reason, and a file that
 //! fails to load changes nothing: the caller keeps what it had.

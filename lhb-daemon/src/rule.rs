@@ -1,7 +1,7 @@
 //! Rules ("exposures"): which port on which bridge's gateway leads to which loopback
 //! service. Parsing and validation live here so that every way of giving a rule (the
-//! command line today, the config file and the control socket later) rejects the same
-//! mistakes with the same words.
+//! command line, the config file, `lhb expose` over the control socket) rejects the
+//! same mistakes with the same words.
 
 use std::{
     fmt,

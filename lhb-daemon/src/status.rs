@@ -12,7 +12,7 @@ pub struct Status {
     pub pid: u32,
     /// `auto`, `kernel` or `proxy`.
     pub mode: String,
-    /// `tcx` or `clsact` when loaded; null when the kernel path is not used.
+    /// `tcx` or `tc clsact` when loaded; null when the kernel path is not used.
     pub kernel_attach: Option<String>,
     /// Why the kernel path is not used, if it is not.
     pub kernel_unavailable: Option<String>,
