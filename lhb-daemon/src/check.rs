@@ -11,7 +11,7 @@ use std::{
     fs::File,
     io::{self, Read as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
-    os::fd::AsRawFd as _,
+    os::fd::AsFd as _,
     path::Path,
     process::{Command, Stdio},
     time::Duration,
@@ -51,10 +51,7 @@ pub fn rules(t: &Target) -> anyhow::Result<Vec<Rule>> {
         return Ok(cfg.rules);
     };
     let parsed = rule::parse_spec_for(spec, t.iface)?;
-    let from_file = cfg
-        .rules
-        .into_iter()
-        .find(|r| r.source == parsed.source && r.port == parsed.port);
+    let from_file = cfg.rules.into_iter().find(|r| r.key() == parsed.key());
     Ok(vec![match from_file {
         Some(r) if !spec.contains('=') => r,
         _ => parsed,
@@ -212,9 +209,13 @@ impl ProbeNs {
     }
 
     /// A namespace on `bridge` that can reach each of `gateways`: one address per
-    /// address family, next to the bridge's own address of that family.
-    pub fn for_gateways(bridge: &str, gateways: &[IpAddr]) -> anyhow::Result<ProbeNs> {
-        let own = prefixes(bridge)?;
+    /// address family, next to the bridge's own address of that family (`own`: the
+    /// bridge's addresses with their prefix lengths, as netlink reports them).
+    pub fn for_gateways(
+        bridge: &str,
+        own: &[(IpAddr, u8)],
+        gateways: &[IpAddr],
+    ) -> anyhow::Result<ProbeNs> {
         let mut nets: Vec<(IpAddr, u8)> = Vec::new();
         for gw in gateways {
             if let Some(p) = own.iter().find(|(a, _)| a.is_ipv4() == gw.is_ipv4())
@@ -299,12 +300,12 @@ fn connect_in(ns: &Path, to: SocketAddr, timeout: Duration) -> Outcome {
         Ok(f) => f,
         Err(e) => return Outcome::Other(format!("opening {}: {e}", ns.display())),
     };
-    // SAFETY: a plain syscall on a descriptor we own; it affects only this thread.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Outcome::Other(format!(
-            "entering the probe namespace: {}",
-            io::Error::last_os_error()
-        ));
+    // Affects only this thread, which was started for this probe.
+    if let Err(e) = rustix::thread::move_into_link_name_space(
+        f.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    ) {
+        return Outcome::Other(format!("entering the probe namespace: {e}"));
     }
     match TcpStream::connect_timeout(&to, timeout) {
         Ok(mut s) => {
@@ -373,24 +374,6 @@ fn free_address(gw: IpAddr, plen: u8, used: &[IpAddr]) -> Option<IpAddr> {
                 .find(|a| *a != gw && !used.contains(a))
         }
     }
-}
-
-/// Each address of `iface` with its prefix length.
-pub fn prefixes(iface: &str) -> anyhow::Result<Vec<(IpAddr, u8)>> {
-    let text = ip(&["-j", "addr", "show", "dev", iface])?;
-    let v: serde_json::Value = serde_json::from_str(&text).context("`ip -j addr` output")?;
-    let mut out = Vec::new();
-    for link in v.as_array().into_iter().flatten() {
-        for a in link["addr_info"].as_array().into_iter().flatten() {
-            if let (Some(local), Some(plen)) = (
-                a["local"].as_str().and_then(|s| s.parse::<IpAddr>().ok()),
-                a["prefixlen"].as_u64(),
-            ) {
-                out.push((local, plen as u8));
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// A TCP socket in LISTEN state in this network namespace.

@@ -40,20 +40,11 @@ pub enum ConfigError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
-    mode: Option<Spanned<String>>,
-    firewall: Option<Spanned<String>>,
+    mode: Option<Mode>,
+    firewall: Option<crate::firewall::FirewallMode>,
     metrics: Option<Spanned<String>>,
     #[serde(default)]
     expose: Vec<Spanned<Expose>>,
-}
-
-pub fn parse_mode(s: &str) -> Result<Mode, String> {
-    match s {
-        "auto" => Ok(Mode::Auto),
-        "kernel" => Ok(Mode::Kernel),
-        "proxy" => Ok(Mode::Proxy),
-        other => Err(format!("mode `{other}` is not auto, kernel or proxy")),
-    }
 }
 
 #[derive(Deserialize)]
@@ -99,16 +90,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
     };
     let parsed: File =
         toml::from_str(text).map_err(|e| invalid(e.span(), e.message().to_string()))?;
-    let mode = parsed
-        .mode
-        .map(|m| parse_mode(m.get_ref()).map_err(|why| invalid(Some(m.span()), why)))
-        .transpose()?;
-    let firewall = parsed
-        .firewall
-        .map(|m| {
-            crate::firewall::parse_mode(m.get_ref()).map_err(|why| invalid(Some(m.span()), why))
-        })
-        .transpose()?;
+    let (mode, firewall) = (parsed.mode, parsed.firewall);
     let metrics = parsed
         .metrics
         .map(|m| {
@@ -176,10 +158,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
             }
             r.max_connections = Some(n as usize);
         }
-        if let Some((_, first)) = seen
-            .iter()
-            .find(|(o, _)| o.source == r.source && o.port == r.port)
-        {
+        if let Some((_, first)) = seen.iter().find(|(o, _)| o.key() == r.key()) {
             return Err(invalid(
                 Some(span),
                 format!(
@@ -319,7 +298,7 @@ port = 11434
             (
                 "mode = \"fast\"\n",
                 1,
-                "mode `fast` is not auto, kernel or proxy",
+                "unknown variant `fast`, expected one of `auto`, `kernel`, `proxy`",
             ),
         ];
         for (text, line, reason) in cases {

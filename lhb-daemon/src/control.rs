@@ -208,11 +208,9 @@ fn bind_unix(path: &Path, what: &str) -> anyhow::Result<tokio::net::UnixListener
     }
     // Created 0600 from the start: no window in which others could connect. The umask
     // is process-wide; the sockets are bound at start, before any task creates files.
-    // SAFETY: umask has no preconditions and cannot fail.
-    let old = unsafe { libc::umask(0o177) };
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
     let bound = tokio::net::UnixListener::bind(path);
-    // SAFETY: as above; restores the previous mask.
-    unsafe { libc::umask(old) };
+    rustix::process::umask(old);
     let listener = bound.with_context(|| format!("binding the {what} {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)

@@ -170,18 +170,18 @@ fn diagnose(
         }
     }
     let (bridge, ifindex, gateways) = match resolved {
-        Ok((b, l, g)) => {
-            let list: Vec<String> = g.iter().map(IpAddr::to_string).collect();
+        Ok(reconcile::Resolved {
+            bridge,
+            link,
+            gateways,
+        }) => {
+            let list: Vec<String> = gateways.iter().map(IpAddr::to_string).collect();
             r.step(Level::Ok, format!("gateway: {}", list.join(", ")), None);
-            (b.to_string(), l.ifindex, g)
+            (bridge.to_string(), link.ifindex, gateways)
         }
         Err(why) => {
             // An uplink was reported above, with its fix.
-            if bridge_name
-                .as_ref()
-                .and_then(|n| observed.links.get(n))
-                .is_some_and(|l| l.uplinks.is_empty() || rule.allow_uplinks)
-            {
+            if !matches!(why, reconcile::BridgeProblem::Uplinks { .. }) {
                 r.step(Level::Fail, format!("gateway: {why}"), None);
             }
             check_target(rule, r)?;
@@ -281,7 +281,12 @@ fn diagnose(
             Err(e) => fw_err = Some(format!("{e:#}")),
         }
     }
-    let probe = ProbeNs::for_gateways(&bridge, &gateways)?;
+    let own = observed
+        .links
+        .get(&bridge)
+        .map(|l| l.prefixes.as_slice())
+        .unwrap_or_default();
+    let probe = ProbeNs::for_gateways(&bridge, own, &gateways)?;
     let outcomes: Vec<(SocketAddr, Outcome)> = gateways
         .iter()
         .map(|&gw| {

@@ -120,12 +120,7 @@ pub struct KernelPath {
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 fn on_bpffs(dir: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs fills the struct we pass; the path is a valid C string.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+    rustix::fs::statfs(dir).is_ok_and(|st| st.f_type == BPF_FS_MAGIC)
 }
 
 impl Pins {
@@ -536,16 +531,13 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, KernelPathErr
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones ignore it.
 fn bump_memlock_rlimit() {
-    let rlim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
+    use rustix::process::{Resource, Rlimit, setrlimit};
+    let unlimited = Rlimit {
+        current: None,
+        maximum: None,
     };
-    // SAFETY: plain syscall with a valid pointer.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        debug!(
-            "raising RLIMIT_MEMLOCK failed: {}",
-            io::Error::last_os_error()
-        );
+    if let Err(e) = setrlimit(Resource::Memlock, unlimited) {
+        debug!("raising RLIMIT_MEMLOCK failed: {e}");
     }
 }
 

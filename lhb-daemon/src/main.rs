@@ -5,9 +5,7 @@
 
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
-use lhb_daemon::{
-    check, config, control, daemon, doctor, firewall, plan, reconcile, rule, unit, verify,
-};
+use lhb_daemon::{check, control, daemon, doctor, firewall, plan, reconcile, rule, unit, verify};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -182,13 +180,13 @@ struct Serve {
     /// Data path: `kernel` (eBPF; fails if it cannot load), `proxy` (splice proxy
     /// bound to the gateway and the bridge), `auto` (kernel where it can serve,
     /// proxy elsewhere, and the log says why). Default: the config's `mode`, else auto.
-    #[arg(long, value_name = "auto|kernel|proxy", value_parser = config::parse_mode)]
+    #[arg(long, value_enum, value_name = "auto|kernel|proxy")]
     mode: Option<reconcile::Mode>,
     /// Firewall integration: where input filtering would drop the served traffic,
     /// add an accept scoped to the bridge, gateway, TCP and port (tagged `lhb ...`,
     /// removed on exit). `auto`: the iptables variants in use and native nftables
     /// input chains. Default: the config's `firewall`, else auto.
-    #[arg(long, value_name = "auto|nftables|iptables|none", value_parser = firewall::parse_mode)]
+    #[arg(long, value_enum, value_name = "auto|nftables|iptables|none")]
     firewall: Option<firewall::FirewallMode>,
     /// Control socket for `lhb status`, `lhb expose` and `lhb unexpose` (mode 0600).
     /// The metrics socket defaults to metrics.sock beside it.
@@ -373,6 +371,7 @@ fn main() -> ExitCode {
     if !matches!(cli.command, Command::Run { .. }) {
         // A one-shot command piped into `head` ends quietly when the reader goes, as
         // other command-line tools do, instead of panicking on EPIPE.
+        // Through libc: neither std nor rustix sets a signal disposition.
         // SAFETY: setting a signal disposition before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }

@@ -123,6 +123,7 @@ impl Netlink {
                         ifindex,
                         is_bridge: kind == Some(InfoKind::Bridge),
                         addrs: Vec::new(),
+                        prefixes: Vec::new(),
                         uplinks: Vec::new(),
                     },
                 ),
@@ -156,11 +157,13 @@ impl Netlink {
                 && !link.addrs.contains(&ip)
             {
                 link.addrs.push(ip);
+                link.prefixes.push((ip, msg.header.prefix_len));
             }
         }
         let mut observed = Observed::default();
         for (_, (name, mut link)) in by_index {
             link.addrs.sort();
+            link.prefixes.sort();
             observed.links.insert(name, link);
         }
         Ok(observed)

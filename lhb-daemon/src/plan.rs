@@ -22,7 +22,7 @@ use crate::{
     kernel::KernelPath,
     netlink::Netlink,
     reconcile::{self, Mode, Paths},
-    rule::Rule,
+    rule::{Origin, Rule},
     status::{DockerStatus, GatewayStatus, RuleStatus},
 };
 
@@ -41,8 +41,7 @@ pub struct PlanOptions {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct HostPlan {
     pub config: String,
-    /// `auto`, `kernel` or `proxy`.
-    pub mode: String,
+    pub mode: Mode,
     /// `tcx` or `clsact` where the kernel path would load; null otherwise.
     pub kernel_attach: Option<String>,
     /// Why the kernel path would not be used, if it would not.
@@ -105,9 +104,8 @@ pub struct RulePlan {
     pub port: u16,
     pub target: String,
     pub service: String,
-    pub origin: String,
-    /// `serving` or `waiting`.
-    pub state: String,
+    pub origin: Origin,
+    pub state: crate::status::State,
     pub reason: Option<String>,
     pub bridge: Option<String>,
     pub ifindex: Option<u32>,
@@ -148,11 +146,10 @@ pub async fn compute(opts: PlanOptions) -> anyhow::Result<HostPlan> {
     let cfg = config::load(&opts.config)?;
     let mode = opts.mode.or(cfg.mode).unwrap_or_default();
     let firewall_mode = opts.firewall.or(cfg.firewall).unwrap_or_default();
-    let file_rules = cfg.rules.clone();
     let rules = daemon::combine(&opts.cli_rules, cfg.rules)?;
     let mut plan = HostPlan {
         config: opts.config.display().to_string(),
-        mode: mode_name(mode).into(),
+        mode,
         running: control::call(&opts.control, &control::Request::Status)
             .ok()
             .and_then(|r| r.status)
@@ -202,54 +199,84 @@ pub async fn compute(opts: PlanOptions) -> anyhow::Result<HostPlan> {
         mode,
         kernel: plan.kernel_attach.is_some(),
     };
-    if let Err(e) = daemon::preflight(&rules, &slots, &observed, paths) {
+    let wanted = reconcile::plan(rules.iter().zip(slots.iter().copied()), &observed, paths);
+    if let Err(e) = daemon::preflight(&rules, &observed, &wanted) {
         plan.fails = Some(e.to_string());
         return Ok(plan);
     }
-    let wanted = reconcile::plan(&rules, &slots, &observed, paths);
 
-    let hook = match plan.kernel_attach.as_deref() {
-        Some("tcx") => "tcx ingress",
-        _ => "tc clsact ingress",
+    plan.data_path(&wanted, &opts.pin_dir, paths.kernel);
+    plan.firewall = firewall_plan(firewall_mode, &wanted);
+    // At start there are no runtime rules.
+    let origin = |r: &Rule| {
+        if opts.cli_rules.iter().any(|c| c.key() == r.key()) {
+            Origin::CommandLine
+        } else {
+            Origin::Config
+        }
     };
-    plan.programs = wanted
-        .attach
+    plan.rules = rules
         .iter()
-        .map(|(&ifindex, bridge)| Attachment {
-            bridge: bridge.clone(),
-            ifindex,
-            hook: hook.into(),
+        .map(|r| {
+            let state = wanted.states.get(&r.key());
+            daemon::rule_view(r, origin(r), state, &wanted.proxies).into()
         })
         .collect();
-    if paths.kernel {
-        plan.socket_lookup = Some(format!(
-            "one socket-lookup program for lhb's network namespace, its link pinned in {}",
-            opts.pin_dir.display()
-        ));
-        plan.takeover = std::fs::read_dir(&opts.pin_dir)
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.path().display().to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
-        plan.takeover.sort();
-    }
-    plan.proxy_listeners = wanted
-        .proxies
-        .iter()
-        .map(|(k, t)| {
-            let gw = std::net::SocketAddr::new(k.gateway, k.port);
-            format!("{gw} on {} -> {}", k.bridge, t.target)
-        })
-        .collect();
+    Ok(plan)
+}
 
-    let openings = daemon::openings(&wanted);
-    let mut fw = Firewall::detect(firewall_mode);
-    plan.firewall.backends = fw.backends();
-    match fw.plan(&openings) {
+impl HostPlan {
+    /// Program attachments, the socket-lookup link and pins taken over, proxy
+    /// listeners: what `apply` would do with `wanted`.
+    fn data_path(&mut self, wanted: &reconcile::Plan, pin_dir: &std::path::Path, kernel: bool) {
+        let hook = match self.kernel_attach.as_deref() {
+            Some("tcx") => "tcx ingress",
+            _ => "tc clsact ingress",
+        };
+        self.programs = wanted
+            .attach
+            .iter()
+            .map(|(&ifindex, bridge)| Attachment {
+                bridge: bridge.clone(),
+                ifindex,
+                hook: hook.into(),
+            })
+            .collect();
+        if kernel {
+            self.socket_lookup = Some(format!(
+                "one socket-lookup program for lhb's network namespace, its link pinned in {}",
+                pin_dir.display()
+            ));
+            self.takeover = std::fs::read_dir(pin_dir)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.path().display().to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            self.takeover.sort();
+        }
+        self.proxy_listeners = wanted
+            .proxies
+            .iter()
+            .map(|(k, t)| {
+                let gw = std::net::SocketAddr::new(k.gateway, k.port);
+                format!("{gw} on {} -> {}", k.bridge, t.target)
+            })
+            .collect();
+    }
+}
+
+/// What the first firewall sync would do for `wanted`'s openings, read only.
+fn firewall_plan(mode: FirewallMode, wanted: &reconcile::Plan) -> FirewallPlan {
+    let mut fw = Firewall::detect(mode);
+    let mut out = FirewallPlan {
+        backends: fw.backends(),
+        ..Default::default()
+    };
+    match fw.plan(&daemon::openings(wanted)) {
         Ok(p) => {
-            plan.firewall.add = p
+            out.add = p
                 .inserts
                 .into_iter()
                 .filter(|(_, i)| !i.present)
@@ -259,40 +286,16 @@ pub async fn compute(opts: PlanOptions) -> anyhow::Result<HostPlan> {
                     rule: i.rule,
                 })
                 .collect();
-            plan.firewall.keep = strings(&p.kept);
-            plan.firewall.remove = strings(&p.removed);
+            out.keep = strings(&p.kept);
+            out.remove = strings(&p.removed);
         }
-        Err(e) => plan.firewall.error = Some(format!("{e:#}")),
+        Err(e) => out.error = Some(format!("{e:#}")),
     }
-
-    let origin = |r: &Rule| {
-        let same = |c: &Rule| c.source == r.source && c.port == r.port;
-        if opts.cli_rules.iter().any(same) {
-            "command-line"
-        } else if file_rules.iter().any(same) {
-            "config"
-        } else {
-            "runtime"
-        }
-    };
-    plan.rules = rules
-        .iter()
-        .zip(&wanted.states)
-        .map(|(r, s)| daemon::rule_view(r, origin(r), Some(s), &wanted.proxies).into())
-        .collect();
-    Ok(plan)
+    out
 }
 
 fn strings(set: &BTreeSet<crate::firewall::Opening>) -> Vec<String> {
     set.iter().map(ToString::to_string).collect()
-}
-
-fn mode_name(m: Mode) -> &'static str {
-    match m {
-        Mode::Auto => "auto",
-        Mode::Kernel => "kernel",
-        Mode::Proxy => "proxy",
-    }
 }
 
 /// As `daemon::load_kernel_path` decides, without attaching: capabilities, then the
@@ -351,6 +354,13 @@ impl HostPlan {
                 ),
             };
         }
+        self.changes(&mut s);
+        self.rules_text(&mut s);
+        s
+    }
+
+    fn changes(&self, s: &mut String) {
+        use std::fmt::Write as _;
         let _ = writeln!(s, "\nchanges:");
         let mut changes = 0;
         for a in &self.programs {
@@ -409,6 +419,10 @@ impl HostPlan {
         if changes == 0 {
             let _ = writeln!(s, "  none");
         }
+    }
+
+    fn rules_text(&self, s: &mut String) {
+        use std::fmt::Write as _;
         let _ = writeln!(s, "\nrules:");
         if self.rules.is_empty() {
             let _ = writeln!(
@@ -440,6 +454,5 @@ impl HostPlan {
                 let _ = writeln!(s, "    {} -> {}{why}", g.address, g.path);
             }
         }
-        s
     }
 }

@@ -21,7 +21,7 @@ use std::{
     collections::BTreeMap,
     io,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{AsFd, AsRawFd as _, OwnedFd},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -29,6 +29,7 @@ use std::{
     time::Duration,
 };
 
+use rustix::pipe::{PipeFlags, SpliceFlags};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     io::Interest,
@@ -331,7 +332,7 @@ async fn connect(up: Upstream, client: &TcpStream) -> io::Result<TcpStream> {
     Ok(s)
 }
 
-/// IP_BIND_ADDRESS_NO_PORT: neither socket2 nor tokio has it.
+/// IP_BIND_ADDRESS_NO_PORT: neither socket2, rustix nor tokio has it.
 fn bind_address_no_port(sock: &tokio::net::TcpSocket) -> io::Result<()> {
     let one: libc::c_int = 1;
     // SAFETY: a valid socket fd and a c_int option value of the size passed.
@@ -483,7 +484,8 @@ async fn drain_then_reset(s: &TcpStream) {
     reset(s);
 }
 
-/// Bytes in the socket's send queue not yet acknowledged by the peer.
+/// Bytes in the socket's send queue not yet acknowledged by the peer. SIOCOUTQ through
+/// libc: neither socket2 nor rustix wraps it.
 fn unsent(s: &TcpStream) -> usize {
     let mut n: libc::c_int = 0;
     // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the valid pointer.
@@ -500,42 +502,22 @@ struct Pipe {
 
 impl Pipe {
     fn new() -> io::Result<Pipe> {
-        let mut fds = [0 as RawFd; 2];
-        // SAFETY: pipe2 fills two valid fds on success.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: both fds are fresh and owned here.
-        let pipe = unsafe {
-            Pipe {
-                r: OwnedFd::from_raw_fd(fds[0]),
-                w: OwnedFd::from_raw_fd(fds[1]),
-            }
-        };
+        let (r, w) = rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
         // A bigger pipe moves more per call; the default 64 KiB also works.
-        // SAFETY: plain fcntl on a valid fd.
-        unsafe { libc::fcntl(pipe.w.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
-        Ok(pipe)
+        let _ = rustix::pipe::fcntl_setpipe_size(&w, CHUNK);
+        Ok(Pipe { r, w })
     }
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: splice between two valid fds with null offsets.
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+    Ok(rustix::pipe::splice(
+        from,
+        None,
+        to,
+        None,
+        len,
+        SpliceFlags::MOVE | SpliceFlags::NONBLOCK,
+    )?)
 }
 
 /// Moves bytes from `from` to `to` until `from` ends, then half-closes `to`. Whatever
@@ -560,9 +542,7 @@ async fn pump(from: &TcpStream, to: &TcpStream) -> Pumped {
                     end: End::ReadFailed(e),
                 };
             }
-            match from.try_io(Interest::READABLE, || {
-                splice(from.as_raw_fd(), pipe.w.as_raw_fd(), CHUNK)
-            }) {
+            match from.try_io(Interest::READABLE, || splice(from, &pipe.w, CHUNK)) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
@@ -588,9 +568,7 @@ async fn pump(from: &TcpStream, to: &TcpStream) -> Pumped {
                     end: End::WriteFailed(e),
                 };
             }
-            match to.try_io(Interest::WRITABLE, || {
-                splice(pipe.r.as_raw_fd(), to.as_raw_fd(), left)
-            }) {
+            match to.try_io(Interest::WRITABLE, || splice(&pipe.r, to, left)) {
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => {

@@ -15,17 +15,39 @@ use lhb_common::{EndpointKey, FAMILY_V4, FAMILY_V6, Steer};
 use crate::{
     docker::DockerView,
     proxy::{ProxyKey, ProxyTarget},
-    rule::{Rule, Source},
+    rule::{Rule, RuleKey, Source},
 };
 
-/// `--mode`: which data path serves the rules.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// `--mode` and `mode =`: which data path serves the rules. One definition for the
+/// command line (clap), the config file and `lhb status` (serde).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// The kernel path where it can serve, the proxy elsewhere.
     #[default]
     Auto,
     Kernel,
     Proxy,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Auto => "auto",
+            Mode::Kernel => "kernel",
+            Mode::Proxy => "proxy",
+        })
+    }
 }
 
 /// What the data paths can do on this host right now.
@@ -43,6 +65,9 @@ pub struct Link {
     pub is_bridge: bool,
     /// Addresses a container on this link can use as its gateway (no IPv6 link-local).
     pub addrs: Vec<IpAddr>,
+    /// The same addresses with their prefix lengths: where `lhb verify` and `lhb
+    /// doctor` place a probe next to the gateway.
+    pub prefixes: Vec<(IpAddr, u8)>,
     /// For a bridge: its ports that lead off this host, as "NAME (KIND)": anything but
     /// a veth (a container) or a tun/tap (a VM), e.g. a network card, bond, VLAN or
     /// tunnel. A service served on such a bridge is served to that whole network.
@@ -81,24 +106,31 @@ pub struct Plan {
     pub endpoints: BTreeMap<EndpointKey, Steer>,
     /// Proxy listeners.
     pub proxies: BTreeMap<ProxyKey, ProxyTarget>,
-    /// One entry per rule, in rule order.
-    pub states: Vec<RuleState>,
+    /// Where each rule stands.
+    pub states: BTreeMap<RuleKey, RuleState>,
 }
 
 /// Why a rule with `proxy_protocol = true` is proxied even where the kernel path could
 /// serve it: only the proxy can write the header.
 const PROXY_PROTOCOL: &str = "proxy_protocol = true (only the proxy can send the header)";
 
-/// `slots[i]` is the counter slot of `rules[i]`.
-pub fn plan(rules: &[Rule], slots: &[u32], observed: &Observed, paths: Paths) -> Plan {
+/// Each rule with its counter slot, in order: where two rules claim the same bridge and
+/// port, the earlier one is served.
+pub fn plan<'a>(
+    rules: impl IntoIterator<Item = (&'a Rule, u32)>,
+    observed: &Observed,
+    paths: Paths,
+) -> Plan {
     let mut plan = Plan::default();
     // Which rule serves each (bridge, port): a network rule and an interface rule can
     // name the same bridge, and the second must not silently take the first's place.
     let mut claimed: BTreeMap<(u32, u16), &Rule> = BTreeMap::new();
-    for (rule, &slot) in rules.iter().zip(slots) {
+    for (rule, slot) in rules {
         let state = match bridge_of(rule, observed) {
-            Err(why) => RuleState::Waiting(why),
-            Ok((name, link, _)) if claimed.contains_key(&(link.ifindex, rule.port)) => {
+            Err(why) => RuleState::Waiting(why.to_string()),
+            Ok(Resolved {
+                bridge: name, link, ..
+            }) if claimed.contains_key(&(link.ifindex, rule.port)) => {
                 let first = claimed[&(link.ifindex, rule.port)];
                 RuleState::Waiting(format!(
                     "bridge {name} port {} is already served by rule {first} (given as {}); this rule (given as {}) is not served: remove one of the two",
@@ -107,7 +139,11 @@ pub fn plan(rules: &[Rule], slots: &[u32], observed: &Observed, paths: Paths) ->
                     given(rule)
                 ))
             }
-            Ok((name, link, gateways)) => {
+            Ok(Resolved {
+                bridge: name,
+                link,
+                gateways,
+            }) => {
                 claimed.insert((link.ifindex, rule.port), rule);
                 let mut served = Vec::new();
                 let mut proxied = Vec::new();
@@ -164,7 +200,7 @@ pub fn plan(rules: &[Rule], slots: &[u32], observed: &Observed, paths: Paths) ->
                 }
             }
         };
-        plan.states.push(state);
+        plan.states.insert(rule.key(), state);
     }
     plan
 }
@@ -192,41 +228,117 @@ fn host_gateway(docker: &DockerView, observed: &Observed) -> Option<IpAddr> {
         })
 }
 
-/// Why a bridge with ports off the host is not served, and how to serve it anyway.
-pub fn uplink_reason(bridge: &str, uplinks: &[String]) -> String {
-    format!(
-        "bridge {bridge} has port(s) leading off this host: {}; serving on it would expose the service to every machine on that network (set `allow_uplinks = true` on the rule, or --allow-uplinks {bridge}, if that is intended)",
-        uplinks.join(", ")
-    )
+/// Why a rule has no bridge to serve on. One triage for the reconciler (a waiting
+/// rule's reason: [`fmt::Display`]), the start-up's preflight (fatal or not), `lhb
+/// verify` and `lhb doctor` (each with its own wording and fix).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BridgeProblem {
+    /// A network rule, but lhb runs with --no-docker.
+    NoDocker {
+        network: String,
+    },
+    EngineUnreachable {
+        problem: String,
+    },
+    NoSuchNetwork {
+        network: String,
+    },
+    NotBridgeDriver {
+        network: String,
+        driver: String,
+    },
+    NoSuchInterface {
+        name: String,
+    },
+    NotABridge {
+        name: String,
+    },
+    NoAddress {
+        name: String,
+    },
+    /// Ports that lead off the host ("NAME (KIND)"), and the rule does not allow them.
+    Uplinks {
+        bridge: String,
+        uplinks: Vec<String>,
+    },
+    /// None of a Docker network's IPAM gateways is on its bridge (yet).
+    NoGatewayOnBridge {
+        bridge: String,
+    },
 }
 
-/// The rule's bridge, its link and the gateway addresses to serve, or why there are none.
-pub fn bridge_of<'a>(
-    rule: &Rule,
-    observed: &'a Observed,
-) -> Result<(&'a str, &'a Link, Vec<IpAddr>), String> {
+impl std::fmt::Display for BridgeProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BridgeProblem::NoDocker { network } => write!(
+                f,
+                "{network} is a Docker network rule, but lhb runs with --no-docker"
+            ),
+            BridgeProblem::EngineUnreachable { problem } => {
+                write!(f, "Docker engine not reachable ({problem}); waiting for it")
+            }
+            BridgeProblem::NoSuchNetwork { network } => {
+                write!(f, "Docker network {network} does not exist (yet)")
+            }
+            BridgeProblem::NotBridgeDriver { network, driver } => write!(
+                f,
+                "Docker network {network} uses the {driver} driver; lhb serves bridge networks"
+            ),
+            BridgeProblem::NoSuchInterface { name } => write!(
+                f,
+                "interface {name} does not exist (yet); served once it appears (bridges here: `ip -br link show type bridge`)"
+            ),
+            BridgeProblem::NotABridge { name } => write!(f, "interface {name} is not a bridge"),
+            BridgeProblem::NoAddress { name } => {
+                write!(f, "bridge {name} has no IP address to serve on")
+            }
+            BridgeProblem::Uplinks { bridge, uplinks } => write!(
+                f,
+                "bridge {bridge} has port(s) leading off this host: {}; serving on it would expose the service to every machine on that network (set `allow_uplinks = true` on the rule, or --allow-uplinks {bridge}, if that is intended)",
+                uplinks.join(", ")
+            ),
+            BridgeProblem::NoGatewayOnBridge { bridge } => write!(
+                f,
+                "none of the network's IPAM gateways is on bridge {bridge} yet"
+            ),
+        }
+    }
+}
+
+/// A rule's bridge: its name, its link and the gateway addresses to serve.
+#[derive(Clone, Debug)]
+pub struct Resolved<'a> {
+    pub bridge: &'a str,
+    pub link: &'a Link,
+    pub gateways: Vec<IpAddr>,
+}
+
+/// The rule's bridge, or why there is none to serve on.
+pub fn bridge_of<'a>(rule: &Rule, observed: &'a Observed) -> Result<Resolved<'a>, BridgeProblem> {
     let (name, wanted, host_gateway): (&str, Option<&[IpAddr]>, Option<IpAddr>) = match &rule.source
     {
         Source::Interface(name) => (name, None, None),
         Source::Network(net) => {
             let Some(docker) = &observed.docker else {
-                return Err(format!(
-                    "{net} is a Docker network rule, but lhb runs with --no-docker"
-                ));
+                return Err(BridgeProblem::NoDocker {
+                    network: net.clone(),
+                });
             };
             let Some(n) = docker.networks.get(net) else {
                 return Err(match &docker.problem {
                     Some(p) if !docker.available => {
-                        format!("Docker engine not reachable ({p}); waiting for it")
+                        BridgeProblem::EngineUnreachable { problem: p.clone() }
                     }
-                    _ => format!("Docker network {net} does not exist (yet)"),
+                    _ => BridgeProblem::NoSuchNetwork {
+                        network: net.clone(),
+                    },
                 });
             };
             if n.driver != "bridge" {
-                return Err(format!(
-                    "Docker network {net} uses the {} driver; lhb serves bridge networks",
-                    n.driver
-                ));
+                return Err(BridgeProblem::NotBridgeDriver {
+                    network: net.clone(),
+                    driver: n.driver.clone(),
+                });
             }
             (
                 n.bridge.as_str(),
@@ -235,26 +347,28 @@ pub fn bridge_of<'a>(
             )
         }
     };
-    let (name, link) = observed
-        .links
-        .get_key_value(name)
-        .ok_or_else(|| {
-            format!(
-                "interface {name} does not exist (yet); served once it appears (bridges here: `ip -br link show type bridge`)"
-            )
-        })?;
+    let (name, link) =
+        observed
+            .links
+            .get_key_value(name)
+            .ok_or_else(|| BridgeProblem::NoSuchInterface {
+                name: name.to_string(),
+            })?;
     if !link.is_bridge {
-        return Err(format!("interface {name} is not a bridge"));
+        return Err(BridgeProblem::NotABridge { name: name.clone() });
     }
     if link.addrs.is_empty() {
-        return Err(format!("bridge {name} has no IP address to serve on"));
+        return Err(BridgeProblem::NoAddress { name: name.clone() });
     }
     if !link.uplinks.is_empty() && !rule.allow_uplinks {
-        return Err(uplink_reason(name, &link.uplinks));
+        return Err(BridgeProblem::Uplinks {
+            bridge: name.clone(),
+            uplinks: link.uplinks.clone(),
+        });
     }
     // A Docker network's gateways are the IPAM ones actually on its bridge; a plain
     // bridge serves on every address it has.
-    let gateways: Vec<IpAddr> = match wanted {
+    let mut gateways: Vec<IpAddr> = match wanted {
         Some(ipam) if !ipam.is_empty() => ipam
             .iter()
             .copied()
@@ -263,11 +377,10 @@ pub fn bridge_of<'a>(
         _ => link.addrs.clone(),
     };
     if gateways.is_empty() {
-        return Err(format!(
-            "none of the network's IPAM gateways is on bridge {name} yet"
-        ));
+        return Err(BridgeProblem::NoGatewayOnBridge {
+            bridge: name.clone(),
+        });
     }
-    let mut gateways = gateways;
     // Containers on any network reach host.docker.internal (host-gateway) at docker0's
     // address through their own bridge; the endpoint is still keyed to that bridge.
     if let Some(hg) = host_gateway
@@ -275,7 +388,11 @@ pub fn bridge_of<'a>(
     {
         gateways.push(hg);
     }
-    Ok((name, link, gateways))
+    Ok(Resolved {
+        bridge: name,
+        link,
+        gateways,
+    })
 }
 
 fn endpoint(
@@ -378,6 +495,11 @@ pub fn diff(old: &Plan, new: &Plan) -> Diff {
 
 #[cfg(test)]
 mod tests {
+    /// The tests give rules and slots side by side.
+    fn plan(rules: &[Rule], slots: &[u32], observed: &Observed, paths: Paths) -> Plan {
+        super::plan(rules.iter().zip(slots.iter().copied()), observed, paths)
+    }
+
     use super::*;
     use crate::{docker::DockerNetwork, rule::parse_iface_spec};
 
@@ -391,6 +513,7 @@ mod tests {
             ifindex,
             is_bridge: true,
             addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            prefixes: Vec::new(),
             uplinks: Vec::new(),
         }
     }
@@ -432,8 +555,13 @@ mod tests {
         (r, slots)
     }
 
-    fn waiting(p: &Plan, i: usize) -> String {
-        match &p.states[i] {
+    /// The state of `r[i]`.
+    fn nth<'a>(p: &'a Plan, r: &[Rule], i: usize) -> &'a RuleState {
+        &p.states[&r[i].key()]
+    }
+
+    fn waiting(p: &Plan, r: &[Rule], i: usize) -> String {
+        match nth(p, r, i) {
             RuleState::Waiting(w) => w.clone(),
             other => panic!("rule {i}: {other:?}"),
         }
@@ -597,16 +725,16 @@ mod tests {
         let (r, s) = net_rules(&["app:80"]);
         let mut o = observed(&[]);
         o.docker = None;
-        assert!(waiting(&plan(&r, &s, &o, KERNEL), 0).contains("--no-docker"));
+        assert!(waiting(&plan(&r, &s, &o, KERNEL), &r, 0).contains("--no-docker"));
         let o = observed(&[]);
-        assert!(waiting(&plan(&r, &s, &o, KERNEL), 0).contains("does not exist"));
+        assert!(waiting(&plan(&r, &s, &o, KERNEL), &r, 0).contains("does not exist"));
         let mut o = observed(&[]);
         o.docker = Some(DockerView {
             available: false,
             problem: Some("no socket".into()),
             ..Default::default()
         });
-        assert!(waiting(&plan(&r, &s, &o, KERNEL), 0).contains("not reachable (no socket)"));
+        assert!(waiting(&plan(&r, &s, &o, KERNEL), &r, 0).contains("not reachable (no socket)"));
         let mut o = with_networks(observed(&[]), &[("app", "br-x", &["10.9.0.1"])]);
         o.docker
             .as_mut()
@@ -615,13 +743,13 @@ mod tests {
             .get_mut("app")
             .unwrap()
             .driver = "macvlan".into();
-        assert!(waiting(&plan(&r, &s, &o, KERNEL), 0).contains("macvlan"));
+        assert!(waiting(&plan(&r, &s, &o, KERNEL), &r, 0).contains("macvlan"));
         // IPAM gateway not (yet) on the bridge.
         let o = with_networks(
             observed(&[("br-x", link(3, &["10.9.0.254"]))]),
             &[("app", "br-x", &["10.9.0.1"])],
         );
-        assert!(waiting(&plan(&r, &s, &o, KERNEL), 0).contains("IPAM gateways"));
+        assert!(waiting(&plan(&r, &s, &o, KERNEL), &r, 0).contains("IPAM gateways"));
     }
 
     #[test]
@@ -669,14 +797,7 @@ mod tests {
             KERNEL,
         );
         assert!(p.attach.is_empty() && p.endpoints.is_empty());
-        let reasons: Vec<_> = p
-            .states
-            .iter()
-            .map(|s| match s {
-                RuleState::Waiting(w) => w.clone(),
-                other => panic!("{other:?}"),
-            })
-            .collect();
+        let reasons: Vec<_> = (0..r.len()).map(|i| waiting(&p, &r, i)).collect();
         assert!(reasons[0].contains("does not exist"));
         assert!(reasons[1].contains("not a bridge"));
         assert!(reasons[2].contains("no IP address"));
@@ -734,7 +855,7 @@ mod tests {
             ("br1", link(6, &["10.4.0.1"])),
         ]);
         let p = plan(&r, &s, &o, KERNEL);
-        let served = |i: usize| match &p.states[i] {
+        let served = |i: usize| match nth(&p, &r, i) {
             RuleState::Serving {
                 gateways, skipped, ..
             } => (gateways.clone(), skipped.len()),
@@ -745,7 +866,7 @@ mod tests {
         // [::1] target: the IPv6 gateway, the IPv4 one skipped.
         assert_eq!(served(1), (vec!["fd00:3::1".parse().unwrap()], 1));
         // [::1] target on an IPv4-only bridge: not served, and the reason says why.
-        match &p.states[2] {
+        match nth(&p, &r, 2) {
             RuleState::Waiting(why) => assert!(why.contains("IPv6-only"), "{why}"),
             other => panic!("{other:?}"),
         }
@@ -783,7 +904,7 @@ mod tests {
         );
         assert!(
             p.states
-                .iter()
+                .values()
                 .all(|s| matches!(s, RuleState::Serving { .. }))
         );
         // Without the kernel path, or with --mode proxy: every gateway proxied, no BPF.
@@ -821,16 +942,17 @@ mod tests {
             observed(&[("br-app", link(5, &["10.4.0.1"]))]),
             &[("app", "br-app", &["10.4.0.1"])],
         );
-        let p = plan(&[n, i, other], &[0, 1, 2], &o, KERNEL);
-        assert!(matches!(p.states[0], RuleState::Serving { .. }));
-        let why = waiting(&p, 1);
+        let rs = [n, i, other];
+        let p = plan(&rs, &[0, 1, 2], &o, KERNEL);
+        assert!(matches!(nth(&p, &rs, 0), RuleState::Serving { .. }));
+        let why = waiting(&p, &rs, 1);
         assert!(
             why.contains("already served by rule app:80")
                 && why.contains("--expose app:80")
                 && why.contains("/etc/lhb/lhb.toml:7"),
             "{why}"
         );
-        assert!(matches!(p.states[2], RuleState::Serving { .. }));
+        assert!(matches!(nth(&p, &rs, 2), RuleState::Serving { .. }));
         // The first rule's target, untouched by the second.
         let port80 = endpoint_key(5, "10.4.0.1".parse().unwrap(), 80);
         assert_eq!(p.endpoints[&port80].target_port, 80);
@@ -844,18 +966,18 @@ mod tests {
         let mut br0 = link(5, &["10.3.0.1"]);
         br0.uplinks = vec!["vx0 (vxlan)".into()];
         let p = plan(&r, &s, &observed(&[("br0", br0.clone())]), KERNEL);
-        let why = waiting(&p, 0);
+        let why = waiting(&p, &r, 0);
         assert!(
             why.contains("vx0 (vxlan)") && why.contains("allow_uplinks"),
             "{why}"
         );
-        assert!(matches!(p.states[1], RuleState::Serving { .. }));
+        assert!(matches!(nth(&p, &r, 1), RuleState::Serving { .. }));
         // The uplink goes: served again.
         br0.uplinks.clear();
         let p = plan(&r, &s, &observed(&[("br0", br0)]), KERNEL);
         assert!(
             p.states
-                .iter()
+                .values()
                 .all(|s| matches!(s, RuleState::Serving { .. }))
         );
     }

@@ -37,6 +37,43 @@ impl fmt::Display for Source {
     }
 }
 
+/// What names a rule: at most one rule per source and port, and a rule keeps its
+/// counters, state and origin under its key across reloads and runtime changes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleKey {
+    pub source: Source,
+    pub port: u16,
+}
+
+impl fmt::Display for RuleKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.source, self.port)
+    }
+}
+
+/// Where a running rule comes from (`origin` in `lhb status`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Origin {
+    /// --expose, --expose-iface.
+    CommandLine,
+    /// An `[[expose]]` entry of the config file.
+    #[default]
+    Config,
+    /// `lhb expose` without --persist: until the daemon restarts.
+    Runtime,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Origin::CommandLine => "command-line",
+            Origin::Config => "config",
+            Origin::Runtime => "runtime",
+        })
+    }
+}
+
 /// One exposure: containers on `source` reach `target` at `gateway:port`.
 #[derive(Clone, Debug)]
 pub struct Rule {
@@ -98,6 +135,13 @@ impl PartialEq for Rule {
 impl Eq for Rule {}
 
 impl Rule {
+    pub fn key(&self) -> RuleKey {
+        RuleKey {
+            source: self.source.clone(),
+            port: self.port,
+        }
+    }
+
     pub fn new(
         source: Source,
         port: u16,
@@ -290,9 +334,9 @@ pub fn check_unique(rules: &[Rule]) -> Result<(), RuleError> {
     }
     let mut seen = std::collections::BTreeSet::new();
     for r in rules {
-        if !seen.insert((r.source.clone(), r.port)) {
+        if !seen.insert(r.key()) {
             return Err(RuleError::Duplicate {
-                rule: format!("{}:{}", r.source, r.port),
+                rule: r.key().to_string(),
             });
         }
     }

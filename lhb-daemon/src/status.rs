@@ -10,8 +10,7 @@ use serde::{Deserialize, Serialize};
 pub struct Status {
     pub version: String,
     pub pid: u32,
-    /// `auto`, `kernel` or `proxy`.
-    pub mode: String,
+    pub mode: crate::reconcile::Mode,
     /// `tcx` or `tc clsact` when loaded; null when the kernel path is not used.
     pub kernel_attach: Option<String>,
     /// Why the kernel path is not used, if it is not.
@@ -68,6 +67,46 @@ pub struct HealStatus {
     pub restored: Vec<String>,
 }
 
+/// Where a rule stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Serving,
+    #[default]
+    Waiting,
+}
+
+/// Which data path serves a gateway; `none`: it cannot be served (the reason is in
+/// `why`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPath {
+    Kernel,
+    Proxy,
+    #[default]
+    None,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // pad, not write: the status table aligns its columns with width specifiers.
+        f.pad(match self {
+            State::Serving => "serving",
+            State::Waiting => "waiting",
+        })
+    }
+}
+
+impl std::fmt::Display for DataPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            DataPath::Kernel => "kernel",
+            DataPath::Proxy => "proxy",
+            DataPath::None => "none",
+        })
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct RuleStatus {
     /// Exactly one of `network` / `interface`.
@@ -77,9 +116,8 @@ pub struct RuleStatus {
     pub target: String,
     pub service: String,
     /// `command-line`, `config` or `runtime` (`lhb expose` without --persist).
-    pub origin: String,
-    /// `serving` or `waiting`.
-    pub state: String,
+    pub origin: crate::rule::Origin,
+    pub state: State,
     /// Why it waits, in words.
     pub reason: Option<String>,
     pub bridge: Option<String>,
@@ -95,8 +133,7 @@ pub struct RuleStatus {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct GatewayStatus {
     pub address: String,
-    /// `kernel`, `proxy` or `none`.
-    pub path: String,
+    pub path: DataPath,
     /// Why this path (or why none).
     pub why: Option<String>,
     /// The client address the service sees for connections through this gateway.
@@ -198,7 +235,7 @@ impl Status {
                 r.state,
                 r.bridge.as_deref().unwrap_or("-"),
                 first.map(|g| g.address.as_str()).unwrap_or("-"),
-                first.map(|g| g.path.as_str()).unwrap_or("-"),
+                first.map(|g| g.path.to_string()).as_deref().unwrap_or("-"),
                 r.target,
                 conns
             );
@@ -213,10 +250,10 @@ impl Status {
                 let _ = writeln!(s, "  {}: {why}", r.name());
             }
             for g in &r.gateways {
-                if let (Some(why), true) = (&g.why, g.path != "kernel") {
+                if let (Some(why), true) = (&g.why, g.path != DataPath::Kernel) {
                     let _ = writeln!(s, "  {} via {}: {why}", r.name(), g.address);
                 }
-                if let (Some(seen), true) = (&g.client_seen_as, g.path == "proxy") {
+                if let (Some(seen), true) = (&g.client_seen_as, g.path == DataPath::Proxy) {
                     let _ = writeln!(
                         s,
                         "  {} via {}: the service sees clients as {seen}",
@@ -313,7 +350,7 @@ impl Status {
             "1 if the rule is served on its bridge, 0 if it waits.",
             self.rules
                 .iter()
-                .map(|r| (label(r, ""), u64::from(r.state == "serving")))
+                .map(|r| (label(r, ""), u64::from(r.state == State::Serving)))
                 .collect(),
         );
         let mut attached: Vec<(String, u64)> = Vec::new();
@@ -326,7 +363,7 @@ impl Status {
                     r.port,
                     g.path
                 );
-                attached.push((l, u64::from(g.path != "none" && g.error.is_none())));
+                attached.push((l, u64::from(g.path != DataPath::None && g.error.is_none())));
             }
         }
         family(
@@ -410,11 +447,11 @@ mod tests {
                 network: Some("app".into()),
                 port: 80,
                 service: "web\"x".into(),
-                state: "serving".into(),
+                state: State::Serving,
                 bridge: Some("br-1".into()),
                 gateways: vec![GatewayStatus {
                     address: "172.18.0.1".into(),
-                    path: "kernel".into(),
+                    path: DataPath::Kernel,
                     why: None,
                     ..Default::default()
                 }],

@@ -62,7 +62,11 @@ pub async fn run(t: Target) -> anyhow::Result<bool> {
 
 fn verify_rule(rule: &Rule, observed: &Observed, r: &mut Report) -> anyhow::Result<()> {
     let (bridge, gateways) = match reconcile::bridge_of(rule, observed) {
-        Ok((bridge, link, gateways)) => {
+        Ok(reconcile::Resolved {
+            bridge,
+            link,
+            gateways,
+        }) => {
             if !link.uplinks.is_empty() {
                 println!(
                     "NOTE  bridge {bridge} has port(s) leading off this host ({}): with allow_uplinks the service is reachable from that network too; the outside probes below cannot see it",
@@ -83,7 +87,12 @@ fn verify_rule(rule: &Rule, observed: &Observed, r: &mut Report) -> anyhow::Resu
         }
     };
 
-    let probe = ProbeNs::for_gateways(&bridge, &gateways)?;
+    let own = observed
+        .links
+        .get(&bridge)
+        .map(|l| l.prefixes.as_slice())
+        .unwrap_or_default();
+    let probe = ProbeNs::for_gateways(&bridge, own, &gateways)?;
     for &gw in &gateways {
         let to = SocketAddr::new(gw, rule.port);
         let from = probe

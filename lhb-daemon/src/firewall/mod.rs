@@ -18,8 +18,19 @@ use std::{collections::BTreeSet, fmt, net::IpAddr, process::Command};
 use anyhow::Context as _;
 use tracing::{info, warn};
 
-/// `--firewall`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// `--firewall` and `firewall =`.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum FirewallMode {
     /// Whatever filters input on this host: the iptables variants in use, and native
     /// nftables base chains.
@@ -28,18 +39,6 @@ pub enum FirewallMode {
     Nftables,
     Iptables,
     None,
-}
-
-pub fn parse_mode(s: &str) -> Result<FirewallMode, String> {
-    match s {
-        "auto" => Ok(FirewallMode::Auto),
-        "nftables" => Ok(FirewallMode::Nftables),
-        "iptables" => Ok(FirewallMode::Iptables),
-        "none" => Ok(FirewallMode::None),
-        other => Err(format!(
-            "firewall `{other}` is not auto, nftables, iptables or none"
-        )),
-    }
 }
 
 /// Traffic lhb must let in: TCP to `gateway:port` arriving on `iface`.
@@ -187,12 +186,13 @@ pub struct Heal {
     pub restored: Vec<String>,
 }
 
-pub type HeldChains = std::sync::Arc<std::sync::Mutex<FirewallState>>;
+/// Where the firewall side publishes what it holds; the daemon reads it for status.
+pub type HeldChains = tokio::sync::watch::Receiver<FirewallState>;
 
 pub struct Firewall {
     backends: Vec<Box<dyn Backend>>,
     held: BTreeSet<Opening>,
-    chains: HeldChains,
+    state: tokio::sync::watch::Sender<FirewallState>,
 }
 
 impl Firewall {
@@ -221,7 +221,7 @@ impl Firewall {
         Firewall {
             backends,
             held: BTreeSet::new(),
-            chains: HeldChains::default(),
+            state: tokio::sync::watch::Sender::new(FirewallState::default()),
         }
     }
 
@@ -280,7 +280,7 @@ impl Firewall {
     }
 
     pub fn chains(&self) -> HeldChains {
-        self.chains.clone()
+        self.state.subscribe()
     }
 
     pub fn backends(&self) -> Vec<String> {
@@ -298,7 +298,9 @@ impl Firewall {
                 }
             }
             self.held.remove(&o);
-            self.state().chains.remove(&o);
+            self.state.send_modify(|s| {
+                s.chains.remove(&o);
+            });
             info!("firewall: closed {o}");
         }
         for o in wanted.difference(&self.held.clone()) {
@@ -321,7 +323,9 @@ impl Firewall {
             if !chains.is_empty() {
                 info!("firewall: opened {o} in {}", chains.join(", "));
             }
-            self.state().chains.insert(o.clone(), chains);
+            self.state.send_modify(|s| {
+                s.chains.insert(o.clone(), chains);
+            });
             // Not held until every backend has it, so the retry opens it again (opening
             // is idempotent: a backend that has it already adds nothing).
             if !failed {
@@ -332,10 +336,6 @@ impl Firewall {
             Some(e) => Err(e),
             None => Ok(()),
         }
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, FirewallState> {
-        self.chains.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Puts back every accept of lhb's that is missing from a backend (`all`, or only
@@ -357,8 +357,7 @@ impl Firewall {
             };
             for o in missing {
                 match b.open(&o) {
-                    Ok(chains) => {
-                        let mut state = self.chains.lock().unwrap_or_else(|p| p.into_inner());
+                    Ok(chains) => self.state.send_modify(|state| {
                         let held = state.chains.entry(o.clone()).or_default();
                         for c in chains {
                             restored.push(format!("{o} in {c}"));
@@ -366,7 +365,7 @@ impl Firewall {
                                 held.push(c);
                             }
                         }
-                    }
+                    }),
                     Err(e) => {
                         first_err.get_or_insert(e.context(format!("{}: restoring {o}", b.name())));
                     }
@@ -378,11 +377,12 @@ impl Firewall {
                 "firewall: lhb's accept was gone (the ruleset was reloaded or changed); restored {}",
                 restored.join(", ")
             );
-            let mut state = self.state();
-            state.heals += 1;
-            state.last_heal = Some(Heal {
-                at: std::time::SystemTime::now(),
-                restored: restored.clone(),
+            self.state.send_modify(|state| {
+                state.heals += 1;
+                state.last_heal = Some(Heal {
+                    at: std::time::SystemTime::now(),
+                    restored: restored.clone(),
+                });
             });
         }
         match first_err {
@@ -417,9 +417,16 @@ impl Firewall {
 /// name, gateway and port (Docker, libvirt) costs no firewall work at all. A failed sync
 /// is retried every second.
 pub struct FirewallTask {
-    tx: tokio::sync::watch::Sender<BTreeSet<Opening>>,
+    tx: tokio::sync::mpsc::UnboundedSender<Order>,
     task: tokio::task::JoinHandle<()>,
-    keep: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What the daemon tells the firewall task.
+enum Order {
+    /// Hold exactly these openings (removals after [`REMOVAL_GRACE`]).
+    Want(BTreeSet<Opening>),
+    /// Remove every rule lhb added (unless `keep`) and end.
+    Stop { keep: bool },
 }
 
 pub const REMOVAL_GRACE: std::time::Duration = std::time::Duration::from_millis(1500);
@@ -435,9 +442,8 @@ const FULL_CHECK_TICKS: u32 = 30;
 impl FirewallTask {
     /// Takes over `fw`, whose rules already match `current`.
     pub fn spawn(mut fw: Firewall, current: BTreeSet<Opening>) -> FirewallTask {
-        let (tx, mut rx) = tokio::sync::watch::channel(current);
-        let keep = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let keep_at_end = keep.clone();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut wanted = current;
         // Subscribed before the task runs, so that from "ready" on no change is missed
         // (and the socket exists by then, not some time after).
         let mut changes = match changes::subscribe() {
@@ -489,11 +495,25 @@ impl FirewallTask {
                             warn!("firewall: {e:#}");
                         }
                     }
-                    changed = rx.changed() => {
-                        if changed.is_err() {
-                            break;
+                    cmd = rx.recv() => {
+                        // Only the latest of a burst of changes matters.
+                        let mut cmd = cmd.unwrap_or(Order::Stop { keep: false });
+                        while let Order::Want(_) = cmd {
+                            match rx.try_recv() {
+                                Ok(next) => cmd = next,
+                                Err(_) => break,
+                            }
                         }
-                        let wanted = rx.borrow_and_update().clone();
+                        match cmd {
+                            Order::Want(w) if w == wanted => continue,
+                            Order::Want(w) => wanted = w,
+                            Order::Stop { keep } => {
+                                if !keep {
+                                    fw.shutdown();
+                                }
+                                break;
+                            }
+                        }
                         let keep: BTreeSet<Opening> = fw.held.union(&wanted).cloned().collect();
                         if let Err(e) = fw.sync(&keep) {
                             warn!("firewall: {e:#} (retrying in {}s)", RETRY.as_secs());
@@ -503,7 +523,6 @@ impl FirewallTask {
                         }
                     }
                     _ = wake => {
-                        let wanted = rx.borrow().clone();
                         due = match fw.sync(&wanted) {
                             Ok(()) => None,
                             Err(e) => {
@@ -514,27 +533,17 @@ impl FirewallTask {
                     }
                 }
             }
-            if !keep_at_end.load(std::sync::atomic::Ordering::SeqCst) {
-                fw.shutdown();
-            }
         });
-        FirewallTask { tx, task, keep }
+        FirewallTask { tx, task }
     }
 
     pub fn want(&self, openings: BTreeSet<Opening>) {
-        self.tx.send_if_modified(|cur| {
-            if *cur == openings {
-                return false;
-            }
-            *cur = openings;
-            true
-        });
+        let _ = self.tx.send(Order::Want(openings));
     }
 
     /// Removes every rule lhb added (unless `keep`) and ends the task.
     pub async fn shutdown(self, keep: bool) {
-        self.keep.store(keep, std::sync::atomic::Ordering::SeqCst);
-        drop(self.tx);
+        let _ = self.tx.send(Order::Stop { keep });
         let _ = self.task.await;
     }
 }
@@ -618,7 +627,7 @@ mod tests {
         let fw = Firewall {
             backends: vec![Box::new(backend)],
             held: BTreeSet::new(),
-            chains: HeldChains::default(),
+            state: tokio::sync::watch::Sender::new(FirewallState::default()),
         };
         (fw, has)
     }
@@ -647,7 +656,7 @@ mod tests {
         let restored = fw.heal(true).unwrap();
         assert_eq!(restored, vec![format!("{} in test INPUT", opening())]);
         assert_eq!(*has.lock().unwrap(), wanted);
-        let state = fw.chains.lock().unwrap().clone();
+        let state = fw.chains().borrow().clone();
         assert_eq!(state.heals, 1);
         assert_eq!(state.chains[&opening()], vec!["test INPUT".to_string()]);
     }

@@ -74,15 +74,12 @@ impl Nft {
                         handle: r["handle"].as_u64().unwrap_or_default(),
                         comment: r["comment"].as_str().map(String::from),
                     },
-                    r["expr"].to_string(),
+                    may_leave(&r["expr"]),
                 ));
             }
         }
-        for (r, expr) in &rules {
-            let verdict = ["\"drop\"", "\"reject\"", "\"jump\"", "\"goto\""]
-                .iter()
-                .any(|v| expr.contains(v));
-            if verdict
+        for (r, verdict) in &rules {
+            if *verdict
                 && r.comment.as_deref().and_then(Opening::from_tag).is_none()
                 && let Some(c) = chains
                     .iter_mut()
@@ -92,6 +89,22 @@ impl Nft {
             }
         }
         Ok((chains, rules.into_iter().map(|(r, _)| r).collect()))
+    }
+}
+
+/// Whether a rule's expressions hold a verdict that can end the packet's way through
+/// the chain other than by accepting it: drop, reject, or a jump/goto (the target chain
+/// may drop), anywhere, verdict maps included. A walk over the JSON, not the `nftables`
+/// crate's typed schema: that rejects a whole ruleset over one expression it does not
+/// model (iptables-nft's `xt` matches, newer statements), and lhb must read every
+/// host's ruleset.
+fn may_leave(expr: &Value) -> bool {
+    match expr {
+        Value::Object(m) => m.iter().any(|(k, v)| {
+            matches!(k.as_str(), "drop" | "reject" | "jump" | "goto") || may_leave(v)
+        }),
+        Value::Array(a) => a.iter().any(may_leave),
+        _ => false,
     }
 }
 
@@ -253,7 +266,7 @@ impl Backend for Nft {
 
 #[cfg(test)]
 mod tests {
-    use super::{plain_name, xtables_managed};
+    use super::{may_leave, plain_name, xtables_managed};
 
     #[test]
     fn only_plain_chain_names_are_written_into_scripts() {
@@ -262,6 +275,29 @@ mod tests {
         assert!(!plain_name("in put"));
         assert!(!plain_name("x\"; flush ruleset; \""));
         assert!(!plain_name(""));
+    }
+
+    #[test]
+    fn verdicts_that_may_drop_are_found_anywhere_in_a_rule() {
+        let rule = |j: &str| may_leave(&serde_json::from_str(j).unwrap());
+        assert!(rule(
+            r#"[{"match":{"op":"==","left":{"meta":{"key":"iifname"}},"right":"br0"}},{"drop":null}]"#
+        ));
+        assert!(rule(
+            r#"[{"reject":{"type":"icmpx","expr":"admin-prohibited"}}]"#
+        ));
+        assert!(rule(r#"[{"jump":{"target":"ufw-before-input"}}]"#));
+        assert!(rule(
+            r#"[{"vmap":{"key":{"meta":{"key":"iifname"}},"data":{"set":[["br0",{"goto":{"target":"x"}}]]}}}]"#
+        ));
+        assert!(!rule(
+            r#"[{"match":{"op":"==","left":{"payload":{"protocol":"tcp","field":"dport"}},"right":22}},{"accept":null}]"#
+        ));
+        assert!(!rule(r#"[{"counter":{"packets":0,"bytes":0}}]"#));
+        // A word "drop" in data is not a verdict.
+        assert!(!rule(
+            r#"[{"match":{"op":"==","left":{"meta":{"key":"iifname"}},"right":"drop"}},{"accept":null}]"#
+        ));
     }
 
     #[test]

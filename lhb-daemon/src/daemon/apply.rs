@@ -1,0 +1,232 @@
+//! Plans to drivers: the kernel path (attachments and endpoint map entries, by the
+//! difference between the applied plan and the wanted one), the proxy listeners, and the
+//! openings the firewall task must hold; and the way back to nothing.
+
+use std::collections::BTreeSet;
+
+use tracing::{error, info};
+
+use super::{Daemon, StartError};
+use crate::{
+    firewall::Opening,
+    kernel::KernelPath,
+    netlink::Netlink,
+    proxy,
+    reconcile::{self, BridgeProblem, Observed, Plan, RuleState},
+    rule::{Rule, Source},
+};
+
+impl Daemon {
+    /// Detaches and removes everything, or with `keep` leaves the kernel path and the
+    /// firewall rules serving for the next start to take over (the proxy cannot stay).
+    pub(super) async fn shutdown(&mut self, keep: bool) {
+        if let Some(fw) = self.firewall.take() {
+            fw.shutdown(keep).await;
+        }
+        self.proxy.shutdown();
+        if let Some(k) = self.kernel.as_mut() {
+            k.shutdown(&self.netlink, keep).await;
+        }
+    }
+
+    /// Brings both data paths from what is applied to `wanted`. A failed attachment or
+    /// bind is left out of `applied`, so the next call tries again. Returns the kernel
+    /// path's error; proxy binds that failed are in `proxy_errors`.
+    pub(super) async fn apply(&mut self, wanted: &Plan) -> anyhow::Result<()> {
+        let mut first_err: Option<anyhow::Error> = None;
+        if let Some(kernel) = self.kernel.as_mut()
+            && let Err(e) = apply_kernel(kernel, &self.netlink, &mut self.applied, wanted).await
+        {
+            first_err = Some(e.into());
+        }
+        let gone: Vec<_> = self
+            .applied
+            .proxies
+            .iter()
+            .filter(|(k, t)| wanted.proxies.get(*k) != Some(*t))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            self.proxy.close(&key);
+            self.applied.proxies.remove(&key);
+            info!(bridge = %key.bridge, "proxy stopped listening on {}:{}", key.gateway, key.port);
+        }
+        self.proxy_errors
+            .retain(|k, _| wanted.proxies.contains_key(k));
+        for (key, target) in &wanted.proxies {
+            if self.applied.proxies.contains_key(key) {
+                continue;
+            }
+            match self.proxy.listen(key, *target) {
+                Ok(()) => {
+                    self.applied.proxies.insert(key.clone(), *target);
+                    self.proxy_errors.remove(key);
+                    info!(bridge = %key.bridge, "proxy listening on {}:{} (bound to {}) -> {}; the service sees clients as {}",
+                          key.gateway, key.port, key.bridge, target.target, proxy::seen_as(key.ifindex, target));
+                }
+                Err(e) => {
+                    // Never fatal: a local user who bound the port first must not be
+                    // able to stop lhb serving every other rule. Retried with backoff.
+                    let e = format!(
+                        "proxy for {}:{} on {}: {e} (`lhb doctor` names the process; retrying)",
+                        key.gateway, key.port, key.bridge
+                    );
+                    if self.proxy_errors.get(key) != Some(&e) {
+                        error!("{e}");
+                    }
+                    self.proxy_errors.insert(key.clone(), e);
+                }
+            }
+        }
+        self.share_proxy();
+        if let Some(fw) = &self.firewall {
+            fw.want(openings(&self.applied));
+        }
+        self.applied.states = wanted.states.clone();
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Daemon {
+    /// Each proxied rule's share of the proxy's connections: its `max_connections`, or
+    /// an equal part of the total.
+    fn share_proxy(&self) {
+        let proxied: std::collections::BTreeSet<u32> =
+            self.applied.proxies.values().map(|t| t.slot).collect();
+        let share = (self.proxy.max_connections() / proxied.len().max(1)).max(1);
+        let limits = self
+            .rules
+            .iter()
+            .filter(|a| proxied.contains(&a.slot))
+            .map(|a| (a.slot, a.rule.max_connections.unwrap_or(share)))
+            .collect();
+        self.proxy.set_limits(&limits);
+    }
+}
+
+/// The traffic the firewall must let in for what is applied: every served gateway port,
+/// on its bridge.
+pub(crate) fn openings(plan: &Plan) -> BTreeSet<Opening> {
+    let kernel = plan.endpoints.keys().filter_map(|k| {
+        let iface = plan.attach.get(&k.ifindex)?.clone();
+        let gateway = if k.family == lhb_common::FAMILY_V4 {
+            std::net::IpAddr::from([k.addr[0], k.addr[1], k.addr[2], k.addr[3]])
+        } else {
+            std::net::IpAddr::from(k.addr)
+        };
+        Some(Opening {
+            iface,
+            gateway,
+            port: k.port,
+        })
+    });
+    let proxied = plan.proxies.keys().map(|k| Opening {
+        iface: k.bridge.clone(),
+        gateway: k.gateway,
+        port: k.port,
+    });
+    kernel.chain(proxied).collect()
+}
+
+/// Refuses, before anything is attached, interface rules that cannot work at all (not a
+/// bridge, no address) under `plan` (made from `observed`). A bridge that does not
+/// exist yet is waited for, as a Docker network is.
+pub(crate) fn preflight<'a>(
+    rules: impl IntoIterator<Item = &'a Rule>,
+    observed: &Observed,
+    plan: &Plan,
+) -> Result<(), StartError> {
+    for rule in rules {
+        let Source::Interface(iface) = &rule.source else {
+            continue;
+        };
+        let state = plan.states.get(&rule.key());
+        let r = rule.to_string();
+        match reconcile::bridge_of(rule, observed) {
+            // Waits, like a network rule: a bridge may come up after lhb (libvirt's
+            // virbr0 after boot). A typo shows at once as a warning, in `lhb status`
+            // and in `lhb doctor`. An uplink may be removed: the rule waits too, and the
+            // reason is logged and in `lhb status`.
+            Err(BridgeProblem::NoSuchInterface { .. } | BridgeProblem::Uplinks { .. }) => {
+                continue;
+            }
+            Err(BridgeProblem::NotABridge { .. }) => {
+                return Err(StartError::NotABridge {
+                    rule: r,
+                    iface: iface.clone(),
+                });
+            }
+            Err(BridgeProblem::NoAddress { .. }) => {
+                return Err(StartError::NoAddress {
+                    rule: r,
+                    iface: iface.clone(),
+                });
+            }
+            Err(_) | Ok(_) => {}
+        }
+        if let Some(RuleState::Waiting(reason)) = state {
+            return Err(StartError::Unservable {
+                rule: r,
+                reason: reason.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Brings the kernel path from `applied` to `wanted`. On an attach failure the bridge's
+/// endpoints are left out of `applied`, so the next call tries again.
+async fn apply_kernel(
+    kernel: &mut KernelPath,
+    netlink: &Netlink,
+    applied: &mut Plan,
+    wanted: &Plan,
+) -> Result<(), crate::kernel::KernelPathError> {
+    let d = reconcile::diff(applied, wanted);
+    if d.is_empty() {
+        return Ok(());
+    }
+    for key in &d.remove_endpoints {
+        kernel.remove_endpoint(key);
+        applied.endpoints.remove(key);
+    }
+    for (ifindex, name) in &d.detach {
+        kernel.detach(*ifindex, netlink).await;
+        applied.attach.remove(ifindex);
+        info!(bridge = %name, ifindex, "detached");
+    }
+    let mut first_err = None;
+    for (ifindex, name) in &d.attach {
+        match kernel.attach(*ifindex, name) {
+            Ok(()) => {
+                applied.attach.insert(*ifindex, name.clone());
+                info!(bridge = %name, ifindex, mode = kernel.mode().as_str(), "attached");
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    for (key, steer) in &d.upsert_endpoints {
+        if !applied.attach.contains_key(&key.ifindex) {
+            continue;
+        }
+        match kernel.upsert_endpoint(*key, *steer) {
+            Ok(()) => {
+                applied.endpoints.insert(*key, *steer);
+            }
+            Err(e) => {
+                first_err.get_or_insert(crate::kernel::KernelPathError::Load(format!(
+                    "writing an endpoint to the map: {e:#}"
+                )));
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

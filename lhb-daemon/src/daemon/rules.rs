@@ -1,0 +1,178 @@
+//! The rule set a daemon serves: command-line rules, the config file's, and those
+//! `lhb expose` added at runtime, less those `lhb unexpose` removed; each active rule
+//! with its counter slot and its origin, by key.
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::rule::{self, Origin, Rule, RuleKey};
+
+/// Command-line rules first, then the file's; the same source and port only once.
+pub(crate) fn combine(cli: &[Rule], file: Vec<Rule>) -> Result<Vec<Rule>, rule::RuleError> {
+    let mut all = cli.to_vec();
+    all.extend(file);
+    rule::check_unique(&all)?;
+    Ok(all)
+}
+
+/// Counter slots: a rule keeps its slot (and counters) across reloads.
+#[derive(Default)]
+pub(crate) struct Slots {
+    by_rule: HashMap<RuleKey, u32>,
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl Slots {
+    /// Slots for `rules`, in order, and the ones that are new (to be zeroed).
+    pub(crate) fn assign(&mut self, rules: &[Rule]) -> (Vec<u32>, Vec<u32>) {
+        let keys: BTreeSet<RuleKey> = rules.iter().map(Rule::key).collect();
+        self.by_rule.retain(|k, s| {
+            let keep = keys.contains(k);
+            if !keep {
+                self.free.push(*s);
+            }
+            keep
+        });
+        let mut fresh = Vec::new();
+        let slots = rules
+            .iter()
+            .map(|r| {
+                *self.by_rule.entry(r.key()).or_insert_with(|| {
+                    let s = self.free.pop().unwrap_or_else(|| {
+                        self.next += 1;
+                        self.next - 1
+                    });
+                    fresh.push(s);
+                    s
+                })
+            })
+            .collect();
+        (slots, fresh)
+    }
+}
+
+/// A rule being served (or waiting), with what the daemon keeps for it.
+#[derive(Clone, Debug)]
+pub(crate) struct ActiveRule {
+    pub rule: Rule,
+    pub slot: u32,
+    pub origin: Origin,
+}
+
+#[derive(Default)]
+pub(crate) struct RuleSet {
+    /// In order: command line, file, runtime. Where two rules claim one bridge and port
+    /// the earlier is served, so the order is kept.
+    active: Vec<ActiveRule>,
+    cli: Vec<Rule>,
+    file: Vec<Rule>,
+    /// `lhb expose` without --persist: until the next start.
+    runtime: Vec<Rule>,
+    /// `lhb unexpose` without --persist of a command-line or file rule.
+    removed: BTreeSet<RuleKey>,
+    slots: Slots,
+}
+
+/// What a change saved, to put back if it cannot be completed.
+pub(crate) struct Saved {
+    file: Vec<Rule>,
+    runtime: Vec<Rule>,
+    removed: BTreeSet<RuleKey>,
+}
+
+impl RuleSet {
+    /// The rules given at start; the slots that are new (all of them).
+    pub fn new(cli: Vec<Rule>, file: Vec<Rule>) -> anyhow::Result<(RuleSet, Vec<u32>)> {
+        let mut set = RuleSet {
+            cli,
+            file,
+            ..Default::default()
+        };
+        let fresh = set.recombine()?;
+        Ok((set, fresh))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &ActiveRule> {
+        self.active.iter()
+    }
+
+    /// Each rule with its slot, in order, as `reconcile::plan` takes them.
+    pub fn planned(&self) -> impl Iterator<Item = (&Rule, u32)> {
+        self.active.iter().map(|a| (&a.rule, a.slot))
+    }
+
+    pub fn len(&self) -> usize {
+        self.active.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.active.is_empty()
+    }
+
+    pub fn get(&self, key: &RuleKey) -> Option<&ActiveRule> {
+        self.active.iter().find(|a| a.rule.key() == *key)
+    }
+
+    pub fn in_file(&self, key: &RuleKey) -> bool {
+        self.file.iter().any(|r| r.key() == *key)
+    }
+
+    pub fn save(&self) -> Saved {
+        Saved {
+            file: self.file.clone(),
+            runtime: self.runtime.clone(),
+            removed: self.removed.clone(),
+        }
+    }
+
+    pub fn restore(&mut self, s: Saved) {
+        (self.file, self.runtime, self.removed) = (s.file, s.runtime, s.removed);
+    }
+
+    pub fn set_file(&mut self, file: Vec<Rule>) {
+        self.file = file;
+    }
+
+    /// `lhb expose` without --persist.
+    pub fn add_runtime(&mut self, rule: Rule) {
+        self.removed.remove(&rule.key());
+        self.runtime.push(rule);
+    }
+
+    /// `lhb expose --persist`: the file has it now; an earlier unexpose is undone.
+    pub fn unremove(&mut self, key: &RuleKey) {
+        self.removed.remove(key);
+    }
+
+    /// `lhb unexpose`: a runtime rule goes; a command-line or file rule is left out
+    /// until the next start.
+    pub fn remove(&mut self, key: &RuleKey) {
+        self.runtime.retain(|r| r.key() != *key);
+        if self.cli.iter().chain(&self.file).any(|r| r.key() == *key) {
+            self.removed.insert(key.clone());
+        }
+    }
+
+    /// The active rules from the parts again; the slots that are new (to be zeroed).
+    /// An error (a duplicate, too many rules) leaves the active rules as they were.
+    pub fn recombine(&mut self) -> anyhow::Result<Vec<u32>> {
+        let tagged: Vec<(Rule, Origin)> = self
+            .cli
+            .iter()
+            .map(|r| (r, Origin::CommandLine))
+            .chain(self.file.iter().map(|r| (r, Origin::Config)))
+            .chain(self.runtime.iter().map(|r| (r, Origin::Runtime)))
+            .filter(|(r, _)| !self.removed.contains(&r.key()))
+            .map(|(r, o)| (r.clone(), o))
+            .collect();
+        let rules: Vec<Rule> = tagged.iter().map(|(r, _)| r.clone()).collect();
+        rule::check_unique(&rules)?;
+        let (slots, fresh) = self.slots.assign(&rules);
+        self.active = tagged
+            .into_iter()
+            .zip(slots)
+            .map(|((rule, origin), slot)| ActiveRule { rule, slot, origin })
+            .collect();
+        Ok(fresh)
+    }
+}

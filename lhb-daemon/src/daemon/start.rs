@@ -1,0 +1,291 @@
+//! From `RunOptions` to a daemon that serves: config and rules, the Docker engine's
+//! first answer, the control and metrics sockets, the kernel path, preflight, the first
+//! plan applied and the firewall synced, READY=1.
+//!
+//! Every early exit undoes what is in place, in one way each: the sockets are removed by
+//! [`Sockets`]'s drop, and once the daemon exists any error goes through
+//! `Daemon::shutdown` (kernel path, proxy, firewall). A failed start leaves no link,
+//! pin, program, rule or socket behind.
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use super::{
+    Daemon, Inputs, PROXY_BACKLOG, RETRY, Retry, RunOptions, StartError, apply, rules::RuleSet,
+    view,
+};
+use crate::{
+    caps, config, control,
+    docker::{self, DockerView},
+    firewall::{Firewall, FirewallTask},
+    kernel::KernelPath,
+    netlink::Netlink,
+    notify::Notifier,
+    proxy::{FD_RESERVE, FDS_PER_CONNECTION, Proxy},
+    reconcile::{self, Mode, Paths, Plan},
+};
+
+/// The control and metrics sockets, removed when this is dropped: at every exit, early
+/// or not.
+pub(super) struct Sockets {
+    control: std::path::PathBuf,
+    metrics: control::MetricsAddr,
+}
+
+impl Drop for Sockets {
+    fn drop(&mut self) {
+        control::remove_socket(&self.control);
+        if let control::MetricsAddr::Unix(p) = &self.metrics {
+            control::remove_socket(p);
+        }
+    }
+}
+
+pub(super) async fn start(opts: &RunOptions) -> anyhow::Result<(Daemon, Inputs, Sockets)> {
+    let cfg = config::load(&opts.config)?;
+    let mode = opts.mode.or(cfg.mode).unwrap_or_default();
+    let firewall_mode = opts.firewall.or(cfg.firewall).unwrap_or_default();
+    let metrics_addr = cfg.metrics.clone();
+    let (rules, fresh) = RuleSet::new(opts.cli_rules.clone(), cfg.rules)?;
+    if rules.is_empty() {
+        // A config file of the administrator's with no entry yet (the package's, for
+        // one) is a daemon waiting for rules: it must not fail at every boot. With no
+        // file and no flag there is nothing to wait for: a mistake, said at once.
+        if !std::fs::metadata(&opts.config).is_ok_and(|m| m.is_file()) {
+            return Err(StartError::NoRules {
+                config: opts.config.display().to_string(),
+            }
+            .into());
+        }
+        warn!(
+            "{} has no [[expose]] entry: nothing is served until one is added (then `lhb reload`) or `lhb expose` adds a rule",
+            opts.config.display()
+        );
+    }
+
+    let sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+
+    let (netlink, links) = Netlink::connect()?;
+    let docker = if opts.no_docker {
+        None
+    } else {
+        Some(docker_watch().await)
+    };
+    // Bound before anything is loaded or attached: a second lhb stops here, touching
+    // nothing.
+    let (sockets, ctl_rx) = Sockets::bind(opts, metrics_addr).await?;
+    let (kernel, kernel_unavailable) = kernel_path(mode, &opts.pin_dir)?;
+    let firewall = Firewall::new(firewall_mode);
+    let mut d = Daemon {
+        rules,
+        config_path: opts.config.clone(),
+        reconcile_events: 0,
+        last_error: None,
+        proxy_errors: Default::default(),
+        cli_mode: opts.mode,
+        reload_error: None,
+        kernel_unavailable,
+        firewall_backends: firewall.backends(),
+        firewall_chains: firewall.chains(),
+        notifier: Notifier::from_env(),
+        paths: Paths {
+            mode,
+            kernel: kernel.is_some(),
+        },
+        kernel,
+        proxy: Proxy::new(proxy_budget(opts.max_connections), PROXY_BACKLOG),
+        firewall: None,
+        netlink,
+        applied: Plan::default(),
+        docker,
+        retry: Retry {
+            pending: false,
+            delay: RETRY,
+        },
+    };
+    if let Err(e) = d.serve_first(firewall, &fresh).await {
+        d.shutdown(false).await;
+        return Err(e);
+    }
+    let watchdog = Notifier::watchdog_interval().map(tokio::time::interval);
+    let inputs = Inputs {
+        sigterm,
+        sigint,
+        sighup,
+        links,
+        control: ctl_rx,
+        watchdog,
+    };
+    info!(
+        "ready: serving {} of {} rule(s); control socket {}",
+        view::serving(&d.applied),
+        d.rules.len(),
+        opts.control.display()
+    );
+    d.notifier.ready(&d.summary());
+    Ok((d, inputs, sockets))
+}
+
+impl Sockets {
+    /// The control socket, then the metrics endpoint (`addr`, else metrics.sock beside
+    /// the control socket); requests from both arrive on the receiver.
+    async fn bind(
+        opts: &RunOptions,
+        addr: Option<control::MetricsAddr>,
+    ) -> anyhow::Result<(Sockets, tokio::sync::mpsc::Receiver<control::Call>)> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        control::serve(&opts.control, tx.clone())?;
+        let metrics = addr.unwrap_or_else(|| {
+            control::MetricsAddr::Unix(opts.control.with_file_name("metrics.sock"))
+        });
+        let mut sockets = Sockets {
+            control: opts.control.clone(),
+            // Not ours until bound: another lhb's socket is never removed.
+            metrics: control::MetricsAddr::Off,
+        };
+        control::serve_metrics(&metrics, tx).await?;
+        sockets.metrics = metrics;
+        Ok((sockets, rx))
+    }
+}
+
+/// The Docker engine's view, followed from now on; said once if it does not answer.
+async fn docker_watch() -> tokio::sync::watch::Receiver<DockerView> {
+    let mut rx = docker::watch();
+    let view = first_docker_view(&mut rx).await;
+    if !view.available {
+        let why = view.problem.unwrap_or_else(|| {
+            format!("no answer within {}s", super::DOCKER_FIRST_ANSWER.as_secs())
+        });
+        warn!(
+            "Docker engine not reachable ({why}): network rules wait for it, interface rules work (--no-docker silences this)"
+        );
+    }
+    rx
+}
+
+/// The kernel path `mode` asks for, and why it is not used where `auto` does without.
+fn kernel_path(
+    mode: Mode,
+    pin_dir: &std::path::Path,
+) -> anyhow::Result<(Option<KernelPath>, Option<String>)> {
+    Ok(match mode {
+        Mode::Proxy => (None, None),
+        Mode::Kernel => (Some(load_kernel_path(pin_dir)?), None),
+        Mode::Auto => match load_kernel_path(pin_dir) {
+            Ok(k) => (Some(k), None),
+            Err(e) => {
+                warn!("kernel path unavailable: {e:#}; using the proxy for every rule");
+                (None, Some(format!("{e:#}")))
+            }
+        },
+    })
+}
+
+impl Daemon {
+    /// Preflight, the first plan applied, the firewall synced to it: an error here is a
+    /// failed start (the caller undoes everything).
+    async fn serve_first(&mut self, mut firewall: Firewall, fresh: &[u32]) -> anyhow::Result<()> {
+        let mut observed = self.netlink.snapshot().await?;
+        observed.docker = self.docker.as_ref().map(|d| d.borrow().clone());
+        let wanted = reconcile::plan(self.rules.planned(), &observed, self.paths);
+        apply::preflight(self.rules.iter().map(|a| &a.rule), &observed, &wanted)?;
+        let backends = firewall.backends();
+        if backends.is_empty() {
+            info!("firewall: none managed");
+        } else {
+            info!("firewall: managing {}", backends.join(", "));
+        }
+        if let Some(k) = self.kernel.as_mut() {
+            for &slot in fresh {
+                k.reset_counters(slot)
+                    .context("zeroing the kernel counters")?;
+            }
+            info!(
+                attach = k.mode().as_str(),
+                "kernel data path loaded ({} rule(s))",
+                self.rules.len()
+            );
+        }
+        // Every interface rule's bridge that exists passed preflight, so a failure to
+        // attach is fatal. A proxy address held by another program is not: that rule's
+        // gateway is retried while the others serve.
+        self.apply(&wanted).await?;
+        // "Ready" means served, also through the host's firewall: the first sync is here.
+        let opened = apply::openings(&self.applied);
+        if let Err(e) = firewall.sync(&opened) {
+            firewall.shutdown();
+            return Err(e.context("firewall"));
+        }
+        self.firewall = Some(FirewallTask::spawn(firewall, opened));
+        if let Some(k) = self.kernel.as_mut() {
+            k.release_earlier();
+        }
+        view::log_states(&self.rules, &Default::default(), &self.applied.states);
+        self.retry.pending = !self.proxy_errors.is_empty();
+        Ok(())
+    }
+}
+
+/// What the engine says within [`super::DOCKER_FIRST_ANSWER`] of the start; whether it
+/// answered or not, the view says what is known.
+pub(crate) async fn first_docker_view(
+    rx: &mut tokio::sync::watch::Receiver<DockerView>,
+) -> DockerView {
+    let _ = tokio::time::timeout(
+        super::DOCKER_FIRST_ANSWER,
+        rx.wait_for(|v| v.available || v.problem.is_some()),
+    )
+    .await;
+    rx.borrow().clone()
+}
+
+/// The kernel path, or why it cannot be used here.
+pub(crate) fn load_kernel_path(pin_dir: &std::path::Path) -> anyhow::Result<KernelPath> {
+    let eff = caps::effective().context("reading this process's capabilities")?;
+    let missing = caps::missing_for_kernel_path(eff);
+    if !missing.is_empty() {
+        return Err(StartError::MissingCapabilities(missing).into());
+    }
+    Ok(KernelPath::load(pin_dir)?)
+}
+
+/// How many connections the proxy may carry: each holds [`FDS_PER_CONNECTION`] fds,
+/// and [`FD_RESERVE`] stay free so the control and metrics sockets always answer.
+fn proxy_budget(asked: Option<usize>) -> usize {
+    let nofile = raise_nofile_limit();
+    let budget = (nofile.saturating_sub(FD_RESERVE) / FDS_PER_CONNECTION).max(1) as usize;
+    let max = match asked {
+        Some(n) if n > budget => {
+            warn!(
+                "--max-connections {n} is more than the open-file limit ({nofile}) allows: using {budget} (raise LimitNOFILE to allow more)"
+            );
+            budget
+        }
+        Some(n) => n,
+        None => budget,
+    };
+    info!("proxy: at most {max} connection(s) at once (open-file limit {nofile})");
+    max
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (systemd's default soft limit, 1024,
+/// is meant for select(2) users; lhb uses epoll); the soft limit in force after.
+fn raise_nofile_limit() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        let raised = Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            return lim.maximum.unwrap_or(u64::MAX);
+        }
+    }
+    // None: unlimited.
+    lim.current.unwrap_or(u64::MAX)
+}

@@ -1,0 +1,290 @@
+//! What the daemon shows: `lhb status` (and the metrics made from it), STATUS= for
+//! systemd, a log line per rule whose state changed, and the final counters.
+
+use std::collections::BTreeMap;
+
+use tracing::{debug, info, warn};
+
+use super::{Daemon, rules::RuleSet};
+use crate::{
+    control,
+    proxy::{self, ProxyKey},
+    reconcile::{Plan, RuleState},
+    rule::{Origin, Rule, RuleKey, Source},
+    status::{self, DataPath, State, Status},
+};
+
+/// A rule as `lhb status` shows it, from where it stands; counters, firewall rules
+/// and errors are the running daemon's to add. `lhb plan` shows the same view.
+pub(crate) fn rule_view(
+    rule: &Rule,
+    origin: Origin,
+    state: Option<&RuleState>,
+    proxies: &BTreeMap<ProxyKey, proxy::ProxyTarget>,
+) -> status::RuleStatus {
+    let mut r = status::RuleStatus {
+        port: rule.port,
+        target: rule.target.to_string(),
+        service: rule.service.clone(),
+        origin,
+        ..Default::default()
+    };
+    match &rule.source {
+        Source::Network(n) => r.network = Some(n.clone()),
+        Source::Interface(n) => r.interface = Some(n.clone()),
+    }
+    match state {
+        Some(RuleState::Serving {
+            bridge,
+            ifindex,
+            gateways,
+            proxied,
+            skipped,
+        }) => {
+            r.state = State::Serving;
+            r.bridge = Some(bridge.clone());
+            r.ifindex = Some(*ifindex);
+            let gw =
+                |a: &std::net::IpAddr, path: DataPath, why: Option<&str>| status::GatewayStatus {
+                    address: a.to_string(),
+                    path,
+                    why: why.map(String::from),
+                    ..Default::default()
+                };
+            r.gateways.extend(gateways.iter().map(|a| {
+                let mut g = gw(a, DataPath::Kernel, None);
+                g.client_seen_as = Some("the container's own address".into());
+                g
+            }));
+            r.gateways.extend(proxied.iter().map(|(a, why)| {
+                let mut g = gw(a, DataPath::Proxy, Some(why));
+                let key = ProxyKey {
+                    bridge: bridge.clone(),
+                    ifindex: *ifindex,
+                    gateway: *a,
+                    port: rule.port,
+                };
+                if let Some(t) = proxies.get(&key) {
+                    g.client_seen_as = Some(proxy::seen_as(*ifindex, t));
+                }
+                g
+            }));
+            r.gateways.extend(
+                skipped
+                    .iter()
+                    .map(|(a, why)| gw(a, DataPath::None, Some(why))),
+            );
+        }
+        Some(RuleState::Waiting(why)) => {
+            r.state = State::Waiting;
+            r.reason = Some(why.clone());
+        }
+        None => {
+            r.state = State::Waiting;
+            r.reason = Some("not applied yet".into());
+        }
+    }
+    r
+}
+
+pub(super) fn serving(plan: &Plan) -> usize {
+    plan.states
+        .values()
+        .filter(|s| matches!(s, RuleState::Serving { .. }))
+        .count()
+}
+
+/// One log line per rule whose state changed; whether any did (or a rule came or went).
+pub(super) fn log_states(
+    rules: &RuleSet,
+    before: &BTreeMap<RuleKey, RuleState>,
+    after: &BTreeMap<RuleKey, RuleState>,
+) -> bool {
+    let mut changed = !before.keys().eq(after.keys());
+    for rule in rules.iter().map(|a| &a.rule) {
+        let key = rule.key();
+        let Some(state) = after.get(&key) else {
+            continue;
+        };
+        if before.get(&key) == Some(state) {
+            continue;
+        }
+        changed = true;
+        match state {
+            RuleState::Serving {
+                bridge,
+                ifindex,
+                gateways,
+                proxied,
+                skipped,
+            } => {
+                for gw in gateways {
+                    info!(
+                        service = %rule.service,
+                        "serving {rule}: containers on {bridge} (ifindex {ifindex}) connect to {}; data path: kernel",
+                        std::net::SocketAddr::new(*gw, rule.port)
+                    );
+                }
+                for (gw, why) in proxied {
+                    info!(
+                        service = %rule.service,
+                        "serving {rule}: containers on {bridge} (ifindex {ifindex}) connect to {}; data path: proxy ({why})",
+                        std::net::SocketAddr::new(*gw, rule.port)
+                    );
+                }
+                for (gw, why) in skipped {
+                    info!(service = %rule.service, "{rule}: not serving gateway {gw}: {why}");
+                }
+            }
+            RuleState::Waiting(why) => {
+                warn!(service = %rule.service, "not serving {rule}: {why}");
+            }
+        }
+    }
+    changed
+}
+
+impl Daemon {
+    /// Where one rule stands, in words.
+    pub(super) fn state_of(&self, key: &RuleKey) -> String {
+        if self.rules.get(key).is_none() {
+            return "gone".into();
+        }
+        match self.applied.states.get(key) {
+            Some(RuleState::Serving {
+                bridge,
+                gateways,
+                proxied,
+                ..
+            }) => {
+                let mut at: Vec<String> = gateways
+                    .iter()
+                    .map(|g| format!("{} (kernel)", std::net::SocketAddr::new(*g, key.port)))
+                    .collect();
+                at.extend(
+                    proxied.iter().map(|(g, _)| {
+                        format!("{} (proxy)", std::net::SocketAddr::new(*g, key.port))
+                    }),
+                );
+                format!("serving on {bridge} at {}", at.join(", "))
+            }
+            Some(RuleState::Waiting(why)) => format!("waiting: {why}"),
+            None => "not applied yet".into(),
+        }
+    }
+
+    pub(super) fn status(&self) -> Status {
+        let fw = self.firewall_chains.borrow().clone();
+        let chains = &fw.chains;
+        let mut rules = Vec::new();
+        for a in self.rules.iter() {
+            let (rule, slot) = (&a.rule, a.slot);
+            let state = self.applied.states.get(&rule.key());
+            let mut r = rule_view(rule, a.origin, state, &self.applied.proxies);
+            if let Some(RuleState::Serving { bridge, .. }) = state {
+                for g in r.gateways.iter_mut().filter(|g| g.path == DataPath::Proxy) {
+                    let key = g.address.parse().ok().map(|gateway| ProxyKey {
+                        bridge: bridge.clone(),
+                        ifindex: r.ifindex.unwrap_or_default(),
+                        gateway,
+                        port: rule.port,
+                    });
+                    g.error = key.and_then(|k| self.proxy_errors.get(&k).cloned());
+                }
+                for (o, c) in chains {
+                    if &o.iface == bridge && o.port == rule.port && !c.is_empty() {
+                        r.firewall.push(format!("{o}: {}", c.join(", ")));
+                    }
+                }
+                if let Some(e) = &self.last_error
+                    && e.contains(bridge.as_str())
+                {
+                    r.last_error = Some(e.clone());
+                }
+            }
+            if let Some(Ok(c)) = self.kernel.as_ref().map(|k| k.counters(slot)) {
+                r.counters.kernel_connections = c.connections;
+                r.counters.kernel_no_listener = c.no_listener;
+                r.counters.kernel_errors = c.errors;
+            }
+            let p = self.proxy.counters(slot);
+            let get =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            r.counters.proxy_connections = get(&p.connections);
+            r.counters.proxy_active = get(&p.active);
+            r.counters.proxy_bytes = get(&p.bytes);
+            r.counters.proxy_target_errors = get(&p.target_errors);
+            r.counters.proxy_over_limit = get(&p.over_limit);
+            r.counters.proxy_max_connections = get(&p.limit);
+            r.counters.proxy_accept_errors = get(&p.accept_errors);
+            rules.push(r);
+        }
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            mode: self.paths.mode,
+            kernel_attach: self.kernel.as_ref().map(|k| k.mode().as_str().to_string()),
+            kernel_unavailable: self.kernel_unavailable.clone(),
+            docker: self.docker.as_ref().map(|d| {
+                let v = d.borrow();
+                status::DockerStatus {
+                    available: v.available,
+                    problem: v.problem.clone(),
+                }
+            }),
+            firewall: status::FirewallStatus {
+                backends: self.firewall_backends.clone(),
+                rules: chains
+                    .iter()
+                    .flat_map(|(o, c)| c.iter().map(move |c| format!("{o} in {c}")))
+                    .collect(),
+                heals: fw.heals,
+                last_heal: fw.last_heal.as_ref().map(|h| status::HealStatus {
+                    unix_time: status::unix_time(h.at),
+                    restored: h.restored.clone(),
+                }),
+            },
+            config: self.config_path.display().to_string(),
+            reconcile_events: self.reconcile_events,
+            reload_error: self.reload_error.clone(),
+            requests: status::RequestCounters {
+                bad: control::BAD_REQUESTS.load(std::sync::atomic::Ordering::Relaxed),
+                busy: control::BUSY_REQUESTS.load(std::sync::atomic::Ordering::Relaxed),
+            },
+            rules,
+        }
+    }
+
+    /// STATUS= for systemd.
+    pub(super) fn summary(&self) -> String {
+        let mut s = if self.rules.is_empty() {
+            format!(
+                "no rule yet: add [[expose]] entries to {}, then `lhb reload`",
+                self.config_path.display()
+            )
+        } else {
+            format!(
+                "serving {} of {} rule(s)",
+                serving(&self.applied),
+                self.rules.len()
+            )
+        };
+        if let Some(e) = &self.reload_error {
+            s += &format!("; config reload FAILED, running rules kept: {e}");
+        }
+        s
+    }
+
+    pub(super) fn log_final_counters(&self) {
+        for a in self.rules.iter() {
+            let (rule, slot) = (&a.rule, a.slot);
+            if let Some(Ok(c)) = self.kernel.as_ref().map(|k| k.counters(slot)) {
+                debug!(rule = %rule, connections = c.connections, no_listener = c.no_listener,
+                       errors = c.errors, "final kernel counters");
+            }
+            let p = self.proxy.counters(slot);
+            debug!(rule = %rule, connections = ?p.connections, bytes = ?p.bytes,
+                   target_errors = ?p.target_errors, over_limit = ?p.over_limit, "final proxy counters");
+        }
+    }
+}
