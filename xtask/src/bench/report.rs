@@ -1,0 +1,164 @@
+//! Medians, ratios, the Markdown table, the JSON and the charts.
+
+use std::fmt::Write as _;
+
+use super::*;
+
+/// Median, min and max of one path's samples for one workload.
+pub(super) fn stats(samples: &[Sample], w: Workload, p: Path) -> Option<(f64, f64, f64)> {
+    let mut v: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.workload == w && s.path == p)
+        .map(|s| s.value)
+        .collect();
+    if v.is_empty() {
+        return None;
+    }
+    let min = v.iter().copied().fold(f64::MAX, f64::min);
+    let max = v.iter().copied().fold(f64::MIN, f64::max);
+    Some((median(&mut v), min, max))
+}
+
+pub(super) fn report(
+    samples: &[Sample],
+    paths: &[Path],
+    reps: usize,
+    quick: bool,
+    failures: &[String],
+) -> anyhow::Result<()> {
+    let mut md = String::new();
+    let names: Vec<&str> = paths.iter().map(|p| p.name()).collect();
+    let pairs: Vec<(Path, Path)> = [
+        (Path::Kernel, Path::Direct),
+        (Path::Proxy, Path::Direct),
+        (Path::Kernel, Path::Socat),
+        (Path::Proxy, Path::Socat),
+    ]
+    .into_iter()
+    .filter(|(a, b)| paths.contains(a) && paths.contains(b))
+    .collect();
+    let pair_names: Vec<String> = pairs
+        .iter()
+        .map(|(a, b)| format!("{} vs {}", a.name(), b.name()))
+        .collect();
+    writeln!(
+        md,
+        "| workload | {} | {} |",
+        names.join(" | "),
+        pair_names.join(" | ")
+    )?;
+    writeln!(
+        md,
+        "|---|{}{}",
+        "---|".repeat(paths.len()),
+        "---|".repeat(pairs.len())
+    )?;
+    for &w in Workload::ALL {
+        if !samples.iter().any(|s| s.workload == w) {
+            continue;
+        }
+        let (unit, lower) = (w.unit(), w.lower_is_better());
+        let f = |x: f64| format!("{x:.*}", w.decimals());
+        let cells: Vec<String> = paths
+            .iter()
+            .map(|&p| match stats(samples, w, p) {
+                Some((m, lo, hi)) => format!("{} ({}-{})", f(m), f(lo), f(hi)),
+                None => "n/a".into(),
+            })
+            .collect();
+        // Ratios read "how many times as good": above 1.00x is better, for every unit.
+        let ratios: Vec<String> = pairs
+            .iter()
+            .map(
+                |&(a, b)| match (stats(samples, w, a), stats(samples, w, b)) {
+                    (Some((x, ..)), Some((y, ..))) if x > 0.0 && y > 0.0 => {
+                        format!("{:.2}x", if lower { y / x } else { x / y })
+                    }
+                    _ => "-".into(),
+                },
+            )
+            .collect();
+        writeln!(
+            md,
+            "| {} ({unit}, {}) | {} | {} |",
+            w.name(),
+            if lower {
+                "lower is better"
+            } else {
+                "higher is better"
+            },
+            cells.join(" | "),
+            ratios.join(" | ")
+        )?;
+    }
+    writeln!(
+        md,
+        "\nMedian (min-max) of {reps} interleaved repetitions{}. Ratios are \"times as good\": \
+         above 1.00x the first path is better, whichever way the unit goes. n/a: the path has \
+         no daemon (direct) or does not follow a bridge (direct, socat).",
+        if quick { " (--quick: short runs)" } else { "" }
+    )?;
+    if !failures.is_empty() {
+        writeln!(md, "\nFailed connections (not counted in the rates):")?;
+        for f in failures {
+            writeln!(md, "- {f}")?;
+        }
+    }
+    println!("\n{md}");
+    let dir = crate::workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("results.md"), &md)?;
+    let json = serde_json::json!({
+        "results": samples.iter().map(|s| serde_json::json!({
+            "path": s.path.name(),
+            "workload": s.workload.name(),
+            "value": s.value,
+            "unit": s.workload.unit(),
+            "lower_is_better": s.workload.lower_is_better(),
+        })).collect::<Vec<_>>()
+    });
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    let charts = crate::charts::draw(&dir, samples_for_charts(samples, paths), paths_names(paths))?;
+    println!(
+        "written to {}: results.md, results.json, {}",
+        dir.display(),
+        charts.join(", ")
+    );
+    Ok(())
+}
+
+pub(super) fn paths_names(paths: &[Path]) -> Vec<&'static str> {
+    paths.iter().map(|p| p.name()).collect()
+}
+
+/// Per chart group: its workloads with (path, median, min, max).
+pub(super) fn samples_for_charts(samples: &[Sample], paths: &[Path]) -> Vec<crate::charts::Group> {
+    let mut groups: Vec<crate::charts::Group> = Vec::new();
+    for &w in Workload::ALL {
+        let (unit, lower, group) = (w.unit(), w.lower_is_better(), w.chart());
+        let bars: Vec<crate::charts::Bar> = paths
+            .iter()
+            .filter_map(|&p| stats(samples, w, p).map(|(m, lo, hi)| (p.name(), m, lo, hi)))
+            .collect();
+        if bars.is_empty() {
+            continue;
+        }
+        let g = match groups.iter_mut().find(|g| g.name == group) {
+            Some(g) => g,
+            None => {
+                groups.push(crate::charts::Group {
+                    name: group,
+                    unit,
+                    lower_is_better: lower,
+                    workloads: Vec::new(),
+                });
+                groups.last_mut().expect("just pushed")
+            }
+        };
+        g.workloads.push((w.name(), bars));
+    }
+    groups
+}

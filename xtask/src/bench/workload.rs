@@ -1,0 +1,110 @@
+//! Every measurement the bench makes: its name in the table, its unit, which way is
+//! better, its chart and how many decimals it is shown with, in one place.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    ConnSerial,
+    Conn8,
+    Conn64,
+    Iperf1,
+    Iperf4,
+    RedisP50C1,
+    RedisP99C1,
+    RedisP50C50,
+    RedisP99C50,
+    Pgbench,
+    RssIdle,
+    RssLoad,
+    CpuLoad,
+    Recreate,
+}
+
+impl Workload {
+    /// Table order.
+    pub const ALL: &[Workload] = &[
+        Workload::ConnSerial,
+        Workload::Conn8,
+        Workload::Conn64,
+        Workload::Iperf1,
+        Workload::Iperf4,
+        Workload::RedisP50C1,
+        Workload::RedisP99C1,
+        Workload::RedisP50C50,
+        Workload::RedisP99C50,
+        Workload::Pgbench,
+        Workload::RssIdle,
+        Workload::RssLoad,
+        Workload::CpuLoad,
+        Workload::Recreate,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::ConnSerial => "conn/s serial",
+            Workload::Conn8 => "conn/s 8 concurrent",
+            Workload::Conn64 => "conn/s 64 concurrent",
+            Workload::Iperf1 => "iperf3 1 stream",
+            Workload::Iperf4 => "iperf3 4 streams",
+            Workload::RedisP50C1 => "redis GET p50 -c 1",
+            Workload::RedisP99C1 => "redis GET p99 -c 1",
+            Workload::RedisP50C50 => "redis GET p50 -c 50",
+            Workload::RedisP99C50 => "redis GET p99 -c 50",
+            Workload::Pgbench => "pgbench select-only -c 8",
+            Workload::RssIdle => "daemon RSS idle",
+            Workload::RssLoad => "daemon RSS under load",
+            Workload::CpuLoad => "daemon CPU under load",
+            Workload::Recreate => "bridge re-created -> served",
+        }
+    }
+
+    pub fn unit(self) -> &'static str {
+        match self {
+            Workload::ConnSerial | Workload::Conn8 | Workload::Conn64 => "conn/s",
+            Workload::Iperf1 | Workload::Iperf4 => "Gbit/s",
+            Workload::RedisP50C1
+            | Workload::RedisP99C1
+            | Workload::RedisP50C50
+            | Workload::RedisP99C50
+            | Workload::Recreate => "ms",
+            Workload::Pgbench => "tps",
+            Workload::RssIdle | Workload::RssLoad => "MiB",
+            Workload::CpuLoad => "% of a core",
+        }
+    }
+
+    pub fn lower_is_better(self) -> bool {
+        !matches!(
+            self,
+            Workload::ConnSerial
+                | Workload::Conn8
+                | Workload::Conn64
+                | Workload::Iperf1
+                | Workload::Iperf4
+                | Workload::Pgbench
+        )
+    }
+
+    /// The chart it is drawn in.
+    pub fn chart(self) -> &'static str {
+        match self {
+            Workload::ConnSerial | Workload::Conn8 | Workload::Conn64 => "connection-rate",
+            Workload::Iperf1 | Workload::Iperf4 => "throughput",
+            Workload::RedisP50C1
+            | Workload::RedisP99C1
+            | Workload::RedisP50C50
+            | Workload::RedisP99C50 => "redis-latency",
+            Workload::Pgbench => "pgbench",
+            Workload::RssIdle | Workload::RssLoad => "memory",
+            Workload::CpuLoad => "cpu",
+            Workload::Recreate => "recreate",
+        }
+    }
+
+    /// Counts (connections, transactions) are whole; times, rates and sizes are not.
+    pub fn decimals(self) -> usize {
+        match self {
+            Workload::ConnSerial | Workload::Conn8 | Workload::Conn64 | Workload::Pgbench => 0,
+            _ => 2,
+        }
+    }
+}
