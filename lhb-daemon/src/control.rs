@@ -172,10 +172,9 @@ pub fn serve(path: &Path, tx: mpsc::Sender<Call>) -> anyhow::Result<()> {
             let tx = tx.clone();
             let permit = slots.take();
             tokio::spawn(async move {
-                if let Err(e) = handle_control(conn, tx, permit.is_some()).await {
+                if let Err(e) = handle_control(conn, tx, permit).await {
                     debug!("control connection: {e:#}");
                 }
-                drop(permit);
             });
         }
     });
@@ -219,10 +218,10 @@ fn bind_unix(path: &Path, what: &str) -> anyhow::Result<tokio::net::UnixListener
 async fn handle_control(
     conn: tokio::net::UnixStream,
     tx: mpsc::Sender<Call>,
-    admitted: bool,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> anyhow::Result<()> {
     let (r, mut w) = conn.into_split();
-    let resp = if !admitted {
+    let resp = if permit.is_none() {
         Response::error(format!(
             "busy: {CONCURRENT_REQUESTS} control requests already in progress; try again"
         ))
@@ -251,6 +250,8 @@ async fn handle_control(
     let mut out = serde_json::to_vec(&resp)?;
     out.push(b'\n');
     w.write_all(&out).await?;
+    // Freed before the end of the answer: see `scrape`.
+    drop(permit);
     w.shutdown().await?;
     Ok(())
 }
@@ -369,12 +370,16 @@ async fn scrape<S: AsyncRead + AsyncWrite + Unpin>(
     let mut conn = reader.into_inner();
     let write = async {
         conn.write_all(head.as_bytes()).await?;
-        conn.write_all(body.as_bytes()).await?;
-        conn.shutdown().await
+        conn.write_all(body.as_bytes()).await
     };
     // A scraper that does not read its answer holds its slot no longer than a slow sender.
-    let _ = tokio::time::timeout(REQUEST_TIMEOUT, write).await;
+    let written = tokio::time::timeout(REQUEST_TIMEOUT, write).await;
+    // Freed before the end of the answer goes out: a client that has read all of it
+    // finds the slot free (a CI run saw the next connection refused "busy" otherwise).
     drop(permit);
+    if matches!(written, Ok(Ok(()))) {
+        let _ = conn.shutdown().await;
+    }
 }
 
 /// Reads an HTTP request head (request line and headers, up to the blank line), at most
