@@ -102,6 +102,48 @@ impl Counters {
     }
 }
 
+/// The address's family and its bytes in network order (IPv4 in the first 4 bytes).
+#[cfg(feature = "user")]
+fn ip_bytes(ip: core::net::IpAddr) -> (u8, [u8; 16]) {
+    match ip {
+        core::net::IpAddr::V4(v4) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&v4.octets());
+            (FAMILY_V4, b)
+        }
+        core::net::IpAddr::V6(v6) => (FAMILY_V6, v6.octets()),
+    }
+}
+
+/// The one place the daemon's addresses become the maps' wire layout.
+#[cfg(feature = "user")]
+impl EndpointKey {
+    pub fn new(ifindex: u32, gateway: core::net::IpAddr, port: u16) -> EndpointKey {
+        let (family, addr) = ip_bytes(gateway);
+        EndpointKey {
+            ifindex,
+            addr,
+            port,
+            family,
+            _pad: 0,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+impl Steer {
+    pub fn new(target: core::net::SocketAddr, slot: u32) -> Steer {
+        let (target_family, target_addr) = ip_bytes(target.ip());
+        Steer {
+            target_addr,
+            target_port: target.port(),
+            target_family,
+            _pad: 0,
+            slot,
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain #[repr(C)] data with explicit padding fields and no pointers.

@@ -3,6 +3,7 @@
 //! JSON response per connection. Also the metrics endpoint (Prometheus text over HTTP, on
 //! a Unix socket or a loopback TCP address), which asks the daemon the same way.
 
+use crate::tasks::Tasks;
 use std::os::unix::fs::FileTypeExt as _;
 use std::sync::{
     Arc,
@@ -159,10 +160,11 @@ pub type Call = (Request, oneshot::Sender<Response>);
 /// Binds the control socket at `path` (0600) and serves it; requests go to `tx`.
 /// A socket file nobody answers on is a leftover of a crash and is replaced; one that
 /// answers belongs to a running lhb, and that is an error.
-pub fn serve(path: &Path, tx: mpsc::Sender<Call>) -> anyhow::Result<()> {
+pub fn serve(path: &Path, tx: mpsc::Sender<Call>, tasks: &Tasks) -> anyhow::Result<()> {
     let listener = bind_unix(path, "control socket")?;
     let slots = Slots::new();
-    tokio::spawn(async move {
+    let each = tasks.clone();
+    tasks.spawn(async move {
         loop {
             let Ok((conn, _)) = listener.accept().await else {
                 // EMFILE: do not spin; the connection waits in the backlog.
@@ -171,7 +173,7 @@ pub fn serve(path: &Path, tx: mpsc::Sender<Call>) -> anyhow::Result<()> {
             };
             let tx = tx.clone();
             let permit = slots.take();
-            tokio::spawn(async move {
+            each.spawn(async move {
                 if let Err(e) = handle_control(conn, tx, permit).await {
                     debug!("control connection: {e:#}");
                 }
@@ -295,17 +297,22 @@ pub fn parse_metrics(s: &str) -> Result<MetricsAddr, String> {
 }
 
 /// Serves `GET /metrics` at `addr`; each scrape asks the daemon for a fresh status.
-pub async fn serve_metrics(addr: &MetricsAddr, tx: mpsc::Sender<Call>) -> anyhow::Result<()> {
+pub async fn serve_metrics(
+    addr: &MetricsAddr,
+    tx: mpsc::Sender<Call>,
+    tasks: &Tasks,
+) -> anyhow::Result<()> {
+    let each = tasks.clone();
     match addr {
         MetricsAddr::Off => {}
         MetricsAddr::Unix(path) => {
             let listener = bind_unix(path, "metrics socket")?;
             let slots = Slots::new();
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 loop {
                     match listener.accept().await {
                         Ok((c, _)) => {
-                            tokio::spawn(scrape(c, tx.clone(), slots.take()));
+                            each.spawn(scrape(c, tx.clone(), slots.take()));
                         }
                         Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                     }
@@ -317,11 +324,11 @@ pub async fn serve_metrics(addr: &MetricsAddr, tx: mpsc::Sender<Call>) -> anyhow
                 .await
                 .with_context(|| format!("binding the metrics address {a}"))?;
             let slots = Slots::new();
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 loop {
                     match listener.accept().await {
                         Ok((c, _)) => {
-                            tokio::spawn(scrape(c, tx.clone(), slots.take()));
+                            each.spawn(scrape(c, tx.clone(), slots.take()));
                         }
                         Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                     }

@@ -49,9 +49,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Starts following the local engine; the receiver always holds the latest view.
-pub fn watch() -> watch::Receiver<DockerView> {
+pub fn watch(tasks: &crate::tasks::Tasks) -> watch::Receiver<DockerView> {
     let (tx, rx) = watch::channel(DockerView::default());
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut backoff = BACKOFF_MIN;
         let mut was_up = false;
         loop {

@@ -11,6 +11,7 @@ use std::{
 
 use crate::{
     check::{self, Outcome, ProbeNs, Target},
+    findings::{Findings, Level},
     firewall::{Firewall, FirewallMode, Opening},
     kernel,
     reconcile::{self, Observed},
@@ -19,216 +20,116 @@ use crate::{
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Level {
-    Ok,
-    Warn,
-    Fail,
-}
-
-struct Report {
-    failed: usize,
-}
-
-impl Report {
-    fn step(&mut self, level: Level, what: impl AsRef<str>, fix: Option<String>) {
-        let tag = match level {
-            Level::Ok => "OK  ",
-            Level::Warn => "WARN",
-            Level::Fail => {
-                self.failed += 1;
-                "FAIL"
-            }
-        };
-        println!("{tag}  {}", what.as_ref());
-        if let Some(fix) = fix {
-            println!("      fix: {fix}");
-        }
-    }
-}
-
 /// True if no step failed.
 pub async fn run(t: Target) -> anyhow::Result<bool> {
     let rules = check::rules(&t)?;
     let observed = check::observe(t.no_docker || !check::needs_docker(&rules)).await?;
     let daemons = check::running_daemons();
-    let mut r = Report { failed: 0 };
+    let mut failed = 0;
     for (i, rule) in rules.iter().enumerate() {
         if i > 0 {
             println!();
         }
-        println!("{rule} (service {})", rule.service);
+        // Printed rule by rule: the probes of the next one take seconds.
+        let mut r = Findings::default();
+        r.heading(format!("{rule} (service {})", rule.service));
         diagnose(rule, &observed, &daemons, &mut r)?;
+        print!("{}", r.render(false));
+        failed += r.count(Level::Fail);
     }
-    if r.failed == 0 {
+    if failed == 0 {
         println!("\nno problem found");
     } else {
-        println!("\n{} step(s) failed; fix the first one first", r.failed);
+        println!("\n{failed} step(s) failed; fix the first one first");
     }
-    Ok(r.failed == 0)
+    Ok(failed == 0)
 }
 
 fn diagnose(
     rule: &Rule,
     observed: &Observed,
     daemons: &[u32],
-    r: &mut Report,
+    r: &mut Findings,
 ) -> anyhow::Result<()> {
-    // 1. Docker engine and network (network rules only).
-    match &rule.source {
-        Source::Network(net) => {
-            let view = observed.docker.clone().unwrap_or_default();
-            match check::docker_problem(&view) {
-                Some(p) => {
-                    r.step(
-                        Level::Fail,
-                        format!("Docker engine: not reachable ({p})"),
-                        Some("start it (`systemctl start docker`), or point DOCKER_HOST at it; lhb waits for it and serves the network once it answers".into()),
-                    );
-                }
-                None => r.step(Level::Ok, "Docker engine: reachable", None),
-            }
-            match view.networks.get(net) {
-                Some(n) if n.driver == "bridge" => r.step(
-                    Level::Ok,
-                    format!("Docker network {net}: exists, bridge {}", n.bridge),
-                    None,
-                ),
-                Some(n) => r.step(
-                    Level::Fail,
-                    format!("Docker network {net}: uses the {} driver, not bridge", n.driver),
-                    Some("lhb serves bridge networks; attach the containers to a bridge network".into()),
-                ),
-                None if view.available => r.step(
-                    Level::Fail,
-                    format!("Docker network {net}: does not exist"),
-                    Some(format!(
-                        "create it (`docker network create {net}`, or start its compose project) or correct the rule; a running lhb serves it within a second of its creation"
-                    )),
-                ),
-                None => {}
-            }
-        }
-        Source::Interface(_) => r.step(
-            Level::Ok,
-            "Docker engine: not needed (interface rule)",
-            None,
-        ),
-    }
-
-    // 2. Bridge and gateway.
-    let resolved = reconcile::bridge_of(rule, observed);
-    let bridge_name = match &rule.source {
-        Source::Interface(i) => Some(i.clone()),
-        Source::Network(n) => observed
-            .docker
-            .as_ref()
-            .and_then(|d| d.networks.get(n))
-            .map(|n| n.bridge.clone()),
-    };
-    if let Some(name) = &bridge_name {
-        match observed.links.get(name) {
-            None => r.step(
-                Level::Fail,
-                format!("bridge {name}: no such interface"),
-                Some(match &rule.source {
-                    Source::Interface(_) => "create the bridge, or correct the rule (bridges here: `ip -br link show type bridge`)".to_string(),
-                    Source::Network(n) => format!("Docker has not created it yet: it appears when a container joins {n}, or re-create the network"),
-                }),
-            ),
-            Some(l) if !l.is_bridge => r.step(
-                Level::Fail,
-                format!("bridge {name}: is not a bridge"),
-                Some("lhb serves containers on Linux bridges; name the bridge they are plugged into".into()),
-            ),
-            Some(l) => {
-                r.step(Level::Ok, format!("bridge {name}: up (ifindex {})", l.ifindex), None);
-                if !l.uplinks.is_empty() {
-                    let ports = l.uplinks.join(", ");
-                    if rule.allow_uplinks {
-                        r.step(
-                            Level::Warn,
-                            format!("bridge {name}: port(s) leading off this host: {ports}; allow_uplinks = true, so the service is served to every machine on that network too"),
-                            None,
-                        );
-                    } else {
-                        r.step(
-                            Level::Fail,
-                            format!("bridge {name}: port(s) leading off this host: {ports}; lhb does not serve here, since every machine on that network could connect"),
-                            Some(format!("take the port(s) off the bridge, or, if serving that network is intended, set `allow_uplinks = true` on the rule (--allow-uplinks {})", rule.source.name())),
-                        );
-                    }
-                }
-                if l.addrs.is_empty() {
-                    r.step(
-                        Level::Fail,
-                        format!("gateway: bridge {name} has no IP address"),
-                        Some(format!("give it one (`ip addr add ADDR/LEN dev {name}`); containers use it as their gateway")),
-                    );
-                }
-            }
-        }
-    }
-    let (bridge, ifindex, gateways) = match resolved {
-        Ok(reconcile::Resolved {
-            bridge,
-            link,
-            gateways,
-        }) => {
-            let list: Vec<String> = gateways.iter().map(IpAddr::to_string).collect();
-            r.step(Level::Ok, format!("gateway: {}", list.join(", ")), None);
-            (bridge.to_string(), link.ifindex, gateways)
-        }
-        Err(why) => {
-            // An uplink was reported above, with its fix.
-            if !matches!(why, reconcile::BridgeProblem::Uplinks { .. }) {
-                r.step(Level::Fail, format!("gateway: {why}"), None);
-            }
-            check_target(rule, r)?;
-            check_daemon(daemons, r);
-            return Ok(());
-        }
+    let Some((bridge, ifindex, gateways)) = bridge_steps(rule, observed, r) else {
+        check_target(rule, r)?;
+        check_daemon(daemons, r);
+        return Ok(());
     };
 
     // 3. Target service.
     let target_up = check_target(rule, r)?;
 
     // 4. Data path, per gateway.
+    let (served, cross) = data_path_steps(rule, &bridge, ifindex, &gateways, daemons, r)?;
+    // Gateways left out on purpose are not probed.
+    let gateways: Vec<IpAddr> = gateways
+        .into_iter()
+        .filter(|g| !cross.contains(g))
+        .collect();
+
+    // 5. Firewall, and 6. the live probe.
+    probe_steps(
+        rule,
+        observed,
+        &bridge,
+        &gateways,
+        (target_up, &served),
+        daemons,
+        r,
+    )
+}
+
+/// Step 4: for each gateway, which data path serves it (the kernel's map and program,
+/// or a proxy listener on the bridge), or what else holds it. The gateways served, and
+/// those left out on purpose (the other address family than the target's).
+fn data_path_steps(
+    rule: &Rule,
+    bridge: &str,
+    ifindex: u32,
+    gateways: &[IpAddr],
+    daemons: &[u32],
+    r: &mut Findings,
+) -> anyhow::Result<(Vec<IpAddr>, Vec<IpAddr>)> {
     let mut served = Vec::new();
     let mut cross = Vec::new();
     let listening = check::listeners(rule.port)?;
-    for &gw in &gateways {
-        let key = reconcile::endpoint_key(ifindex, gw, rule.port);
-        let k = kernel::inspect(&bridge, &key);
+    for &gw in gateways {
+        let key = reconcile::Endpoint {
+            ifindex,
+            gateway: gw,
+            port: rule.port,
+        };
+        let k = kernel::inspect(bridge, &key);
         let proxy = listening
             .iter()
-            .find(|l| l.addr.ip() == gw && l.dev.as_deref() == Some(bridge.as_str()));
+            .find(|l| l.addr.ip() == gw && l.dev.as_deref() == Some(bridge));
         let to = SocketAddr::new(gw, rule.port);
         // Another program listening where lhb's proxy should: it gets the containers'
         // connections (a local user can bind a gateway port above 1023 first).
         let squatter = listening
             .iter()
-            .find(|l| l.covers(to) && l.dev.as_deref() != Some(bridge.as_str()));
+            .find(|l| l.covers(to) && l.dev.as_deref() != Some(bridge));
         match (&k, proxy) {
             (Ok(kernel::Inspection { endpoint: true, attached: Some(how) }), _) => {
                 served.push(gw);
-                r.step(Level::Ok, format!("data path {to}: kernel (lhb_ingress on {bridge}, {how})"), None);
+                r.add(Level::Ok, format!("data path {to}: kernel (lhb_ingress on {bridge}, {how})"), None);
             }
-            (Ok(kernel::Inspection { endpoint: true, attached: None }), _) => r.step(
+            (Ok(kernel::Inspection { endpoint: true, attached: None }), _) => r.add(
                 Level::Fail,
                 format!("data path {to}: in lhb's endpoint map, but no lhb program on {bridge}"),
                 Some("another program may have replaced the clsact qdisc; restart lhb (`systemctl restart lhb`)".into()),
             ),
             (_, Some(l)) => {
                 served.push(gw);
-                r.step(Level::Ok, format!("data path {to}: proxy, listening on {}", l.describe()), None);
+                r.add(Level::Ok, format!("data path {to}: proxy, listening on {}", l.describe()), None);
             }
-            (Err(e), None) => r.step(
+            (Err(e), None) => r.add(
                 Level::Fail,
                 format!("data path {to}: nothing serves it (cannot read BPF maps: {e:#})"),
                 daemon_fix(daemons),
             ),
-            (Ok(_), None) if let Some(s) = squatter => r.step(
+            (Ok(_), None) if let Some(s) = squatter => r.add(
                 Level::Fail,
                 format!(
                     "data path {to}: not served by lhb; {} holds this address, and containers connecting to it reach that program",
@@ -240,13 +141,13 @@ fn diagnose(
             ),
             (Ok(_), None) if gw.is_ipv4() != rule.target.is_ipv4() => {
                 cross.push(gw);
-                r.step(
+                r.add(
                     Level::Warn,
                     format!("data path {to}: not served: {}", check::CROSS_FAMILY),
                     None,
                 );
             }
-            (Ok(_), None) => r.step(
+            (Ok(_), None) => r.add(
                 Level::Fail,
                 format!("data path {to}: nothing serves it: {}", daemon_state(daemons)),
                 daemon_fix(daemons),
@@ -254,19 +155,28 @@ fn diagnose(
         }
     }
 
-    // Gateways left out on purpose are not probed.
-    let gateways: Vec<IpAddr> = gateways
-        .into_iter()
-        .filter(|g| !cross.contains(g))
-        .collect();
+    Ok((served, cross))
+}
 
-    // 5. Firewall, and 6. the live probe (run first: the firewall's verdict uses it).
+/// Steps 5 and 6: the firewall's verdict for each gateway and a live probe from a
+/// namespace on the bridge (run first: the firewall's verdict uses it). `target`:
+/// whether the service listens, and the gateways step 4 found served.
+fn probe_steps(
+    rule: &Rule,
+    observed: &Observed,
+    bridge: &str,
+    gateways: &[IpAddr],
+    target: (bool, &[IpAddr]),
+    daemons: &[u32],
+    r: &mut Findings,
+) -> anyhow::Result<()> {
+    let (target_up, served) = target;
     let mut blockers = Vec::new();
     let mut fw = Firewall::detect(FirewallMode::Auto);
     let mut fw_err = None;
-    for &gw in &gateways {
+    for &gw in gateways {
         let o = Opening {
-            iface: bridge.clone(),
+            iface: bridge.to_string(),
             gateway: gw,
             port: rule.port,
         };
@@ -283,10 +193,10 @@ fn diagnose(
     }
     let own = observed
         .links
-        .get(&bridge)
+        .get(bridge)
         .map(|l| l.prefixes.as_slice())
         .unwrap_or_default();
-    let probe = ProbeNs::for_gateways(&bridge, own, &gateways)?;
+    let probe = ProbeNs::for_gateways(bridge, own, gateways)?;
     let outcomes: Vec<(SocketAddr, Outcome)> = gateways
         .iter()
         .map(|&gw| {
@@ -312,13 +222,13 @@ fn diagnose(
         })
         .unwrap_or_default();
     match (&fw_err, blockers.is_empty()) {
-        (Some(e), _) => r.step(Level::Warn, format!("firewall: cannot read it: {e}"), None),
-        (None, true) => r.step(
+        (Some(e), _) => r.add(Level::Warn, format!("firewall: cannot read it: {e}"), None),
+        (None, true) => r.add(
             Level::Ok,
             format!("firewall: nothing on the input path drops tcp to port {} in on {bridge} (or lhb's accept is in place)", rule.port),
             None,
         ),
-        (None, false) if dropped => r.step(
+        (None, false) if dropped => r.add(
             Level::Fail,
             format!(
                 "firewall: drops the traffic: {} may drop tcp to port {} in on {bridge}, and holds no accept of lhb's",
@@ -336,7 +246,7 @@ fn diagnose(
                 )
             }),
         ),
-        (None, false) => r.step(
+        (None, false) => r.add(
             Level::Warn,
             format!(
                 "firewall: {} may drop tcp to port {} in on {bridge} and holds no accept of lhb's; the probe got through anyway",
@@ -372,7 +282,7 @@ fn diagnose(
                 Some("see lhb's log (`journalctl -u lhb`) and run `lhb verify`".to_string()),
             ),
         };
-        r.step(
+        r.add(
             level,
             format!("probe: a namespace on {bridge} -> {to}: {}", o.describe()),
             fix,
@@ -381,12 +291,135 @@ fn diagnose(
     Ok(())
 }
 
+/// Steps 1 and 2, from what was observed alone (no probe, no I/O): the Docker engine
+/// and network, the bridge, its gateway addresses. The bridge, its ifindex and the
+/// gateways to probe, or None if there is nothing to probe.
+fn bridge_steps(
+    rule: &Rule,
+    observed: &Observed,
+    r: &mut Findings,
+) -> Option<(String, u32, Vec<IpAddr>)> {
+    // 1. Docker engine and network (network rules only).
+    match &rule.source {
+        Source::Network(net) => {
+            let view = observed.docker.clone().unwrap_or_default();
+            match check::docker_problem(&view) {
+                Some(p) => {
+                    r.add(
+                        Level::Fail,
+                        format!("Docker engine: not reachable ({p})"),
+                        Some("start it (`systemctl start docker`), or point DOCKER_HOST at it; lhb waits for it and serves the network once it answers".into()),
+                    );
+                }
+                None => r.add(Level::Ok, "Docker engine: reachable", None),
+            }
+            match view.networks.get(net) {
+                Some(n) if n.driver == "bridge" => r.add(
+                    Level::Ok,
+                    format!("Docker network {net}: exists, bridge {}", n.bridge),
+                    None,
+                ),
+                Some(n) => r.add(
+                    Level::Fail,
+                    format!("Docker network {net}: uses the {} driver, not bridge", n.driver),
+                    Some("lhb serves bridge networks; attach the containers to a bridge network".into()),
+                ),
+                None if view.available => r.add(
+                    Level::Fail,
+                    format!("Docker network {net}: does not exist"),
+                    Some(format!(
+                        "create it (`docker network create {net}`, or start its compose project) or correct the rule; a running lhb serves it within a second of its creation"
+                    )),
+                ),
+                None => {}
+            }
+        }
+        Source::Interface(_) => r.add(
+            Level::Ok,
+            "Docker engine: not needed (interface rule)",
+            None,
+        ),
+    }
+
+    // 2. Bridge and gateway.
+    let resolved = reconcile::bridge_of(rule, observed);
+    let bridge_name = match &rule.source {
+        Source::Interface(i) => Some(i.clone()),
+        Source::Network(n) => observed
+            .docker
+            .as_ref()
+            .and_then(|d| d.networks.get(n))
+            .map(|n| n.bridge.clone()),
+    };
+    if let Some(name) = &bridge_name {
+        match observed.links.get(name) {
+            None => r.add(
+                Level::Fail,
+                format!("bridge {name}: no such interface"),
+                Some(match &rule.source {
+                    Source::Interface(_) => "create the bridge, or correct the rule (bridges here: `ip -br link show type bridge`)".to_string(),
+                    Source::Network(n) => format!("Docker has not created it yet: it appears when a container joins {n}, or re-create the network"),
+                }),
+            ),
+            Some(l) if !l.is_bridge => r.add(
+                Level::Fail,
+                format!("bridge {name}: is not a bridge"),
+                Some("lhb serves containers on Linux bridges; name the bridge they are plugged into".into()),
+            ),
+            Some(l) => {
+                r.add(Level::Ok, format!("bridge {name}: up (ifindex {})", l.ifindex), None);
+                if !l.uplinks.is_empty() {
+                    let ports = l.uplinks.join(", ");
+                    if rule.allow_uplinks {
+                        r.add(
+                            Level::Warn,
+                            format!("bridge {name}: port(s) leading off this host: {ports}; allow_uplinks = true, so the service is served to every machine on that network too"),
+                            None,
+                        );
+                    } else {
+                        r.add(
+                            Level::Fail,
+                            format!("bridge {name}: port(s) leading off this host: {ports}; lhb does not serve here, since every machine on that network could connect"),
+                            Some(format!("take the port(s) off the bridge, or, if serving that network is intended, set `allow_uplinks = true` on the rule (--allow-uplinks {})", rule.source.name())),
+                        );
+                    }
+                }
+                if l.addrs.is_empty() {
+                    r.add(
+                        Level::Fail,
+                        format!("gateway: bridge {name} has no IP address"),
+                        Some(format!("give it one (`ip addr add ADDR/LEN dev {name}`); containers use it as their gateway")),
+                    );
+                }
+            }
+        }
+    }
+    match resolved {
+        Ok(reconcile::Resolved {
+            bridge,
+            link,
+            gateways,
+        }) => {
+            let list: Vec<String> = gateways.iter().map(IpAddr::to_string).collect();
+            r.add(Level::Ok, format!("gateway: {}", list.join(", ")), None);
+            Some((bridge.to_string(), link.ifindex, gateways))
+        }
+        Err(why) => {
+            // An uplink was reported above, with its fix.
+            if !matches!(why, reconcile::BridgeProblem::Uplinks { .. }) {
+                r.add(Level::Fail, format!("gateway: {why}"), None);
+            }
+            None
+        }
+    }
+}
+
 /// Whether the target listens; a wildcard listener is a warning (exposed everywhere).
-fn check_target(rule: &Rule, r: &mut Report) -> anyhow::Result<bool> {
+fn check_target(rule: &Rule, r: &mut Findings) -> anyhow::Result<bool> {
     let all = check::listeners(rule.target.port())?;
     let covering: Vec<_> = all.iter().filter(|l| l.covers(rule.target)).collect();
     if covering.is_empty() {
-        r.step(
+        r.add(
             Level::Fail,
             format!(
                 "target {}: nothing listens there (service down?)",
@@ -401,7 +434,7 @@ fn check_target(rule: &Rule, r: &mut Report) -> anyhow::Result<bool> {
     }
     let who: Vec<String> = covering.iter().map(|l| l.describe()).collect();
     if covering.iter().any(|l| l.is_wildcard()) {
-        r.step(
+        r.add(
             Level::Warn,
             format!(
                 "target {}: listening on a wildcard address ({}): exposed on every interface, not only to the bridge",
@@ -414,7 +447,7 @@ fn check_target(rule: &Rule, r: &mut Report) -> anyhow::Result<bool> {
             )),
         );
     } else {
-        r.step(
+        r.add(
             Level::Ok,
             format!("target {}: listening ({})", rule.target, who.join(", ")),
             None,
@@ -443,13 +476,114 @@ fn daemon_fix(daemons: &[u32]) -> Option<String> {
     })
 }
 
-fn check_daemon(daemons: &[u32], r: &mut Report) {
+fn check_daemon(daemons: &[u32], r: &mut Findings) {
     match daemons {
-        [] => r.step(Level::Warn, "lhb: not running", daemon_fix(daemons)),
-        _ => r.step(
+        [] => r.add(Level::Warn, "lhb: not running", daemon_fix(daemons)),
+        _ => r.add(
             Level::Ok,
             daemon_state(daemons).replace(" but does not serve this rule", ""),
             None,
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        docker::{DockerNetwork, DockerView},
+        reconcile::Link,
+        rule::{parse_iface_spec, parse_network_spec},
+    };
+
+    fn bridge(ifindex: u32, addr: &str, uplinks: &[&str]) -> Link {
+        let ip: IpAddr = addr.parse().unwrap();
+        Link {
+            ifindex,
+            is_bridge: true,
+            addrs: vec![ip],
+            prefixes: vec![(ip, 24)],
+            uplinks: uplinks.iter().map(|u| u.to_string()).collect(),
+        }
+    }
+
+    fn steps(rule: &Rule, observed: &Observed) -> (Option<String>, Vec<(Level, String, String)>) {
+        let mut f = Findings::default();
+        let got = bridge_steps(rule, observed, &mut f).map(|(b, i, g)| format!("{b} {i} {g:?}"));
+        let lines = f
+            .iter()
+            .map(|x| (x.level, x.what.clone(), x.fix.clone().unwrap_or_default()))
+            .collect();
+        (got, lines)
+    }
+
+    #[test]
+    fn a_served_bridge_is_ok_and_gives_its_gateway_to_probe() {
+        let mut o = Observed::default();
+        o.links.insert("br0".into(), bridge(5, "10.0.0.1", &[]));
+        let (got, lines) = steps(&parse_iface_spec("br0:80").unwrap(), &o);
+        assert_eq!(got.as_deref(), Some("br0 5 [10.0.0.1]"));
+        assert!(lines.iter().all(|l| l.0 == Level::Ok), "{lines:?}");
+        assert!(
+            lines.iter().any(|l| l.1 == "gateway: 10.0.0.1"),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn a_missing_bridge_fails_with_where_to_look() {
+        let (got, lines) = steps(&parse_iface_spec("br9:80").unwrap(), &Observed::default());
+        assert_eq!(got, None);
+        let fail = lines.iter().find(|l| l.0 == Level::Fail).unwrap();
+        assert_eq!(fail.1, "bridge br9: no such interface");
+        assert!(fail.2.contains("ip -br link show type bridge"), "{fail:?}");
+    }
+
+    #[test]
+    fn an_uplink_fails_once_with_the_opt_in_as_the_fix() {
+        let mut o = Observed::default();
+        o.links.insert(
+            "br0".into(),
+            bridge(5, "10.0.0.1", &["eth1 (a network card)"]),
+        );
+        let (got, lines) = steps(&parse_iface_spec("br0:80").unwrap(), &o);
+        assert_eq!(got, None);
+        let fails: Vec<_> = lines.iter().filter(|l| l.0 == Level::Fail).collect();
+        assert_eq!(fails.len(), 1, "{lines:?}");
+        assert!(fails[0].1.contains("eth1 (a network card)"));
+        assert!(fails[0].2.contains("allow_uplinks = true"));
+    }
+
+    #[test]
+    fn a_missing_docker_network_fails_with_how_to_create_it() {
+        let mut o = Observed {
+            docker: Some(DockerView {
+                available: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let (got, lines) = steps(&parse_network_spec("app:80").unwrap(), &o);
+        assert_eq!(got, None);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.0 == Level::Ok && l.1 == "Docker engine: reachable")
+        );
+        let fail = lines.iter().find(|l| l.0 == Level::Fail).unwrap();
+        assert_eq!(fail.1, "Docker network app: does not exist");
+        assert!(fail.2.contains("docker network create app"), "{fail:?}");
+        // Once it exists, with its bridge: served.
+        o.docker.as_mut().unwrap().networks.insert(
+            "app".into(),
+            DockerNetwork {
+                driver: "bridge".into(),
+                bridge: "br-1".into(),
+                gateways: vec!["172.18.0.1".parse().unwrap()],
+            },
+        );
+        o.links.insert("br-1".into(), bridge(7, "172.18.0.1", &[]));
+        let (got, _) = steps(&parse_network_spec("app:80").unwrap(), &o);
+        assert_eq!(got.as_deref(), Some("br-1 7 [172.18.0.1]"));
     }
 }

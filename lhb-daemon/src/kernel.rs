@@ -34,6 +34,8 @@ use lhb_common::{
     SK_LOOKUP_PROGRAM, Steer,
 };
 use thiserror::Error;
+
+use crate::reconcile::{Endpoint, Steering};
 use tracing::{debug, info, warn};
 
 #[derive(Debug, Error)]
@@ -362,13 +364,16 @@ impl KernelPath {
         self.attached.keys().copied()
     }
 
-    pub fn upsert_endpoint(&mut self, key: EndpointKey, steer: Steer) -> anyhow::Result<()> {
-        self.endpoints.insert(key, steer, 0)?;
+    pub fn upsert_endpoint(&mut self, ep: Endpoint, to: Steering) -> anyhow::Result<()> {
+        let key = EndpointKey::new(ep.ifindex, ep.gateway, ep.port);
+        self.endpoints
+            .insert(key, Steer::new(to.target, to.slot), 0)?;
         Ok(())
     }
 
-    pub fn remove_endpoint(&mut self, key: &EndpointKey) {
-        if let Err(e) = self.endpoints.remove(key) {
+    pub fn remove_endpoint(&mut self, ep: &Endpoint) {
+        let key = EndpointKey::new(ep.ifindex, ep.gateway, ep.port);
+        if let Err(e) = self.endpoints.remove(&key) {
             warn!("removing endpoint from {ENDPOINTS_MAP}: {e}");
         }
     }
@@ -440,7 +445,8 @@ pub struct Inspection {
     pub attached: Option<&'static str>,
 }
 
-pub fn inspect(iface: &str, key: &EndpointKey) -> anyhow::Result<Inspection> {
+pub fn inspect(iface: &str, ep: &Endpoint) -> anyhow::Result<Inspection> {
+    let key = &EndpointKey::new(ep.ifindex, ep.gateway, ep.port);
     let mut endpoint = false;
     for info in aya::maps::loaded_maps() {
         let info = info.map_err(|e| anyhow::anyhow!("listing BPF maps: {e}"))?;

@@ -167,7 +167,9 @@ pub async fn compute(opts: PlanOptions) -> anyhow::Result<HostPlan> {
     }
 
     let (netlink, _events) = Netlink::connect()?;
-    let mut docker = (!opts.no_docker).then(docker::watch);
+    // The command exits once the plan is printed; the watcher ends with it.
+    let tasks = crate::tasks::Tasks::new();
+    let mut docker = (!opts.no_docker).then(|| docker::watch(&tasks));
     let view = match docker.as_mut() {
         Some(rx) => Some(daemon::first_docker_view(rx).await),
         None => None,

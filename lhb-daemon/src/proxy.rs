@@ -29,6 +29,7 @@ use std::{
     time::Duration,
 };
 
+use crate::tasks::Tasks;
 use rustix::pipe::{PipeFlags, SpliceFlags};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
@@ -107,6 +108,7 @@ pub struct Proxy {
     max_connections: usize,
     backlog: i32,
     counters: Arc<std::sync::Mutex<BTreeMap<u32, Arc<ProxyCounters>>>>,
+    tasks: Tasks,
 }
 
 /// Bytes one splice call may move; also the pipe's size.
@@ -124,13 +126,14 @@ pub const FD_RESERVE: u64 = 256;
 const DRAIN_STALL: Duration = Duration::from_secs(5);
 
 impl Proxy {
-    pub fn new(max_connections: usize, backlog: i32) -> Proxy {
+    pub fn new(max_connections: usize, backlog: i32, tasks: Tasks) -> Proxy {
         Proxy {
             listeners: BTreeMap::new(),
             limit: Arc::new(Semaphore::new(max_connections)),
             max_connections,
             backlog,
             counters: Default::default(),
+            tasks,
         }
     }
 
@@ -153,7 +156,10 @@ impl Proxy {
             },
             proxy_protocol: target.proxy_protocol,
         };
-        let task = tokio::spawn(accept_loop(listener, upstream, limit, max, counters, label));
+        let conns = self.tasks.clone();
+        let task = self.tasks.spawn(accept_loop(
+            listener, upstream, limit, max, counters, label, conns,
+        ));
         self.listeners
             .insert(key.clone(), Listening { target, task });
         Ok(())
@@ -249,6 +255,7 @@ async fn accept_loop(
     max: usize,
     counters: Arc<ProxyCounters>,
     label: String,
+    conns: Tasks,
 ) {
     loop {
         let (client, peer) = match listener.accept().await {
@@ -295,7 +302,7 @@ async fn accept_loop(
             continue;
         };
         let counters = counters.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             counters.connections.fetch_add(1, Ordering::Relaxed);
             let r = serve(client, upstream, &counters).await;
             counters.active.fetch_sub(1, Ordering::Relaxed);

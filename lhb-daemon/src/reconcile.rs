@@ -10,8 +10,6 @@ use std::{
     net::IpAddr,
 };
 
-use lhb_common::{EndpointKey, FAMILY_V4, FAMILY_V6, Steer};
-
 use crate::{
     docker::DockerView,
     proxy::{ProxyKey, ProxyTarget},
@@ -98,12 +96,28 @@ pub enum RuleState {
     Waiting(String),
 }
 
+/// A gateway port on a bridge that the kernel path serves. The kernel driver turns it
+/// into the endpoints map's key (`lhb_common::EndpointKey::new`), nothing before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    pub ifindex: u32,
+    pub gateway: IpAddr,
+    pub port: u16,
+}
+
+/// Where an endpoint's connections go, and which rule's counters they count on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Steering {
+    pub target: std::net::SocketAddr,
+    pub slot: u32,
+}
+
 /// What the data path must look like.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     /// Bridges that carry the program: ifindex -> name.
     pub attach: BTreeMap<u32, String>,
-    pub endpoints: BTreeMap<EndpointKey, Steer>,
+    pub endpoints: BTreeMap<Endpoint, Steering>,
     /// Proxy listeners.
     pub proxies: BTreeMap<ProxyKey, ProxyTarget>,
     /// Where each rule stands.
@@ -400,61 +414,37 @@ fn endpoint(
     gw: IpAddr,
     rule: &Rule,
     slot: u32,
-) -> Result<(EndpointKey, Steer), &'static str> {
-    let (family, _) = ip_bytes(gw);
-    let (target_family, target_addr) = ip_bytes(rule.target.ip());
-    if family != target_family {
+) -> Result<(Endpoint, Steering), &'static str> {
+    if gw.is_ipv4() != rule.target.is_ipv4() {
         // The socket lookup hands a connection only to a socket of its own family (a
         // socket bound to ::1 is IPv6-only, whatever IPV6_V6ONLY says).
-        return Err(if family == FAMILY_V6 {
+        return Err(if gw.is_ipv6() {
             "an IPv6 connection cannot be handed to an IPv4 listener in-kernel (target [::1] instead)"
         } else {
             "an IPv4 connection cannot be handed to an IPv6-only listener in-kernel (target 127.0.0.1, or give the bridge an IPv6 address)"
         });
     }
     Ok((
-        endpoint_key(ifindex, gw, rule.port),
-        Steer {
-            target_addr,
-            target_port: rule.target.port(),
-            target_family,
-            _pad: 0,
+        Endpoint {
+            ifindex,
+            gateway: gw,
+            port: rule.port,
+        },
+        Steering {
+            target: rule.target,
             slot,
         },
     ))
-}
-
-/// The endpoints-map key of `gateway:port` on bridge `ifindex`.
-pub fn endpoint_key(ifindex: u32, gateway: IpAddr, port: u16) -> EndpointKey {
-    let (family, addr) = ip_bytes(gateway);
-    EndpointKey {
-        ifindex,
-        addr,
-        port,
-        family,
-        _pad: 0,
-    }
-}
-
-fn ip_bytes(ip: IpAddr) -> (u8, [u8; 16]) {
-    let mut b = [0u8; 16];
-    match ip {
-        IpAddr::V4(v4) => {
-            b[..4].copy_from_slice(&v4.octets());
-            (FAMILY_V4, b)
-        }
-        IpAddr::V6(v6) => (FAMILY_V6, v6.octets()),
-    }
 }
 
 /// The changes that turn `old` into `new`, in an order that never leaves an endpoint
 /// on a bridge without the program: removals first, then attachments, then endpoints.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Diff {
-    pub remove_endpoints: Vec<EndpointKey>,
+    pub remove_endpoints: Vec<Endpoint>,
     pub detach: Vec<(u32, String)>,
     pub attach: Vec<(u32, String)>,
-    pub upsert_endpoints: Vec<(EndpointKey, Steer)>,
+    pub upsert_endpoints: Vec<(Endpoint, Steering)>,
 }
 
 impl Diff {
@@ -663,7 +653,7 @@ mod tests {
                     .endpoints
                     .keys()
                     .map(|k| {
-                        let ip = IpAddr::from([k.addr[0], k.addr[1], k.addr[2], k.addr[3]]);
+                        let ip = k.gateway;
                         (k.ifindex, ip.to_string(), k.port)
                     })
                     .collect();
@@ -677,7 +667,7 @@ mod tests {
                 // Applying the diff from the previous plan leaves exactly the new plan:
                 // never an entry for a gone gateway.
                 let d = diff(&prev, &p);
-                let mut applied: BTreeSet<EndpointKey> = prev.endpoints.keys().copied().collect();
+                let mut applied: BTreeSet<Endpoint> = prev.endpoints.keys().copied().collect();
                 for k in &d.remove_endpoints {
                     applied.remove(k);
                 }
@@ -704,18 +694,16 @@ mod tests {
             &[("app", "br-x", &[]), ("bridge", "docker0", &[])],
         );
         let p = plan(&r, &s, &o, KERNEL);
-        let mut eps: Vec<(u32, [u8; 4])> = p
-            .endpoints
-            .keys()
-            .map(|k| (k.ifindex, [k.addr[0], k.addr[1], k.addr[2], k.addr[3]]))
-            .collect();
+        let mut eps: Vec<(u32, IpAddr)> =
+            p.endpoints.keys().map(|k| (k.ifindex, k.gateway)).collect();
         eps.sort();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(
             eps,
             vec![
-                (2, [172, 17, 0, 1]),
-                (3, [172, 17, 0, 1]),
-                (3, [172, 30, 0, 1])
+                (2, ip("172.17.0.1")),
+                (3, ip("172.17.0.1")),
+                (3, ip("172.30.0.1"))
             ]
         );
     }
@@ -760,8 +748,12 @@ mod tests {
             &[("app", "br-x", &["172.30.0.1", "fd00:30::1"])],
         );
         let p = plan(&r, &s, &o, KERNEL);
-        let fams: Vec<(u16, u8)> = p.endpoints.keys().map(|k| (k.port, k.family)).collect();
-        assert_eq!(fams, vec![(80, FAMILY_V4), (81, FAMILY_V6)]);
+        let fams: Vec<(u16, bool)> = p
+            .endpoints
+            .keys()
+            .map(|k| (k.port, k.gateway.is_ipv4()))
+            .collect();
+        assert_eq!(fams, vec![(80, true), (81, false)]);
     }
 
     #[test]
@@ -818,13 +810,10 @@ mod tests {
         assert_eq!(d.upsert_endpoints.len(), 1);
         let (k, v) = d.upsert_endpoints[0];
         assert_eq!(
-            (k.ifindex, k.port, &k.addr[..4]),
-            (7, 80, &[10, 1, 0, 1][..])
+            (k.ifindex, k.port, k.gateway),
+            (7, 80, "10.1.0.1".parse().unwrap())
         );
-        assert_eq!(
-            (v.target_port, &v.target_addr[..4]),
-            (8080, &[127, 0, 0, 1][..])
-        );
+        assert_eq!(v.target, "127.0.0.1:8080".parse().unwrap());
 
         // Re-created: new ifindex, new subnet. Nothing of the old bridge may remain.
         let second = plan(
@@ -954,8 +943,12 @@ mod tests {
         );
         assert!(matches!(nth(&p, &rs, 2), RuleState::Serving { .. }));
         // The first rule's target, untouched by the second.
-        let port80 = endpoint_key(5, "10.4.0.1".parse().unwrap(), 80);
-        assert_eq!(p.endpoints[&port80].target_port, 80);
+        let port80 = Endpoint {
+            ifindex: 5,
+            gateway: "10.4.0.1".parse().unwrap(),
+            port: 80,
+        };
+        assert_eq!(p.endpoints[&port80].target.port(), 80);
         assert_eq!(p.endpoints.len(), 2);
     }
 
@@ -1005,7 +998,7 @@ mod tests {
         let by_if: BTreeMap<u32, (u16, u32)> = p
             .endpoints
             .iter()
-            .map(|(k, v)| (k.ifindex, (v.target_port, v.slot)))
+            .map(|(k, v)| (k.ifindex, (v.target.port(), v.slot)))
             .collect();
         assert_eq!(by_if[&5], (80, 0));
         assert_eq!(by_if[&6], (81, 1));

@@ -11,6 +11,7 @@ use std::{
 
 use crate::{
     check::{self, Outcome, ProbeNs, Target},
+    findings::{Findings, Level},
     reconcile::{self, Observed},
     rule::Rule,
 };
@@ -18,49 +19,32 @@ use crate::{
 const BRIDGE_TIMEOUT: Duration = Duration::from_secs(2);
 const OUTSIDE_TIMEOUT: Duration = Duration::from_secs(1);
 
-struct Report {
-    failed: usize,
-    passed: usize,
-}
-
-impl Report {
-    fn line(&mut self, ok: bool, what: impl AsRef<str>) {
-        if ok {
-            self.passed += 1;
-            println!("PASS  {}", what.as_ref());
-        } else {
-            self.failed += 1;
-            println!("FAIL  {}", what.as_ref());
-        }
-    }
-}
-
 /// True if every check passed.
 pub async fn run(t: Target) -> anyhow::Result<bool> {
     let rules = check::rules(&t)?;
     let observed = check::observe(t.no_docker || !check::needs_docker(&rules)).await?;
-    let mut r = Report {
-        failed: 0,
-        passed: 0,
-    };
+    let (mut passed, mut failed) = (0, 0);
     for rule in &rules {
-        println!("{rule}");
+        // Printed rule by rule: the probes of the next one take seconds.
+        let mut r = Findings::default();
+        r.heading(rule.to_string());
         verify_rule(rule, &observed, &mut r)?;
+        print!("{}", r.render(false));
+        passed += r.count(Level::Pass);
+        failed += r.count(Level::Fail);
     }
     println!(
-        "{} passed, {} failed{}",
-        r.passed,
-        r.failed,
-        if r.failed > 0 {
+        "{passed} passed, {failed} failed{}",
+        if failed > 0 {
             ": the rule is not served as it must be, or the service is reachable from elsewhere"
         } else {
             ""
         }
     );
-    Ok(r.failed == 0)
+    Ok(failed == 0)
 }
 
-fn verify_rule(rule: &Rule, observed: &Observed, r: &mut Report) -> anyhow::Result<()> {
+fn verify_rule(rule: &Rule, observed: &Observed, r: &mut Findings) -> anyhow::Result<()> {
     let (bridge, gateways) = match reconcile::bridge_of(rule, observed) {
         Ok(reconcile::Resolved {
             bridge,
@@ -68,15 +52,19 @@ fn verify_rule(rule: &Rule, observed: &Observed, r: &mut Report) -> anyhow::Resu
             gateways,
         }) => {
             if !link.uplinks.is_empty() {
-                println!(
-                    "NOTE  bridge {bridge} has port(s) leading off this host ({}): with allow_uplinks the service is reachable from that network too; the outside probes below cannot see it",
-                    link.uplinks.join(", ")
+                r.add(
+                    Level::Note,
+                    format!(
+                        "bridge {bridge} has port(s) leading off this host ({}): with allow_uplinks the service is reachable from that network too; the outside probes below cannot see it",
+                        link.uplinks.join(", ")
+                    ),
+                    None,
                 );
             }
             (bridge.to_string(), gateways)
         }
         Err(why) => {
-            r.line(
+            r.check(
                 false,
                 format!("cannot check {rule}: {why} (`lhb doctor` says more)"),
             );
@@ -108,10 +96,14 @@ fn verify_rule(rule: &Rule, observed: &Observed, r: &mut Report) -> anyhow::Resu
         );
         if o != Outcome::Served && gw.is_ipv4() != rule.target.is_ipv4() {
             // `--mode kernel` leaves these out on purpose (the daemon logs it).
-            println!("SKIP  {line}: {}", check::CROSS_FAMILY);
+            r.add(
+                Level::Skip,
+                format!("{line}: {}", check::CROSS_FAMILY),
+                None,
+            );
             continue;
         }
-        r.line(o == Outcome::Served, line);
+        r.check(o == Outcome::Served, line);
     }
     drop(probe);
     check_outside(rule, observed, &gateways, r)?;
@@ -125,7 +117,7 @@ fn check_outside(
     rule: &Rule,
     observed: &Observed,
     gateways: &[IpAddr],
-    r: &mut Report,
+    r: &mut Findings,
 ) -> anyhow::Result<()> {
     let mut addrs = check::host_addresses(observed);
     for g in gateways {
@@ -146,7 +138,7 @@ fn check_outside(
     for (to, o) in targets.iter().zip(&outcomes) {
         let reachable = *o == Outcome::Served || *o == Outcome::Reset;
         if gateways.contains(&to.ip()) || reachable {
-            r.line(
+            r.check(
                 !reachable,
                 format!(
                     "from outside the bridge -> {to}: {}{}",
@@ -163,7 +155,7 @@ fn check_outside(
         }
     }
     if others > 0 {
-        r.line(
+        r.check(
             true,
             format!(
                 "from outside the bridge -> port {} on the host's {others} other address(es): not reachable",
@@ -177,7 +169,7 @@ fn check_outside(
 /// Listening on the port (or the target's port) is fine on loopback, and on a bridge's
 /// own address when bound to that bridge (the proxy). Anything else takes connections
 /// from other interfaces too.
-fn check_listeners(rule: &Rule, observed: &Observed, r: &mut Report) -> anyhow::Result<()> {
+fn check_listeners(rule: &Rule, observed: &Observed, r: &mut Findings) -> anyhow::Result<()> {
     let mut ports = vec![rule.port];
     if rule.target.port() != rule.port {
         ports.push(rule.target.port());
@@ -206,10 +198,10 @@ fn check_listeners(rule: &Rule, observed: &Observed, r: &mut Report) -> anyhow::
             } else {
                 "an address outside any bridge"
             };
-            r.line(false, format!("listening on {}: {why}", l.describe()));
+            r.check(false, format!("listening on {}: {why}", l.describe()));
         }
         if bad == 0 {
-            r.line(
+            r.check(
                 true,
                 format!(
                     "port {port}: no listener on a wildcard or non-bridge address{}",

@@ -111,15 +111,9 @@ impl Daemon {
 /// on its bridge.
 pub(crate) fn openings(plan: &Plan) -> BTreeSet<Opening> {
     let kernel = plan.endpoints.keys().filter_map(|k| {
-        let iface = plan.attach.get(&k.ifindex)?.clone();
-        let gateway = if k.family == lhb_common::FAMILY_V4 {
-            std::net::IpAddr::from([k.addr[0], k.addr[1], k.addr[2], k.addr[3]])
-        } else {
-            std::net::IpAddr::from(k.addr)
-        };
         Some(Opening {
-            iface,
-            gateway,
+            iface: plan.attach.get(&k.ifindex)?.clone(),
+            gateway: k.gateway,
             port: k.port,
         })
     });

@@ -125,6 +125,7 @@ struct Daemon {
     applied: Plan,
     docker: Option<watch::Receiver<DockerView>>,
     retry: Retry,
+    tasks: crate::tasks::Tasks,
 }
 
 /// Something failed to apply (an attachment, a proxy bind): tried again after `delay`,
@@ -218,8 +219,19 @@ enum Flow {
     Stop,
 }
 
+/// How long the daemon's tasks get to end once cancelled.
+const TASKS_GRACE: Duration = Duration::from_secs(2);
+
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let (mut d, mut inputs, _sockets) = start::start(&opts).await?;
+    // Every exit, a failed start included, ends the tasks the same way.
+    let tasks = crate::tasks::Tasks::new();
+    let result = serve(&opts, &tasks).await;
+    tasks.stop(TASKS_GRACE).await;
+    result
+}
+
+async fn serve(opts: &RunOptions, tasks: &crate::tasks::Tasks) -> anyhow::Result<()> {
+    let (mut d, mut inputs, _sockets) = start::start(opts, tasks).await?;
     let result = loop {
         let ev = inputs.next(d.docker.as_mut(), &d.retry).await;
         match d.handle(ev).await {

@@ -24,6 +24,7 @@ use crate::{
     notify::Notifier,
     proxy::{FD_RESERVE, FDS_PER_CONNECTION, Proxy},
     reconcile::{self, Mode, Paths, Plan},
+    tasks::Tasks,
 };
 
 /// The control and metrics sockets, removed when this is dropped: at every exit, early
@@ -42,7 +43,10 @@ impl Drop for Sockets {
     }
 }
 
-pub(super) async fn start(opts: &RunOptions) -> anyhow::Result<(Daemon, Inputs, Sockets)> {
+pub(super) async fn start(
+    opts: &RunOptions,
+    tasks: &Tasks,
+) -> anyhow::Result<(Daemon, Inputs, Sockets)> {
     let cfg = config::load(&opts.config)?;
     let mode = opts.mode.or(cfg.mode).unwrap_or_default();
     let firewall_mode = opts.firewall.or(cfg.firewall).unwrap_or_default();
@@ -72,11 +76,11 @@ pub(super) async fn start(opts: &RunOptions) -> anyhow::Result<(Daemon, Inputs, 
     let docker = if opts.no_docker {
         None
     } else {
-        Some(docker_watch().await)
+        Some(docker_watch(tasks).await)
     };
     // Bound before anything is loaded or attached: a second lhb stops here, touching
     // nothing.
-    let (sockets, ctl_rx) = Sockets::bind(opts, metrics_addr).await?;
+    let (sockets, ctl_rx) = Sockets::bind(opts, metrics_addr, tasks).await?;
     let (kernel, kernel_unavailable) = kernel_path(mode, &opts.pin_dir)?;
     let firewall = Firewall::new(firewall_mode);
     let mut d = Daemon {
@@ -96,7 +100,12 @@ pub(super) async fn start(opts: &RunOptions) -> anyhow::Result<(Daemon, Inputs, 
             kernel: kernel.is_some(),
         },
         kernel,
-        proxy: Proxy::new(proxy_budget(opts.max_connections), PROXY_BACKLOG),
+        proxy: Proxy::new(
+            proxy_budget(opts.max_connections),
+            PROXY_BACKLOG,
+            tasks.clone(),
+        ),
+        tasks: tasks.clone(),
         firewall: None,
         netlink,
         applied: Plan::default(),
@@ -135,9 +144,10 @@ impl Sockets {
     async fn bind(
         opts: &RunOptions,
         addr: Option<control::MetricsAddr>,
+        tasks: &Tasks,
     ) -> anyhow::Result<(Sockets, tokio::sync::mpsc::Receiver<control::Call>)> {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        control::serve(&opts.control, tx.clone())?;
+        control::serve(&opts.control, tx.clone(), tasks)?;
         let metrics = addr.unwrap_or_else(|| {
             control::MetricsAddr::Unix(opts.control.with_file_name("metrics.sock"))
         });
@@ -146,15 +156,15 @@ impl Sockets {
             // Not ours until bound: another lhb's socket is never removed.
             metrics: control::MetricsAddr::Off,
         };
-        control::serve_metrics(&metrics, tx).await?;
+        control::serve_metrics(&metrics, tx, tasks).await?;
         sockets.metrics = metrics;
         Ok((sockets, rx))
     }
 }
 
 /// The Docker engine's view, followed from now on; said once if it does not answer.
-async fn docker_watch() -> tokio::sync::watch::Receiver<DockerView> {
-    let mut rx = docker::watch();
+async fn docker_watch(tasks: &Tasks) -> tokio::sync::watch::Receiver<DockerView> {
+    let mut rx = docker::watch(tasks);
     let view = first_docker_view(&mut rx).await;
     if !view.available {
         let why = view.problem.unwrap_or_else(|| {
@@ -220,7 +230,7 @@ impl Daemon {
             firewall.shutdown();
             return Err(e.context("firewall"));
         }
-        self.firewall = Some(FirewallTask::spawn(firewall, opened));
+        self.firewall = Some(FirewallTask::spawn(firewall, opened, &self.tasks));
         if let Some(k) = self.kernel.as_mut() {
             k.release_earlier();
         }

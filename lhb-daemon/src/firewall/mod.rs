@@ -441,7 +441,11 @@ const FULL_CHECK_TICKS: u32 = 30;
 
 impl FirewallTask {
     /// Takes over `fw`, whose rules already match `current`.
-    pub fn spawn(mut fw: Firewall, current: BTreeSet<Opening>) -> FirewallTask {
+    pub fn spawn(
+        mut fw: Firewall,
+        current: BTreeSet<Opening>,
+        tasks: &crate::tasks::Tasks,
+    ) -> FirewallTask {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut wanted = current;
         // Subscribed before the task runs, so that from "ready" on no change is missed
@@ -456,7 +460,8 @@ impl FirewallTask {
                 None
             }
         };
-        let task = tokio::spawn(async move {
+        // Owned, not cancelled: only a Stop order ends it, after its rules are removed.
+        let task = tasks.spawn_owned(async move {
             // When the next full sync (with removals) is due, if one is.
             let mut due: Option<tokio::time::Instant> = None;
             let mut tick = tokio::time::interval(UNNOTIFIED_CHECK);
