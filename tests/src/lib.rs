@@ -49,3 +49,28 @@ fn ip_quiet(args: &[&str]) {
         .stderr(Stdio::null())
         .status();
 }
+
+/// A directory of a test's own (`/tmp/lhbt-NAME-PID`), removed on drop, also when the
+/// test fails.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> anyhow::Result<TempDir> {
+        let d = std::env::temp_dir().join(format!("{PREFIX}-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        Ok(TempDir(d))
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

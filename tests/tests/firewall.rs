@@ -373,8 +373,8 @@ fn lhb_plan_says_what_run_then_does_and_changes_nothing() {
         .run(|| PeerEcho::start("127.0.0.1:0").unwrap())
         .unwrap();
     let pins = lhb_tests::PinDir::new("plan");
-    let dir = tempfile_dir();
-    let control = format!("{dir}/lhb.sock");
+    let dir = lhb_tests::TempDir::new("plan").unwrap();
+    let control = format!("{}/lhb.sock", dir.display());
     let (spec, waiting) = (format!("br0:{}", svc.port()), "br9:9".to_string());
     let args = [
         "--no-docker",
@@ -499,11 +499,4 @@ fn lhb_plan_says_what_run_then_does_and_changes_nothing() {
     assert!(listening().contains(&bound), "{}", listening());
     assert!(lhb.stop().unwrap().success());
     assert_eq!(ruleset(), before, "the ruleset was not restored");
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn tempfile_dir() -> String {
-    let d = std::env::temp_dir().join(format!("lhbt-plan-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.display().to_string()
 }

@@ -422,10 +422,8 @@ fn control_and_metrics_requests_are_bounded() {
     ));
 }
 
-fn tempdir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("lhbt-sec-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tempdir(name: &str) -> lhb_tests::TempDir {
+    lhb_tests::TempDir::new(&format!("sec-{name}")).unwrap()
 }
 
 /// More rules than lhb can hold, given on SIGHUP: the reload is refused with the

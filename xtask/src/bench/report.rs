@@ -4,6 +4,33 @@ use std::fmt::Write as _;
 
 use super::*;
 
+/// results.json: one row per sample.
+#[derive(serde::Serialize)]
+struct Results {
+    results: Vec<Row>,
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    path: &'static str,
+    workload: &'static str,
+    value: f64,
+    unit: &'static str,
+    lower_is_better: bool,
+}
+
+impl From<&Sample> for Row {
+    fn from(s: &Sample) -> Row {
+        Row {
+            path: s.path.name(),
+            workload: s.workload.name(),
+            value: s.value,
+            unit: s.workload.unit(),
+            lower_is_better: s.workload.lower_is_better(),
+        }
+    }
+}
+
 /// Median, min and max of one path's samples for one workload.
 pub(super) fn stats(samples: &[Sample], w: Workload, p: Path) -> Option<(f64, f64, f64)> {
     let mut v: Vec<f64> = samples
@@ -108,18 +135,12 @@ pub(super) fn report(
     let dir = crate::workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("results.md"), &md)?;
-    let json = serde_json::json!({
-        "results": samples.iter().map(|s| serde_json::json!({
-            "path": s.path.name(),
-            "workload": s.workload.name(),
-            "value": s.value,
-            "unit": s.workload.unit(),
-            "lower_is_better": s.workload.lower_is_better(),
-        })).collect::<Vec<_>>()
-    });
+    let results = Results {
+        results: samples.iter().map(Row::from).collect(),
+    };
     std::fs::write(
         dir.join("results.json"),
-        serde_json::to_string_pretty(&json)?,
+        serde_json::to_string_pretty(&results)?,
     )?;
     let charts = crate::charts::draw(&dir, samples_for_charts(samples, paths), paths_names(paths))?;
     println!(
