@@ -109,8 +109,8 @@ pub struct Insert {
 enum Exec {
     /// A program and its arguments (iptables variants).
     Run(&'static str, Vec<String>),
-    /// An nft script.
-    Nft(String),
+    /// An nft rule, inserted at the top of its chain.
+    Nft(Box<nftables::schema::Rule<'static>>),
 }
 
 impl Insert {
@@ -120,7 +120,7 @@ impl Insert {
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 run(bin, &args).map(drop)
             }
-            Exec::Nft(script) => nft::nft_script(script),
+            Exec::Nft(rule) => nft::insert(rule),
         }
     }
 }

@@ -2,15 +2,21 @@
 //! could drop gets lhb's accept inserted at its top. In auto mode the chains iptables-nft
 //! manages (filter/mangle/raw/security/nat tables with upper-case chain names, as UFW and
 //! Docker make them) are left to the iptables backend.
+//!
+//! The ruleset is read and written through the `nftables` crate's typed schema (the
+//! one netavark uses): `nft -j` listings parsed into statements, and every change for
+//! one opening sent as one JSON batch, which nft applies atomically.
 
-use std::{
-    collections::BTreeSet,
-    io::Write as _,
-    process::{Command, Stdio},
+use std::{borrow::Cow, collections::BTreeSet};
+
+use nftables::{
+    batch::Batch,
+    expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, SetItem, Verdict},
+    helper::{self, NftablesError},
+    schema::{NfCmd, NfListObject, NfObject},
+    stmt::{Match, Operator, Statement},
+    types::{NfFamily, NfHook},
 };
-
-use anyhow::Context as _;
-use serde_json::Value;
 
 use super::{Backend, Exec, Insert, Opening, run};
 
@@ -19,7 +25,7 @@ pub struct Nft {
 }
 
 struct Chain {
-    family: String,
+    family: NfFamily,
     table: String,
     name: String,
     /// A drop policy or a rule that drops, rejects or jumps elsewhere.
@@ -27,10 +33,21 @@ struct Chain {
 }
 
 struct Rule {
-    family: String,
+    family: NfFamily,
     table: String,
     chain: String,
-    handle: u64,
+    handle: Option<u32>,
+    comment: Option<String>,
+}
+
+/// The fields of a listed rule lhb needs even when its statements are beyond the typed
+/// schema (the crate does not know every statement nft has, `last` for one).
+#[derive(serde::Deserialize)]
+struct BareRule {
+    family: NfFamily,
+    table: String,
+    chain: String,
+    handle: Option<u32>,
     comment: Option<String>,
 }
 
@@ -40,46 +57,68 @@ impl Nft {
         Some(Nft { skip_xtables })
     }
 
+    /// lhb's input base chains and every rule, each rule with whether it may end a
+    /// packet's way other than by accepting it.
     fn ruleset(&self) -> anyhow::Result<(Vec<Chain>, Vec<Rule>)> {
-        let v: Value = serde_json::from_str(&run("nft", &["-j", "-a", "list", "ruleset"])?)
-            .context("nft -j output")?;
-        let items = v["nftables"].as_array().cloned().unwrap_or_default();
+        let raw = tokio::task::block_in_place(|| {
+            helper::get_current_ruleset_raw(helper::DEFAULT_NFT, ["-a", "list", "ruleset"])
+        })
+        .map_err(nft_error)?;
+        let listing: Listing = serde_json::from_str(&raw)
+            .map_err(|e| anyhow::anyhow!("reading `nft -j list ruleset`: {e}"))?;
         let mut chains = Vec::new();
         let mut rules = Vec::new();
-        for item in &items {
-            if let Some(c) = item.get("chain") {
-                let family = c["family"].as_str().unwrap_or_default().to_string();
-                let table = c["table"].as_str().unwrap_or_default().to_string();
-                let name = c["name"].as_str().unwrap_or_default().to_string();
-                if c["hook"].as_str() != Some("input")
-                    || !matches!(family.as_str(), "ip" | "ip6" | "inet")
-                    || !plain_name(&table)
-                    || !plain_name(&name)
-                    || (self.skip_xtables && xtables_managed(&family, &table, &name))
-                {
-                    continue;
+        for item in listing.nftables {
+            match serde_json::from_value::<NfObject>(item.clone()) {
+                Ok(NfObject::ListObject(NfListObject::Chain(c))) if self.serves(&c) => {
+                    chains.push(Chain {
+                        may_drop: c.policy == Some(nftables::types::NfChainPolicy::Drop),
+                        family: c.family,
+                        table: c.table.into_owned(),
+                        name: c.name.into_owned(),
+                    });
                 }
-                chains.push(Chain {
-                    may_drop: c["policy"].as_str() == Some("drop"),
-                    family,
-                    table,
-                    name,
-                });
-            } else if let Some(r) = item.get("rule") {
-                rules.push((
-                    Rule {
-                        family: r["family"].as_str().unwrap_or_default().to_string(),
-                        table: r["table"].as_str().unwrap_or_default().to_string(),
-                        chain: r["chain"].as_str().unwrap_or_default().to_string(),
-                        handle: r["handle"].as_u64().unwrap_or_default(),
-                        comment: r["comment"].as_str().map(String::from),
-                    },
-                    may_leave(&r["expr"]),
-                ));
+                Ok(NfObject::ListObject(NfListObject::Rule(r))) => {
+                    let leaves = r.expr.iter().any(may_leave);
+                    rules.push((
+                        Rule {
+                            family: r.family,
+                            table: r.table.into_owned(),
+                            chain: r.chain.into_owned(),
+                            handle: r.handle,
+                            comment: r.comment.map(Cow::into_owned),
+                        },
+                        leaves,
+                    ));
+                }
+                // A rule the schema cannot type: counted as one that may drop, so the
+                // accept goes in; a wrong guess costs one harmless rule, never a block.
+                Err(_) if item.get("rule").is_some() => {
+                    let r: BareRule = serde_json::from_value(item["rule"].clone())
+                        .map_err(|e| anyhow::anyhow!("reading a rule from nft: {e}"))?;
+                    let BareRule {
+                        family,
+                        table,
+                        chain,
+                        handle,
+                        comment,
+                    } = r;
+                    rules.push((
+                        Rule {
+                            family,
+                            table,
+                            chain,
+                            handle,
+                            comment,
+                        },
+                        true,
+                    ));
+                }
+                _ => {}
             }
         }
-        for (r, verdict) in &rules {
-            if *verdict
+        for (r, leaves) in &rules {
+            if *leaves
                 && r.comment.as_deref().and_then(Opening::from_tag).is_none()
                 && let Some(c) = chains
                     .iter_mut()
@@ -90,24 +129,123 @@ impl Nft {
         }
         Ok((chains, rules.into_iter().map(|(r, _)| r).collect()))
     }
+
+    /// Whether lhb inserts into chain `c`: an input base chain of an IP family, with
+    /// plain names, not left to the iptables backend.
+    fn serves(&self, c: &nftables::schema::Chain) -> bool {
+        c.hook == Some(NfHook::Input)
+            && matches!(c.family, NfFamily::IP | NfFamily::IP6 | NfFamily::INet)
+            && plain_name(&c.table)
+            && plain_name(&c.name)
+            && !(self.skip_xtables && xtables_managed(c.family, &c.table, &c.name))
+    }
 }
 
-/// Whether a rule's expressions hold a verdict that can end the packet's way through
-/// the chain other than by accepting it: drop, reject, or a jump/goto (the target chain
-/// may drop), anywhere, verdict maps included: a walk over the JSON as `nft -j` prints
-/// it. Moving this backend to the `nftables` crate's typed schema (it parses rulesets
-/// with iptables-nft's `xt` matches too, measured with 0.6.3) is still open.
-fn may_leave(expr: &Value) -> bool {
-    match expr {
-        Value::Object(m) => m.iter().any(|(k, v)| {
-            matches!(k.as_str(), "drop" | "reject" | "jump" | "goto") || may_leave(v)
-        }),
-        Value::Array(a) => a.iter().any(may_leave),
+#[derive(serde::Deserialize)]
+struct Listing {
+    nftables: Vec<serde_json::Value>,
+}
+
+/// nft's own words: the crate's error text leaves out its stderr.
+fn nft_error(e: NftablesError) -> anyhow::Error {
+    match e {
+        NftablesError::NftFailed { hint, stderr, .. } => {
+            anyhow::anyhow!("nft failed while {hint}: {}", stderr.trim())
+        }
+        e => anyhow::anyhow!("{e}"),
+    }
+}
+
+/// Sends `batch` to nft in one transaction.
+fn apply(batch: Batch<'_>) -> anyhow::Result<()> {
+    let ruleset = batch.to_nftables();
+    tokio::task::block_in_place(|| helper::apply_ruleset(&ruleset)).map_err(nft_error)
+}
+
+/// Whether a statement can end the packet's way through the chain other than by
+/// accepting it: drop, reject, queue (userspace may drop), a jump or goto (the target
+/// chain may drop), a verdict map holding one of these, an iptables-nft target.
+fn may_leave(s: &Statement) -> bool {
+    match s {
+        Statement::Drop(_)
+        | Statement::Reject(_)
+        | Statement::Jump(_)
+        | Statement::Goto(_)
+        | Statement::Queue(_) => true,
+        Statement::VerdictMap(m) => verdicts_may_leave(&m.data),
+        Statement::XT(Some(x)) => x.get("type").and_then(|t| t.as_str()) == Some("target"),
         _ => false,
     }
 }
 
-/// A table or chain name lhb writes into a script unquoted: nft identifier characters
+fn verdicts_may_leave(e: &Expression) -> bool {
+    match e {
+        Expression::Verdict(Verdict::Drop | Verdict::Jump(_) | Verdict::Goto(_)) => true,
+        Expression::List(l) => l.iter().any(verdicts_may_leave),
+        Expression::Named(NamedExpression::Set(items)) => items.iter().any(|i| match i {
+            SetItem::Element(e) | SetItem::Mapping(_, e) => verdicts_may_leave(e),
+            SetItem::MappingStatement(_, s) => may_leave(s),
+        }),
+        // A named map (`@name`): its verdicts are not in the rule; assume the worst.
+        Expression::String(s) => s.starts_with('@'),
+        _ => false,
+    }
+}
+
+/// The accept lhb inserts for `o` into chain `c`.
+fn accept(c: &Chain, o: &Opening, tag: &str) -> nftables::schema::Rule<'static> {
+    let eq = |left, right| {
+        Statement::Match(Match {
+            left,
+            right,
+            op: Operator::EQ,
+        })
+    };
+    let field = |protocol: &'static str, field: &'static str| {
+        Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+            PayloadField {
+                protocol: protocol.into(),
+                field: field.into(),
+            },
+        )))
+    };
+    let ip = if o.gateway.is_ipv6() { "ip6" } else { "ip" };
+    nftables::schema::Rule {
+        family: c.family,
+        table: c.table.clone().into(),
+        chain: c.name.clone().into(),
+        expr: vec![
+            eq(
+                Expression::Named(NamedExpression::Meta(Meta {
+                    key: MetaKey::Iifname,
+                })),
+                Expression::String(o.iface.clone().into()),
+            ),
+            eq(
+                field(ip, "daddr"),
+                Expression::String(o.gateway.to_string().into()),
+            ),
+            eq(field("tcp", "dport"), Expression::Number(o.port.into())),
+            Statement::Accept(None),
+        ]
+        .into(),
+        comment: Some(tag.to_string().into()),
+        ..Default::default()
+    }
+}
+
+fn family_name(f: NfFamily) -> &'static str {
+    match f {
+        NfFamily::IP => "ip",
+        NfFamily::IP6 => "ip6",
+        NfFamily::INet => "inet",
+        NfFamily::ARP => "arp",
+        NfFamily::Bridge => "bridge",
+        NfFamily::NetDev => "netdev",
+    }
+}
+
+/// A table or chain name lhb shows in `nft` syntax unquoted: nft identifier characters
 /// only. Others (possible with quoting) are left alone, never guessed at.
 fn plain_name(name: &str) -> bool {
     !name.is_empty()
@@ -135,45 +273,27 @@ fn has_tag(rules: &[Rule], c: &Chain, tag: &str) -> bool {
 
 /// Whether chain `c` sees `o`'s address family.
 fn fits(c: &Chain, o: &Opening) -> bool {
-    match c.family.as_str() {
-        "ip" => o.gateway.is_ipv4(),
-        "ip6" => o.gateway.is_ipv6(),
+    match c.family {
+        NfFamily::IP => o.gateway.is_ipv4(),
+        NfFamily::IP6 => o.gateway.is_ipv6(),
         _ => true,
     }
 }
 
 /// Tables and chains as iptables-nft makes them.
-fn xtables_managed(family: &str, table: &str, chain: &str) -> bool {
-    matches!(family, "ip" | "ip6")
+fn xtables_managed(family: NfFamily, table: &str, chain: &str) -> bool {
+    matches!(family, NfFamily::IP | NfFamily::IP6)
         && matches!(table, "filter" | "mangle" | "raw" | "security" | "nat")
         && chain
             .chars()
             .all(|c| c.is_ascii_uppercase() || c == '_' || c == '-')
 }
 
-pub(super) fn nft_script(script: &str) -> anyhow::Result<()> {
-    let mut child = tokio::task::block_in_place(|| {
-        Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-    })
-    .context("running nft")?;
-    child
-        .stdin
-        .take()
-        .context("nft stdin")?
-        .write_all(script.as_bytes())?;
-    let out = tokio::task::block_in_place(|| child.wait_with_output())?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "nft: {}: {}",
-            script.trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+/// Inserts `rule` at the top of its chain.
+pub(super) fn insert(rule: &nftables::schema::Rule<'static>) -> anyhow::Result<()> {
+    let mut batch = Batch::new();
+    batch.add_cmd(NfCmd::Insert(NfListObject::Rule(rule.clone())));
+    apply(batch)
 }
 
 impl Backend for Nft {
@@ -184,23 +304,40 @@ impl Backend for Nft {
     fn planned(&mut self, o: &Opening) -> anyhow::Result<Vec<Insert>> {
         let (chains, rules) = self.ruleset()?;
         let tag = o.tag();
-        let proto = if o.gateway.is_ipv6() { "ip6" } else { "ip" };
+        let ip = if o.gateway.is_ipv6() { "ip6" } else { "ip" };
         Ok(chains
             .iter()
             .filter(|c| c.may_drop && fits(c, o))
             .map(|c| {
-                let rule = format!(
-                    "insert rule {} {} {} iifname \"{}\" {proto} daddr {} tcp dport {} accept comment \"{tag}\"",
-                    c.family, c.table, c.name, o.iface, o.gateway, o.port
-                );
+                let chain = format!("{} {} {}", family_name(c.family), c.table, c.name);
                 Insert {
-                    chain: format!("nft {} {} {}", c.family, c.table, c.name),
+                    rule: format!(
+                        "nft insert rule {chain} iifname \"{}\" {ip} daddr {} tcp dport {} accept comment \"{tag}\"",
+                        o.iface, o.gateway, o.port
+                    ),
+                    chain: format!("nft {chain}"),
                     present: has_tag(&rules, c, &tag),
-                    exec: Exec::Nft(format!("{rule}\n")),
-                    rule: format!("nft {rule}"),
+                    exec: Exec::Nft(Box::new(accept(c, o, &tag))),
                 }
             })
             .collect())
+    }
+
+    /// Every missing accept for `o` in one batch: all chains or none.
+    fn open(&mut self, o: &Opening) -> anyhow::Result<Vec<String>> {
+        let planned = self.planned(o)?;
+        let mut batch = Batch::new();
+        let mut any = false;
+        for i in &planned {
+            if let (false, Exec::Nft(rule)) = (i.present, &i.exec) {
+                batch.add_cmd(NfCmd::Insert(NfListObject::Rule((**rule).clone())));
+                any = true;
+            }
+        }
+        if any {
+            apply(batch)?;
+        }
+        Ok(planned.into_iter().map(|i| i.chain).collect())
     }
 
     fn close(&mut self, o: &Opening) -> anyhow::Result<()> {
@@ -208,14 +345,23 @@ impl Backend for Nft {
         let tag = o.tag();
         // Only where lhb inserts: a rule someone else tagged alike in another chain
         // (a forward chain, an output chain) is theirs.
+        let mut batch = Batch::new();
+        let mut any = false;
         for r in rules
             .iter()
             .filter(|r| r.comment.as_deref() == Some(tag.as_str()) && in_chains(&chains, r))
         {
-            nft_script(&format!(
-                "delete rule {} {} {} handle {}\n",
-                r.family, r.table, r.chain, r.handle
-            ))?;
+            batch.delete(NfListObject::Rule(nftables::schema::Rule {
+                family: r.family,
+                table: r.table.clone().into(),
+                chain: r.chain.clone().into(),
+                handle: r.handle,
+                ..Default::default()
+            }));
+            any = true;
+        }
+        if any {
+            apply(batch)?;
         }
         Ok(())
     }
@@ -227,7 +373,14 @@ impl Backend for Nft {
             .iter()
             .filter(|c| c.may_drop && fits(c, o))
             .filter(|c| !has_tag(&rules, c, &tag))
-            .map(|c| format!("nft {} {} {} (input hook)", c.family, c.table, c.name))
+            .map(|c| {
+                format!(
+                    "nft {} {} {} (input hook)",
+                    family_name(c.family),
+                    c.table,
+                    c.name
+                )
+            })
             .collect())
     }
 
@@ -265,10 +418,12 @@ impl Backend for Nft {
 
 #[cfg(test)]
 mod tests {
+    use nftables::{stmt::Statement, types::NfFamily};
+
     use super::{may_leave, plain_name, xtables_managed};
 
     #[test]
-    fn only_plain_chain_names_are_written_into_scripts() {
+    fn only_plain_chain_names_are_shown_unquoted() {
         assert!(plain_name("input"));
         assert!(plain_name("LIBVIRT_INP"));
         assert!(!plain_name("in put"));
@@ -278,7 +433,12 @@ mod tests {
 
     #[test]
     fn verdicts_that_may_drop_are_found_anywhere_in_a_rule() {
-        let rule = |j: &str| may_leave(&serde_json::from_str(j).unwrap());
+        let rule = |j: &str| {
+            serde_json::from_str::<Vec<Statement>>(j)
+                .unwrap()
+                .iter()
+                .any(may_leave)
+        };
         assert!(rule(
             r#"[{"match":{"op":"==","left":{"meta":{"key":"iifname"}},"right":"br0"}},{"drop":null}]"#
         ));
@@ -289,6 +449,12 @@ mod tests {
         assert!(rule(
             r#"[{"vmap":{"key":{"meta":{"key":"iifname"}},"data":{"set":[["br0",{"goto":{"target":"x"}}]]}}}]"#
         ));
+        assert!(rule(
+            r#"[{"vmap":{"key":{"ct":{"key":"state"}},"data":{"set":[["established",{"accept":null}]]}}},{"vmap":{"key":{"meta":{"key":"iifname"}},"data":"@zones"}}]"#
+        ));
+        assert!(!rule(
+            r#"[{"vmap":{"key":{"ct":{"key":"state"}},"data":{"set":[["established",{"accept":null}],["related",{"accept":null}]]}}}]"#
+        ));
         assert!(!rule(
             r#"[{"match":{"op":"==","left":{"payload":{"protocol":"tcp","field":"dport"}},"right":22}},{"accept":null}]"#
         ));
@@ -297,14 +463,17 @@ mod tests {
         assert!(!rule(
             r#"[{"match":{"op":"==","left":{"meta":{"key":"iifname"}},"right":"drop"}},{"accept":null}]"#
         ));
+        // iptables-nft: a match is not a verdict, a target may be.
+        assert!(!rule(r#"[{"xt":{"type":"match","name":"conntrack"}}]"#));
+        assert!(rule(r#"[{"xt":{"type":"target","name":"REJECT"}}]"#));
     }
 
     #[test]
     fn iptables_nft_chains_are_recognised() {
-        assert!(xtables_managed("ip", "filter", "INPUT"));
-        assert!(xtables_managed("ip6", "filter", "INPUT"));
-        assert!(!xtables_managed("inet", "filter", "input"));
-        assert!(!xtables_managed("ip", "myfw", "INPUT"));
-        assert!(!xtables_managed("ip", "filter", "input"));
+        assert!(xtables_managed(NfFamily::IP, "filter", "INPUT"));
+        assert!(xtables_managed(NfFamily::IP6, "filter", "INPUT"));
+        assert!(!xtables_managed(NfFamily::INet, "filter", "input"));
+        assert!(!xtables_managed(NfFamily::IP, "myfw", "INPUT"));
+        assert!(!xtables_managed(NfFamily::IP, "filter", "input"));
     }
 }
