@@ -170,27 +170,7 @@ fn probe_steps(
     daemons: &[u32],
     r: &mut Findings,
 ) -> anyhow::Result<()> {
-    let (target_up, served) = target;
-    let mut blockers = Vec::new();
-    let mut fw = Firewall::detect(FirewallMode::Auto);
-    let mut fw_err = None;
-    for &gw in gateways {
-        let o = Opening {
-            iface: bridge.to_string(),
-            gateway: gw,
-            port: rule.port,
-        };
-        match fw.blockers(&o) {
-            Ok(b) => {
-                for c in b {
-                    if !blockers.contains(&c) {
-                        blockers.push(c);
-                    }
-                }
-            }
-            Err(e) => fw_err = Some(format!("{e:#}")),
-        }
-    }
+    let (blockers, fw_err) = firewall_blockers(bridge, gateways, rule.port);
     let own = observed
         .links
         .get(bridge)
@@ -207,6 +187,71 @@ fn probe_steps(
     drop(probe);
     let dropped = outcomes.iter().any(|(_, o)| *o == Outcome::TimedOut);
 
+    firewall_finding(
+        rule.port,
+        bridge,
+        gateways,
+        (&blockers, fw_err),
+        dropped,
+        daemons,
+        r,
+    );
+    for (to, o) in outcomes {
+        let fix = probe_fix(&o, to, target, !blockers.is_empty(), bridge, daemons);
+        let level = if fix.is_none() {
+            Level::Ok
+        } else {
+            Level::Fail
+        };
+        r.add(
+            level,
+            format!("probe: a namespace on {bridge} -> {to}: {}", o.describe()),
+            fix,
+        );
+    }
+    Ok(())
+}
+
+/// The chains that may drop tcp to `port` on each gateway of `bridge` and hold no
+/// accept of lhb's, and the error if the firewall could not be read.
+fn firewall_blockers(
+    bridge: &str,
+    gateways: &[IpAddr],
+    port: u16,
+) -> (Vec<String>, Option<String>) {
+    let mut blockers = Vec::new();
+    let mut fw = Firewall::detect(FirewallMode::Auto);
+    let mut fw_err = None;
+    for &gw in gateways {
+        let o = Opening {
+            iface: bridge.to_string(),
+            gateway: gw,
+            port,
+        };
+        match fw.blockers(&o) {
+            Ok(b) => {
+                for c in b {
+                    if !blockers.contains(&c) {
+                        blockers.push(c);
+                    }
+                }
+            }
+            Err(e) => fw_err = Some(format!("{e:#}")),
+        }
+    }
+    (blockers, fw_err)
+}
+
+/// Step 5: the firewall's verdict, sharpened by whether the probe was dropped.
+fn firewall_finding(
+    port: u16,
+    bridge: &str,
+    gateways: &[IpAddr],
+    (blockers, fw_err): (&[String], Option<String>),
+    dropped: bool,
+    daemons: &[u32],
+    r: &mut Findings,
+) {
     let example = gateways
         .first()
         .map(|gw| {
@@ -217,7 +262,7 @@ fn probe_steps(
             };
             format!(
                 "{ipt} -I INPUT -i {bridge} -d {gw} -p tcp --dport {} -j ACCEPT",
-                rule.port
+                port
             )
         })
         .unwrap_or_default();
@@ -225,7 +270,7 @@ fn probe_steps(
         (Some(e), _) => r.add(Level::Warn, format!("firewall: cannot read it: {e}"), None),
         (None, true) => r.add(
             Level::Ok,
-            format!("firewall: nothing on the input path drops tcp to port {} in on {bridge} (or lhb's accept is in place)", rule.port),
+            format!("firewall: nothing on the input path drops tcp to port {} in on {bridge} (or lhb's accept is in place)", port),
             None,
         ),
         (None, false) if dropped => r.add(
@@ -233,7 +278,7 @@ fn probe_steps(
             format!(
                 "firewall: drops the traffic: {} may drop tcp to port {} in on {bridge}, and holds no accept of lhb's",
                 blockers.join(", "),
-                rule.port
+                port
             ),
             Some(if daemons.is_empty() {
                 format!(
@@ -251,44 +296,36 @@ fn probe_steps(
             format!(
                 "firewall: {} may drop tcp to port {} in on {bridge} and holds no accept of lhb's; the probe got through anyway",
                 blockers.join(", "),
-                rule.port
+                port
             ),
             None,
         ),
     }
+}
 
-    for (to, o) in outcomes {
-        let (level, fix) = match &o {
-            Outcome::Served => (Level::Ok, None),
-            Outcome::Refused | Outcome::Reset if !target_up => (
-                Level::Fail,
-                Some("the target service is not listening (see above): start it".to_string()),
-            ),
-            Outcome::Refused | Outcome::Reset if !served.contains(&to.ip()) => {
-                (Level::Fail, daemon_fix(daemons))
-            }
-            Outcome::TimedOut if !blockers.is_empty() => (
-                Level::Fail,
-                Some("the firewall drops it (see above)".to_string()),
-            ),
-            Outcome::TimedOut => (
-                Level::Fail,
-                Some(format!(
-                    "something drops the packets: check `nft list ruleset`, br_netfilter (`sysctl net.bridge.bridge-nf-call-iptables`) and rp_filter on {bridge}"
-                )),
-            ),
-            _ => (
-                Level::Fail,
-                Some("see lhb's log (`journalctl -u lhb`) and run `lhb verify`".to_string()),
-            ),
-        };
-        r.add(
-            level,
-            format!("probe: a namespace on {bridge} -> {to}: {}", o.describe()),
-            fix,
-        );
+/// What to do about one probe's outcome; `None` when it was served.
+fn probe_fix(
+    o: &Outcome,
+    to: SocketAddr,
+    (target_up, served): (bool, &[IpAddr]),
+    firewall_blocks: bool,
+    bridge: &str,
+    daemons: &[u32],
+) -> Option<String> {
+    match o {
+        Outcome::Served => None,
+        Outcome::Refused | Outcome::Reset if !target_up => {
+            Some("the target service is not listening (see above): start it".to_string())
+        }
+        Outcome::Refused | Outcome::Reset if !served.contains(&to.ip()) => daemon_fix(daemons),
+        Outcome::TimedOut if firewall_blocks => {
+            Some("the firewall drops it (see above)".to_string())
+        }
+        Outcome::TimedOut => Some(format!(
+            "something drops the packets: check `nft list ruleset`, br_netfilter (`sysctl net.bridge.bridge-nf-call-iptables`) and rp_filter on {bridge}"
+        )),
+        _ => Some("see lhb's log (`journalctl -u lhb`) and run `lhb verify`".to_string()),
     }
-    Ok(())
 }
 
 /// Steps 1 and 2, from what was observed alone (no probe, no I/O): the Docker engine
@@ -299,7 +336,43 @@ fn bridge_steps(
     observed: &Observed,
     r: &mut Findings,
 ) -> Option<(String, u32, Vec<IpAddr>)> {
-    // 1. Docker engine and network (network rules only).
+    docker_step(rule, observed, r);
+
+    // 2. Bridge and gateway.
+    let resolved = reconcile::bridge_of(rule, observed);
+    let bridge_name = match &rule.source {
+        Source::Interface(i) => Some(i.clone()),
+        Source::Network(n) => observed
+            .docker
+            .as_ref()
+            .and_then(|d| d.networks.get(n))
+            .map(|n| n.bridge.clone()),
+    };
+    if let Some(name) = &bridge_name {
+        link_step(rule, name, observed.links.get(name), r);
+    }
+    match resolved {
+        Ok(reconcile::Resolved {
+            bridge,
+            link,
+            gateways,
+        }) => {
+            let list: Vec<String> = gateways.iter().map(IpAddr::to_string).collect();
+            r.add(Level::Ok, format!("gateway: {}", list.join(", ")), None);
+            Some((bridge.to_string(), link.ifindex, gateways))
+        }
+        Err(why) => {
+            // An uplink was reported above, with its fix.
+            if !matches!(why, reconcile::BridgeProblem::Uplinks { .. }) {
+                r.add(Level::Fail, format!("gateway: {why}"), None);
+            }
+            None
+        }
+    }
+}
+
+/// Step 1: the Docker engine and network (network rules only).
+fn docker_step(rule: &Rule, observed: &Observed, r: &mut Findings) {
     match &rule.source {
         Source::Network(net) => {
             let view = observed.docker.clone().unwrap_or_default();
@@ -340,76 +413,49 @@ fn bridge_steps(
             None,
         ),
     }
+}
 
-    // 2. Bridge and gateway.
-    let resolved = reconcile::bridge_of(rule, observed);
-    let bridge_name = match &rule.source {
-        Source::Interface(i) => Some(i.clone()),
-        Source::Network(n) => observed
-            .docker
-            .as_ref()
-            .and_then(|d| d.networks.get(n))
-            .map(|n| n.bridge.clone()),
-    };
-    if let Some(name) = &bridge_name {
-        match observed.links.get(name) {
-            None => r.add(
-                Level::Fail,
-                format!("bridge {name}: no such interface"),
-                Some(match &rule.source {
-                    Source::Interface(_) => "create the bridge, or correct the rule (bridges here: `ip -br link show type bridge`)".to_string(),
-                    Source::Network(n) => format!("Docker has not created it yet: it appears when a container joins {n}, or re-create the network"),
-                }),
-            ),
-            Some(l) if !l.is_bridge => r.add(
-                Level::Fail,
-                format!("bridge {name}: is not a bridge"),
-                Some("lhb serves containers on Linux bridges; name the bridge they are plugged into".into()),
-            ),
-            Some(l) => {
-                r.add(Level::Ok, format!("bridge {name}: up (ifindex {})", l.ifindex), None);
-                if !l.uplinks.is_empty() {
-                    let ports = l.uplinks.join(", ");
-                    if rule.allow_uplinks {
-                        r.add(
-                            Level::Warn,
-                            format!("bridge {name}: port(s) leading off this host: {ports}; allow_uplinks = true, so the service is served to every machine on that network too"),
-                            None,
-                        );
-                    } else {
-                        r.add(
-                            Level::Fail,
-                            format!("bridge {name}: port(s) leading off this host: {ports}; lhb does not serve here, since every machine on that network could connect"),
-                            Some(format!("take the port(s) off the bridge, or, if serving that network is intended, set `allow_uplinks = true` on the rule (--allow-uplinks {})", rule.source.name())),
-                        );
-                    }
-                }
-                if l.addrs.is_empty() {
+/// Step 2, the bridge itself: there, a bridge, up, free of uplinks, addressed.
+fn link_step(rule: &Rule, name: &str, link: Option<&reconcile::Link>, r: &mut Findings) {
+    match link {
+        None => r.add(
+            Level::Fail,
+            format!("bridge {name}: no such interface"),
+            Some(match &rule.source {
+                Source::Interface(_) => "create the bridge, or correct the rule (bridges here: `ip -br link show type bridge`)".to_string(),
+                Source::Network(n) => format!("Docker has not created it yet: it appears when a container joins {n}, or re-create the network"),
+            }),
+        ),
+        Some(l) if !l.is_bridge => r.add(
+            Level::Fail,
+            format!("bridge {name}: is not a bridge"),
+            Some("lhb serves containers on Linux bridges; name the bridge they are plugged into".into()),
+        ),
+        Some(l) => {
+            r.add(Level::Ok, format!("bridge {name}: up (ifindex {})", l.ifindex), None);
+            if !l.uplinks.is_empty() {
+                let ports = l.uplinks.join(", ");
+                if rule.allow_uplinks {
+                    r.add(
+                        Level::Warn,
+                        format!("bridge {name}: port(s) leading off this host: {ports}; allow_uplinks = true, so the service is served to every machine on that network too"),
+                        None,
+                    );
+                } else {
                     r.add(
                         Level::Fail,
-                        format!("gateway: bridge {name} has no IP address"),
-                        Some(format!("give it one (`ip addr add ADDR/LEN dev {name}`); containers use it as their gateway")),
+                        format!("bridge {name}: port(s) leading off this host: {ports}; lhb does not serve here, since every machine on that network could connect"),
+                        Some(format!("take the port(s) off the bridge, or, if serving that network is intended, set `allow_uplinks = true` on the rule (--allow-uplinks {})", rule.source.name())),
                     );
                 }
             }
-        }
-    }
-    match resolved {
-        Ok(reconcile::Resolved {
-            bridge,
-            link,
-            gateways,
-        }) => {
-            let list: Vec<String> = gateways.iter().map(IpAddr::to_string).collect();
-            r.add(Level::Ok, format!("gateway: {}", list.join(", ")), None);
-            Some((bridge.to_string(), link.ifindex, gateways))
-        }
-        Err(why) => {
-            // An uplink was reported above, with its fix.
-            if !matches!(why, reconcile::BridgeProblem::Uplinks { .. }) {
-                r.add(Level::Fail, format!("gateway: {why}"), None);
+            if l.addrs.is_empty() {
+                r.add(
+                    Level::Fail,
+                    format!("gateway: bridge {name} has no IP address"),
+                    Some(format!("give it one (`ip addr add ADDR/LEN dev {name}`); containers use it as their gateway")),
+                );
             }
-            None
         }
     }
 }

@@ -199,6 +199,18 @@ struct Serve {
 }
 
 impl Serve {
+    fn options(self) -> anyhow::Result<daemon::ServeOptions> {
+        Ok(daemon::ServeOptions {
+            cli_rules: self.cli_rules()?,
+            config: self.config,
+            no_docker: self.no_docker,
+            mode: self.mode,
+            firewall: self.firewall,
+            control: self.control,
+            pin_dir: self.pin_dir,
+        })
+    }
+
     /// The command-line rules, with `--allow-uplinks` applied.
     fn cli_rules(&self) -> anyhow::Result<Vec<rule::Rule>> {
         let mut cli_rules = self.expose.clone();
@@ -387,97 +399,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Run {
-                serve,
-                max_connections,
-                keep_on_exit,
-            } => {
-                let cli_rules = serve.cli_rules()?;
-                daemon::run(daemon::RunOptions {
-                    cli_rules,
-                    config: serve.config,
-                    no_docker: serve.no_docker,
-                    mode: serve.mode,
-                    firewall: serve.firewall,
-                    max_connections,
-                    control: serve.control,
-                    pin_dir: serve.pin_dir,
-                    keep_on_exit,
-                })
-                .await
-                .map(|()| true)
-            }
-            Command::Plan { serve, json } => {
-                let cli_rules = serve.cli_rules()?;
-                let opts = plan::PlanOptions {
-                    cli_rules,
-                    config: serve.config,
-                    no_docker: serve.no_docker,
-                    mode: serve.mode,
-                    firewall: serve.firewall,
-                    control: serve.control,
-                    pin_dir: serve.pin_dir,
-                };
-                plan::run(opts, json).await
-            }
-            Command::Verify(a) => verify::run(a.into()).await,
-            Command::Status { json, control } => control::call(&control, &control::Request::Status)
-                .and_then(|r| {
-                    let st = answer(r)?.status.context("the daemon sent no status")?;
-                    if json {
-                        println!("{}", serde_json::to_string_pretty(&st)?);
-                    } else {
-                        print!("{}", st.table());
-                    }
-                    Ok(true)
-                }),
-            Command::Expose {
-                rule,
-                service,
-                iface,
-                persist,
-                control,
-            } => change(
-                &control,
-                control::Request::Expose {
-                    spec: rule,
-                    iface,
-                    service,
-                    persist,
-                },
-            ),
-            Command::Unexpose {
-                rule,
-                iface,
-                persist,
-                control,
-            } => change(
-                &control,
-                control::Request::Unexpose {
-                    spec: rule,
-                    iface,
-                    persist,
-                },
-            ),
-            Command::Completions { shell } => {
-                use clap::CommandFactory as _;
-                clap_complete::generate(shell, &mut Cli::command(), "lhb", &mut std::io::stdout());
-                Ok(true)
-            }
-            Command::Man { dir } => man_pages(&dir),
-            Command::Reload { control } => change(&control, control::Request::Reload),
-            Command::Unit {
-                action,
-                config,
-                dir,
-                persist,
-                exe,
-            } => unit_command(action, &config, &dir, persist, exe),
-            Command::Doctor(a) => doctor::run(a.into()).await,
-        }
-    });
+    let result = runtime.block_on(dispatch(cli.command));
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -485,5 +407,77 @@ fn main() -> ExitCode {
             eprintln!("lhb: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Runs one command; `Ok(false)` is a failure already reported (verify, doctor).
+async fn dispatch(command: Command) -> anyhow::Result<bool> {
+    match command {
+        Command::Run {
+            serve,
+            max_connections,
+            keep_on_exit,
+        } => daemon::run(daemon::RunOptions {
+            serve: serve.options()?,
+            max_connections,
+            keep_on_exit,
+        })
+        .await
+        .map(|()| true),
+        Command::Plan { serve, json } => plan::run(serve.options()?, json).await,
+        Command::Verify(a) => verify::run(a.into()).await,
+        Command::Status { json, control } => control::call(&control, &control::Request::Status)
+            .and_then(|r| {
+                let st = answer(r)?.status.context("the daemon sent no status")?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&st)?);
+                } else {
+                    print!("{}", st.table());
+                }
+                Ok(true)
+            }),
+        Command::Expose {
+            rule,
+            service,
+            iface,
+            persist,
+            control,
+        } => change(
+            &control,
+            control::Request::Expose {
+                spec: rule,
+                iface,
+                service,
+                persist,
+            },
+        ),
+        Command::Unexpose {
+            rule,
+            iface,
+            persist,
+            control,
+        } => change(
+            &control,
+            control::Request::Unexpose {
+                spec: rule,
+                iface,
+                persist,
+            },
+        ),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "lhb", &mut std::io::stdout());
+            Ok(true)
+        }
+        Command::Man { dir } => man_pages(&dir),
+        Command::Reload { control } => change(&control, control::Request::Reload),
+        Command::Unit {
+            action,
+            config,
+            dir,
+            persist,
+            exe,
+        } => unit_command(action, &config, &dir, persist, exe),
+        Command::Doctor(a) => doctor::run(a.into()).await,
     }
 }

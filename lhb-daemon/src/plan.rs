@@ -9,7 +9,7 @@
 //! The kernel path is probed by loading both programs through the verifier and
 //! dropping them (nothing attached, nothing pinned).
 
-use std::{collections::BTreeSet, path::PathBuf};
+use std::collections::BTreeSet;
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
@@ -25,17 +25,6 @@ use crate::{
     rule::{Origin, Rule},
     status::{DockerStatus, GatewayStatus, RuleStatus},
 };
-
-/// What `lhb plan` is asked about: the same inputs as `lhb run`.
-pub struct PlanOptions {
-    pub cli_rules: Vec<Rule>,
-    pub config: PathBuf,
-    pub no_docker: bool,
-    pub mode: Option<Mode>,
-    pub firewall: Option<FirewallMode>,
-    pub control: PathBuf,
-    pub pin_dir: PathBuf,
-}
 
 /// The plan, as `lhb plan --json` prints it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -130,7 +119,7 @@ impl From<RuleStatus> for RulePlan {
     }
 }
 
-pub async fn run(opts: PlanOptions, json: bool) -> anyhow::Result<bool> {
+pub async fn run(opts: daemon::ServeOptions, json: bool) -> anyhow::Result<bool> {
     let plan = compute(opts).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
@@ -142,7 +131,7 @@ pub async fn run(opts: PlanOptions, json: bool) -> anyhow::Result<bool> {
 
 /// The same steps as `daemon::run`, in the same order, each stopping where `run`
 /// would stop.
-pub async fn compute(opts: PlanOptions) -> anyhow::Result<HostPlan> {
+pub async fn compute(opts: daemon::ServeOptions) -> anyhow::Result<HostPlan> {
     let cfg = config::load(&opts.config)?;
     let mode = opts.mode.or(cfg.mode).unwrap_or_default();
     let firewall_mode = opts.firewall.or(cfg.firewall).unwrap_or_default();

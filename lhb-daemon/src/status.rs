@@ -274,148 +274,185 @@ impl Status {
 
     /// Prometheus text exposition format (version 0.0.4).
     pub fn prometheus(&self) -> String {
-        let mut s = String::new();
-        let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in rows {
-                let _ = writeln!(s, "{name}{labels} {v}");
-            }
-        };
-        let label = |r: &RuleStatus, extra: &str| {
-            format!(
-                "{{rule=\"{}\",service=\"{}\"{extra}}}",
-                escape(&r.name()),
-                escape(&r.service)
-            )
-        };
-        family(
+        let mut m = Exposition::default();
+        m.family(
             "lhb_connections_total",
             "counter",
             "Connections served, by rule and data path.",
-            self.rules
-                .iter()
-                .flat_map(|r| {
-                    [
-                        (label(r, ",path=\"kernel\""), r.counters.kernel_connections),
-                        (label(r, ",path=\"proxy\""), r.counters.proxy_connections),
-                    ]
-                })
-                .collect(),
+            self.rules.iter().flat_map(|r| {
+                [
+                    (r.labels(",path=\"kernel\""), r.counters.kernel_connections),
+                    (r.labels(",path=\"proxy\""), r.counters.proxy_connections),
+                ]
+            }),
         );
-        let per_rule = |f: fn(&Counters) -> u64| -> Vec<(String, u64)> {
-            self.rules
-                .iter()
-                .map(|r| (label(r, ""), f(&r.counters)))
-                .collect()
-        };
-        family(
-            "lhb_kernel_no_listener_total",
-            "counter",
-            "Connections the kernel path refused because the target was not listening.",
-            per_rule(|c| c.kernel_no_listener),
-        );
-        family(
-            "lhb_kernel_errors_total",
-            "counter",
-            "Kernel path failures (socket lookup or assignment).",
-            per_rule(|c| c.kernel_errors),
-        );
-        family(
-            "lhb_proxy_bytes_total",
-            "counter",
-            "Bytes the proxy carried, both directions.",
-            per_rule(|c| c.proxy_bytes),
-        );
-        family(
-            "lhb_proxy_active_connections",
-            "gauge",
-            "Connections the proxy carries now.",
-            per_rule(|c| c.proxy_active),
-        );
-        family(
-            "lhb_proxy_target_errors_total",
-            "counter",
-            "Proxied connections whose target refused or could not be reached.",
-            per_rule(|c| c.proxy_target_errors),
-        );
-        family(
-            "lhb_proxy_over_limit_total",
-            "counter",
-            "Connections turned away at --max-connections.",
-            per_rule(|c| c.proxy_over_limit),
-        );
-        family(
+        for (name, kind, help, field) in PER_RULE {
+            m.family(
+                name,
+                kind,
+                help,
+                self.rules
+                    .iter()
+                    .map(|r| (r.labels(""), field(&r.counters))),
+            );
+        }
+        m.family(
             "lhb_rule_serving",
             "gauge",
             "1 if the rule is served on its bridge, 0 if it waits.",
             self.rules
                 .iter()
-                .map(|r| (label(r, ""), u64::from(r.state == State::Serving)))
-                .collect(),
+                .map(|r| (r.labels(""), u64::from(r.state == State::Serving))),
         );
-        let mut attached: Vec<(String, u64)> = Vec::new();
-        for r in &self.rules {
-            for g in &r.gateways {
-                let l = format!(
-                    "{{bridge=\"{}\",gateway=\"{}\",port=\"{}\",path=\"{}\"}}",
-                    escape(r.bridge.as_deref().unwrap_or("")),
-                    g.address,
-                    r.port,
-                    g.path
-                );
-                attached.push((l, u64::from(g.path != DataPath::None && g.error.is_none())));
-            }
-        }
-        family(
+        m.family(
             "lhb_attached",
             "gauge",
             "1 per gateway endpoint served, by bridge, gateway, port and data path.",
-            attached,
+            self.rules.iter().flat_map(RuleStatus::attached),
         );
-        family(
+        self.daemon_families(&mut m);
+        m.0
+    }
+
+    /// The families about the daemon as a whole, one sample each.
+    fn daemon_families(&self, m: &mut Exposition) {
+        let one = |v: u64| [(String::new(), v)];
+        m.family(
             "lhb_reconcile_events_total",
             "counter",
             "Link, address, Docker and config events that led to a reconciliation.",
-            vec![(String::new(), self.reconcile_events)],
+            one(self.reconcile_events),
         );
-        family(
+        m.family(
             "lhb_requests_refused_total",
             "counter",
             "Control and metrics requests refused: malformed, too large or too slow (bad), or too many at once (busy).",
-            vec![
+            [
                 ("{reason=\"bad\"}".into(), self.requests.bad),
                 ("{reason=\"busy\"}".into(), self.requests.busy),
             ],
         );
-        family(
+        m.family(
             "lhb_firewall_rules",
             "gauge",
             "Firewall accept rules lhb holds.",
-            vec![(String::new(), self.firewall.rules.len() as u64)],
+            one(self.firewall.rules.len() as u64),
         );
-        family(
+        m.family(
             "lhb_firewall_heals_total",
             "counter",
             "Times lhb restored its firewall accepts after the ruleset changed under it.",
-            vec![(String::new(), self.firewall.heals)],
+            one(self.firewall.heals),
         );
         if let Some(h) = &self.firewall.last_heal {
-            family(
+            m.family(
                 "lhb_firewall_last_heal_timestamp_seconds",
                 "gauge",
                 "When lhb last restored its firewall accepts (Unix time).",
-                vec![(String::new(), h.unix_time)],
+                one(h.unix_time),
             );
         }
         if let Some(d) = &self.docker {
-            family(
+            m.family(
                 "lhb_docker_available",
                 "gauge",
                 "1 if the Docker engine answers.",
-                vec![(String::new(), u64::from(d.available))],
+                one(u64::from(d.available)),
             );
         }
-        s
+    }
+}
+
+/// The per-rule counter families: name, type, help, and the counter.
+type PerRule = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Counters) -> u64,
+);
+const PER_RULE: &[PerRule] = &[
+    (
+        "lhb_kernel_no_listener_total",
+        "counter",
+        "Connections the kernel path refused because the target was not listening.",
+        |c| c.kernel_no_listener,
+    ),
+    (
+        "lhb_kernel_errors_total",
+        "counter",
+        "Kernel path failures (socket lookup or assignment).",
+        |c| c.kernel_errors,
+    ),
+    (
+        "lhb_proxy_bytes_total",
+        "counter",
+        "Bytes the proxy carried, both directions.",
+        |c| c.proxy_bytes,
+    ),
+    (
+        "lhb_proxy_active_connections",
+        "gauge",
+        "Connections the proxy carries now.",
+        |c| c.proxy_active,
+    ),
+    (
+        "lhb_proxy_target_errors_total",
+        "counter",
+        "Proxied connections whose target refused or could not be reached.",
+        |c| c.proxy_target_errors,
+    ),
+    (
+        "lhb_proxy_over_limit_total",
+        "counter",
+        "Connections turned away at --max-connections.",
+        |c| c.proxy_over_limit,
+    ),
+];
+
+/// Prometheus text exposition being written.
+#[derive(Default)]
+struct Exposition(String);
+
+impl Exposition {
+    fn family(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        rows: impl IntoIterator<Item = (String, u64)>,
+    ) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in rows {
+            let _ = writeln!(self.0, "{name}{labels} {v}");
+        }
+    }
+}
+
+impl RuleStatus {
+    /// The rule's metric labels, then `extra` (`,key="value"`...).
+    fn labels(&self, extra: &str) -> String {
+        format!(
+            "{{rule=\"{}\",service=\"{}\"{extra}}}",
+            escape(&self.name()),
+            escape(&self.service)
+        )
+    }
+
+    /// `lhb_attached` samples: 1 per gateway endpoint served.
+    fn attached(&self) -> Vec<(String, u64)> {
+        self.gateways
+            .iter()
+            .map(|g| {
+                let l = format!(
+                    "{{bridge=\"{}\",gateway=\"{}\",port=\"{}\",path=\"{}\"}}",
+                    escape(self.bridge.as_deref().unwrap_or("")),
+                    g.address,
+                    self.port,
+                    g.path
+                );
+                (l, u64::from(g.path != DataPath::None && g.error.is_none()))
+            })
+            .collect()
     }
 }
 

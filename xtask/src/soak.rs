@@ -367,7 +367,41 @@ pub fn run(minutes: f64, seed: Option<u64>) -> anyhow::Result<()> {
                 .map(|(at, e)| format!("{:.1}s: {e}", at.duration_since(start).as_secs_f64())),
         ));
     }
-    // Clean exits, then what is left.
+    let leaks = stop_and_find_leaks(&mut rig, &pins, fds_before, fds_after)?;
+    rig.logs.push(rig.lhb.log());
+    rig.logs.push(format!(
+        "--- in the namespace that plays the host\n{}",
+        rig.host_lhb.log()
+    ));
+    let log_path = std::env::temp_dir().join("lhb-soak.log");
+    std::fs::write(&log_path, rig.logs.join("\n--- next start\n"))?;
+    drop(rig);
+
+    print_report(&injected, &results, &leaks);
+    let bad: Vec<String> = results
+        .iter()
+        .filter(|r| r.3 > 0)
+        .map(|r| format!("{}: {} failed, first {:?}", r.0, r.3, r.4))
+        .collect();
+    if !bad.is_empty() || !leaks.is_empty() {
+        bail!(
+            "soak failed (seed {seed}): {}{} (the daemons' logs: {})",
+            bad.join("; "),
+            leaks.join("; "),
+            log_path.display()
+        );
+    }
+    println!("soak passed (seed {seed})");
+    Ok(())
+}
+
+/// Stops both daemons and lists what they left: firewall rules, pins, programs, fds.
+fn stop_and_find_leaks(
+    rig: &mut Rig,
+    pins: &std::path::Path,
+    fds_before: usize,
+    fds_after: usize,
+) -> anyhow::Result<Vec<String>> {
     let main_stopped = rig.lhb.stop()?.success();
     let host_fw = rig.host.sh(&["iptables", "-w", "-S", "INPUT"])?;
     let host_stopped = rig.host_lhb.stop()?.success();
@@ -394,15 +428,14 @@ pub fn run(minutes: f64, seed: Option<u64>) -> anyhow::Result<()> {
             "the daemon held {fds_before} fds at the start and {fds_after} at the end"
         ));
     }
-    rig.logs.push(rig.lhb.log());
-    rig.logs.push(format!(
-        "--- in the namespace that plays the host\n{}",
-        rig.host_lhb.log()
-    ));
-    let log_path = std::env::temp_dir().join("lhb-soak.log");
-    std::fs::write(&log_path, rig.logs.join("\n--- next start\n"))?;
-    drop(rig);
+    Ok(leaks)
+}
 
+/// One client's tally: name, connections tried, failed, failed outside every fault's
+/// outage, and the first of those.
+type Tally = (&'static str, u64, usize, usize, Option<String>);
+
+fn print_report(injected: &BTreeMap<Fault, u32>, results: &[Tally], leaks: &[String]) {
     println!("\n| fault | injected |\n|---|---|");
     for f in FAULTS {
         println!(
@@ -414,7 +447,7 @@ pub fn run(minutes: f64, seed: Option<u64>) -> anyhow::Result<()> {
     println!(
         "\n| client | connections | failed in a fault's outage | failed otherwise |\n|---|---|---|---|"
     );
-    for (name, tries, all, counted, _) in &results {
+    for (name, tries, all, counted, _) in results {
         println!("| {name} | {tries} | {} | {counted} |", all - counted);
     }
     println!(
@@ -425,19 +458,4 @@ pub fn run(minutes: f64, seed: Option<u64>) -> anyhow::Result<()> {
             leaks.join("; ")
         }
     );
-    let bad: Vec<String> = results
-        .iter()
-        .filter(|r| r.3 > 0)
-        .map(|r| format!("{}: {} failed, first {:?}", r.0, r.3, r.4))
-        .collect();
-    if !bad.is_empty() || !leaks.is_empty() {
-        bail!(
-            "soak failed (seed {seed}): {}{} (the daemons' logs: {})",
-            bad.join("; "),
-            leaks.join("; "),
-            log_path.display()
-        );
-    }
-    println!("soak passed (seed {seed})");
-    Ok(())
 }

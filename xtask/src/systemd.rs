@@ -75,8 +75,18 @@ fn scenario(c: &Container, deb: &str) -> anyhow::Result<()> {
              --directory /srv/www >/dev/null 2>&1; done")?;
     install(c, deb)?;
 
-    // The README's steps after the install: a rule, the plan, enable --now, status,
-    // verify.
+    readme_steps(c)?;
+    hardened_and_healing(c)?;
+    persist(c)?;
+    bad_reload(c)?;
+    kills_and_stops(c)?;
+    watchdog(c)?;
+    late_bridge(c)?;
+    remove(c)
+}
+
+/// The README's steps after the install: a rule, the plan, enable --now, status, verify.
+fn readme_steps(c: &Container) -> anyhow::Result<()> {
     c.sh("printf '[[expose]]\\ninterface = \"br0\"\\nport = 8080\\n' > /etc/lhb/lhb.toml")?;
     let plan = c.sh("lhb plan")?;
     ensure!(
@@ -101,7 +111,11 @@ fn scenario(c: &Container, deb: &str) -> anyhow::Result<()> {
     let (verified, out) = c.sh_status("lhb verify 2>&1")?;
     ensure!(verified, "lhb verify failed:\n{out}");
     ok("the README's steps: lhb plan said what run did; lhb status and lhb verify pass");
+    Ok(())
+}
 
+/// The unit's exposure score, and a firewall drop added while running healed.
+fn hardened_and_healing(c: &Container) -> anyhow::Result<()> {
     let sec = c.sh("systemd-analyze security lhb | tail -1")?;
     let exposure: f64 = sec
         .split("lhb.service: ")
@@ -120,7 +134,11 @@ fn scenario(c: &Container, deb: &str) -> anyhow::Result<()> {
         c.journal()?
     );
     ok("a firewall drop added while running is healed (iptables under the syscall filter)");
+    Ok(())
+}
 
+/// `lhb expose --persist`: refused on a read-only config with the fix named, then written.
+fn persist(c: &Container) -> anyhow::Result<()> {
     let mode = c.sh("stat -c %a /etc/lhb/lhb.toml")?;
     let refused = c.sh_status("lhb expose --iface br0:8081 --persist 2>&1")?;
     ensure!(
@@ -144,9 +162,12 @@ fn scenario(c: &Container, deb: &str) -> anyhow::Result<()> {
     ok(
         "--persist: refused read-only with the fix named; with `unit install --persist` written, mode kept",
     );
+    Ok(())
+}
 
-    // A bad file: `systemctl reload` fails and `systemctl status` says why; a good one
-    // clears it.
+/// A bad file: `systemctl reload` fails and `systemctl status` says why; a good one
+/// clears it.
+fn bad_reload(c: &Container) -> anyhow::Result<()> {
     c.sh("cp /etc/lhb/lhb.toml /tmp/good.toml && echo 'port = 1' >> /etc/lhb/lhb.toml")?;
     let (reloaded, out) = c.sh_status("systemctl reload lhb 2>&1")?;
     ensure!(
@@ -171,8 +192,12 @@ fn scenario(c: &Container, deb: &str) -> anyhow::Result<()> {
     ok(
         "a bad config makes `systemctl reload` fail and shows in `systemctl status`; a good one clears it",
     );
+    Ok(())
+}
 
-    // kill -9: systemd restarts lhb; the pinned links serve throughout.
+/// kill -9 (systemd restarts lhb, the pinned links serve throughout), then 50 stops
+/// that must leave nothing behind.
+fn kills_and_stops(c: &Container) -> anyhow::Result<()> {
     let pid = c.sh("systemctl show lhb -p MainPID --value")?;
     let poll = "for i in $(seq 1 40); do \
                 ip netns exec c python3 -c \"import urllib.request as u; u.urlopen('http://10.99.0.1:8080/', timeout=2)\" \
@@ -203,9 +228,12 @@ fn scenario(c: &Container, deb: &str) -> anyhow::Result<()> {
         c.sh("systemctl reset-failed lhb && systemctl start lhb")?;
     }
     ok("50 stops: no firewall rule and no pin left after any of them");
+    Ok(())
+}
 
-    // The watchdog: a daemon that stops answering (SIGSTOP) is killed and restarted by
-    // systemd. A drop-in shortens WatchdogSec so the check takes seconds, not 30.
+/// The watchdog: a daemon that stops answering (SIGSTOP) is killed and restarted.
+fn watchdog(c: &Container) -> anyhow::Result<()> {
+    // A drop-in shortens WatchdogSec so the check takes seconds, not 30.
     c.sh("mkdir -p /etc/systemd/system/lhb.service.d \
           && printf '[Service]\nWatchdogSec=2\n' > /etc/systemd/system/lhb.service.d/watchdog.conf \
           && systemctl daemon-reload && systemctl restart lhb")?;
@@ -230,9 +258,12 @@ fn scenario(c: &Container, deb: &str) -> anyhow::Result<()> {
         "not served after the watchdog restart"
     );
     ok("the watchdog: a daemon stopped with SIGSTOP is killed and restarted by systemd");
+    Ok(())
+}
 
-    // A rule for a bridge that comes up later (libvirt's virbr0 after boot): the unit
-    // starts, the rule waits, and it is served when the bridge appears.
+/// A rule for a bridge that comes up later (libvirt's virbr0 after boot): the unit
+/// starts, the rule waits, and it is served when the bridge appears.
+fn late_bridge(c: &Container) -> anyhow::Result<()> {
     c.sh("systemctl stop lhb && printf '[[expose]]\ninterface = \"br1\"\nport = 8080\n' >> /etc/lhb/lhb.toml \
           && systemctl start lhb")?;
     ensure!(c.active()?, "lhb did not start");
@@ -263,7 +294,7 @@ fn scenario(c: &Container, deb: &str) -> anyhow::Result<()> {
         "STATUS= {status:?}"
     );
     ok("a rule for a bridge that appears 10 s after start waits, then serves");
-    remove(c)
+    Ok(())
 }
 
 /// `apt install ./lhb_*.deb` as the README says, and what the package must hold and do:

@@ -53,7 +53,8 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// How long the start waits for the Docker engine's first answer before going on.
 pub(crate) const DOCKER_FIRST_ANSWER: Duration = Duration::from_secs(3);
 
-pub struct RunOptions {
+/// What `lhb run` and `lhb plan` both start from.
+pub struct ServeOptions {
     /// Rules from --expose and --expose-iface.
     pub cli_rules: Vec<Rule>,
     pub config: PathBuf,
@@ -62,12 +63,16 @@ pub struct RunOptions {
     pub mode: Option<Mode>,
     /// --firewall, if given (it wins over the file's `firewall`).
     pub firewall: Option<FirewallMode>,
-    /// --max-connections, if given; else derived from the open-file limit.
-    pub max_connections: Option<usize>,
     /// The control socket (`lhb status`, `lhb expose`, `lhb unexpose`).
     pub control: PathBuf,
     /// Where the kernel path's links are pinned (bpffs).
     pub pin_dir: PathBuf,
+}
+
+pub struct RunOptions {
+    pub serve: ServeOptions,
+    /// --max-connections, if given; else derived from the open-file limit.
+    pub max_connections: Option<usize>,
     /// Leave the kernel path and the firewall rules serving on a clean exit.
     pub keep_on_exit: bool,
 }

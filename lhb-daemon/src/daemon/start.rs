@@ -47,24 +47,24 @@ pub(super) async fn start(
     opts: &RunOptions,
     tasks: &Tasks,
 ) -> anyhow::Result<(Daemon, Inputs, Sockets)> {
-    let cfg = config::load(&opts.config)?;
-    let mode = opts.mode.or(cfg.mode).unwrap_or_default();
-    let firewall_mode = opts.firewall.or(cfg.firewall).unwrap_or_default();
+    let cfg = config::load(&opts.serve.config)?;
+    let mode = opts.serve.mode.or(cfg.mode).unwrap_or_default();
+    let firewall_mode = opts.serve.firewall.or(cfg.firewall).unwrap_or_default();
     let metrics_addr = cfg.metrics.clone();
-    let (rules, fresh) = RuleSet::new(opts.cli_rules.clone(), cfg.rules)?;
+    let (rules, fresh) = RuleSet::new(opts.serve.cli_rules.clone(), cfg.rules)?;
     if rules.is_empty() {
         // A config file of the administrator's with no entry yet (the package's, for
         // one) is a daemon waiting for rules: it must not fail at every boot. With no
         // file and no flag there is nothing to wait for: a mistake, said at once.
-        if !std::fs::metadata(&opts.config).is_ok_and(|m| m.is_file()) {
+        if !std::fs::metadata(&opts.serve.config).is_ok_and(|m| m.is_file()) {
             return Err(StartError::NoRules {
-                config: opts.config.display().to_string(),
+                config: opts.serve.config.display().to_string(),
             }
             .into());
         }
         warn!(
             "{} has no [[expose]] entry: nothing is served until one is added (then `lhb reload`) or `lhb expose` adds a rule",
-            opts.config.display()
+            opts.serve.config.display()
         );
     }
 
@@ -73,7 +73,7 @@ pub(super) async fn start(
     let sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
 
     let (netlink, links) = Netlink::connect()?;
-    let docker = if opts.no_docker {
+    let docker = if opts.serve.no_docker {
         None
     } else {
         Some(docker_watch(tasks).await)
@@ -81,15 +81,15 @@ pub(super) async fn start(
     // Bound before anything is loaded or attached: a second lhb stops here, touching
     // nothing.
     let (sockets, ctl_rx) = Sockets::bind(opts, metrics_addr, tasks).await?;
-    let (kernel, kernel_unavailable) = kernel_path(mode, &opts.pin_dir)?;
+    let (kernel, kernel_unavailable) = kernel_path(mode, &opts.serve.pin_dir)?;
     let firewall = Firewall::new(firewall_mode);
     let mut d = Daemon {
         rules,
-        config_path: opts.config.clone(),
+        config_path: opts.serve.config.clone(),
         reconcile_events: 0,
         last_error: None,
         proxy_errors: Default::default(),
-        cli_mode: opts.mode,
+        cli_mode: opts.serve.mode,
         reload_error: None,
         kernel_unavailable,
         firewall_backends: firewall.backends(),
@@ -132,7 +132,7 @@ pub(super) async fn start(
         "ready: serving {} of {} rule(s); control socket {}",
         view::serving(&d.applied),
         d.rules.len(),
-        opts.control.display()
+        opts.serve.control.display()
     );
     d.notifier.ready(&d.summary());
     Ok((d, inputs, sockets))
@@ -147,12 +147,12 @@ impl Sockets {
         tasks: &Tasks,
     ) -> anyhow::Result<(Sockets, tokio::sync::mpsc::Receiver<control::Call>)> {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        control::serve(&opts.control, tx.clone(), tasks)?;
+        control::serve(&opts.serve.control, tx.clone(), tasks)?;
         let metrics = addr.unwrap_or_else(|| {
-            control::MetricsAddr::Unix(opts.control.with_file_name("metrics.sock"))
+            control::MetricsAddr::Unix(opts.serve.control.with_file_name("metrics.sock"))
         });
         let mut sockets = Sockets {
-            control: opts.control.clone(),
+            control: opts.serve.control.clone(),
             // Not ours until bound: another lhb's socket is never removed.
             metrics: control::MetricsAddr::Off,
         };
