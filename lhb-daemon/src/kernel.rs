@@ -161,6 +161,13 @@ impl Pins {
 
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lhb"));
 
+/// The eBPF object lhb embeds. Besides lhb's two programs it holds `lhb_pass`, which
+/// the daemon never loads: the bench's baseline and the tests' stand-in for another
+/// tool's program on the same bridge.
+pub fn object() -> &'static [u8] {
+    PROGRAM
+}
+
 impl KernelPath {
     /// Loads the programs and attaches the socket-lookup one; links are pinned under
     /// `pin_dir` where it is on bpffs (else they go with the process, and the log says so).
@@ -300,9 +307,13 @@ impl KernelPath {
             }
         }
         // Explicit: aya's attach() picks TCX by kernel version alone, which would ignore
-        // a clsact choice (LHB_ATTACH) on a TCX kernel.
+        // a clsact choice (LHB_ATTACH) on a TCX kernel. First in TCX's order: a program
+        // before lhb's that ended the pipeline (TCX_PASS) would hide every SYN from it,
+        // and lhb's own verdict is always "next", so going first changes nothing for
+        // the others. With clsact, a filter without a priority gets one below every
+        // existing filter's, which also runs it first, and it never replaces one.
         let options = match self.mode {
-            AttachMode::Tcx => tc::TcAttachOptions::TcxOrder(aya::programs::LinkOrder::default()),
+            AttachMode::Tcx => tc::TcAttachOptions::TcxOrder(aya::programs::LinkOrder::first()),
             AttachMode::Clsact => tc::TcAttachOptions::Netlink(tc::NlOptions::default()),
         };
         let id = self
@@ -353,10 +364,22 @@ impl KernelPath {
                 Err(e) => debug!(iface = %a.iface, "unpinning: {e}"),
             },
         }
-        if a.own_clsact
-            && let Err(e) = netlink.remove_clsact(ifindex).await
-        {
-            debug!(iface = %a.iface, "removing clsact qdisc: {e:#}");
+        if !a.own_clsact {
+            return;
+        }
+        // Removing the qdisc would take every filter on it along: one another tool added
+        // after lhb created it stays, and so does the qdisc.
+        match netlink.clsact_has_filters(ifindex).await {
+            Ok(false) => {
+                if let Err(e) = netlink.remove_clsact(ifindex).await {
+                    debug!(iface = %a.iface, "removing clsact qdisc: {e:#}");
+                }
+            }
+            Ok(true) => info!(
+                bridge = %a.iface,
+                "left the clsact qdisc lhb added: it holds another tool's filters now"
+            ),
+            Err(e) => debug!(iface = %a.iface, "listing tc filters: {e:#}"),
         }
     }
 
@@ -518,16 +541,25 @@ fn load_error(e: ProgramError) -> KernelPathError {
 }
 
 /// The object with its maps created (no map is pinned), programs not loaded yet.
+///
+/// Without the kernel's BTF: `Ebpf::load` parses all of /sys/kernel/btf/vmlinux (several
+/// MiB, for CO-RE relocations) and the allocator keeps that memory after it is freed,
+/// which was most of an idle daemon's RSS. lhb's programs have no CO-RE relocations:
+/// they read only UAPI structures (`__sk_buff`, `bpf_sock`, `bpf_sk_lookup`), whose
+/// layout the kernel keeps stable.
 fn load_object() -> Result<Ebpf, KernelPathError> {
     bump_memlock_rlimit();
-    Ebpf::load(PROGRAM).map_err(|e| match e {
-        aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
-            if io_error.raw_os_error() == Some(libc::EPERM) =>
-        {
-            KernelPathError::Permission(io_error)
-        }
-        other => KernelPathError::Load(format!("{other:#}")),
-    })
+    aya::EbpfLoader::new()
+        .btf(None)
+        .load(PROGRAM)
+        .map_err(|e| match e {
+            aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EPERM) =>
+            {
+                KernelPathError::Permission(io_error)
+            }
+            other => KernelPathError::Load(format!("{other:#}")),
+        })
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, KernelPathError> {

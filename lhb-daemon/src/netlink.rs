@@ -172,6 +172,18 @@ impl Netlink {
 
 impl Netlink {
     /// Deletes the clsact qdisc of `ifindex` (and with it every filter lhb put there).
+    /// Whether the clsact qdisc on `ifindex` holds any filter (ingress or egress):
+    /// another tool's, once lhb's own is gone.
+    pub async fn clsact_has_filters(&self, ifindex: u32) -> anyhow::Result<bool> {
+        let mut filters = self.handle.clone().traffic_filter(ifindex as i32);
+        for get in [filters.get().ingress(), filters.get().egress()] {
+            if get.execute().try_next().await.map_err(nl_err)?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     pub async fn remove_clsact(&self, ifindex: u32) -> anyhow::Result<()> {
         let mut req = self.handle.clone().qdisc().del(ifindex as i32);
         let msg = req.message_mut();

@@ -305,3 +305,72 @@ fn poll_once(addr: SocketAddr) -> Result<(), String> {
         Err(e) => Err(format!("read: {e}")),
     }
 }
+
+/// Another tool's TC program on a bridge's ingress: lhb's `lhb_pass`, which does nothing
+/// and passes every packet on. BPF run-time statistics are on while it lives, so
+/// `runs()` counts the packets that reached it.
+pub struct Neighbour {
+    ebpf: aya::Ebpf,
+    link: Option<aya::programs::tc::SchedClassifierLinkId>,
+    _stats: std::os::fd::OwnedFd,
+}
+
+impl Neighbour {
+    /// Attached after every program there: TCX's last, or a clsact filter with a
+    /// priority below any `tc` assigns by itself (`clsact`; the qdisc is added if
+    /// missing and left in place).
+    pub fn attach(iface: &str, clsact: bool) -> anyhow::Result<Neighbour> {
+        use aya::programs::{SchedClassifier, TcAttachType, tc};
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
+        let mut ebpf = aya::Ebpf::load(lhb_daemon::kernel::object())?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut("lhb_pass")
+            .ok_or_else(|| anyhow::anyhow!("no lhb_pass in the object"))?
+            .try_into()?;
+        prog.load()?;
+        let options = if clsact {
+            let _ = tc::qdisc_add_clsact(iface);
+            tc::TcAttachOptions::Netlink(tc::NlOptions {
+                priority: 60000,
+                ..Default::default()
+            })
+        } else {
+            tc::TcAttachOptions::TcxOrder(aya::programs::LinkOrder::last())
+        };
+        let link = prog.attach_with_options(iface, TcAttachType::Ingress, options)?;
+        Ok(Neighbour {
+            ebpf,
+            link: Some(link),
+            _stats: stats,
+        })
+    }
+
+    fn info(&self) -> anyhow::Result<aya::programs::ProgramInfo> {
+        let prog: &aya::programs::SchedClassifier = self
+            .ebpf
+            .program("lhb_pass")
+            .ok_or_else(|| anyhow::anyhow!("no lhb_pass"))?
+            .try_into()?;
+        Ok(prog.info()?)
+    }
+
+    /// How many packets the program has run on.
+    pub fn runs(&self) -> anyhow::Result<u64> {
+        Ok(self.info()?.run_count())
+    }
+
+    /// The program's id.
+    pub fn id(&self) -> anyhow::Result<u32> {
+        Ok(self.info()?.id())
+    }
+}
+
+impl Drop for Neighbour {
+    fn drop(&mut self) {
+        if let (Some(link), Some(aya::programs::Program::SchedClassifier(p))) =
+            (self.link.take(), self.ebpf.program_mut("lhb_pass"))
+        {
+            let _ = p.detach(link);
+        }
+    }
+}

@@ -10,8 +10,8 @@ use std::{
 };
 
 use lhb_tests::{
-    Lab, Lhb, Outcome, PeerEcho, bpf_ids_held_by, bpf_link_exists, bpf_program_exists, free_port,
-    http_get, ingress_programs, lhb_once, run, wait_until,
+    Lab, Lhb, Neighbour, Outcome, PeerEcho, bpf_ids_held_by, bpf_link_exists, bpf_program_exists,
+    free_port, http_get, ingress_programs, lhb_once, run, wait_until,
 };
 
 const T: Duration = Duration::from_secs(2);
@@ -986,4 +986,77 @@ fn the_clsact_attachment_serves_and_is_removed_on_exit() {
     let qdiscs = run("tc", &["qdisc", "show", "dev", &br]).unwrap();
     assert!(!qdiscs.contains("clsact"), "left behind: {qdiscs}");
     assert_eq!(ingress_programs(&br).unwrap(), Vec::<String>::new());
+}
+
+/// A good neighbour, on TCX and on clsact: another tool's program on the same bridge
+/// keeps seeing every packet while lhb serves, whether it came after lhb (which created
+/// the clsact qdisc) or was there before it; lhb's exit leaves it attached and running.
+#[test]
+fn another_tools_program_on_the_bridge_keeps_running_beside_lhb() {
+    let _g = shared();
+    for (n, clsact) in [(33, false), (34, true)] {
+        let lab = Lab::new(n).unwrap();
+        let br = lab.bridge_name();
+        let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+        let spec = expose(&lab, &svc.port().to_string());
+        let wrapper: &[&str] = if clsact {
+            &["env", "LHB_ATTACH=clsact"]
+        } else {
+            &[]
+        };
+        let start = || {
+            Lhb::start_wrapped(
+                wrapper,
+                &lhb_tests::lhb_bin(),
+                &["--mode", "kernel", "--expose-iface", &spec],
+            )
+            .unwrap()
+        };
+        let connect = |n: usize| -> Vec<Outcome> {
+            (0..n)
+                .map(|_| get_from(&lab.container, lab.gateway(), svc.port()))
+                .collect()
+        };
+        // A served connection sends at least SYN, ACK, request and FIN through the
+        // bridge; a refused one its SYN.
+        let runs_over = |nb: &Neighbour, want_served: bool, what: &str| {
+            let least = if want_served { 30 } else { 10 };
+            let before = nb.runs().unwrap();
+            let outcomes = connect(10);
+            let runs = nb.runs().unwrap() - before;
+            assert!(
+                outcomes
+                    .iter()
+                    .all(|o| matches!(o, Outcome::Served(_)) == want_served),
+                "clsact {clsact}, {what}: {outcomes:?}"
+            );
+            assert!(
+                runs >= least,
+                "clsact {clsact}, {what}: the other program ran {runs} times for 10 connections"
+            );
+        };
+
+        let mut lhb = start();
+        let nb = Neighbour::attach(&br, clsact).unwrap();
+        assert_eq!(ingress_programs(&br).unwrap().len(), 2);
+        runs_over(&nb, true, "attached after lhb");
+        assert!(lhb.stop().unwrap().success(), "{}", lhb.log());
+        assert_eq!(
+            ingress_programs(&br).unwrap().len(),
+            1,
+            "clsact {clsact}: lhb's exit took the other program along"
+        );
+        runs_over(&nb, false, "after lhb's exit");
+
+        let mut lhb = start();
+        assert_eq!(ingress_programs(&br).unwrap().len(), 2);
+        runs_over(&nb, true, "there before lhb");
+        assert!(lhb.stop().unwrap().success(), "{}", lhb.log());
+        assert_eq!(ingress_programs(&br).unwrap().len(), 1);
+        drop(nb);
+        if clsact {
+            // The qdisc is the test's to remove now (lhb left it: it held a filter).
+            run("tc", &["qdisc", "del", "dev", &br, "clsact"]).unwrap();
+        }
+    }
 }

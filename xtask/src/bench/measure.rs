@@ -16,15 +16,36 @@ use std::{
 use anyhow::{Context as _, bail};
 use lhb_tests::{Lab, wait_until};
 
+/// One measurement, and why it does not count if it ran other than intended (a
+/// failed connection, fewer clients than asked, an error the tool reported).
+#[derive(Clone, Debug)]
+pub(super) struct Measured {
+    pub value: f64,
+    pub invalid: Option<String>,
+}
+
+impl Measured {
+    pub fn ok(value: f64) -> Measured {
+        Measured {
+            value,
+            invalid: None,
+        }
+    }
+
+    pub fn unless(value: f64, invalid: Option<String>) -> Measured {
+        Measured { value, invalid }
+    }
+}
+
 /// Connections per second: `clients` loops of connect, request, read to EOF, close; and
-/// how many attempts failed (counted, not fatal: socat's listen backlog of 5 drops
-/// connections under load, and that is part of what is measured).
+/// invalid if any attempt failed (socat's listen backlog of 5 drops connections under
+/// load: a rate of the connections that got through is not the rate asked about).
 pub(super) fn conn_rate(
     lab: &Lab,
     addr: SocketAddr,
     clients: usize,
     secs: f64,
-) -> anyhow::Result<(f64, u64)> {
+) -> anyhow::Result<Measured> {
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -53,9 +74,11 @@ pub(super) fn conn_rate(
         }
     });
     let elapsed = start.elapsed().as_secs_f64();
-    Ok((
-        done.load(Ordering::Relaxed) as f64 / elapsed,
-        errors.load(Ordering::Relaxed),
+    let (done, errors) = (done.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
+    Ok(Measured::unless(
+        done as f64 / elapsed,
+        (errors > 0 || done == 0)
+            .then(|| format!("{errors} of {} connections failed", done + errors)),
     ))
 }
 
@@ -67,7 +90,8 @@ pub(super) fn iperf(
     target: SocketAddr,
     secs: u32,
     streams: u32,
-) -> anyhow::Result<f64> {
+    write_len: Option<u32>,
+) -> anyhow::Result<Measured> {
     struct Server(Child);
     impl Drop for Server {
         fn drop(&mut self) {
@@ -106,13 +130,28 @@ pub(super) fn iperf(
             &streams.to_string(),
             "-J",
         ])
+        .args(write_len.map(|l| format!("-l{l}")))
         .output()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
-    v["end"]["sum_received"]["bits_per_second"]
+    let gbits = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .map(|b| b / 1e9)
-        .with_context(|| format!("iperf3 failed: {}", v["error"]))
+        .with_context(|| format!("iperf3 failed: {}", v["error"]))?;
+    let connected = v["start"]["connected"].as_array().map_or(0, Vec::len);
+    let streams_done = v["end"]["streams"].as_array().map_or(0, Vec::len);
+    let sent = v["end"]["sum_sent"]["bytes"].as_f64().unwrap_or(0.0);
+    let received = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    let invalid = if connected != streams as usize || streams_done != streams as usize {
+        Some(format!(
+            "{connected} of {streams} streams connected, {streams_done} reported"
+        ))
+    } else if received <= 0.0 || received > sent {
+        Some(format!("received {received} bytes of {sent} sent"))
+    } else {
+        v.get("error").map(|e| format!("iperf3: {e}"))
+    };
+    Ok(Measured::unless(gbits, invalid))
 }
 
 pub(super) fn median(v: &mut [f64]) -> f64 {
@@ -125,13 +164,16 @@ pub(super) fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// redis-benchmark GET from the container: (p50, p99) in ms.
+/// redis-benchmark GET from the container: (p50, p99) in ms. Invalid if the tool
+/// reported an error, or if fewer clients than asked were busy on average (Little's
+/// law: requests per second times mean latency): a client that could not connect at
+/// first (socat's backlog of 5) leaves the others a less loaded server.
 pub(super) fn redis_latency(
     lab: &Lab,
     to: SocketAddr,
     clients: u32,
     requests: u32,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<(Measured, Measured)> {
     let out = lab
         .container
         .command("redis-benchmark")
@@ -166,10 +208,28 @@ pub(super) fn redis_latency(
         .split(',')
         .map(|c| c.trim_matches('"').parse().unwrap_or(f64::NAN))
         .collect();
-    match (f.get(4), f.get(6)) {
-        (Some(p50), Some(p99)) if p50.is_finite() && p99.is_finite() => Ok((*p50, *p99)),
-        _ => bail!("redis-benchmark row not understood: {row}"),
+    let (Some(&rps), Some(&avg), Some(&p50), Some(&p99)) = (f.get(1), f.get(2), f.get(4), f.get(6))
+    else {
+        bail!("redis-benchmark row not understood: {row}");
+    };
+    if ![rps, avg, p50, p99].iter().all(|v| v.is_finite()) {
+        bail!("redis-benchmark row not understood: {row}");
     }
+    let busy = rps * avg / 1000.0;
+    let errors = String::from_utf8_lossy(&out.stderr);
+    let invalid = if !errors.trim().is_empty() {
+        Some(format!("redis-benchmark: {}", errors.trim()))
+    } else if busy < 0.7 * f64::from(clients) {
+        Some(format!(
+            "{busy:.1} of {clients} clients busy on average ({rps:.0} requests/s x {avg:.3} ms)"
+        ))
+    } else {
+        None
+    };
+    Ok((
+        Measured::unless(p50, invalid.clone()),
+        Measured::unless(p99, invalid),
+    ))
 }
 
 /// Resident memory (KiB) and CPU time (clock ticks) of `pids` and their children.

@@ -24,6 +24,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use lhb_tests::wait_until;
 
+mod bpf;
 mod measure;
 mod report;
 mod rig;
@@ -83,6 +84,8 @@ struct Sample {
     path: Path,
     workload: Workload,
     value: f64,
+    /// Why this repetition does not count (it ran other than intended).
+    invalid: Option<String>,
 }
 
 struct Knobs {
@@ -133,7 +136,6 @@ pub fn run(quick: bool, only: &[String]) -> anyhow::Result<()> {
     let mut out = Results {
         reps: k.reps,
         samples: Vec::new(),
-        failures: Vec::new(),
     };
     for rep in 1..=k.reps {
         // The order rotates every repetition: a drift of the machine's speed during the
@@ -145,34 +147,46 @@ pub fn run(quick: bool, only: &[String]) -> anyhow::Result<()> {
             measure_path(&rig, path, &k, rep, &mut out)?;
         }
         measure_recreate(&rig, rep, &mut out)?;
+        if selected.contains(&Path::Kernel) {
+            bpf::measure(&rig, &k, rep, &mut out)?;
+        }
     }
     drop(rig);
-    report(&out.samples, &selected, k.reps, quick, &out.failures)?;
+    report(&out.samples, &selected, k.reps, quick)?;
     eprintln!("bench: done in {:.0}s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
-/// Every sample so far, and the failed connections (not counted in the rates).
+/// Every sample so far.
 struct Results {
     reps: usize,
     samples: Vec<Sample>,
-    failures: Vec<String>,
 }
 
 impl Results {
-    fn record(&mut self, path: Path, workload: Workload, value: f64, rep: usize) {
+    fn record(&mut self, path: Path, workload: Workload, m: Measured, rep: usize) {
         eprintln!(
-            "[{rep}/{}] {:<6} {:<30} {value:>12.3} {}",
+            "[{rep}/{}] {:<6} {:<30} {:>12.3} {}{}",
             self.reps,
             path.name(),
             workload.name(),
-            workload.unit()
+            m.value,
+            workload.unit(),
+            m.invalid
+                .as_deref()
+                .map(|r| format!("  INVALID: {r}"))
+                .unwrap_or_default()
         );
         self.samples.push(Sample {
             path,
             workload,
-            value,
+            value: m.value,
+            invalid: m.invalid,
         });
+    }
+
+    fn value(&mut self, path: Path, workload: Workload, value: f64, rep: usize) {
+        self.record(path, workload, Measured::ok(value), rep);
     }
 }
 
@@ -189,28 +203,10 @@ fn measure_path(
     let gw = lab.gateway();
     let pids = rig.daemon_pids(path);
     if !pids.is_empty() {
-        out.record(path, Workload::RssIdle, usage(&pids).0 as f64 / 1024.0, rep);
+        out.value(path, Workload::RssIdle, usage(&pids).0 as f64 / 1024.0, rep);
     }
-    let rate =
-        |name: Workload, clients: usize, failures: &mut Vec<String>| -> anyhow::Result<f64> {
-            let (v, errors) = conn_rate(lab, a.conn, clients, k.conn_secs)?;
-            if errors > 0 {
-                eprintln!(
-                    "[{rep}/{}] {:<6} {}: {errors} connection(s) failed",
-                    k.reps,
-                    path.name(),
-                    name.name()
-                );
-                failures.push(format!(
-                    "{} {}: {errors} failed connection(s) in repetition {rep}",
-                    path.name(),
-                    name.name()
-                ));
-            }
-            Ok(v)
-        };
-    let v = rate(Workload::ConnSerial, 1, &mut out.failures)?;
-    out.record(path, Workload::ConnSerial, v, rep);
+    let rate = |clients| conn_rate(lab, a.conn, clients, k.conn_secs);
+    out.record(path, Workload::ConnSerial, rate(1)?, rep);
     // Resources under load: CPU over the 8-client run, peak RSS sampled during it.
     let before = (Instant::now(), usage(&pids).1);
     let peak = Arc::new(AtomicU64::new(0));
@@ -224,7 +220,7 @@ fn measure_path(
             }
         })
     };
-    let v = rate(Workload::Conn8, 8, &mut out.failures);
+    let v = rate(8);
     sampling.store(false, Ordering::Relaxed);
     let _ = sampler.join();
     out.record(path, Workload::Conn8, v?, rep);
@@ -234,17 +230,24 @@ fn measure_path(
             (ticks - before.1.min(ticks)) as f64 / clock_ticks() / before.0.elapsed().as_secs_f64()
                 * 100.0;
         let rss = peak.load(Ordering::Relaxed) as f64 / 1024.0;
-        out.record(path, Workload::RssLoad, rss, rep);
-        out.record(path, Workload::CpuLoad, cpu, rep);
+        out.value(path, Workload::RssLoad, rss, rep);
+        out.value(path, Workload::CpuLoad, cpu, rep);
     }
-    let v = rate(Workload::Conn64, 64, &mut out.failures)?;
-    out.record(path, Workload::Conn64, v, rep);
+    out.record(path, Workload::Conn64, rate(64)?, rep);
     let (bind, server_port) = match path {
         Path::Direct => (gw.to_string(), a.iperf.port()),
         _ => ("127.0.0.1".to_string(), rig.lo.iperf.port()),
     };
     for (name, streams) in [(Workload::Iperf1, 1), (Workload::Iperf4, 4)] {
-        let v = iperf(lab, &bind, server_port, a.iperf, k.iperf_secs, streams)?;
+        let v = iperf(
+            lab,
+            &bind,
+            server_port,
+            a.iperf,
+            k.iperf_secs,
+            streams,
+            None,
+        )?;
         out.record(path, name, v, rep);
     }
     let (p50, p99) = redis_latency(lab, a.redis, 1, k.redis_n1)?;
@@ -253,12 +256,8 @@ fn measure_path(
     let (p50, p99) = redis_latency(lab, a.redis, 50, k.redis_n50)?;
     out.record(path, Workload::RedisP50C50, p50, rep);
     out.record(path, Workload::RedisP99C50, p99, rep);
-    out.record(
-        path,
-        Workload::Pgbench,
-        rig.pg.tps(lab, a.pg, k.pg_secs)?,
-        rep,
-    );
+    let tps = rig.pg.tps(lab, a.pg, k.pg_secs)?;
+    out.record(path, Workload::Pgbench, tps, rep);
     Ok(())
 }
 
@@ -273,7 +272,7 @@ fn measure_recreate(rig: &Rig, rep: usize, out: &mut Results) -> anyhow::Result<
         wait_until(Duration::from_secs(10), || served(&lab, to)).with_context(|| {
             format!("{} path not served after the bridge came back", path.name())
         })?;
-        out.record(
+        out.value(
             path,
             Workload::Recreate,
             t0.elapsed().as_secs_f64() * 1000.0,

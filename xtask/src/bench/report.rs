@@ -17,6 +17,9 @@ struct Row {
     value: f64,
     unit: &'static str,
     lower_is_better: bool,
+    /// Why the repetition does not count; absent when it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    invalid: Option<String>,
 }
 
 impl From<&Sample> for Row {
@@ -27,15 +30,16 @@ impl From<&Sample> for Row {
             value: s.value,
             unit: s.workload.unit(),
             lower_is_better: s.workload.lower_is_better(),
+            invalid: s.invalid.clone(),
         }
     }
 }
 
-/// Median, min and max of one path's samples for one workload.
+/// Median, min and max of one path's valid samples for one workload.
 pub(super) fn stats(samples: &[Sample], w: Workload, p: Path) -> Option<(f64, f64, f64)> {
     let mut v: Vec<f64> = samples
         .iter()
-        .filter(|s| s.workload == w && s.path == p)
+        .filter(|s| s.workload == w && s.path == p && s.invalid.is_none())
         .map(|s| s.value)
         .collect();
     if v.is_empty() {
@@ -51,7 +55,6 @@ pub(super) fn report(
     paths: &[Path],
     reps: usize,
     quick: bool,
-    failures: &[String],
 ) -> anyhow::Result<()> {
     let mut md = String::new();
     let names: Vec<&str> = paths.iter().map(|p| p.name()).collect();
@@ -88,9 +91,22 @@ pub(super) fn report(
         let f = |x: f64| format!("{x:.*}", w.decimals());
         let cells: Vec<String> = paths
             .iter()
-            .map(|&p| match stats(samples, w, p) {
-                Some((m, lo, hi)) => format!("{} ({}-{})", f(m), f(lo), f(hi)),
-                None => "n/a".into(),
+            .map(|&p| {
+                let mut cell = match stats(samples, w, p) {
+                    Some((m, lo, hi)) => format!("{} ({}-{})", f(m), f(lo), f(hi)),
+                    None => "n/a".into(),
+                };
+                let invalid = samples
+                    .iter()
+                    .filter(|s| s.workload == w && s.path == p && s.invalid.is_some())
+                    .count();
+                if invalid > 0 {
+                    cell.push_str(&format!(" [{invalid} invalid]"));
+                }
+                if p != Path::Direct && beats_direct(samples, w, p) {
+                    cell.push_str(" [suspect: beats direct]");
+                }
+                cell
             })
             .collect();
         // Ratios read "how many times as good": above 1.00x is better, for every unit.
@@ -125,11 +141,31 @@ pub(super) fn report(
          no daemon (direct) or does not follow a bridge (direct, socat).",
         if quick { " (--quick: short runs)" } else { "" }
     )?;
-    if !failures.is_empty() {
-        writeln!(md, "\nFailed connections (not counted in the rates):")?;
-        for f in failures {
-            writeln!(md, "- {f}")?;
+    let invalid: Vec<&Sample> = samples.iter().filter(|s| s.invalid.is_some()).collect();
+    if !invalid.is_empty() {
+        writeln!(
+            md,
+            "\nInvalid repetitions (not counted: they ran other than intended):"
+        )?;
+        for s in invalid {
+            writeln!(
+                md,
+                "- {} {}: {}",
+                s.path.name(),
+                s.workload.name(),
+                s.invalid.as_deref().unwrap_or_default()
+            )?;
         }
+    }
+    if Workload::ALL.iter().any(|&w| {
+        paths
+            .iter()
+            .any(|&p| p != Path::Direct && beats_direct(samples, w, p))
+    }) {
+        writeln!(
+            md,
+            "\nsuspect: the path's median beats direct's by more than direct's own spread (max - min) in this run; a path cannot beat the physical limit, so the measurement is in doubt."
+        )?;
     }
     println!("\n{md}");
     let dir = crate::workspace_root().join("target/bench");
@@ -149,6 +185,22 @@ pub(super) fn report(
         charts.join(", ")
     );
     Ok(())
+}
+
+/// Whether `p`'s median beats direct's by more than direct's own spread: a path cannot
+/// beat the physical limit, so something in that measurement is off.
+fn beats_direct(samples: &[Sample], w: Workload, p: Path) -> bool {
+    let (Some((m, ..)), Some((d, dlo, dhi))) =
+        (stats(samples, w, p), stats(samples, w, Path::Direct))
+    else {
+        return false;
+    };
+    let spread = dhi - dlo;
+    if w.lower_is_better() {
+        m < d - spread
+    } else {
+        m > d + spread
+    }
 }
 
 pub(super) fn paths_names(paths: &[Path]) -> Vec<&'static str> {

@@ -257,7 +257,9 @@ impl Postgres {
     }
 
     /// pgbench select-only from the container to `to`: transactions per second.
-    pub(super) fn tps(&self, lab: &Lab, to: SocketAddr, secs: u32) -> anyhow::Result<f64> {
+    /// Select-only transactions per second with 8 clients; invalid if a transaction
+    /// failed or fewer clients ran.
+    pub(super) fn tps(&self, lab: &Lab, to: SocketAddr, secs: u32) -> anyhow::Result<Measured> {
         let out = lab
             .container
             .command(self.bin.join("pgbench").to_str().unwrap_or_default())
@@ -282,16 +284,31 @@ impl Postgres {
             .output()
             .context("pgbench")?;
         let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .find_map(|l| l.strip_prefix("tps = "))
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .with_context(|| {
-                format!(
-                    "pgbench to {to}: {text}{}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            })
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        let tps = field("tps = ").with_context(|| {
+            format!(
+                "pgbench to {to}: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        let clients = field("number of clients: ");
+        let failed = field("number of failed transactions: ").unwrap_or(0.0);
+        let invalid = if clients != Some(8.0) {
+            Some(format!("{clients:?} of 8 clients ran"))
+        } else if failed > 0.0 || !out.status.success() {
+            Some(format!(
+                "{failed} failed transaction(s): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        } else {
+            None
+        };
+        Ok(Measured::unless(tps, invalid))
     }
 }
 

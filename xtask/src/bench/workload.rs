@@ -17,6 +17,10 @@ pub enum Workload {
     RssLoad,
     CpuLoad,
     Recreate,
+    BpfIngress,
+    BpfPass,
+    BpfIngressRatio,
+    BpfSkLookup,
 }
 
 impl Workload {
@@ -36,6 +40,10 @@ impl Workload {
         Workload::RssLoad,
         Workload::CpuLoad,
         Workload::Recreate,
+        Workload::BpfIngress,
+        Workload::BpfPass,
+        Workload::BpfIngressRatio,
+        Workload::BpfSkLookup,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,6 +62,10 @@ impl Workload {
             Workload::RssLoad => "daemon RSS under load",
             Workload::CpuLoad => "daemon CPU under load",
             Workload::Recreate => "bridge re-created -> served",
+            Workload::BpfIngress => "lhb_ingress per packet, bulk",
+            Workload::BpfPass => "empty TC program per packet, bulk",
+            Workload::BpfIngressRatio => "lhb_ingress / empty TC program",
+            Workload::BpfSkLookup => "lhb_sk_lookup per run",
         }
     }
 
@@ -69,6 +81,8 @@ impl Workload {
             Workload::Pgbench => "tps",
             Workload::RssIdle | Workload::RssLoad => "MiB",
             Workload::CpuLoad => "% of a core",
+            Workload::BpfIngress | Workload::BpfPass | Workload::BpfSkLookup => "ns",
+            Workload::BpfIngressRatio => "x",
         }
     }
 
@@ -97,13 +111,23 @@ impl Workload {
             Workload::RssIdle | Workload::RssLoad => "memory",
             Workload::CpuLoad => "cpu",
             Workload::Recreate => "recreate",
+            Workload::BpfIngress
+            | Workload::BpfPass
+            | Workload::BpfIngressRatio
+            | Workload::BpfSkLookup => "bpf",
         }
     }
 
     /// Counts (connections, transactions) are whole; times, rates and sizes are not.
     pub fn decimals(self) -> usize {
         match self {
-            Workload::ConnSerial | Workload::Conn8 | Workload::Conn64 | Workload::Pgbench => 0,
+            Workload::ConnSerial
+            | Workload::Conn8
+            | Workload::Conn64
+            | Workload::Pgbench
+            | Workload::BpfIngress
+            | Workload::BpfPass
+            | Workload::BpfSkLookup => 0,
             _ => 2,
         }
     }
