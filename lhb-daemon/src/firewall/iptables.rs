@@ -10,6 +10,8 @@ use super::{Backend, Exec, Insert, Opening, run};
 pub struct Xtables {
     bin: &'static str,
     v6: bool,
+    /// `Backend::memo`: None when off; on, the INPUT chain once read.
+    memo: Option<Option<Vec<String>>>,
 }
 
 /// The iptables variants that exist and hold tables on this host.
@@ -32,7 +34,11 @@ pub fn detect() -> Vec<Box<dyn Backend>> {
         let Ok(version) = run(bin, &["-V"]) else {
             continue;
         };
-        found.push(Box::new(Xtables { bin, v6 }));
+        found.push(Box::new(Xtables {
+            bin,
+            v6,
+            memo: None,
+        }));
         // The nf_tables variant is the default; legacy tables filter too where loaded.
         let legacy_loaded = std::fs::read_to_string(proc_names)
             .map(|t| t.lines().any(|l| l == "filter"))
@@ -41,6 +47,7 @@ pub fn detect() -> Vec<Box<dyn Backend>> {
             found.push(Box::new(Xtables {
                 bin: legacy_bin,
                 v6,
+                memo: None,
             }));
         }
     }
@@ -48,11 +55,18 @@ pub fn detect() -> Vec<Box<dyn Backend>> {
 }
 
 impl Xtables {
-    fn input(&self) -> anyhow::Result<Vec<String>> {
-        Ok(run(self.bin, &["-w", "-S", "INPUT"])?
+    fn input(&mut self) -> anyhow::Result<Vec<String>> {
+        if let Some(Some(lines)) = &self.memo {
+            return Ok(lines.clone());
+        }
+        let lines: Vec<String> = run(self.bin, &["-w", "-S", "INPUT"])?
             .lines()
             .map(String::from)
-            .collect())
+            .collect();
+        if let Some(memo) = &mut self.memo {
+            *memo = Some(lines.clone());
+        }
+        Ok(lines)
     }
 
     fn spec(o: &Opening) -> Vec<String> {
@@ -202,6 +216,10 @@ impl Backend for Xtables {
         // iptables-nft writes nf_tables; the legacy variant writes x_tables, which
         // announce nothing.
         !self.bin.ends_with("-legacy")
+    }
+
+    fn memo(&mut self, on: bool) {
+        self.memo = on.then_some(None);
     }
 
     fn leftovers(&mut self) -> anyhow::Result<BTreeSet<Opening>> {

@@ -22,8 +22,11 @@ use super::{Backend, Exec, Insert, Opening, run};
 
 pub struct Nft {
     skip_xtables: bool,
+    /// `Backend::memo`: None when off; on, the ruleset once read.
+    memo: Option<Option<(Vec<Chain>, Vec<Rule>)>>,
 }
 
+#[derive(Clone)]
 struct Chain {
     family: NfFamily,
     table: String,
@@ -32,6 +35,7 @@ struct Chain {
     may_drop: bool,
 }
 
+#[derive(Clone)]
 struct Rule {
     family: NfFamily,
     table: String,
@@ -54,12 +58,26 @@ struct BareRule {
 impl Nft {
     pub fn detect(skip_xtables: bool) -> Option<Nft> {
         run("nft", &["-j", "list", "tables"]).ok()?;
-        Some(Nft { skip_xtables })
+        Some(Nft {
+            skip_xtables,
+            memo: None,
+        })
     }
 
     /// lhb's input base chains and every rule, each rule with whether it may end a
     /// packet's way other than by accepting it.
-    fn ruleset(&self) -> anyhow::Result<(Vec<Chain>, Vec<Rule>)> {
+    fn ruleset(&mut self) -> anyhow::Result<(Vec<Chain>, Vec<Rule>)> {
+        if let Some(Some(read)) = &self.memo {
+            return Ok(read.clone());
+        }
+        let read = self.read_ruleset()?;
+        if let Some(memo) = &mut self.memo {
+            *memo = Some(read.clone());
+        }
+        Ok(read)
+    }
+
+    fn read_ruleset(&self) -> anyhow::Result<(Vec<Chain>, Vec<Rule>)> {
         let raw = tokio::task::block_in_place(|| {
             helper::get_current_ruleset_raw(helper::DEFAULT_NFT, ["-a", "list", "ruleset"])
         })
@@ -404,6 +422,10 @@ impl Backend for Nft {
 
     fn notified(&self) -> bool {
         true
+    }
+
+    fn memo(&mut self, on: bool) {
+        self.memo = on.then_some(None);
     }
 
     fn leftovers(&mut self) -> anyhow::Result<BTreeSet<Opening>> {
