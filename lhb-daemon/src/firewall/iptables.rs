@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use super::{Backend, Exec, Insert, Opening, run};
+use super::{Backend, Exec, Insert, Opening, run, run_with_input};
 
 pub struct Xtables {
     bin: &'static str,
@@ -69,6 +69,18 @@ impl Xtables {
         Ok(lines)
     }
 
+    /// `lines` (`-I INPUT ...`, `-D INPUT ...`) applied to the filter table in one
+    /// transaction, the rest of the table untouched.
+    fn restore(&self, lines: &[String]) -> anyhow::Result<()> {
+        let script = format!("*filter\n{}\nCOMMIT\n", lines.join("\n"));
+        let mut args = vec!["--noflush"];
+        // The legacy variant takes the xtables lock as iptables -w does.
+        if self.bin.ends_with("-legacy") {
+            args.push("--wait");
+        }
+        run_with_input(&format!("{}-restore", self.bin), &args, &script)
+    }
+
     fn spec(o: &Opening) -> Vec<String> {
         let tag = o.tag();
         [
@@ -96,6 +108,21 @@ impl Xtables {
 }
 
 /// The comment of an `iptables -S` line, if any.
+/// Arguments as iptables prints and iptables-restore reads them: quoted where they hold
+/// a space (the comment).
+fn shown(args: &[String]) -> String {
+    args.iter()
+        .map(|a| {
+            if a.contains(' ') {
+                format!("\"{a}\"")
+            } else {
+                a.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn comment(line: &str) -> Option<&str> {
     let rest = line.split("--comment ").nth(1)?;
     if let Some(quoted) = rest.strip_prefix('"') {
@@ -138,19 +165,9 @@ impl Backend for Xtables {
         }
         let mut args = vec!["-w".to_string(), "-I".into(), "INPUT".into(), "1".into()];
         args.extend(Self::spec(o));
-        let shown: Vec<String> = args
-            .iter()
-            .map(|a| {
-                if a.contains(' ') {
-                    format!("\"{a}\"")
-                } else {
-                    a.clone()
-                }
-            })
-            .collect();
         Ok(vec![Insert {
             chain: format!("{} INPUT", self.bin),
-            rule: format!("{} {}", self.bin, shown.join(" ")),
+            rule: format!("{} {}", self.bin, shown(&args)),
             present,
             exec: Exec::Run(self.bin, args),
         }])
@@ -171,6 +188,55 @@ impl Backend for Xtables {
             args.extend(Self::spec(o));
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             run(self.bin, &args)?;
+        }
+        Ok(())
+    }
+
+    /// Every missing accept in one iptables-restore transaction; if it fails, one by
+    /// one, so that each opening gets its own answer.
+    fn open_all(&mut self, os: &[Opening]) -> Vec<anyhow::Result<Vec<String>>> {
+        let mut script = Vec::new();
+        let mut results = Vec::new();
+        for o in os {
+            match self.planned(o) {
+                Ok(inserts) => {
+                    if inserts.iter().any(|i| !i.present) {
+                        script.push(format!("-I INPUT 1 {}", shown(&Self::spec(o))));
+                    }
+                    results.push(Ok(inserts.into_iter().map(|i| i.chain).collect()));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        if !script.is_empty() && self.restore(&script).is_err() {
+            return os.iter().map(|o| self.open(o)).collect();
+        }
+        results
+    }
+
+    /// Every tagged rule of `os` deleted in one iptables-restore transaction; one by
+    /// one if that fails.
+    fn close_all(&mut self, os: &[Opening]) -> anyhow::Result<()> {
+        let mine: Vec<&Opening> = os
+            .iter()
+            .filter(|o| o.gateway.is_ipv6() == self.v6)
+            .collect();
+        if mine.is_empty() {
+            return Ok(());
+        }
+        let lines = self.input()?;
+        let mut script = Vec::new();
+        for o in &mine {
+            let tag = o.tag();
+            for _ in lines.iter().filter(|l| comment(l) == Some(tag.as_str())) {
+                script.push(format!("-D INPUT {}", shown(&Self::spec(o))));
+            }
+        }
+        if script.is_empty() || self.restore(&script).is_ok() {
+            return Ok(());
+        }
+        for o in mine {
+            self.close(o)?;
         }
         Ok(())
     }

@@ -155,6 +155,21 @@ trait Backend: Send {
     }
     /// Removes every rule tagged for `o`.
     fn close(&mut self, o: &Opening) -> anyhow::Result<()>;
+    /// `open` for each of `os`, with each one's answer; a backend that can writes them
+    /// all in one transaction (1,000 rules: one program run instead of 1,000).
+    fn open_all(&mut self, os: &[Opening]) -> Vec<anyhow::Result<Vec<String>>> {
+        os.iter().map(|o| self.open(o)).collect()
+    }
+    /// `close` for each of `os`; in one transaction where the backend can.
+    fn close_all(&mut self, os: &[Opening]) -> anyhow::Result<()> {
+        let mut first_err = None;
+        for o in os {
+            if let Err(e) = self.close(o) {
+                first_err.get_or_insert(e.context(format!("removing {o}")));
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
     /// Every opening some earlier run left behind (tagged rules).
     fn leftovers(&mut self) -> anyhow::Result<BTreeSet<Opening>>;
     /// The chains of this backend that may drop `o` and hold no accept of lhb's for it,
@@ -296,36 +311,53 @@ impl Firewall {
     pub fn sync(&mut self, wanted: &BTreeSet<Opening>) -> anyhow::Result<()> {
         let mut first_err = None;
         let gone: Vec<Opening> = self.held.difference(wanted).cloned().collect();
-        for o in gone {
+        if !gone.is_empty() {
             for b in &mut self.backends {
-                if let Err(e) = b.close(&o) {
-                    first_err.get_or_insert(e.context(format!("{}: removing {o}", b.name())));
+                if let Err(e) = b.close_all(&gone) {
+                    first_err.get_or_insert(e.context(b.name()));
                 }
             }
-            self.held.remove(&o);
-            self.state.send_modify(|s| {
-                s.chains.remove(&o);
-            });
-            info!("firewall: closed {o}");
-        }
-        self.memo(true);
-        for o in wanted.difference(&self.held.clone()) {
-            // Once, before any backend writes it; heal() only reopens what passed here.
-            if let Err(e) = check_iface(o) {
-                first_err.get_or_insert(e);
-                continue;
+            for o in gone {
+                self.held.remove(&o);
+                self.state.send_modify(|s| {
+                    s.chains.remove(&o);
+                });
+                info!("firewall: closed {o}");
             }
-            let mut chains = Vec::new();
-            let mut failed = false;
-            for b in &mut self.backends {
-                match b.open(o) {
-                    Ok(c) => chains.extend(c),
+        }
+        // Once, before any backend writes it; heal() only reopens what passed here.
+        let mut new = Vec::new();
+        for o in wanted.difference(&self.held) {
+            match check_iface(o) {
+                Ok(()) => new.push(o.clone()),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if new.is_empty() {
+            return first_err.map_or(Ok(()), Err);
+        }
+        let mut chains: Vec<Vec<String>> = vec![Vec::new(); new.len()];
+        let mut failed = vec![false; new.len()];
+        self.memo(true);
+        for b in &mut self.backends {
+            for (i, r) in b.open_all(&new).into_iter().enumerate() {
+                match r {
+                    Ok(c) => chains[i].extend(c),
                     Err(e) => {
-                        failed = true;
-                        first_err.get_or_insert(e.context(format!("{}: adding {o}", b.name())));
+                        failed[i] = true;
+                        first_err.get_or_insert(e.context(format!(
+                            "{}: adding {}",
+                            b.name(),
+                            new[i]
+                        )));
                     }
                 }
             }
+        }
+        self.memo(false);
+        for ((o, chains), failed) in new.into_iter().zip(chains).zip(failed) {
             if !chains.is_empty() {
                 info!("firewall: opened {o} in {}", chains.join(", "));
             }
@@ -335,14 +367,10 @@ impl Firewall {
             // Not held until every backend has it, so the retry opens it again (opening
             // is idempotent: a backend that has it already adds nothing).
             if !failed {
-                self.held.insert(o.clone());
+                self.held.insert(o);
             }
         }
-        self.memo(false);
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        first_err.map_or(Ok(()), Err)
     }
 
     fn memo(&mut self, on: bool) {
@@ -371,8 +399,9 @@ impl Firewall {
                     continue;
                 }
             };
-            for o in missing {
-                match b.open(&o) {
+            let missing: Vec<Opening> = missing.into_iter().collect();
+            for (o, opened) in missing.iter().zip(b.open_all(&missing)) {
+                match opened {
                     Ok(chains) => self.state.send_modify(|state| {
                         let held = state.chains.entry(o.clone()).or_default();
                         for c in chains {
@@ -568,6 +597,34 @@ impl FirewallTask {
         let _ = self.tx.send(Order::Stop { keep });
         let _ = self.task.await;
     }
+}
+
+/// Runs a firewall tool with `input` on its stdin; its stderr is the error.
+fn run_with_input(program: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let out = tokio::task::block_in_place(|| {
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .ok_or_else(|| std::io::Error::other("no stdin"))?
+            .write_all(input.as_bytes())?;
+        child.wait_with_output()
+    })
+    .map_err(|e| anyhow::anyhow!("running {program}: {e}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// Runs a firewall tool; its stderr is the error.

@@ -307,6 +307,18 @@ fn xtables_managed(family: NfFamily, table: &str, chain: &str) -> bool {
             .all(|c| c.is_ascii_uppercase() || c == '_' || c == '-')
 }
 
+/// Adds to `batch` the inserts of `planned` not there yet; whether there were any.
+fn add_inserts(planned: &[Insert], batch: &mut Batch<'static>) -> bool {
+    let mut any = false;
+    for i in planned {
+        if let (false, Exec::Nft(rule)) = (i.present, &i.exec) {
+            batch.add_cmd(NfCmd::Insert(NfListObject::Rule((**rule).clone())));
+            any = true;
+        }
+    }
+    any
+}
+
 /// Inserts `rule` at the top of its chain.
 pub(super) fn insert(rule: &nftables::schema::Rule<'static>) -> anyhow::Result<()> {
     let mut batch = Batch::new();
@@ -345,30 +357,48 @@ impl Backend for Nft {
     fn open(&mut self, o: &Opening) -> anyhow::Result<Vec<String>> {
         let planned = self.planned(o)?;
         let mut batch = Batch::new();
-        let mut any = false;
-        for i in &planned {
-            if let (false, Exec::Nft(rule)) = (i.present, &i.exec) {
-                batch.add_cmd(NfCmd::Insert(NfListObject::Rule((**rule).clone())));
-                any = true;
-            }
-        }
-        if any {
+        if add_inserts(&planned, &mut batch) {
             apply(batch)?;
         }
         Ok(planned.into_iter().map(|i| i.chain).collect())
     }
 
-    fn close(&mut self, o: &Opening) -> anyhow::Result<()> {
-        let (chains, rules) = self.ruleset()?;
-        let tag = o.tag();
-        // Only where lhb inserts: a rule someone else tagged alike in another chain
-        // (a forward chain, an output chain) is theirs.
+    /// Every opening's missing accepts in one batch; one by one if it fails, so that
+    /// each opening gets its own answer.
+    fn open_all(&mut self, os: &[Opening]) -> Vec<anyhow::Result<Vec<String>>> {
         let mut batch = Batch::new();
         let mut any = false;
-        for r in rules
-            .iter()
-            .filter(|r| r.comment.as_deref() == Some(tag.as_str()) && in_chains(&chains, r))
-        {
+        let mut results = Vec::new();
+        for o in os {
+            match self.planned(o) {
+                Ok(planned) => {
+                    any |= add_inserts(&planned, &mut batch);
+                    results.push(Ok(planned.into_iter().map(|i| i.chain).collect()));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        if any && apply(batch).is_err() {
+            return os.iter().map(|o| self.open(o)).collect();
+        }
+        results
+    }
+
+    fn close(&mut self, o: &Opening) -> anyhow::Result<()> {
+        self.close_all(std::slice::from_ref(o))
+    }
+
+    /// Every tagged rule of `os` deleted in one batch.
+    fn close_all(&mut self, os: &[Opening]) -> anyhow::Result<()> {
+        let (chains, rules) = self.ruleset()?;
+        let tags: BTreeSet<String> = os.iter().map(Opening::tag).collect();
+        let mut batch = Batch::new();
+        let mut any = false;
+        // Only where lhb inserts: a rule someone else tagged alike in another chain
+        // (a forward chain, an output chain) is theirs.
+        for r in rules.iter().filter(|r| {
+            r.comment.as_ref().is_some_and(|c| tags.contains(c)) && in_chains(&chains, r)
+        }) {
             batch.delete(NfListObject::Rule(nftables::schema::Rule {
                 family: r.family,
                 table: r.table.clone().into(),

@@ -88,7 +88,7 @@ pub(super) fn measure(rig: &Rig, k: &Knobs, rep: usize, out: &mut Results) -> an
         m(lhb_ns / empty_ns),
         rep,
     );
-    drop(empty);
+    // The empty program stays attached: it holds the statistics on.
     let s0 = snapshot(lookup)?;
     let conns = conn_rate(lab, a.conn, 8, k.conn_secs)?;
     let s1 = snapshot(lookup)?;
@@ -99,5 +99,6 @@ pub(super) fn measure(rig: &Rig, k: &Knobs, rep: usize, out: &mut Results) -> an
         Measured::unless(ns, conns.invalid),
         rep,
     );
+    drop(empty);
     Ok(())
 }

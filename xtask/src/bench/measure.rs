@@ -165,9 +165,12 @@ pub(super) fn median(v: &mut [f64]) -> f64 {
 }
 
 /// redis-benchmark GET from the container: (p50, p99) in ms. Invalid if the tool
-/// reported an error, or if fewer clients than asked were busy on average (Little's
+/// reported an error, or if far fewer clients than asked were busy on average (Little's
 /// law: requests per second times mean latency): a client that could not connect at
-/// first (socat's backlog of 5) leaves the others a less loaded server.
+/// first (socat's backlog of 5) leaves the others a less loaded server. The client's
+/// own time between a reply and its next request counts as idle, so even with every
+/// client connected this is below the count: measured 0.57-0.65 of 50 on the direct and
+/// kernel paths, 0.13 through socat.
 pub(super) fn redis_latency(
     lab: &Lab,
     to: SocketAddr,
@@ -219,7 +222,7 @@ pub(super) fn redis_latency(
     let errors = String::from_utf8_lossy(&out.stderr);
     let invalid = if !errors.trim().is_empty() {
         Some(format!("redis-benchmark: {}", errors.trim()))
-    } else if busy < 0.7 * f64::from(clients) {
+    } else if busy < 0.3 * f64::from(clients) {
         Some(format!(
             "{busy:.1} of {clients} clients busy on average ({rps:.0} requests/s x {avg:.3} ms)"
         ))

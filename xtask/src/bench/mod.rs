@@ -28,6 +28,7 @@ mod bpf;
 mod measure;
 mod report;
 mod rig;
+mod scale;
 mod servers;
 mod workload;
 
@@ -149,6 +150,7 @@ pub fn run(quick: bool, only: &[String]) -> anyhow::Result<()> {
         measure_recreate(&rig, rep, &mut out)?;
         if selected.contains(&Path::Kernel) {
             bpf::measure(&rig, &k, rep, &mut out)?;
+            scale::measure(rep, &mut out)?;
         }
     }
     drop(rig);

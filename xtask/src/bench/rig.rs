@@ -34,7 +34,15 @@ impl Rig {
     pub fn build(selected: &[Path]) -> anyhow::Result<Rig> {
         let lab = Lab::new(201)?;
         let gw = lab.gateway();
-        let port = || free_port("127.0.0.1");
+        // bind(port 0) can hand out a port it handed out a moment ago, once released:
+        // each port is taken once here.
+        let taken = std::cell::RefCell::new(std::collections::BTreeSet::new());
+        let port = || loop {
+            let p = free_port("127.0.0.1")?;
+            if taken.borrow_mut().insert(p) {
+                return anyhow::Ok(p);
+            }
+        };
         let lo = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
         let pg_port = port()?;
         let lo_ports = Ports {
@@ -157,7 +165,7 @@ impl Rig {
 }
 
 /// The release build the bench measures.
-fn release() -> anyhow::Result<std::path::PathBuf> {
+pub(super) fn release() -> anyhow::Result<std::path::PathBuf> {
     lhb_tests::lhb_bin()
         .parent()
         .and_then(|p| p.parent())

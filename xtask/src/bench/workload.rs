@@ -21,6 +21,9 @@ pub enum Workload {
     BpfPass,
     BpfIngressRatio,
     BpfSkLookup,
+    Ready1000,
+    Reload1000,
+    Rss1000,
 }
 
 impl Workload {
@@ -44,6 +47,9 @@ impl Workload {
         Workload::BpfPass,
         Workload::BpfIngressRatio,
         Workload::BpfSkLookup,
+        Workload::Ready1000,
+        Workload::Reload1000,
+        Workload::Rss1000,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +72,9 @@ impl Workload {
             Workload::BpfPass => "empty TC program per packet, bulk",
             Workload::BpfIngressRatio => "lhb_ingress / empty TC program",
             Workload::BpfSkLookup => "lhb_sk_lookup per run",
+            Workload::Ready1000 => "1,000 rules: start -> ready",
+            Workload::Reload1000 => "1,000 rules: reload changing one",
+            Workload::Rss1000 => "daemon RSS, 1,000 rules",
         }
     }
 
@@ -77,9 +86,11 @@ impl Workload {
             | Workload::RedisP99C1
             | Workload::RedisP50C50
             | Workload::RedisP99C50
-            | Workload::Recreate => "ms",
+            | Workload::Recreate
+            | Workload::Ready1000
+            | Workload::Reload1000 => "ms",
             Workload::Pgbench => "tps",
-            Workload::RssIdle | Workload::RssLoad => "MiB",
+            Workload::RssIdle | Workload::RssLoad | Workload::Rss1000 => "MiB",
             Workload::CpuLoad => "% of a core",
             Workload::BpfIngress | Workload::BpfPass | Workload::BpfSkLookup => "ns",
             Workload::BpfIngressRatio => "x",
@@ -108,9 +119,10 @@ impl Workload {
             | Workload::RedisP50C50
             | Workload::RedisP99C50 => "redis-latency",
             Workload::Pgbench => "pgbench",
-            Workload::RssIdle | Workload::RssLoad => "memory",
+            Workload::RssIdle | Workload::RssLoad | Workload::Rss1000 => "memory",
             Workload::CpuLoad => "cpu",
             Workload::Recreate => "recreate",
+            Workload::Ready1000 | Workload::Reload1000 => "scale",
             Workload::BpfIngress
             | Workload::BpfPass
             | Workload::BpfIngressRatio
