@@ -320,6 +320,11 @@ impl Neighbour {
     /// priority below any `tc` assigns by itself (`clsact`; the qdisc is added if
     /// missing and left in place).
     pub fn attach(iface: &str, clsact: bool) -> anyhow::Result<Neighbour> {
+        Self::attach_at(iface, clsact, false)
+    }
+
+    /// As `attach`, or before every program there (`first`).
+    pub fn attach_at(iface: &str, clsact: bool, first: bool) -> anyhow::Result<Neighbour> {
         use aya::programs::{SchedClassifier, TcAttachType, tc};
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
         let mut ebpf = aya::Ebpf::load(lhb_daemon::kernel::object())?;
@@ -331,9 +336,11 @@ impl Neighbour {
         let options = if clsact {
             let _ = tc::qdisc_add_clsact(iface);
             tc::TcAttachOptions::Netlink(tc::NlOptions {
-                priority: 60000,
+                priority: if first { 1 } else { 60000 },
                 ..Default::default()
             })
+        } else if first {
+            tc::TcAttachOptions::TcxOrder(aya::programs::LinkOrder::first())
         } else {
             tc::TcAttachOptions::TcxOrder(aya::programs::LinkOrder::last())
         };

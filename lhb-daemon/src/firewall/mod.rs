@@ -357,6 +357,7 @@ impl Firewall {
             }
         }
         self.memo(false);
+        give_back_memory();
         for ((o, chains), failed) in new.into_iter().zip(chains).zip(failed) {
             if !chains.is_empty() {
                 info!("firewall: opened {o} in {}", chains.join(", "));
@@ -418,6 +419,7 @@ impl Firewall {
             }
             b.memo(false);
         }
+        give_back_memory();
         if !restored.is_empty() {
             warn!(
                 "firewall: lhb's accept was gone (the ruleset was reloaded or changed); restored {}",
@@ -596,6 +598,18 @@ impl FirewallTask {
     pub async fn shutdown(self, keep: bool) {
         let _ = self.tx.send(Order::Stop { keep });
         let _ = self.task.await;
+    }
+}
+
+/// Rulesets are read whole (nft's JSON listing of 1,000 rules is megabytes), and glibc's
+/// allocator keeps freed memory for reuse: after a large read the daemon would stay at
+/// that peak for good (measured: 25.6 MiB with 1,000 accepts in place, 13 MiB without).
+fn give_back_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory; no pointer is involved. Not in
+    // rustix or std: it is glibc's allocator's own function (musl returns memory itself).
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -71,12 +71,16 @@ pub(super) fn measure(rep: usize, out: &mut Results) -> anyhow::Result<()> {
         Measured::unless(ready, invalid),
         rep,
     );
-    out.value(
-        Path::Kernel,
-        Workload::Rss1000,
-        usage(&[lhb.pid()]).0 as f64 / 1024.0,
-        rep,
-    );
+    // The daemon alone: usage() adds children, and the firewall's periodic check of
+    // legacy iptables runs one now and then.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", lhb.pid()))?;
+    let rss_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS")?;
+    out.value(Path::Kernel, Workload::Rss1000, rss_kib / 1024.0, rep);
     std::fs::write(&cfg, config(true))?;
     let t0 = Instant::now();
     let reload = std::process::Command::new(rig::release()?)
