@@ -286,7 +286,7 @@ echo "== --mode auto on this kernel:"
 grep -E 'kernel data path|kernel path unavailable|attached|data path:' /tmp/auto.log | sed 's/^[^ ]* *//'
 ip link del lhbvm0
 echo "== end-to-end tests (kernel and proxy paths)"
-LHB_BIN={lhb} {tests} --test-threads 2 --skip redis_benchmark light:: auto_mode the_clsact proxy_connection_limit
+LHB_BIN={lhb} {tests} --test-threads 2 --skip redis_benchmark light:: auto_mode the_clsact proxy_connection_limit another_tools_program
 "#
     )
 }
