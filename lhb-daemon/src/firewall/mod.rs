@@ -615,36 +615,35 @@ fn give_back_memory() {
 
 /// Runs a firewall tool with `input` on its stdin; its stderr is the error.
 fn run_with_input(program: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let out = tokio::task::block_in_place(|| {
-        let mut child = Command::new(program)
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
-        child
-            .stdin
-            .take()
-            .ok_or_else(|| std::io::Error::other("no stdin"))?
-            .write_all(input.as_bytes())?;
-        child.wait_with_output()
-    })
-    .map_err(|e| anyhow::anyhow!("running {program}: {e}"))?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    exec(program, args, Some(input)).map(drop)
 }
 
 /// Runs a firewall tool; its stderr is the error.
 fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = tokio::task::block_in_place(|| Command::new(program).args(args).output())
-        .map_err(|e| anyhow::anyhow!("running {program}: {e}"))?;
+    exec(program, args, None)
+}
+
+/// Runs `program` (off the async workers), `input` on its stdin if given; its stdout,
+/// or its stderr as the error.
+fn exec(program: &str, args: &[&str], input: Option<&str>) -> anyhow::Result<String> {
+    use std::{io::Write as _, process::Stdio};
+    let out = tokio::task::block_in_place(|| {
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin.write_all(input.as_bytes())?;
+        }
+        child.wait_with_output()
+    })
+    .map_err(|e| anyhow::anyhow!("running {program}: {e}"))?;
     if !out.status.success() {
         anyhow::bail!(
             "{program} {}: {}",
