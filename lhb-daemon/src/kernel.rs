@@ -161,13 +161,6 @@ impl Pins {
 
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lhb"));
 
-/// The eBPF object lhb embeds. Besides lhb's two programs it holds `lhb_pass`, which
-/// the daemon never loads: the bench's baseline and the tests' stand-in for another
-/// tool's program on the same bridge.
-pub fn object() -> &'static [u8] {
-    PROGRAM
-}
-
 impl KernelPath {
     /// Loads the programs and attaches the socket-lookup one; links are pinned under
     /// `pin_dir` where it is on bpffs (else they go with the process, and the log says so).

@@ -142,13 +142,6 @@ fn may_be_syn(ctx: &TcContext) -> bool {
     byte(l4 + 13) & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
 }
 
-/// A program that does nothing, attached beside `lhb_ingress` by the bench (the
-/// baseline its per-packet cost is measured against, on the same packets) and by the
-/// tests (another tool's program, which must keep running). The daemon never loads it.
-#[classifier]
-pub fn lhb_pass(_ctx: TcContext) -> i32 {
-    TC_ACT_UNSPEC
-}
 #[sk_lookup]
 pub fn lhb_sk_lookup(ctx: SkLookupContext) -> u32 {
     assign_listener(&ctx);

@@ -306,14 +306,22 @@ fn poll_once(addr: SocketAddr) -> Result<(), String> {
     }
 }
 
-/// Another tool's TC program on a bridge's ingress: lhb's `lhb_pass`, which does nothing
-/// and passes every packet on. BPF run-time statistics are on while it lives, so
-/// `runs()` counts the packets that reached it.
+/// Another tool's TC program on a bridge's ingress: an empty classifier (two
+/// instructions: return TC_ACT_UNSPEC, so the packet goes on to the next program and
+/// the stack). BPF run-time statistics are on while it lives, so `runs()` counts the
+/// packets that reached it.
+///
+/// Loaded with bpf(2) from its instructions rather than from lhb's object: the bench in
+/// `xtask` uses it too, and xtask must build on a machine where the eBPF toolchain is
+/// not installed yet (it is what installs it).
 pub struct Neighbour {
-    ebpf: aya::Ebpf,
+    prog: aya::programs::SchedClassifier,
     link: Option<aya::programs::tc::SchedClassifierLinkId>,
     _stats: std::os::fd::OwnedFd,
 }
+
+/// The program's name, as `bpftool prog` and BPF stats show it.
+pub const NEIGHBOUR_NAME: &str = "lhb_pass";
 
 impl Neighbour {
     /// Attached after every program there: TCX's last, or a clsact filter with a
@@ -327,12 +335,16 @@ impl Neighbour {
     pub fn attach_at(iface: &str, clsact: bool, first: bool) -> anyhow::Result<Neighbour> {
         use aya::programs::{SchedClassifier, TcAttachType, tc};
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
-        let mut ebpf = aya::Ebpf::load(lhb_daemon::kernel::object())?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut("lhb_pass")
-            .ok_or_else(|| anyhow::anyhow!("no lhb_pass in the object"))?
-            .try_into()?;
-        prog.load()?;
+        let fd = load_empty_classifier()?;
+        // aya adopts a loaded program only through a pin; the pin goes at once, the
+        // program lives as long as aya's fd.
+        let pin = std::path::Path::new("/sys/fs/bpf")
+            .join(format!("lhb-test-neighbour-{}-{iface}", std::process::id()));
+        let _ = std::fs::remove_file(&pin);
+        pin_object(&fd, &pin)?;
+        let adopted = SchedClassifier::from_pin(&pin);
+        let _ = std::fs::remove_file(&pin);
+        let mut prog = adopted?;
         let options = if clsact {
             let _ = tc::qdisc_add_clsact(iface);
             tc::TcAttachOptions::Netlink(tc::NlOptions {
@@ -346,38 +358,77 @@ impl Neighbour {
         };
         let link = prog.attach_with_options(iface, TcAttachType::Ingress, options)?;
         Ok(Neighbour {
-            ebpf,
+            prog,
             link: Some(link),
             _stats: stats,
         })
     }
 
-    fn info(&self) -> anyhow::Result<aya::programs::ProgramInfo> {
-        let prog: &aya::programs::SchedClassifier = self
-            .ebpf
-            .program("lhb_pass")
-            .ok_or_else(|| anyhow::anyhow!("no lhb_pass"))?
-            .try_into()?;
-        Ok(prog.info()?)
-    }
-
     /// How many packets the program has run on.
     pub fn runs(&self) -> anyhow::Result<u64> {
-        Ok(self.info()?.run_count())
+        Ok(self.prog.info()?.run_count())
     }
 
     /// The program's id.
     pub fn id(&self) -> anyhow::Result<u32> {
-        Ok(self.info()?.id())
+        Ok(self.prog.info()?.id())
     }
 }
 
 impl Drop for Neighbour {
     fn drop(&mut self) {
-        if let (Some(link), Some(aya::programs::Program::SchedClassifier(p))) =
-            (self.link.take(), self.ebpf.program_mut("lhb_pass"))
-        {
-            let _ = p.detach(link);
+        if let Some(link) = self.link.take() {
+            let _ = self.prog.detach(link);
         }
     }
+}
+
+/// `bpf(2)` through libc: neither aya nor rustix loads a program from raw instructions.
+fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid, writable bpf_attr prefix of the size passed; the
+    // kernel zero-extends a shorter one.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// BPF_PROG_LOAD of `r0 = -1 (TC_ACT_UNSPEC); exit` as a SCHED_CLS program.
+fn load_empty_classifier() -> anyhow::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+    // BPF_ALU64|BPF_MOV|BPF_K into r0, imm -1; BPF_JMP|BPF_EXIT.
+    let insns: [u8; 16] = [
+        0xb7, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x95, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let license = c"GPL";
+    // union bpf_attr, PROG_LOAD: prog_type@0 insn_cnt@4 insns@8 license@16 ...
+    // prog_name@48 (16 bytes); the rest zero.
+    let mut attr = [0u8; 72];
+    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_SCHED_CLS.to_ne_bytes());
+    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    attr[48..48 + NEIGHBOUR_NAME.len()].copy_from_slice(NEIGHBOUR_NAME.as_bytes());
+    let fd = bpf(BPF_PROG_LOAD, &mut attr)
+        .map_err(|e| anyhow::anyhow!("loading the empty TC program: {e}"))?;
+    // SAFETY: a fresh fd the kernel just returned, owned by nothing else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// BPF_OBJ_PIN of `fd` at `path`.
+fn pin_object(fd: &std::os::fd::OwnedFd, path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _};
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // pathname@0 bpf_fd@8 file_flags@12.
+    let mut attr = [0u8; 16];
+    attr[0..8].copy_from_slice(&(cpath.as_ptr() as u64).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    bpf(BPF_OBJ_PIN, &mut attr)
+        .map_err(|e| anyhow::anyhow!("pinning the empty TC program at {}: {e}", path.display()))?;
+    Ok(())
 }
