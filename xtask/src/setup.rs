@@ -27,6 +27,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "redis-tools",
     "iperf3",
     "socat",
+    // The benchmark's peer proxy (its package starts nothing where systemd is not init;
+    // where it is, the stock config listens nowhere).
+    "haproxy",
     "bpftool",
     "util-linux",
     "busybox-static",

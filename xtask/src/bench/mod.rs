@@ -4,6 +4,9 @@
 //! - kernel: lhb's kernel path to the server on 127.0.0.1;
 //! - proxy: lhb's splice proxy (`--mode proxy`) to the same server;
 //! - socat: the usual recipe, `socat TCP-LISTEN:P,bind=GW,fork,reuseaddr TCP:127.0.0.1:P`;
+//! - haproxy: the best-known userspace TCP proxy (`mode tcp`, `option splice-auto`,
+//!   two threads like lhb's runtime), bound to the gateway like socat: the bar lhb's
+//!   proxy is held to;
 //! - tokio: a plain tokio `copy_bidirectional` proxy, the baseline the splice proxy
 //!   must not fall behind.
 //!
@@ -46,20 +49,28 @@ enum Path {
     Kernel,
     Proxy,
     Socat,
+    Haproxy,
     Tokio,
 }
 
-const PATHS: [Path; 5] = [
+const PATHS: [Path; 6] = [
     Path::Direct,
     Path::Kernel,
     Path::Proxy,
     Path::Socat,
+    Path::Haproxy,
     Path::Tokio,
 ];
 
-/// What `cargo xtask bench` runs without --paths: the limit, lhb's two paths and the
-/// recipe lhb replaces.
-const DEFAULT_PATHS: [Path; 4] = [Path::Direct, Path::Kernel, Path::Proxy, Path::Socat];
+/// What `cargo xtask bench` runs without --paths: the limit, lhb's two paths, the
+/// recipe lhb replaces and the proxy lhb's own is measured against.
+const DEFAULT_PATHS: [Path; 5] = [
+    Path::Direct,
+    Path::Kernel,
+    Path::Proxy,
+    Path::Socat,
+    Path::Haproxy,
+];
 
 impl Path {
     fn name(self) -> &'static str {
@@ -68,6 +79,7 @@ impl Path {
             Path::Kernel => "kernel",
             Path::Proxy => "proxy",
             Path::Socat => "socat",
+            Path::Haproxy => "haproxy",
             Path::Tokio => "tokio",
         }
     }
@@ -109,7 +121,7 @@ pub fn run(quick: bool, only: &[String]) -> anyhow::Result<()> {
             .collect()
     };
     if selected.is_empty() {
-        bail!("--paths names none of direct, kernel, proxy, socat, tokio");
+        bail!("--paths names none of direct, kernel, proxy, socat, haproxy, tokio");
     }
     let k = if quick {
         Knobs {
@@ -131,7 +143,7 @@ pub fn run(quick: bool, only: &[String]) -> anyhow::Result<()> {
         }
     };
     let started = Instant::now();
-    eprintln!("bench: setting up (namespaces, servers, lhb, socat, PostgreSQL)");
+    eprintln!("bench: setting up (namespaces, servers, lhb, socat, HAProxy, PostgreSQL)");
     let rig = Rig::build(&selected)?;
     eprintln!("bench: set up in {:.1}s", started.elapsed().as_secs_f64());
     let mut out = Results {

@@ -63,6 +63,7 @@ pub(super) fn report(
         (Path::Proxy, Path::Direct),
         (Path::Kernel, Path::Socat),
         (Path::Proxy, Path::Socat),
+        (Path::Proxy, Path::Haproxy),
     ]
     .into_iter()
     .filter(|(a, b)| paths.contains(a) && paths.contains(b))

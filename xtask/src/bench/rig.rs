@@ -1,6 +1,6 @@
 //! The rig every path is measured on: a lab bridge with a container namespace, the
 //! loopback servers (and the same servers bound to the gateway for the direct path),
-//! lhb in kernel and in proxy mode, socat, the tokio proxy, and a second lab whose
+//! lhb in kernel and in proxy mode, socat, HAProxy, the tokio proxy, and a second lab whose
 //! bridge is re-created. Everything is stopped when the rig is dropped.
 
 use std::{cell::RefCell, net::SocketAddr, time::Duration};
@@ -19,6 +19,7 @@ pub(super) struct Rig {
     /// (path, gateway port) served on `relab`.
     pub re_ports: Vec<(Path, u16)>,
     socats: [Proc; 4],
+    haproxy: Haproxy,
     proxy: Lhb,
     kernel: Lhb,
     pub pg: Postgres,
@@ -85,6 +86,13 @@ impl Rig {
             socat(gw, so.redis.port(), lo_ports.redis.port())?,
             socat(gw, so.pg.port(), lo_ports.pg.port())?,
         ];
+        let ha = of(Path::Haproxy);
+        let haproxy = Haproxy::start(&[
+            (ha.conn, lo_ports.conn),
+            (ha.iperf, lo_ports.iperf),
+            (ha.redis, lo_ports.redis),
+            (ha.pg, lo_ports.pg),
+        ])?;
         let to = of(Path::Tokio);
         tokio_proxy(vec![
             (to.conn, lo_ports.conn),
@@ -133,6 +141,7 @@ impl Rig {
             relab: RefCell::new(relab),
             re_ports,
             socats,
+            haproxy,
             proxy,
             kernel,
             pg,
@@ -159,6 +168,7 @@ impl Rig {
             Path::Kernel => vec![self.kernel.pid()],
             Path::Proxy => vec![self.proxy.pid()],
             Path::Socat => self.socats.iter().map(|s| s.0.id()).collect(),
+            Path::Haproxy => vec![self.haproxy.pid()],
             _ => vec![],
         }
     }

@@ -41,6 +41,71 @@ pub(super) fn socat(gw: std::net::IpAddr, port: u16, target: u16) -> anyhow::Res
     ))
 }
 
+/// HAProxy in `mode tcp` with `option splice-auto`, one `listen` section per
+/// (gateway port, loopback target), run in the foreground from a config of its own;
+/// stopped and its config removed on drop.
+pub(super) struct Haproxy {
+    proc: Proc,
+    dir: std::path::PathBuf,
+}
+
+impl Haproxy {
+    pub(super) fn start(listen: &[(SocketAddr, SocketAddr)]) -> anyhow::Result<Haproxy> {
+        let dir = std::env::temp_dir().join(format!("lhb-bench-haproxy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        // Two threads: the same cores lhb's proxy runtime has. maxconn well above what
+        // any workload opens, so no connection waits in HAProxy's own queue.
+        let mut cfg = String::from(
+            "global\n  nbthread 2\n  maxconn 20000\n\n\
+             defaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n  \
+             timeout client 60s\n  timeout server 60s\n",
+        );
+        for (i, (from, to)) in listen.iter().enumerate() {
+            cfg.push_str(&format!(
+                "\nlisten l{i}\n  bind {from}\n  server s{i} {to}\n"
+            ));
+        }
+        let file = dir.join("haproxy.cfg");
+        std::fs::write(&file, cfg)?;
+        let check = Command::new("haproxy")
+            .arg("-c")
+            .arg("-f")
+            .arg(&file)
+            .output()
+            .context("haproxy (installed by `cargo xtask setup`)")?;
+        if !check.status.success() {
+            bail!(
+                "haproxy rejects the bench's config: {}",
+                String::from_utf8_lossy(&check.stderr).trim()
+            );
+        }
+        // -db: foreground, no fork, so killing the child stops it.
+        let proc = Proc(
+            Command::new("haproxy")
+                .arg("-db")
+                .arg("-f")
+                .arg(&file)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("haproxy (installed by `cargo xtask setup`)")?,
+        );
+        Ok(Haproxy { proc, dir })
+    }
+
+    pub(super) fn pid(&self) -> u32 {
+        self.proc.0.id()
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.proc.0.kill();
+        let _ = self.proc.0.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The plain tokio proxy: accept, connect, `copy_bidirectional`.
 pub(super) fn tokio_proxy(listen: Vec<(SocketAddr, SocketAddr)>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
