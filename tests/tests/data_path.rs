@@ -517,6 +517,68 @@ fn half_close_is_passed_on_and_the_reply_still_flows(p: &Path) {
     assert_eq!(reply, "got 100000 bytes");
 }
 
+/// Messages of every size, each echoed back: tiny ones, ones either side of the size
+/// where the proxy switches from copying to splicing and back, and bulk ones. Every
+/// byte must come back, in order, whatever way each message went.
+fn messages_of_every_size_arrive_intact_both_ways(p: &Path) {
+    let lab = p.lab(35);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let echo = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut r = c.try_clone().unwrap();
+        std::io::copy(&mut r, &mut c).unwrap();
+    });
+    let _lhb = p.start(&["--expose-iface", &expose(&lab, &port.to_string())]);
+    let gw = SocketAddr::new(lab.gateway(), port);
+    let sizes: &[usize] = &[
+        1, 100, 4095, 4096, 4097, 3, 65_536, 1_000_000, 17, 8192, 200_000, 1, 4096, 2,
+    ];
+    let s = lab
+        .container
+        .run(move || std::net::TcpStream::connect_timeout(&gw, T))
+        .unwrap()
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut seed = 0x9e37_79b9_u32;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        seed as u8
+    };
+    let messages: Vec<Vec<u8>> = sizes
+        .iter()
+        .map(|&n| (0..n).map(|_| next()).collect())
+        .collect();
+    let mut w = s.try_clone().unwrap();
+    let sent = messages.clone();
+    // Writing and reading at once: an echo of a large message fills the buffers both
+    // ways long before it is all written.
+    let writer = std::thread::spawn(move || {
+        for m in &sent {
+            w.write_all(m).unwrap();
+        }
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut r = s;
+    for (i, m) in messages.iter().enumerate() {
+        let mut got = vec![0u8; m.len()];
+        r.read_exact(&mut got)
+            .unwrap_or_else(|e| panic!("message {i} ({} bytes): {e}", m.len()));
+        assert!(
+            got == *m,
+            "message {i} ({} bytes) came back altered",
+            m.len()
+        );
+    }
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{} bytes more than were sent", rest.len());
+    writer.join().unwrap();
+    echo.join().unwrap();
+}
+
 /// A real Redis on loopback, killed on drop.
 struct Redis(std::process::Child, u16);
 
@@ -865,6 +927,7 @@ mod light {
     bad_input_gets_a_clear_error_and_nothing_is_attached,
     sighup_reloads_the_config_and_a_bad_file_keeps_the_running_rules,
     half_close_is_passed_on_and_the_reply_still_flows,
+    messages_of_every_size_arrive_intact_both_ways,
     a_reply_followed_by_a_reset_reaches_the_client,
     a_large_reply_in_flight_when_the_service_resets_arrives_intact,
     a_client_reset_reaches_the_service_and_nothing_it_sent_is_lost,

@@ -54,9 +54,10 @@ impl Haproxy {
         let dir = std::env::temp_dir().join(format!("lhb-bench-haproxy-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         // Two threads: the same cores lhb's proxy runtime has. maxconn well above what
-        // any workload opens, so no connection waits in HAProxy's own queue.
+        // any workload opens, so no connection waits in HAProxy's own queue, and below
+        // what the fd limit allows (HAProxy refuses to start otherwise).
         let mut cfg = String::from(
-            "global\n  nbthread 2\n  maxconn 20000\n\n\
+            "global\n  nbthread 2\n  maxconn 4096\n\n\
              defaults\n  mode tcp\n  option splice-auto\n  timeout connect 5s\n  \
              timeout client 60s\n  timeout server 60s\n",
         );
@@ -79,17 +80,29 @@ impl Haproxy {
                 String::from_utf8_lossy(&check.stderr).trim()
             );
         }
+        let log = dir.join("haproxy.log");
         // -db: foreground, no fork, so killing the child stops it.
-        let proc = Proc(
+        let mut proc = Proc(
             Command::new("haproxy")
                 .arg("-db")
                 .arg("-f")
                 .arg(&file)
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(std::fs::File::create(&log)?)
                 .spawn()
                 .context("haproxy (installed by `cargo xtask setup`)")?,
         );
+        let first = listen.first().map(|l| l.0);
+        let up = wait_until(Duration::from_secs(5), || {
+            matches!(proc.0.try_wait(), Ok(None))
+                && first.is_none_or(|a| TcpStream::connect(a).is_ok())
+        });
+        if up.is_none() {
+            bail!(
+                "haproxy did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default().trim()
+            );
+        }
         Ok(Haproxy { proc, dir })
     }
 
