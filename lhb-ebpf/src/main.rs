@@ -104,8 +104,12 @@ fn on_syn(ctx: &TcContext) {
 
 /// Every packet of every connection on the bridge passes here: false for whatever is
 /// surely not a TCP SYN, decided with direct packet access (one bounds check, fixed
-/// offsets) at the first field that rules the packet out. True also when the headers
-/// are not where this looks (`classify` and `parse_syn` then decide).
+/// offsets). True also when the headers are not where this looks (`classify` and
+/// `parse_syn` then decide).
+///
+/// Fields are tested several at a time: one 32-bit load and compare covers the
+/// ethertype with IPv4's version and header length, another the fragment fields with
+/// the protocol. A bulk IPv4 TCP packet costs three loads and three branches.
 #[inline(always)]
 fn may_be_syn(ctx: &TcContext) -> bool {
     let data = ctx.data();
@@ -113,31 +117,32 @@ fn may_be_syn(ctx: &TcContext) -> bool {
     if data + ETH_HLEN + 20 + 14 > end {
         return true;
     }
+    // Little-endian loads: byte 0 of the field is the lowest byte of the value.
+    let word = |off: usize| u32::from_le(unsafe { read_unaligned((data + off) as *const u32) });
     let byte = |off: usize| unsafe { *((data + off) as *const u8) };
-    let l4 = match (byte(12), byte(13)) {
-        (0x08, 0x00) => {
-            if byte(ETH_HLEN) != 0x45 {
-                return true;
-            }
-            // Not TCP, or a fragment (no or a partial TCP header).
-            if byte(ETH_HLEN + 9) != IPPROTO_TCP
-                || byte(ETH_HLEN + 6) & 0x3f != 0
-                || byte(ETH_HLEN + 7) != 0
-            {
-                return false;
-            }
-            ETH_HLEN + 20
+    // Ethertype 0x0800, then version 4 with a 20-byte header (0x45).
+    let l4 = if word(12) & 0x00ff_ffff == 0x0045_0008 {
+        // Flags+fragment offset (the reserved and DF bits masked out), TTL, protocol:
+        // TCP and not a fragment (a fragment has no or a partial TCP header).
+        if word(ETH_HLEN + 6) & 0xff00_ff3f != (IPPROTO_TCP as u32) << 24 {
+            return false;
         }
-        (0x86, 0xdd) => {
-            if data + ETH_HLEN + IPV6_HLEN + 14 > end {
-                return true;
+        ETH_HLEN + 20
+    } else {
+        match (byte(12), byte(13)) {
+            // IPv4 with options: the slow parse reads them.
+            (0x08, 0x00) => return true,
+            (0x86, 0xdd) => {
+                if data + ETH_HLEN + IPV6_HLEN + 14 > end {
+                    return true;
+                }
+                if byte(ETH_HLEN + 6) != IPPROTO_TCP {
+                    return false;
+                }
+                ETH_HLEN + IPV6_HLEN
             }
-            if byte(ETH_HLEN + 6) != IPPROTO_TCP {
-                return false;
-            }
-            ETH_HLEN + IPV6_HLEN
+            _ => return false,
         }
-        _ => return false,
     };
     byte(l4 + 13) & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
 }
