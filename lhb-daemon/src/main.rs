@@ -41,7 +41,7 @@ enum Command {
         serve: Serve,
         /// Most connections the proxy carries at once, over all rules; more are refused
         /// and logged. Each rule may hold an equal share (or its config's
-        /// `max_connections`). Default: what the open-file limit allows, (limit - 256) / 6
+        /// `max_connections`). Default: what the open-file limit allows, (limit - 384) / 6
         /// (lhb raises its soft limit to the hard one at start).
         #[arg(long, value_name = "N")]
         max_connections: Option<usize>,
