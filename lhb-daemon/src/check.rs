@@ -22,40 +22,94 @@ use anyhow::{Context as _, bail};
 use crate::{
     config,
     docker::{self, DockerView},
+    labels,
     netlink::Netlink,
     reconcile::Observed,
     rule::{self, Rule},
 };
 
-/// What to check: every rule of the config file, or the one the command line names.
+/// What to check: every rule of the config file (and of network labels), or the one
+/// the command line names.
 pub struct Target {
     pub config: std::path::PathBuf,
     pub spec: Option<String>,
     /// The spec names an interface, not a Docker network.
     pub iface: bool,
     pub no_docker: bool,
+    /// --label-allow, added to the config's `label_allow`.
+    pub label_allow: Vec<labels::Entry>,
 }
 
-/// The rules `t` names. A spec that matches a file rule (source and port) takes that
-/// rule's target and label; otherwise the spec is the rule (default target
-/// 127.0.0.1:PORT).
-pub fn rules(t: &Target) -> anyhow::Result<Vec<Rule>> {
+/// The rules to check, the host as observed, and the label entries refused (for the
+/// rule checked, or all of them).
+pub struct Checked {
+    pub rules: Vec<Rule>,
+    pub observed: Observed,
+    pub label_refused: Vec<labels::Refusal>,
+}
+
+/// The rules `t` names, as `lhb run` would serve them: the file's, then what Docker
+/// networks' `lhb.expose` labels ask for and `label_allow` allows. A spec that matches
+/// one of these (source and port) takes that rule's target and label; otherwise the
+/// spec is the rule (default target 127.0.0.1:PORT). Then the host, observed.
+pub async fn rules(t: &Target) -> anyhow::Result<Checked> {
     let cfg = config::load(&t.config)?;
-    let Some(spec) = &t.spec else {
-        if cfg.rules.is_empty() {
+    let allowed = labels::merge_allowed(&t.label_allow, &cfg.label_allow);
+    let parsed = t
+        .spec
+        .as_deref()
+        .map(|spec| rule::parse_spec_for(spec, t.iface))
+        .transpose()?;
+    let docker = !t.no_docker
+        && (!allowed.is_empty()
+            || needs_docker(&cfg.rules)
+            || parsed
+                .as_ref()
+                .is_some_and(|p| needs_docker(std::slice::from_ref(p))));
+    let observed = observe(!docker).await?;
+    let (asked, mut refused) = match &observed.docker {
+        Some(v) => labels::rules(v, &allowed),
+        None => Default::default(),
+    };
+    let (labelled, _) = crate::daemon::label_rules(&cfg.rules, &asked);
+    let mut all = cfg.rules;
+    all.extend(labelled);
+    let Some(parsed) = parsed else {
+        if all.is_empty() {
+            let labels = if allowed.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " and no Docker network's {} label asks for an allowed entry",
+                    labels::LABEL
+                )
+            };
             bail!(
-                "no rule to check: {} holds no [[expose]] entry; name one (e.g. `lhb verify mynet:11434`, or `--iface virbr0:11434` for a plain bridge)",
+                "no rule to check: {} holds no [[expose]] entry{labels}; name one (e.g. `lhb verify mynet:11434`, or `--iface virbr0:11434` for a plain bridge)",
                 t.config.display()
             );
         }
-        return Ok(cfg.rules);
+        return Ok(Checked {
+            rules: all,
+            observed,
+            label_refused: refused,
+        });
     };
-    let parsed = rule::parse_spec_for(spec, t.iface)?;
-    let from_file = cfg.rules.into_iter().find(|r| r.key() == parsed.key());
-    Ok(vec![match from_file {
-        Some(r) if !spec.contains('=') => r,
-        _ => parsed,
-    }])
+    let key = parsed.key();
+    refused.retain(|f| {
+        rule::Source::Network(f.network.clone()) == key.source
+            && labels::Entry::parse(&f.entry).map_or(true, |e| e.port == key.port)
+    });
+    let known = all.into_iter().find(|r| r.key() == key);
+    let explicit = t.spec.as_deref().is_some_and(|s| s.contains('='));
+    Ok(Checked {
+        rules: vec![match known {
+            Some(r) if !explicit => r,
+            _ => parsed,
+        }],
+        observed,
+        label_refused: refused,
+    })
 }
 
 /// Links and addresses now, and what the Docker engine says (None: --no-docker).

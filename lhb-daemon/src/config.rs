@@ -23,6 +23,8 @@ pub struct Config {
     pub firewall: Option<crate::firewall::FirewallMode>,
     /// `metrics =`: where the Prometheus endpoint is served.
     pub metrics: Option<crate::control::MetricsAddr>,
+    /// `label_allow =`: what a Docker network's `lhb.expose` label may ask for.
+    pub label_allow: Vec<crate::labels::Entry>,
 }
 
 #[derive(Debug, Error)]
@@ -43,6 +45,8 @@ struct File {
     mode: Option<Mode>,
     firewall: Option<crate::firewall::FirewallMode>,
     metrics: Option<Spanned<String>>,
+    #[serde(default)]
+    label_allow: Vec<Spanned<String>>,
     #[serde(default)]
     expose: Vec<Spanned<Expose>>,
 }
@@ -97,6 +101,14 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
             crate::control::parse_metrics(m.get_ref()).map_err(|why| invalid(Some(m.span()), why))
         })
         .transpose()?;
+    let mut label_allow = Vec::new();
+    for entry in parsed.label_allow {
+        let e = crate::labels::Entry::parse(entry.get_ref())
+            .map_err(|err| invalid(Some(entry.span()), format!("label_allow: {err}")))?;
+        if !label_allow.contains(&e) {
+            label_allow.push(e);
+        }
+    }
     let mut rules = Vec::new();
     let mut seen: Vec<(Rule, Range<usize>)> = Vec::new();
     for entry in parsed.expose {
@@ -177,6 +189,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         mode,
         firewall,
         metrics,
+        label_allow,
     })
 }
 
@@ -208,6 +221,7 @@ mod tests {
         let all = parse("lhb.toml", &examples).unwrap();
         assert_eq!(all.rules.len(), 2, "{examples}");
         assert!(all.mode.is_some() && all.firewall.is_some() && all.metrics.is_some());
+        assert_eq!(all.label_allow.len(), 2);
     }
 
     use super::*;
@@ -296,6 +310,12 @@ port = 11434
             ),
             ("[[expose\n", 1, ""),
             (
+                "label_allow = [\"11434\",\n  \"5432=10.0.0.1:5432\"]\n",
+                2,
+                "label_allow: `5432=10.0.0.1:5432`: target `10.0.0.1:5432` is not a loopback",
+            ),
+            ("label_allow = [\"0\"]\n", 1, "label_allow: `0`: port `0`"),
+            (
                 "mode = \"fast\"\n",
                 1,
                 "unknown variant `fast`, expected one of `auto`, `kernel`, `proxy`",
@@ -309,6 +329,18 @@ port = 11434
             );
             assert!(e.contains(reason), "{text:?} -> {e}");
         }
+    }
+
+    #[test]
+    fn label_allow_entries_load_once_each() {
+        let cfg = parse(
+            "lhb.toml",
+            "label_allow = [\"11434\", \"5432=127.0.0.1:15432\", \"11434=127.0.0.1:11434\"]\n",
+        )
+        .unwrap();
+        let shown: Vec<String> = cfg.label_allow.iter().map(|e| e.to_string()).collect();
+        assert_eq!(shown, ["11434", "5432=127.0.0.1:15432"]);
+        assert!(cfg.rules.is_empty());
     }
 
     #[test]

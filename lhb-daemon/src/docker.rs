@@ -24,6 +24,8 @@ pub struct DockerNetwork {
     pub bridge: String,
     /// Gateway addresses from the network's IPAM configuration.
     pub gateways: Vec<IpAddr>,
+    /// The network's labels lhb reads (`lhb.expose`), none other.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// What the engine said last.
@@ -173,6 +175,12 @@ async fn list(docker: &Docker) -> Result<BTreeMap<String, DockerNetwork>, String
             continue;
         };
         let options = n.options.unwrap_or_default();
+        let labels = n
+            .labels
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| k == crate::labels::LABEL)
+            .collect();
         let gateways = n
             .ipam
             .and_then(|i| i.config)
@@ -187,6 +195,7 @@ async fn list(docker: &Docker) -> Result<BTreeMap<String, DockerNetwork>, String
                 driver: n.driver.unwrap_or_default(),
                 bridge: bridge_name(&id, &options),
                 gateways,
+                labels,
             },
         );
     }

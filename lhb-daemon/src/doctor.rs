@@ -22,8 +22,11 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// True if no step failed.
 pub async fn run(t: Target) -> anyhow::Result<bool> {
-    let rules = check::rules(&t)?;
-    let observed = check::observe(t.no_docker || !check::needs_docker(&rules)).await?;
+    let check::Checked {
+        rules,
+        observed,
+        label_refused,
+    } = check::rules(&t).await?;
     let daemons = check::running_daemons();
     let mut failed = 0;
     for (i, rule) in rules.iter().enumerate() {
@@ -37,12 +40,38 @@ pub async fn run(t: Target) -> anyhow::Result<bool> {
         print!("{}", r.render(false));
         failed += r.count(Level::Fail);
     }
+    if !label_refused.is_empty() {
+        let mut r = Findings::default();
+        r.heading("network labels");
+        label_steps(&label_refused, &mut r);
+        print!("\n{}", r.render(false));
+    }
     if failed == 0 {
         println!("\nno problem found");
     } else {
         println!("\n{failed} step(s) failed; fix the first one first");
     }
     Ok(failed == 0)
+}
+
+/// A label entry refused is a warning with its fix: the network's owner asked for it,
+/// so either the label or `label_allow` is wrong.
+pub(crate) fn label_steps(refused: &[crate::labels::Refusal], r: &mut Findings) {
+    for f in refused {
+        let fix = if f.reason.contains("label_allow") {
+            format!(
+                "if the network {} may reach it, add the entry to label_allow in the config (then `lhb reload`); otherwise remove it from the network's {} label",
+                f.network,
+                crate::labels::LABEL
+            )
+        } else {
+            format!(
+                "correct the network's {} label (entries PORT[=TARGET], comma-separated)",
+                crate::labels::LABEL
+            )
+        };
+        r.add(Level::Warn, f.to_string(), Some(fix));
+    }
 }
 
 fn diagnose(
@@ -626,6 +655,7 @@ mod tests {
                 driver: "bridge".into(),
                 bridge: "br-1".into(),
                 gateways: vec!["172.18.0.1".parse().unwrap()],
+                labels: Default::default(),
             },
         );
         o.links.insert("br-1".into(), bridge(7, "172.18.0.1", &[]));

@@ -11,6 +11,7 @@ pub mod doctor;
 pub mod findings;
 pub mod firewall;
 pub mod kernel;
+pub mod labels;
 pub mod netlink;
 pub mod notify;
 pub mod persist;

@@ -5,7 +5,9 @@
 
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
-use lhb_daemon::{check, control, daemon, doctor, firewall, plan, reconcile, rule, unit, verify};
+use lhb_daemon::{
+    check, control, daemon, doctor, firewall, labels, plan, reconcile, rule, unit, verify,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -174,6 +176,12 @@ struct Serve {
     /// network. Without it such a rule waits. Repeatable.
     #[arg(long = "allow-uplinks", value_name = "NAME")]
     allow_uplinks: Vec<String>,
+    /// Allow a Docker network's `lhb.expose` label (compose: `networks: NAME: labels:
+    /// lhb.expose: "11434,5432"`) to ask for PORT[=TARGET]: a label entry is served
+    /// only if it equals an allowed entry, port and target. Repeatable; added to the
+    /// config's `label_allow`. Without any, labels are ignored.
+    #[arg(long = "label-allow", value_name = "PORT[=TARGET]", value_parser = parse_label_allow)]
+    label_allow: Vec<labels::Entry>,
     /// Do not talk to the Docker engine (only interface rules can be served).
     #[arg(long)]
     no_docker: bool,
@@ -202,6 +210,7 @@ impl Serve {
     fn options(self) -> anyhow::Result<daemon::ServeOptions> {
         Ok(daemon::ServeOptions {
             cli_rules: self.cli_rules()?,
+            label_allow: self.label_allow,
             config: self.config,
             no_docker: self.no_docker,
             mode: self.mode,
@@ -253,6 +262,10 @@ struct CheckArgs {
     /// Do not ask the Docker engine (interface rules only).
     #[arg(long)]
     no_docker: bool,
+    /// As `lhb run --label-allow`: label entries to check besides the config's
+    /// `label_allow`. Repeatable.
+    #[arg(long = "label-allow", value_name = "PORT[=TARGET]", value_parser = parse_label_allow)]
+    label_allow: Vec<labels::Entry>,
 }
 
 impl From<CheckArgs> for check::Target {
@@ -262,6 +275,7 @@ impl From<CheckArgs> for check::Target {
             spec: a.rule,
             iface: a.iface,
             no_docker: a.no_docker,
+            label_allow: a.label_allow,
         }
     }
 }
@@ -360,6 +374,10 @@ fn parse_iface_rule(s: &str) -> Result<rule::Rule, String> {
     let mut r = rule::parse_iface_spec(s).map_err(|e| e.to_string())?;
     r.given = format!("--expose-iface {s}");
     Ok(r)
+}
+
+fn parse_label_allow(s: &str) -> Result<labels::Entry, String> {
+    labels::Entry::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_network_rule(s: &str) -> Result<rule::Rule, String> {

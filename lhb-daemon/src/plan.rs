@@ -53,6 +53,9 @@ pub struct HostPlan {
     pub proxy_listeners: Vec<String>,
     pub firewall: FirewallPlan,
     pub rules: Vec<RulePlan>,
+    /// Docker network label entries that would not be served, and why.
+    #[serde(default)]
+    pub label_refused: Vec<crate::labels::Refusal>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -135,7 +138,8 @@ pub async fn compute(opts: daemon::ServeOptions) -> anyhow::Result<HostPlan> {
     let cfg = config::load(&opts.config)?;
     let mode = opts.mode.or(cfg.mode).unwrap_or_default();
     let firewall_mode = opts.firewall.or(cfg.firewall).unwrap_or_default();
-    let rules = daemon::combine(&opts.cli_rules, cfg.rules)?;
+    let mut rules = daemon::combine(&opts.cli_rules, cfg.rules)?;
+    let label_allow = crate::labels::merge_allowed(&opts.label_allow, &cfg.label_allow);
     let mut plan = HostPlan {
         config: opts.config.display().to_string(),
         mode,
@@ -145,7 +149,10 @@ pub async fn compute(opts: daemon::ServeOptions) -> anyhow::Result<HostPlan> {
             .map(|s| s.pid),
         ..Default::default()
     };
-    if rules.is_empty() && !std::fs::metadata(&opts.config).is_ok_and(|m| m.is_file()) {
+    if rules.is_empty()
+        && label_allow.is_empty()
+        && !std::fs::metadata(&opts.config).is_ok_and(|m| m.is_file())
+    {
         plan.fails = Some(
             daemon::StartError::NoRules {
                 config: plan.config.clone(),
@@ -167,6 +174,20 @@ pub async fn compute(opts: daemon::ServeOptions) -> anyhow::Result<HostPlan> {
         available: v.available,
         problem: v.problem.clone(),
     });
+    let (asked, refused) = match &view {
+        Some(v) => crate::labels::rules(v, &label_allow),
+        None => Default::default(),
+    };
+    let (labelled, over) = daemon::label_rules(&rules, &asked);
+    let labelled: BTreeSet<_> = labelled.iter().map(Rule::key).collect();
+    rules.extend(asked.into_iter().filter(|r| labelled.contains(&r.key())));
+    plan.label_refused = refused;
+    plan.label_refused
+        .extend(over.iter().map(|k| crate::labels::Refusal {
+            network: k.source.name().to_string(),
+            entry: k.port.to_string(),
+            reason: format!("the rule table is full ({} rules)", lhb_common::MAX_RULES),
+        }));
     let (slots, _) = Slots::default().assign(&rules);
     let mut observed = netlink.snapshot().await?;
     observed.docker = view;
@@ -202,6 +223,8 @@ pub async fn compute(opts: daemon::ServeOptions) -> anyhow::Result<HostPlan> {
     let origin = |r: &Rule| {
         if opts.cli_rules.iter().any(|c| c.key() == r.key()) {
             Origin::CommandLine
+        } else if labelled.contains(&r.key()) {
+            Origin::Label
         } else {
             Origin::Config
         }
@@ -347,6 +370,12 @@ impl HostPlan {
         }
         self.changes(&mut s);
         self.rules_text(&mut s);
+        if !self.label_refused.is_empty() {
+            let _ = writeln!(s, "\nlabel entries NOT served:");
+            for f in &self.label_refused {
+                let _ = writeln!(s, "  {f}");
+            }
+        }
         s
     }
 

@@ -530,6 +530,7 @@ mod tests {
                     driver: "bridge".into(),
                     bridge: bridge.to_string(),
                     gateways: gws.iter().map(|g| g.parse().unwrap()).collect(),
+                    labels: Default::default(),
                 },
             );
         }

@@ -62,6 +62,9 @@ pub enum Origin {
     Config,
     /// `lhb expose` without --persist: until the daemon restarts.
     Runtime,
+    /// A Docker network's `lhb.expose` label, allowed by `label_allow`: while the
+    /// network has it.
+    Label,
 }
 
 impl fmt::Display for Origin {
@@ -70,6 +73,7 @@ impl fmt::Display for Origin {
             Origin::CommandLine => "command-line",
             Origin::Config => "config",
             Origin::Runtime => "runtime",
+            Origin::Label => "label",
         })
     }
 }

@@ -28,6 +28,13 @@ pub struct Status {
     /// reload succeeds.
     #[serde(default)]
     pub reload_error: Option<String>,
+    /// `label_allow` (config and --label-allow): what a Docker network's `lhb.expose`
+    /// label may ask for.
+    #[serde(default)]
+    pub label_allow: Vec<String>,
+    /// Label entries not served, with the reason.
+    #[serde(default)]
+    pub label_refused: Vec<crate::labels::Refusal>,
     pub rules: Vec<RuleStatus>,
 }
 
@@ -115,7 +122,8 @@ pub struct RuleStatus {
     pub port: u16,
     pub target: String,
     pub service: String,
-    /// `command-line`, `config` or `runtime` (`lhb expose` without --persist).
+    /// `command-line`, `config`, `runtime` (`lhb expose` without --persist) or `label`
+    /// (a Docker network's `lhb.expose` label).
     pub origin: crate::rule::Origin,
     pub state: State,
     /// Why it waits, in words.
@@ -267,6 +275,12 @@ impl Status {
             }
             if let Some(e) = &r.last_error {
                 let _ = writeln!(s, "  {}: last error: {e}", r.name());
+            }
+        }
+        if !self.label_refused.is_empty() {
+            let _ = writeln!(s, "\nlabel entries NOT served:");
+            for f in &self.label_refused {
+                let _ = writeln!(s, "  {f}");
             }
         }
         s
@@ -432,9 +446,10 @@ impl RuleStatus {
     /// The rule's metric labels, then `extra` (`,key="value"`...).
     fn labels(&self, extra: &str) -> String {
         format!(
-            "{{rule=\"{}\",service=\"{}\"{extra}}}",
+            "{{rule=\"{}\",service=\"{}\",origin=\"{}\"{extra}}}",
             escape(&self.name()),
-            escape(&self.service)
+            escape(&self.service),
+            self.origin
         )
     }
 
@@ -484,6 +499,7 @@ mod tests {
                 network: Some("app".into()),
                 port: 80,
                 service: "web\"x".into(),
+                origin: crate::rule::Origin::Label,
                 state: State::Serving,
                 bridge: Some("br-1".into()),
                 gateways: vec![GatewayStatus {
@@ -504,7 +520,7 @@ mod tests {
         let text = st.prometheus();
         assert!(text.contains("# TYPE lhb_connections_total counter"));
         assert!(text.contains(
-            "lhb_connections_total{rule=\"app:80\",service=\"web\\\"x\",path=\"kernel\"} 7"
+            "lhb_connections_total{rule=\"app:80\",service=\"web\\\"x\",origin=\"label\",path=\"kernel\"} 7"
         ));
         assert!(text.contains("lhb_reconcile_events_total 3"));
         assert!(text.contains(

@@ -21,8 +21,11 @@ const OUTSIDE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// True if every check passed.
 pub async fn run(t: Target) -> anyhow::Result<bool> {
-    let rules = check::rules(&t)?;
-    let observed = check::observe(t.no_docker || !check::needs_docker(&rules)).await?;
+    let check::Checked {
+        rules,
+        observed,
+        label_refused,
+    } = check::rules(&t).await?;
     let (mut passed, mut failed) = (0, 0);
     for rule in &rules {
         // Printed rule by rule: the probes of the next one take seconds.
@@ -32,6 +35,15 @@ pub async fn run(t: Target) -> anyhow::Result<bool> {
         print!("{}", r.render(false));
         passed += r.count(Level::Pass);
         failed += r.count(Level::Fail);
+    }
+    if !label_refused.is_empty() {
+        // Not served, so nothing to probe; said so that a missing rule is not a mystery.
+        let mut r = Findings::default();
+        r.heading("network labels");
+        for f in &label_refused {
+            r.add(Level::Note, f.to_string(), None);
+        }
+        print!("{}", r.render(false));
     }
     println!(
         "{passed} passed, {failed} failed{}",

@@ -351,3 +351,82 @@ impl Drop for Engine {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A docker-compose project of the test's own (the real `docker-compose` on the
+/// machine), in a directory of its own; `down` on drop.
+pub struct Compose {
+    dir: std::path::PathBuf,
+    pub project: String,
+}
+
+impl Compose {
+    /// Writes `yaml` as the project's compose file; `project` must start with the test
+    /// prefix (its networks are `PROJECT_NAME`).
+    pub fn new(project: &str, yaml: &str) -> anyhow::Result<Compose> {
+        Command::new("docker-compose")
+            .arg("version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .ok()
+            .filter(|s| s.success())
+            .context("docker-compose is not installed (`cargo xtask setup` installs it)")?;
+        assert!(project.starts_with(PREFIX));
+        let dir = std::env::temp_dir().join(format!("{project}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("docker-compose.yml"), yaml)?;
+        let c = Compose {
+            dir,
+            project: project.to_string(),
+        };
+        // Left over from an earlier run that was killed.
+        let _ = c.run(&["down", "--remove-orphans", "-t", "0"]);
+        Ok(c)
+    }
+
+    /// `docker-compose -p PROJECT -f FILE ARGS`, to run as the caller likes.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("docker-compose");
+        c.args(["-p", &self.project, "-f"])
+            .arg(self.dir.join("docker-compose.yml"))
+            .args(args)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// `docker-compose ARGS` in the project; its stdout.
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self
+            .command(args)
+            .output()
+            .context("running docker-compose (is it installed? `cargo xtask setup`)")?;
+        if !out.status.success() {
+            bail!(
+                "docker-compose {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn up(&self) -> anyhow::Result<()> {
+        self.run(&["up", "-d"]).map(drop)
+    }
+
+    pub fn down(&self) -> anyhow::Result<()> {
+        self.run(&["down", "-t", "0"]).map(drop)
+    }
+
+    /// An HTTP GET from the running service `service`: the body, or why it failed.
+    pub fn wget(&self, service: &str, url: &str) -> anyhow::Result<String> {
+        self.run(&["exec", "-T", service, "wget", "-q", "-O", "-", url])
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        let _ = self.run(&["down", "--remove-orphans", "-t", "0"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

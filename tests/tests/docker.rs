@@ -250,3 +250,153 @@ fn doctor_and_verify_follow_a_docker_network_through_re_creation() {
     assert!(ok, "verify after re-creation:\n{out}");
     drop(net);
 }
+
+/// The compose flow: a project's network label asks for ports; lhb serves exactly the
+/// entries `--label-allow` allows (port and target), refuses the others with the reason
+/// in `lhb status`, follows `down`/`up`, and leaves an allowed port unserved on a
+/// network without the label.
+#[test]
+fn a_compose_project_gets_the_ports_its_network_label_asks_for_and_nothing_else() {
+    if !docker::required("a_compose_project_gets_the_ports...") {
+        return;
+    }
+    let asked = PeerEcho::start("127.0.0.1:0").unwrap();
+    // Allowed only toward another target than the label names.
+    let other_target = PeerEcho::start("127.0.0.1:0").unwrap();
+    let wrong_target = PeerEcho::start("127.0.0.1:0").unwrap();
+    // Not allowed at all.
+    let not_allowed = PeerEcho::start("127.0.0.1:0").unwrap();
+    let (p, q, r) = (asked.port(), wrong_target.port(), not_allowed.port());
+    let yaml = format!(
+        r#"version: "3.8"
+services:
+  app:
+    image: {image}
+    command: ["sleep", "3600"]
+    extra_hosts: ["host.docker.internal:host-gateway"]
+  side:
+    image: {image}
+    command: ["sleep", "3600"]
+    networks: [plain]
+networks:
+  default:
+    ipam:
+      config: [{{subnet: 10.230.60.0/24}}]
+    labels:
+      lhb.expose: "{p}, {q}, {r}"
+  plain:
+    ipam:
+      config: [{{subnet: 10.230.61.0/24}}]
+"#,
+        image = docker::IMAGE
+    );
+    let compose = docker::Compose::new("lhbt-compose", &yaml).unwrap();
+    let lhb = Lhb::start(&[
+        "--label-allow",
+        &p.to_string(),
+        "--label-allow",
+        &format!("{q}=127.0.0.1:{}", other_target.port()),
+    ])
+    .unwrap();
+    compose.up().unwrap();
+    let net = "lhbt-compose_default";
+    let gw = docker::gateway_of(net).unwrap();
+    let via_host = format!("http://host.docker.internal:{p}/");
+    let served = wait_until(Duration::from_secs(5), || {
+        compose.wget("app", &via_host).is_ok()
+    });
+    assert!(served.is_some(), "label not followed:\n{}", lhb.log());
+    let body = compose.wget("app", &via_host).unwrap();
+    assert!(body.starts_with("peer=10.230.60."), "{body}");
+    let body = compose.wget("app", &url(gw, p)).unwrap();
+    assert!(body.starts_with("peer=10.230.60."), "{body}");
+    // A listening service each: refused by lhb, not by its absence.
+    for port in [q, r] {
+        let e = compose.wget("app", &url(gw, port)).unwrap_err();
+        assert!(e.to_string().contains("refused"), "{port}: {e}");
+    }
+    let plain_gw = docker::gateway_of("lhbt-compose_plain").unwrap();
+    let e = compose.wget("side", &url(plain_gw, p)).unwrap_err();
+    assert!(e.to_string().contains("refused"), "plain network: {e}");
+
+    let st = lhb.status().unwrap();
+    let rules = st["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 1, "{st:#}");
+    assert_eq!(rules[0]["network"], net);
+    assert_eq!(rules[0]["origin"], "label");
+    assert_eq!(rules[0]["state"], "serving");
+    let refused = st["label_refused"].as_array().unwrap();
+    let reason = |port: u16| {
+        refused
+            .iter()
+            .find(|f| f["entry"].as_str().and_then(|e| e.parse().ok()) == Some(port))
+            .map(|f| f["reason"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("{port} not refused: {st:#}"))
+    };
+    assert!(
+        reason(q).contains(&format!("target 127.0.0.1:{q} is not allowed for port {q}")),
+        "{st:#}"
+    );
+    assert!(
+        reason(r).contains(&format!("port {r} is not in label_allow")),
+        "{st:#}"
+    );
+    assert_eq!(refused.len(), 2, "{st:#}");
+    // Logged once each, not at every event.
+    assert_eq!(
+        lhb.log().matches(&format!("entry `{r}` refused")).count(),
+        1,
+        "{}",
+        lhb.log()
+    );
+    let (_, text, _) = lhb_check(&["status", "--control", &lhb.control()]).unwrap();
+    assert!(text.contains("label entries NOT served:"), "{text}");
+    let metrics = {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::os::unix::net::UnixStream::connect(lhb.metrics_socket()).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lhb\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let sample =
+        format!("lhb_rule_serving{{rule=\"{net}:{p}\",service=\"port-{p}\",origin=\"label\"}} 1");
+    assert!(metrics.contains(&sample), "{sample} not in:\n{metrics}");
+
+    // verify and doctor read the same labels (with the same allowed entries).
+    let spec = format!("{net}:{p}");
+    let (ok, out, err) = lhb_check(&["verify", &spec, "--label-allow", &p.to_string()]).unwrap();
+    assert!(ok, "verify:\n{out}{err}");
+    let (ok, out, err) = lhb_check(&[
+        "doctor",
+        &format!("{net}:{r}"),
+        "--label-allow",
+        &p.to_string(),
+    ])
+    .unwrap();
+    assert!(!ok, "doctor of a refused entry:\n{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "WARN  network {net} label lhb.expose entry `{r}` refused"
+        )),
+        "{out}"
+    );
+
+    // down: the network and its rule go; up: a new bridge, served again.
+    let old_bridge = docker::bridge_of(net).unwrap();
+    compose.down().unwrap();
+    let gone = wait_until(Duration::from_secs(5), || {
+        lhb.status().unwrap()["rules"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    });
+    assert!(gone.is_some(), "{}", lhb.log());
+    compose.up().unwrap();
+    assert_ne!(docker::bridge_of(net).unwrap(), old_bridge);
+    let served = wait_until(Duration::from_secs(5), || {
+        compose.wget("app", &via_host).is_ok()
+    });
+    assert!(served.is_some(), "not served after up:\n{}", lhb.log());
+}

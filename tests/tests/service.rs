@@ -346,7 +346,10 @@ fn metrics_count_connections_per_path_on_unix_and_loopback() {
     }
     let text = scrape_unix(&lhb.metrics_socket());
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
-    let rule = format!("{{rule=\"{spec}\",service=\"port-{}\"", svc.port());
+    let rule = format!(
+        "{{rule=\"{spec}\",service=\"port-{}\",origin=\"command-line\"",
+        svc.port()
+    );
     assert_eq!(
         sample(
             &text,

@@ -6,7 +6,7 @@
 use std::{net::SocketAddr, process::Command, thread, time::Duration};
 
 use anyhow::{Context as _, bail};
-use lhb_tests::{Lab, Lhb, PeerEcho, lhb_bin};
+use lhb_tests::{Lab, Lhb, PeerEcho, docker, lhb_bin};
 
 fn say(text: &str) {
     println!("\n==> {text}");
@@ -119,8 +119,108 @@ pub fn run() -> anyhow::Result<()> {
         bail!("still served after lhb stopped");
     }
 
-    say("Tearing the topology down. Demo complete.");
+    say("Tearing the topology down.");
     drop(svc);
     drop(lab);
+
+    compose_flow()?;
+    say("Demo complete.");
+    Ok(())
+}
+
+/// A compose project asks for host ports with its network's `lhb.expose` label; lhb
+/// serves what `--label-allow` allows and says why it refuses the rest. Shown when
+/// docker-compose, a Docker engine and the test image are here; said so otherwise.
+fn compose_flow() -> anyhow::Result<()> {
+    let compose_here = Command::new("docker-compose")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !compose_here || !docker::engine_answers() || !docker::image_present() {
+        say(
+            "Skipping the compose label flow: it needs docker-compose, a Docker engine and the
+                 image `cargo xtask setup` imports.",
+        );
+        return Ok(());
+    }
+    say("Docker Compose: a project asks for host ports with a label on its network.");
+    let svc = PeerEcho::start("127.0.0.1:0")?;
+    let other = PeerEcho::start("127.0.0.1:0")?;
+    let (p, q) = (svc.port(), other.port());
+    let yaml = format!(
+        r#"version: "3.8"
+services:
+  app:
+    image: {image}
+    command: ["sleep", "3600"]
+    extra_hosts: ["host.docker.internal:host-gateway"]
+networks:
+  default:
+    ipam:
+      config: [{{subnet: 10.230.70.0/24}}]
+    labels:
+      lhb.expose: "{p},{q}"
+"#,
+        image = docker::IMAGE
+    );
+    for line in yaml.lines() {
+        println!("      {line}");
+    }
+    println!("    Both ports have a service on 127.0.0.1; the host allows only {p}.");
+    let project = docker::Compose::new("lhbt-demo", &yaml)?;
+    say(&format!(
+        "Starting `lhb run --label-allow {p}`: the administrator's list of what labels may ask for."
+    ));
+    let lhb = Lhb::start(&["--label-allow", &p.to_string()])?;
+    let up = |what: &str| -> anyhow::Result<()> {
+        say(what);
+        let (ok, _) = show(&mut project.command(&["up", "-d"]))?;
+        if !ok {
+            bail!("docker-compose up failed");
+        }
+        Ok(())
+    };
+    let url = format!("http://host.docker.internal:{p}/");
+    let fetch = |url: &str| project.command(&["exec", "-T", "app", "wget", "-q", "-O", "-", url]);
+    let served = |what: &str| -> anyhow::Result<()> {
+        lhb_tests::wait_until(Duration::from_secs(5), || {
+            project
+                .run(&["exec", "-T", "app", "wget", "-q", "-O", "-", &url])
+                .is_ok()
+        });
+        say(what);
+        let (ok, body) = show(&mut fetch(&url))?;
+        if !ok || !body.contains("peer=10.230.70.") {
+            bail!(
+                "the compose container was not served: {body}\n{}",
+                lhb.log()
+            );
+        }
+        Ok(())
+    };
+    up("`docker-compose up -d` creates the network with its label:")?;
+    served("The container reaches the allowed port through host.docker.internal:")?;
+    say(&format!("Port {q} was asked for but not allowed: refused."));
+    let gw = docker::gateway_of("lhbt-demo_default")?;
+    let (ok, _) = show(&mut fetch(&format!("http://{gw}:{q}/")))?;
+    if ok {
+        bail!("a port the host did not allow was served");
+    }
+    say("`lhb status`: the rule's origin is the label; the refused entry and why:");
+    let ctl = lhb.control();
+    show(Command::new(lhb_bin()).args(["status", "--control", &ctl]))?;
+    say("`docker-compose down` removes the network, and lhb its rule:");
+    show(&mut project.command(&["down", "-t", "0"]))?;
+    lhb_tests::wait_until(Duration::from_secs(5), || {
+        lhb.status()
+            .is_ok_and(|s| s["rules"].as_array().is_some_and(|r| r.is_empty()))
+    })
+    .context("the rule stayed after the network was removed")?;
+    show(Command::new(lhb_bin()).args(["status", "--control", &ctl]))?;
+    up("`docker-compose up -d` again: a new network, a new bridge:")?;
+    served("lhb followed: served again.")?;
+    say("Tearing the compose project down.");
+    drop(project);
+    drop(lhb);
     Ok(())
 }

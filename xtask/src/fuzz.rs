@@ -1,5 +1,5 @@
 //! `cargo xtask fuzz [--runs N]`: the cargo-fuzz targets in fuzz/ (config parser, rule
-//! spec parser, control and metrics requests), each for N iterations, starting from the
+//! spec parser, network labels, control and metrics requests), each for N iterations, starting from the
 //! committed corpus in fuzz/corpus/TARGET. New inputs go to a scratch directory, so the
 //! committed corpus changes only by hand; a crash leaves its input in
 //! fuzz/artifacts/TARGET and fails the run (turn it into a unit test, then fix it).
@@ -8,7 +8,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-pub const TARGETS: &[&str] = &["config", "spec", "control"];
+pub const TARGETS: &[&str] = &["config", "spec", "control", "labels"];
 
 /// The nightly toolchain cargo-fuzz builds with (the one the eBPF build uses).
 const TOOLCHAIN: &str = "+nightly";

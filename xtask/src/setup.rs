@@ -42,6 +42,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The adversarial suite's hand-made frames (tests/hostile/probe.py) and SYN flood.
     "python3-scapy",
     "hping3",
+    // The compose label test's real Compose (1.29 on Debian 12).
+    "docker-compose",
 ];
 
 /// Applets linked in the test image: what the tests run inside containers.

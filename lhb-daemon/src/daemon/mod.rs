@@ -27,7 +27,7 @@ use tokio::{signal::unix::Signal, sync::watch};
 use tracing::{error, info, warn};
 
 pub(crate) use apply::{openings, preflight};
-pub(crate) use rules::{Slots, combine};
+pub(crate) use rules::{Slots, combine, label_rules};
 pub(crate) use start::first_docker_view;
 pub(crate) use view::rule_view;
 
@@ -57,6 +57,8 @@ pub(crate) const DOCKER_FIRST_ANSWER: Duration = Duration::from_secs(3);
 pub struct ServeOptions {
     /// Rules from --expose and --expose-iface.
     pub cli_rules: Vec<Rule>,
+    /// --label-allow entries (added to the config's `label_allow`).
+    pub label_allow: Vec<crate::labels::Entry>,
     pub config: PathBuf,
     pub no_docker: bool,
     /// --mode, if given (it wins over the file's `mode`).
@@ -112,6 +114,12 @@ struct Daemon {
     cli_mode: Option<Mode>,
     /// Why the last reload failed, until one succeeds: in STATUS= and `lhb status`.
     reload_error: Option<String>,
+    /// --label-allow.
+    label_allow_cli: Vec<crate::labels::Entry>,
+    /// --label-allow and the config's `label_allow`: what labels may ask for.
+    label_allow: Vec<crate::labels::Entry>,
+    /// Label entries not served now, and why (each logged when it first appears).
+    label_refused: Vec<crate::labels::Refusal>,
     /// Proxy listeners that could not be bound (another program holds the address),
     /// retried with backoff; the rest of the rules are served meanwhile.
     proxy_errors: BTreeMap<ProxyKey, String>,
@@ -290,6 +298,7 @@ impl Daemon {
                     self.docker = None;
                 }
                 self.reconcile_events += 1;
+                self.follow_labels();
             }
             Event::Retry => {
                 self.retry.delay = (self.retry.delay * 2).min(RETRY_MAX);
@@ -362,6 +371,8 @@ impl Daemon {
                 self.rules.restore(saved);
                 return Err(e);
             }
+            self.label_allow = crate::labels::merge_allowed(&self.label_allow_cli, &f.label_allow);
+            self.follow_labels();
             Ok(self.rules.len())
         })();
         match &result {
@@ -382,6 +393,33 @@ impl Daemon {
             }
         }
         result
+    }
+
+    /// Takes the rules Docker networks' labels ask for now (and `label_allow` allows);
+    /// logs each refused entry once, when it first appears.
+    fn follow_labels(&mut self) {
+        let (wanted, mut refused) = match self.docker.as_ref() {
+            Some(d) => crate::labels::rules(&d.borrow(), &self.label_allow),
+            None => Default::default(),
+        };
+        if self.rules.set_labels(wanted) {
+            // Label rules never fail to combine (see RuleSet::recombine); an error here
+            // is one of the administrator's rules, which the last change already passed.
+            if let Err(e) = self.recombine() {
+                error!("taking the rules of network labels: {e:#}");
+            }
+        }
+        for key in self.rules.labels_over_limit() {
+            refused.push(crate::labels::Refusal {
+                network: key.source.name().to_string(),
+                entry: key.port.to_string(),
+                reason: format!("the rule table is full ({} rules)", lhb_common::MAX_RULES),
+            });
+        }
+        for r in refused.iter().filter(|r| !self.label_refused.contains(r)) {
+            warn!("{r}");
+        }
+        self.label_refused = refused;
     }
 
     /// The active rules from the rule set's parts: new rules' counters start at zero,

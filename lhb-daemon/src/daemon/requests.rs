@@ -92,7 +92,10 @@ impl Daemon {
             rule.service = s;
         }
         let key = rule.key();
-        if let Some(a) = self.rules.get(&key) {
+        // A label's rule gives way to an administrator's rule for the same port.
+        if let Some(a) = self.rules.get(&key)
+            && a.origin != Origin::Label
+        {
             bail!(
                 "{key} is already exposed ({}, from the {}); `lhb unexpose` it first to change it",
                 a.rule,
@@ -141,6 +144,13 @@ impl Daemon {
             );
         };
         let origin = active.origin;
+        if origin == Origin::Label {
+            bail!(
+                "{key} comes from the {} label of Docker network {}: remove the label (or the network), or its entry from label_allow and `lhb reload`",
+                crate::labels::LABEL,
+                key.source.name()
+            );
+        }
         let saved = self.rules.save();
         if persist {
             if !self.rules.in_file(&key) {

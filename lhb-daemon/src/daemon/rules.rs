@@ -14,6 +14,24 @@ pub(crate) fn combine(cli: &[Rule], file: Vec<Rule>) -> Result<Vec<Rule>, rule::
     Ok(all)
 }
 
+/// The label rules to serve beside the administrator's `rules`: those whose network
+/// and port no rule of the administrator's names (that rule wins), as far as the rule
+/// table has room; and the keys of those left out for room.
+pub(crate) fn label_rules(rules: &[Rule], labels: &[Rule]) -> (Vec<Rule>, Vec<RuleKey>) {
+    let taken: BTreeSet<RuleKey> = rules.iter().map(Rule::key).collect();
+    let room = (lhb_common::MAX_RULES as usize).saturating_sub(rules.len());
+    let mut take = Vec::new();
+    let mut over = Vec::new();
+    for r in labels.iter().filter(|r| !taken.contains(&r.key())) {
+        if take.len() < room {
+            take.push(r.clone());
+        } else {
+            over.push(r.key());
+        }
+    }
+    (take, over)
+}
+
 /// Counter slots: a rule keeps its slot (and counters) across reloads.
 #[derive(Default)]
 pub(crate) struct Slots {
@@ -70,6 +88,10 @@ pub(crate) struct RuleSet {
     runtime: Vec<Rule>,
     /// `lhb unexpose` without --persist of a command-line or file rule.
     removed: BTreeSet<RuleKey>,
+    /// What Docker networks' labels ask for and `label_allow` allows, in network order.
+    labels: Vec<Rule>,
+    /// Label rules left out because the rule table was full.
+    labels_over_limit: Vec<RuleKey>,
     slots: Slots,
 }
 
@@ -133,6 +155,20 @@ impl RuleSet {
         self.file = file;
     }
 
+    /// The rules labels ask for now; whether they differ from the last ones.
+    pub fn set_labels(&mut self, labels: Vec<Rule>) -> bool {
+        if self.labels == labels {
+            return false;
+        }
+        self.labels = labels;
+        true
+    }
+
+    /// Label rules left out at the last recombination because the rule table was full.
+    pub fn labels_over_limit(&self) -> &[RuleKey] {
+        &self.labels_over_limit
+    }
+
     /// `lhb expose` without --persist.
     pub fn add_runtime(&mut self, rule: Rule) {
         self.removed.remove(&rule.key());
@@ -155,8 +191,11 @@ impl RuleSet {
 
     /// The active rules from the parts again; the slots that are new (to be zeroed).
     /// An error (a duplicate, too many rules) leaves the active rules as they were.
+    /// Label rules come last and never cause an error: one for a network and port an
+    /// administrator's rule already names is left out (that rule wins), and so is one
+    /// that would not fit in the rule table.
     pub fn recombine(&mut self) -> anyhow::Result<Vec<u32>> {
-        let tagged: Vec<(Rule, Origin)> = self
+        let mut tagged: Vec<(Rule, Origin)> = self
             .cli
             .iter()
             .map(|r| (r, Origin::CommandLine))
@@ -165,8 +204,12 @@ impl RuleSet {
             .filter(|(r, _)| !self.removed.contains(&r.key()))
             .map(|(r, o)| (r.clone(), o))
             .collect();
-        let rules: Vec<Rule> = tagged.iter().map(|(r, _)| r.clone()).collect();
+        let mut rules: Vec<Rule> = tagged.iter().map(|(r, _)| r.clone()).collect();
         rule::check_unique(&rules)?;
+        let (labels, over) = label_rules(&rules, &self.labels);
+        rules.extend(labels.iter().cloned());
+        tagged.extend(labels.into_iter().map(|r| (r, Origin::Label)));
+        self.labels_over_limit = over;
         let (slots, fresh) = self.slots.assign(&rules);
         self.active = tagged
             .into_iter()

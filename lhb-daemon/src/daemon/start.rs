@@ -52,7 +52,8 @@ pub(super) async fn start(
     let firewall_mode = opts.serve.firewall.or(cfg.firewall).unwrap_or_default();
     let metrics_addr = cfg.metrics.clone();
     let (rules, fresh) = RuleSet::new(opts.serve.cli_rules.clone(), cfg.rules)?;
-    if rules.is_empty() {
+    let label_allow = crate::labels::merge_allowed(&opts.serve.label_allow, &cfg.label_allow);
+    if rules.is_empty() && label_allow.is_empty() {
         // A config file of the administrator's with no entry yet (the package's, for
         // one) is a daemon waiting for rules: it must not fail at every boot. With no
         // file and no flag there is nothing to wait for: a mistake, said at once.
@@ -91,6 +92,9 @@ pub(super) async fn start(
         proxy_errors: Default::default(),
         cli_mode: opts.serve.mode,
         reload_error: None,
+        label_allow_cli: opts.serve.label_allow.clone(),
+        label_allow,
+        label_refused: Vec::new(),
         kernel_unavailable,
         firewall_backends: firewall.backends(),
         firewall_chains: firewall.chains(),
@@ -115,6 +119,7 @@ pub(super) async fn start(
             delay: RETRY,
         },
     };
+    d.follow_labels();
     if let Err(e) = d.serve_first(firewall, &fresh).await {
         d.shutdown(false).await;
         return Err(e);

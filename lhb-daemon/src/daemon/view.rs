@@ -247,6 +247,8 @@ impl Daemon {
             config: self.config_path.display().to_string(),
             reconcile_events: self.reconcile_events,
             reload_error: self.reload_error.clone(),
+            label_allow: self.label_allow.iter().map(|e| e.to_string()).collect(),
+            label_refused: self.label_refused.clone(),
             requests: status::RequestCounters {
                 bad: control::BAD_REQUESTS.load(std::sync::atomic::Ordering::Relaxed),
                 busy: control::BUSY_REQUESTS.load(std::sync::atomic::Ordering::Relaxed),
@@ -258,8 +260,13 @@ impl Daemon {
     /// STATUS= for systemd.
     pub(super) fn summary(&self) -> String {
         let mut s = if self.rules.is_empty() {
+            let labels = if self.label_allow.is_empty() {
+                ""
+            } else {
+                " or a network label lhb.expose"
+            };
             format!(
-                "no rule yet: add [[expose]] entries to {}, then `lhb reload`",
+                "no rule yet: add [[expose]] entries to {}, then `lhb reload`{labels}",
                 self.config_path.display()
             )
         } else {
