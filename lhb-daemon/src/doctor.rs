@@ -199,7 +199,7 @@ fn probe_steps(
     daemons: &[u32],
     r: &mut Findings,
 ) -> anyhow::Result<()> {
-    let (blockers, fw_err) = firewall_blockers(bridge, gateways, rule.port);
+    let (blockers, fw_err, fix) = firewall_blockers(bridge, gateways, rule.port);
     let own = observed
         .links
         .get(bridge)
@@ -214,13 +214,17 @@ fn probe_steps(
         })
         .collect();
     drop(probe);
-    let dropped = outcomes.iter().any(|(_, o)| *o == Outcome::TimedOut);
+    // Dropped (no answer), or rejected with an ICMP error (firewalld's
+    // admin-prohibited arrives as "no route to host").
+    let dropped = outcomes
+        .iter()
+        .any(|(_, o)| matches!(o, Outcome::TimedOut | Outcome::Other(_)));
 
     firewall_finding(
         rule.port,
         bridge,
         gateways,
-        (&blockers, fw_err),
+        (&blockers, fw_err, fix),
         dropped,
         daemons,
         r,
@@ -247,16 +251,20 @@ fn firewall_blockers(
     bridge: &str,
     gateways: &[IpAddr],
     port: u16,
-) -> (Vec<String>, Option<String>) {
+) -> (Vec<String>, Option<String>, Option<String>) {
     let mut blockers = Vec::new();
     let mut fw = Firewall::detect(FirewallMode::Auto);
     let mut fw_err = None;
+    let mut fix = None;
     for &gw in gateways {
         let o = Opening {
             iface: bridge.to_string(),
             gateway: gw,
             port,
         };
+        if fix.is_none() {
+            fix = fw.fix(&o);
+        }
         match fw.blockers(&o) {
             Ok(b) => {
                 for c in b {
@@ -268,7 +276,7 @@ fn firewall_blockers(
             Err(e) => fw_err = Some(format!("{e:#}")),
         }
     }
-    (blockers, fw_err)
+    (blockers, fw_err, fix)
 }
 
 /// Step 5: the firewall's verdict, sharpened by whether the probe was dropped.
@@ -276,23 +284,24 @@ fn firewall_finding(
     port: u16,
     bridge: &str,
     gateways: &[IpAddr],
-    (blockers, fw_err): (&[String], Option<String>),
+    (blockers, fw_err, fix): (&[String], Option<String>, Option<String>),
     dropped: bool,
     daemons: &[u32],
     r: &mut Findings,
 ) {
-    let example = gateways
-        .first()
-        .map(|gw| {
-            let ipt = if gw.is_ipv6() {
-                "ip6tables"
-            } else {
-                "iptables"
-            };
-            format!(
-                "{ipt} -I INPUT -i {bridge} -d {gw} -p tcp --dport {} -j ACCEPT",
-                port
-            )
+    let example = fix
+        .or_else(|| {
+            gateways.first().map(|gw| {
+                let ipt = if gw.is_ipv6() {
+                    "ip6tables"
+                } else {
+                    "iptables"
+                };
+                format!(
+                    "{ipt} -I INPUT -i {bridge} -d {gw} -p tcp --dport {} -j ACCEPT",
+                    port
+                )
+            })
         })
         .unwrap_or_default();
     match (&fw_err, blockers.is_empty()) {
@@ -349,6 +358,9 @@ fn probe_fix(
         Outcome::Refused | Outcome::Reset if !served.contains(&to.ip()) => daemon_fix(daemons),
         Outcome::TimedOut if firewall_blocks => {
             Some("the firewall drops it (see above)".to_string())
+        }
+        Outcome::Other(_) if firewall_blocks => {
+            Some("the firewall rejects it (see above)".to_string())
         }
         Outcome::TimedOut => Some(format!(
             "something drops the packets: check `nft list ruleset`, br_netfilter (`sysctl net.bridge.bridge-nf-call-iptables`) and rp_filter on {bridge}"

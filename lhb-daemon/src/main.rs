@@ -192,9 +192,11 @@ struct Serve {
     mode: Option<reconcile::Mode>,
     /// Firewall integration: where input filtering would drop the served traffic,
     /// add an accept scoped to the bridge, gateway, TCP and port (tagged `lhb ...`,
-    /// removed on exit). `auto`: the iptables variants in use and native nftables
-    /// input chains. Default: the config's `firewall`, else auto.
-    #[arg(long, value_enum, value_name = "auto|nftables|iptables|none")]
+    /// removed on exit). `auto`: firewalld when it runs (a runtime rich rule in the
+    /// bridge's zone, over D-Bus, put back after each reload), the iptables variants in
+    /// use and native nftables input chains. Default: the config's `firewall`, else
+    /// auto.
+    #[arg(long, value_enum, value_name = "auto|firewalld|nftables|iptables|none")]
     firewall: Option<firewall::FirewallMode>,
     /// Control socket for `lhb status`, `lhb expose` and `lhb unexpose` (mode 0600).
     /// The metrics socket defaults to metrics.sock beside it.

@@ -89,9 +89,10 @@ pub fn text(exe: &Path, config: &Path, persist: bool) -> anyhow::Result<String> 
 # package in /usr/lib/systemd/system). Local changes: `systemctl edit lhb`.
 [Unit]
 Description=lhb: containers reach 127.0.0.1-only host services through their bridge gateway
-# Started after Docker and the network when they are there, without requiring them:
-# network rules wait for the engine, interface rules do not need it.
-After=network-online.target docker.service
+# Started after Docker, firewalld and the network when they are there, without
+# requiring them: network rules wait for the engine, interface rules do not need it,
+# and firewalld's rules go in once it answers (and again after its reloads).
+After=network-online.target docker.service firewalld.service
 Wants=network-online.target
 
 [Service]

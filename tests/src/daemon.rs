@@ -61,7 +61,7 @@ impl Lhb {
         Self::spawn_full(&[], &lhb_bin(), args, env).map(|(l, _)| l)
     }
 
-    fn start_full(
+    pub(crate) fn start_full(
         wrapper: &[&str],
         bin: &std::path::Path,
         args: &[&str],

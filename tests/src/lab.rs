@@ -365,6 +365,16 @@ impl HostLab {
     pub fn lhb(&self, args: &[&str]) -> anyhow::Result<Lhb> {
         Lhb::start_wrapped(&["ip", "netns", "exec", &self.host.name], &lhb_bin(), args)
     }
+
+    /// `lhb run ARGS` inside the host namespace with extra environment variables.
+    pub fn lhb_env(&self, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Lhb> {
+        Lhb::start_full(
+            &["ip", "netns", "exec", &self.host.name],
+            &lhb_bin(),
+            args,
+            env,
+        )
+    }
 }
 
 /// Removes a pin directory a test chose itself (whatever a daemon left in it).

@@ -11,6 +11,7 @@ use anyhow::{Context as _, bail};
 
 mod daemon;
 pub mod docker;
+pub mod firewalld;
 mod lab;
 mod probes;
 

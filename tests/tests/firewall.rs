@@ -500,3 +500,206 @@ fn lhb_plan_says_what_run_then_does_and_changes_nothing() {
     assert!(lhb.stop().unwrap().success());
     assert_eq!(ruleset(), before, "the ruleset was not restored");
 }
+
+/// firewalld (RHEL, Fedora, openSUSE hosts) in a namespace that plays the host, on a
+/// bus of the test's own: its default zone rejects the container until lhb asks
+/// firewalld (D-Bus) for a runtime rich rule; outside stays refused; after
+/// `firewall-cmd --reload` (which forgets runtime rules) and after firewalld restarts,
+/// lhb puts the rule back within 2 s; on exit firewalld's ruleset is what it was.
+#[test]
+fn firewalld_rejects_until_lhb_asks_it_and_lhb_follows_its_reloads() {
+    let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    if !lhb_tests::firewalld::required("firewalld_rejects_until_lhb_asks_it...") {
+        return;
+    }
+    for (n, mode) in [(56u8, "kernel"), (156, "proxy")] {
+        let lab = lhb_tests::HostLab::new(n).unwrap();
+        let mut fwd = lhb_tests::firewalld::Firewalld::start(&lab).unwrap();
+        let (host, container, outside) = (&lab.host, &lab.container, &lab.outside);
+        let (gw, host_out) = (lab.gateway().to_string(), lab.host_outside_ip().to_string());
+        let svc = host
+            .run(|| PeerEcho::start("127.0.0.1:0").unwrap())
+            .unwrap();
+        let target = SocketAddr::new(gw.parse().unwrap(), svc.port());
+        let rejected = get(container, target);
+        assert!(
+            !matches!(rejected, Outcome::Served(_)),
+            "firewalld's default zone lets the container in: {rejected:?}"
+        );
+        let ruleset = || lab.sh(&["nft", "list", "ruleset"]).unwrap();
+        let before = ruleset();
+        let spec = format!("br0:{}", svc.port());
+        let bus = fwd.bus_address.clone();
+        let mut lhb = lab
+            .lhb_env(
+                &["--no-docker", "--mode", mode, "--expose-iface", &spec],
+                &[("DBUS_SYSTEM_BUS_ADDRESS", &bus)],
+            )
+            .unwrap();
+        assert!(
+            matches!(get(container, target), Outcome::Served(_)),
+            "{mode}: not served through firewalld:\n{}",
+            lhb.log()
+        );
+        let rich = fwd.cmd(&["--zone=public", "--list-rich-rules"]).unwrap();
+        assert_eq!(
+            rich.trim(),
+            format!(
+                "rule priority=\"-32000\" family=\"ipv4\" destination address=\"{gw}\" port port=\"{}\" protocol=\"tcp\" accept",
+                svc.port()
+            ),
+            "{mode}"
+        );
+        assert!(
+            fwd.cmd(&["--permanent", "--zone=public", "--list-rich-rules"])
+                .unwrap()
+                .trim()
+                .is_empty(),
+            "{mode}: lhb wrote firewalld's permanent configuration"
+        );
+        let st = lhb.status().unwrap();
+        assert!(
+            st["firewall"]["backends"]
+                .as_array()
+                .unwrap()
+                .contains(&"firewalld".into()),
+            "{st:#}"
+        );
+        assert!(
+            st["firewall"]["rules"][0]
+                .as_str()
+                .unwrap()
+                .ends_with("in firewalld zone public"),
+            "{st:#}"
+        );
+        for addr in [
+            target,
+            SocketAddr::new(host_out.parse().unwrap(), svc.port()),
+        ] {
+            assert!(
+                !matches!(get(outside, addr), Outcome::Served(_)),
+                "{mode}: outside -> {addr}"
+            );
+        }
+
+        // A reload forgets runtime rules; lhb follows the Reloaded signal.
+        fwd.cmd(&["--reload"]).unwrap();
+        let healed = lhb_tests::wait_until(Duration::from_secs(2), || {
+            matches!(get(container, target), Outcome::Served(_))
+        });
+        assert!(
+            healed.is_some(),
+            "{mode}: not served after `firewall-cmd --reload`:\n{}",
+            lhb.log()
+        );
+        eprintln!(
+            "MEASURED: {mode}: served again {healed:?} after `firewall-cmd --reload` returned"
+        );
+        // So does a restart of firewalld (its name gets a new owner).
+        fwd.restart().unwrap();
+        let healed = lhb_tests::wait_until(Duration::from_secs(2), || {
+            matches!(get(container, target), Outcome::Served(_))
+        });
+        assert!(
+            healed.is_some(),
+            "{mode}: not served after firewalld restarted:\n{}\n{}",
+            lhb.log(),
+            fwd.log()
+        );
+        assert!(lhb.log().contains("firewalld reloaded"), "{}", lhb.log());
+        assert!(
+            lhb.log().contains("lhb's accept was gone") && lhb.log().contains("restored"),
+            "{}",
+            lhb.log()
+        );
+        assert!(lhb.log().contains("firewalld started"), "{}", lhb.log());
+
+        assert!(lhb.stop().unwrap().success(), "{}", lhb.log());
+        assert!(
+            fwd.cmd(&["--zone=public", "--list-rich-rules"])
+                .unwrap()
+                .trim()
+                .is_empty(),
+            "{mode}: lhb's rich rule stayed"
+        );
+        assert_eq!(ruleset(), before, "{mode}: firewalld's ruleset changed");
+        assert!(
+            !matches!(get(container, target), Outcome::Served(_)),
+            "{mode}: still served after lhb exited"
+        );
+    }
+}
+
+/// doctor reads firewalld's view: the zone that handles the bridge rejects, and the
+/// fix is the `firewall-cmd` rich rule (runtime), which then makes doctor happy.
+#[test]
+fn doctor_names_firewalld_zone_and_the_firewall_cmd_fix() {
+    let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    if !lhb_tests::firewalld::required("doctor_names_firewalld_zone...") {
+        return;
+    }
+    let lab = lhb_tests::HostLab::new(57).unwrap();
+    let fwd = lhb_tests::firewalld::Firewalld::start(&lab).unwrap();
+    let svc = lab
+        .host
+        .run(|| PeerEcho::start("127.0.0.1:0").unwrap())
+        .unwrap();
+    let spec = format!("br0:{}", svc.port());
+    let bus = fwd.bus_address.clone();
+    // lhb serves with `--firewall none`: the data path is there, firewalld rejects.
+    let _lhb = lab
+        .lhb_env(
+            &["--no-docker", "--firewall", "none", "--expose-iface", &spec],
+            &[("DBUS_SYSTEM_BUS_ADDRESS", &bus)],
+        )
+        .unwrap();
+    let doctor = || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &lab.host.name])
+            .arg(lhb_tests::lhb_bin())
+            .args([
+                "doctor",
+                "--config",
+                "/dev/null",
+                "--no-docker",
+                "--iface",
+                &spec,
+            ])
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &bus)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, out) = doctor();
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FAIL  firewall: drops the traffic: firewalld zone public (the default zone: br0 is bound to none; target default"),
+        "{out}"
+    );
+    let fix = format!(
+        "firewall-cmd --zone=public --add-rich-rule='rule priority=\"-32000\" family=\"ipv4\" destination address=\"{}\" port port=\"{}\" protocol=\"tcp\" accept'",
+        lab.gateway(),
+        svc.port()
+    );
+    assert!(out.contains(&fix), "{out}");
+    assert!(out.contains("fix: the firewall rejects it (see above)"), "{out}");
+    // The fix, as doctor wrote it, through a shell.
+    let cmd = fix.replacen("firewall-cmd", "", 1);
+    let args: Vec<String> = vec![
+        "--zone=public".into(),
+        cmd.split_once("--add-rich-rule=")
+            .map(|(_, r)| format!("--add-rich-rule={}", r.trim_matches('\'')))
+            .unwrap(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fwd.cmd(&args).unwrap();
+    let (ok, out) = doctor();
+    assert!(ok, "after the fix:\n{out}");
+}

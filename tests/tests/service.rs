@@ -35,7 +35,7 @@ fn the_unit_is_accepted_by_systemd_and_its_capabilities_suffice() {
     for line in [
         "Type=notify",
         "Restart=always",
-        "After=network-online.target docker.service",
+        "After=network-online.target docker.service firewalld.service",
         "CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON CAP_NET_RAW",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",

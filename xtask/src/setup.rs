@@ -49,13 +49,31 @@ const DEBIAN_PACKAGES: &[&str] = &[
 /// Applets linked in the test image: what the tests run inside containers.
 const BUSYBOX_APPLETS: &[&str] = &["sh", "wget", "nc", "sleep", "cat", "echo", "ip", "true"];
 
+/// The firewalld test's: firewalld runs there in a namespace of the test's own, on a
+/// private bus. Installed only where systemd is not init: there, the package starts
+/// nothing; where it is, installing it would start firewalld on the machine itself.
+const FIREWALLD_PACKAGES: &[&str] = &["firewalld", "dbus-daemon"];
+
 pub fn run() -> anyhow::Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     ensure_cargo_fuzz()?;
     ensure_debian_packages()?;
+    ensure_firewalld()?;
     ensure_bpffs()?;
     ensure_test_image()
+}
+
+fn ensure_firewalld() -> anyhow::Result<()> {
+    if Path::new("/run/systemd/system").exists() {
+        if !Path::new("/usr/sbin/firewalld").exists() {
+            println!(
+                "setup: NOT installing firewalld: systemd is init here, so the package would start it and it would take over this machine's firewall. Install it yourself and stop it (`systemctl disable --now firewalld`) to run the firewalld tests (they start their own), or set LHB_ALLOW_SKIP=firewalld."
+            );
+        }
+        return Ok(());
+    }
+    ensure_packages(FIREWALLD_PACKAGES)
 }
 
 /// bpffs at /sys/fs/bpf, where lhb pins its links (systemd mounts it at boot; a

@@ -12,9 +12,9 @@ use tracing::debug;
 /// `NFNLGRP_NFTABLES` (linux/netfilter/nfnetlink.h).
 const NFNLGRP_NFTABLES: u32 = 7;
 
-/// A channel that yields once per burst of ruleset changes (a full channel already
-/// says "changed"); a lost notification (ENOBUFS) counts as a change.
-pub fn subscribe() -> io::Result<mpsc::Receiver<()>> {
+/// Says "changed" on `tx` once per burst of ruleset changes (a full channel already
+/// says it); a lost notification (ENOBUFS) counts as a change.
+pub fn subscribe(tx: mpsc::Sender<()>) -> io::Result<()> {
     let mut sock = Socket::new(NETLINK_NETFILTER)?;
     sock.bind(&SocketAddr::new(0, 0))?;
     sock.add_membership(NFNLGRP_NFTABLES)?;
@@ -23,7 +23,6 @@ pub fn subscribe() -> io::Result<mpsc::Receiver<()>> {
     // before dropping it.
     let fd = unsafe { AsyncFd::register_with_interest(sock, tokio::io::Interest::READABLE) }
         .map_err(io::Error::from)?;
-    let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
         let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
         loop {
@@ -51,5 +50,5 @@ pub fn subscribe() -> io::Result<mpsc::Receiver<()>> {
             }
         }
     });
-    Ok(rx)
+    Ok(())
 }

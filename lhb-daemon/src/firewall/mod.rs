@@ -10,6 +10,7 @@
 //! chain that would drop gets its own accept.
 
 mod changes;
+mod firewalld;
 mod iptables;
 mod nft;
 
@@ -32,10 +33,12 @@ use tracing::{info, warn};
 )]
 #[serde(rename_all = "lowercase")]
 pub enum FirewallMode {
-    /// Whatever filters input on this host: the iptables variants in use, and native
-    /// nftables base chains.
+    /// Whatever filters input on this host: firewalld if it runs, the iptables
+    /// variants in use, and native nftables base chains (not firewalld's own).
     #[default]
     Auto,
+    /// firewalld alone, over D-Bus: runtime rich rules in the bridge's zone.
+    Firewalld,
     Nftables,
     Iptables,
     None,
@@ -111,6 +114,8 @@ enum Exec {
     Run(&'static str, Vec<String>),
     /// An nft rule, inserted at the top of its chain.
     Nft(Box<nftables::schema::Rule<'static>>),
+    /// A firewalld runtime rich rule in a zone.
+    Firewalld { zone: String, rule: String },
 }
 
 impl Insert {
@@ -121,6 +126,7 @@ impl Insert {
                 run(bin, &args).map(drop)
             }
             Exec::Nft(rule) => nft::insert(rule),
+            Exec::Firewalld { zone, rule } => Exec::firewalld(zone, rule),
         }
     }
 }
@@ -187,6 +193,13 @@ trait Backend: Send {
     /// others (each is asked about its own tag), so a sync of 1,000 openings reads each
     /// ruleset once instead of 1,000 times.
     fn memo(&mut self, _on: bool) {}
+    /// How to let `o` in by hand with this tool, where it has its own way (doctor's fix).
+    fn fix(&mut self, _o: &Opening) -> Option<String> {
+        None
+    }
+    /// Says "changed" on `changed` whenever this tool may have dropped lhb's rules in a
+    /// way nf_tables notifications do not tell (firewalld's reloads, over D-Bus).
+    fn watch(&self, _changed: tokio::sync::mpsc::Sender<()>) {}
 }
 
 /// What the firewall side holds, for `lhb status` and metrics.
@@ -230,11 +243,25 @@ impl Firewall {
     /// The backends `mode` asks for, among the tools this host has; nothing is changed.
     pub fn detect(mode: FirewallMode) -> Firewall {
         let mut backends: Vec<Box<dyn Backend>> = Vec::new();
+        let firewalld = match mode {
+            FirewallMode::Auto | FirewallMode::Firewalld => firewalld::Firewalld::detect(),
+            _ => None,
+        };
+        if firewalld.is_none() && mode == FirewallMode::Firewalld {
+            warn!(
+                "firewall = firewalld, but firewalld does not run (its name {} has no owner on the system bus): no firewall rule is managed",
+                "org.fedoraproject.FirewallD1"
+            );
+        }
+        let has_firewalld = firewalld.is_some();
+        if let Some(f) = firewalld {
+            backends.push(Box::new(f));
+        }
         if matches!(mode, FirewallMode::Auto | FirewallMode::Iptables) {
             backends.extend(iptables::detect());
         }
         if matches!(mode, FirewallMode::Auto | FirewallMode::Nftables)
-            && let Some(n) = nft::Nft::detect(mode == FirewallMode::Auto)
+            && let Some(n) = nft::Nft::detect(mode == FirewallMode::Auto, has_firewalld)
         {
             backends.push(Box::new(n));
         }
@@ -297,6 +324,11 @@ impl Firewall {
             all.extend(b.blockers(o)?);
         }
         Ok(all)
+    }
+
+    /// How to let `o` in by hand, in the first backend that has its own way.
+    pub fn fix(&mut self, o: &Opening) -> Option<String> {
+        self.backends.iter_mut().find_map(|b| b.fix(o))
     }
 
     pub fn chains(&self) -> HeldChains {
@@ -498,16 +530,22 @@ impl FirewallTask {
         let mut wanted = current;
         // Subscribed before the task runs, so that from "ready" on no change is missed
         // (and the socket exists by then, not some time after).
-        let mut changes = match changes::subscribe() {
-            Ok(rx) => Some(rx),
+        let (changed, rx_changes) = tokio::sync::mpsc::channel(1);
+        let nft_notified = match changes::subscribe(changed.clone()) {
+            Ok(()) => true,
             Err(e) => {
                 warn!(
                     "firewall: no nftables change notifications ({e}); checking every {}s instead",
                     UNNOTIFIED_CHECK.as_secs()
                 );
-                None
+                false
             }
         };
+        for b in &fw.backends {
+            b.watch(changed.clone());
+        }
+        drop(changed);
+        let mut changes = rx_changes;
         // Owned, not cancelled: only a Stop order ends it, after its rules are removed.
         let task = tasks.spawn_owned(async move {
             // When the next full sync (with removals) is due, if one is.
@@ -522,25 +560,24 @@ impl FirewallTask {
                         None => std::future::pending().await,
                     }
                 };
+                // None: no source of notifications is left; the periodic check remains.
                 let changed = async {
-                    match changes.as_mut() {
-                        Some(rx) => rx.recv().await,
+                    match changes.recv().await {
+                        Some(()) => Some(()),
                         None => std::future::pending().await,
                     }
                 };
                 tokio::select! {
                     Some(()) = changed => {
                         tokio::time::sleep(CHANGES_SETTLE).await;
-                        if let Some(rx) = changes.as_mut() {
-                            while rx.try_recv().is_ok() {}
-                        }
+                        while changes.try_recv().is_ok() {}
                         if fw.holds_any() && let Err(e) = fw.heal(true) {
                             warn!("firewall: {e:#}");
                         }
                     }
                     _ = tick.tick() => {
                         ticks = ticks.wrapping_add(1);
-                        let all = changes.is_none() || ticks.is_multiple_of(FULL_CHECK_TICKS);
+                        let all = !nft_notified || ticks.is_multiple_of(FULL_CHECK_TICKS);
                         if fw.holds_any()
                             && (all || fw.has_unnotified())
                             && let Err(e) = fw.heal(all)

@@ -22,6 +22,9 @@ use super::{Backend, Exec, Insert, Opening, run};
 
 pub struct Nft {
     skip_xtables: bool,
+    /// firewalld's own tables are left to the firewalld backend: firewalld rewrites
+    /// them at every reload, and its rejects run whatever another table accepts.
+    skip_firewalld: bool,
     /// `Backend::memo`: None when off; on, the ruleset once read.
     memo: Option<Option<(Vec<Chain>, Vec<Rule>)>>,
 }
@@ -56,10 +59,11 @@ struct BareRule {
 }
 
 impl Nft {
-    pub fn detect(skip_xtables: bool) -> Option<Nft> {
+    pub fn detect(skip_xtables: bool, skip_firewalld: bool) -> Option<Nft> {
         run("nft", &["-j", "list", "tables"]).ok()?;
         Some(Nft {
             skip_xtables,
+            skip_firewalld,
             memo: None,
         })
     }
@@ -156,6 +160,7 @@ impl Nft {
             && plain_name(&c.table)
             && plain_name(&c.name)
             && !(self.skip_xtables && xtables_managed(c.family, &c.table, &c.name))
+            && !(self.skip_firewalld && c.table == "firewalld")
     }
 }
 
