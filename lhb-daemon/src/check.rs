@@ -66,7 +66,7 @@ pub async fn rules(t: &Target) -> anyhow::Result<Checked> {
             || parsed
                 .as_ref()
                 .is_some_and(|p| needs_docker(std::slice::from_ref(p))));
-    let observed = observe(!docker).await?;
+    let observed = observe(!docker, &cfg.engine).await?;
     let (asked, mut refused) = match &observed.docker {
         Some(v) => labels::rules(v, &allowed),
         None => Default::default(),
@@ -112,11 +112,20 @@ pub async fn rules(t: &Target) -> anyhow::Result<Checked> {
     })
 }
 
-/// Links and addresses now, and what the Docker engine says (None: --no-docker).
-pub async fn observe(no_docker: bool) -> anyhow::Result<Observed> {
+/// Links and addresses now, and what the engines say (None: --no-docker).
+pub async fn observe(no_docker: bool, engines: &[String]) -> anyhow::Result<Observed> {
     let mut observed = Netlink::requests()?.snapshot().await?;
     if !no_docker {
-        observed.docker = Some(docker::snapshot(Duration::from_secs(3)).await);
+        let e = docker::engines(engines).await?;
+        let d = match &e.docker {
+            Some(socket) => Some(docker::snapshot(Duration::from_secs(3), socket.as_deref()).await),
+            None => None,
+        };
+        let p = match &e.podman {
+            Some(path) => Some(crate::podman::snapshot(path).await),
+            None => None,
+        };
+        observed.docker = crate::daemon::engine_view(d, p);
     }
     Ok(observed)
 }

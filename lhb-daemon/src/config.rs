@@ -25,6 +25,8 @@ pub struct Config {
     pub metrics: Option<crate::control::MetricsAddr>,
     /// `label_allow =`: what a Docker network's `lhb.expose` label may ask for.
     pub label_allow: Vec<crate::labels::Entry>,
+    /// `engine =`: the Docker and Podman API sockets to read (`unix://PATH`).
+    pub engine: Vec<String>,
 }
 
 #[derive(Debug, Error)]
@@ -47,6 +49,8 @@ struct File {
     metrics: Option<Spanned<String>>,
     #[serde(default)]
     label_allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    engine: Vec<Spanned<String>>,
     #[serde(default)]
     expose: Vec<Spanned<Expose>>,
 }
@@ -108,6 +112,17 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         if !label_allow.contains(&e) {
             label_allow.push(e);
         }
+    }
+    let mut engine = Vec::new();
+    for e in parsed.engine {
+        let addr = e.get_ref();
+        if !addr.starts_with("unix:///") || addr.contains(char::is_whitespace) {
+            return Err(invalid(
+                Some(e.span()),
+                format!("engine `{addr}` is not unix:///PATH (an API socket of Docker or Podman)"),
+            ));
+        }
+        engine.push(addr.clone());
     }
     let mut rules = Vec::new();
     let mut seen: Vec<(Rule, Range<usize>)> = Vec::new();
@@ -190,6 +205,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         firewall,
         metrics,
         label_allow,
+        engine,
     })
 }
 
@@ -222,6 +238,7 @@ mod tests {
         assert_eq!(all.rules.len(), 2, "{examples}");
         assert!(all.mode.is_some() && all.firewall.is_some() && all.metrics.is_some());
         assert_eq!(all.label_allow.len(), 2);
+        assert_eq!(all.engine.len(), 2);
     }
 
     use super::*;
@@ -315,6 +332,11 @@ port = 11434
                 "label_allow: `5432=10.0.0.1:5432`: target `10.0.0.1:5432` is not a loopback",
             ),
             ("label_allow = [\"0\"]\n", 1, "label_allow: `0`: port `0`"),
+            (
+                "engine = [\"tcp://10.0.0.1:2375\"]\n",
+                1,
+                "engine `tcp://10.0.0.1:2375` is not unix:///PATH",
+            ),
             (
                 "mode = \"fast\"\n",
                 1,

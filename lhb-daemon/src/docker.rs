@@ -37,9 +37,88 @@ pub struct DockerView {
     pub problem: Option<String>,
     /// By network name; the last known list while the engine is unreachable.
     pub networks: BTreeMap<String, DockerNetwork>,
+    /// Podman's networks, where lhb reads a Podman socket too.
+    pub podman: Option<crate::podman::PodmanView>,
+}
+
+/// Which engine a network is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Docker,
+    Podman,
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Engine::Docker => "Docker",
+            Engine::Podman => "Podman",
+        })
+    }
+}
+
+/// A network a rule names, looked up on the engines.
+#[derive(Debug)]
+pub enum Lookup<'a> {
+    Found(Engine, &'a DockerNetwork),
+    /// On none of the engines asked; the problem of an engine that does not answer.
+    Missing {
+        unreachable: Option<(Engine, String)>,
+    },
+    /// The name is on both engines, and the rule did not say which.
+    Ambiguous {
+        docker: &'a DockerNetwork,
+        podman: &'a DockerNetwork,
+    },
+}
+
+/// `docker:NAME` / `podman:NAME`: the engine a rule's network name asks for, and the
+/// name.
+pub fn engine_of(name: &str) -> (Option<Engine>, &str) {
+    if let Some(n) = name.strip_prefix("docker:") {
+        (Some(Engine::Docker), n)
+    } else if let Some(n) = name.strip_prefix("podman:") {
+        (Some(Engine::Podman), n)
+    } else {
+        (None, name)
+    }
 }
 
 impl DockerView {
+    /// The network `name` names (`NAME`, `docker:NAME` or `podman:NAME`).
+    pub fn find(&self, name: &str) -> Lookup<'_> {
+        let (engine, bare) = engine_of(name);
+        let docker = (engine != Some(Engine::Podman))
+            .then(|| self.networks.get(bare))
+            .flatten();
+        let podman = (engine != Some(Engine::Docker))
+            .then(|| self.podman.as_ref().and_then(|p| p.networks.get(bare)))
+            .flatten();
+        match (docker, podman) {
+            (Some(d), Some(p)) => Lookup::Ambiguous {
+                docker: d,
+                podman: p,
+            },
+            (Some(d), None) => Lookup::Found(Engine::Docker, d),
+            (None, Some(p)) => Lookup::Found(Engine::Podman, p),
+            (None, None) => {
+                let docker_down = (engine != Some(Engine::Podman) && !self.available)
+                    .then(|| self.problem.clone())
+                    .flatten()
+                    .map(|p| (Engine::Docker, p));
+                let podman_down = (engine != Some(Engine::Docker))
+                    .then_some(self.podman.as_ref())
+                    .flatten()
+                    .filter(|p| !p.available)
+                    .and_then(|p| p.problem.clone())
+                    .map(|p| (Engine::Podman, p));
+                Lookup::Missing {
+                    unreachable: docker_down.or(podman_down),
+                }
+            }
+        }
+    }
+
     /// The default `bridge` network, whose IPv4 gateway is what `host-gateway`
     /// (`--add-host host.docker.internal:host-gateway`) resolves to in every container.
     pub fn default_bridge(&self) -> Option<&DockerNetwork> {
@@ -47,17 +126,74 @@ impl DockerView {
     }
 }
 
+/// The engines lhb reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Engines {
+    /// Docker: Some(None) is DOCKER_HOST, else the standard socket; Some(Some(s)) an
+    /// `engine` socket; None: no Docker engine.
+    pub docker: Option<Option<String>>,
+    /// Podman's socket, if lhb reads one.
+    pub podman: Option<std::path::PathBuf>,
+}
+
+/// The engines of the `engine` setting (`--engine`, `engine = [...]`: `unix://PATH`
+/// each), or without any: Docker's standard socket (or DOCKER_HOST) and Podman's
+/// system socket if it exists. A socket is Podman's if it answers libpod's ping; one
+/// that does not answer now is taken for Podman's if its path says `podman`. One
+/// engine of each kind at most.
+pub async fn engines(given: &[String]) -> anyhow::Result<Engines> {
+    if given.is_empty() {
+        let podman = std::path::Path::new(crate::podman::DEFAULT_SOCKET);
+        return Ok(Engines {
+            docker: Some(None),
+            podman: podman.exists().then(|| podman.to_path_buf()),
+        });
+    }
+    let mut e = Engines::default();
+    for addr in given {
+        let path = crate::podman::socket_path(addr);
+        let podman = match crate::podman::is_podman(&path).await {
+            Ok(p) => p,
+            Err(why) => {
+                let guess = addr.contains("podman");
+                info!(
+                    "engine {addr} does not answer now ({why}); taken for {}'s by its name",
+                    if guess { "Podman" } else { "Docker" }
+                );
+                guess
+            }
+        };
+        let (slot, kind) = if podman {
+            (e.podman.is_some(), "Podman")
+        } else {
+            (e.docker.is_some(), "Docker")
+        };
+        anyhow::ensure!(
+            !slot,
+            "engine {addr}: a second {kind} engine; lhb follows one Docker and one Podman engine"
+        );
+        if podman {
+            e.podman = Some(path);
+        } else {
+            e.docker = Some(Some(format!("unix://{}", path.display())));
+        }
+    }
+    Ok(e)
+}
+
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Starts following the local engine; the receiver always holds the latest view.
-pub fn watch(tasks: &crate::tasks::Tasks) -> watch::Receiver<DockerView> {
+/// Starts following the local engine (`socket`: a `unix://PATH` of the `engine`
+/// setting; None: DOCKER_HOST, else the standard socket); the receiver always holds
+/// the latest view.
+pub fn watch(tasks: &crate::tasks::Tasks, socket: Option<String>) -> watch::Receiver<DockerView> {
     let (tx, rx) = watch::channel(DockerView::default());
     tasks.spawn(async move {
         let mut backoff = BACKOFF_MIN;
         let mut was_up = false;
         loop {
-            let problem = match session(&tx, &mut was_up).await {
+            let problem = match session(&tx, &mut was_up, socket.as_deref()).await {
                 Ok(()) => "the engine closed the event stream".to_string(),
                 Err(e) => e,
             };
@@ -79,14 +215,28 @@ pub fn watch(tasks: &crate::tasks::Tasks) -> watch::Receiver<DockerView> {
     rx
 }
 
-/// One connection to the engine: list, then list again on every network event.
-async fn session(tx: &watch::Sender<DockerView>, was_up: &mut bool) -> Result<(), String> {
-    let docker = Docker::connect_with_local_defaults()
+/// A client of the engine at `socket` (None: DOCKER_HOST, else the standard socket),
+/// speaking the engine's API version.
+async fn connect(socket: Option<&str>) -> Result<Docker, String> {
+    let docker = match socket {
+        Some(s) => Docker::connect_with_unix(s, 120, bollard::API_DEFAULT_VERSION),
+        None => Docker::connect_with_local_defaults(),
+    };
+    docker
         .map_err(|e| e.to_string())?
         // The engine may be older than bollard's default API version.
         .negotiate_version()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// One connection to the engine: list, then list again on every network event.
+async fn session(
+    tx: &watch::Sender<DockerView>,
+    was_up: &mut bool,
+    socket: Option<&str>,
+) -> Result<(), String> {
+    let docker = connect(socket).await?;
     // Events since just before the first list, so nothing falls between the two.
     let since = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -121,30 +271,24 @@ async fn session(tx: &watch::Sender<DockerView>, was_up: &mut bool) -> Result<()
 }
 
 /// The engine's networks once, for the one-shot commands (doctor, verify).
-pub async fn snapshot(limit: Duration) -> DockerView {
+pub async fn snapshot(limit: Duration, socket: Option<&str>) -> DockerView {
     let once = async {
-        let docker = Docker::connect_with_local_defaults()
-            .map_err(|e| e.to_string())?
-            .negotiate_version()
-            .await
-            .map_err(|e| e.to_string())?;
+        let docker = connect(socket).await?;
         list(&docker).await
     };
     match tokio::time::timeout(limit, once).await {
         Ok(Ok(networks)) => DockerView {
             available: true,
-            problem: None,
             networks,
+            ..Default::default()
         },
         Ok(Err(e)) => DockerView {
-            available: false,
             problem: Some(e),
-            networks: BTreeMap::new(),
+            ..Default::default()
         },
         Err(_) => DockerView {
-            available: false,
             problem: Some(format!("no answer within {}s", limit.as_secs())),
-            networks: BTreeMap::new(),
+            ..Default::default()
         },
     }
 }
@@ -153,8 +297,8 @@ fn publish(tx: &watch::Sender<DockerView>, networks: BTreeMap<String, DockerNetw
     tx.send_if_modified(|v| {
         let new = DockerView {
             available: true,
-            problem: None,
             networks,
+            ..Default::default()
         };
         if *v == new {
             return false;
@@ -214,6 +358,57 @@ pub fn bridge_name(id: &str, options: &std::collections::HashMap<String, String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn net(bridge: &str) -> DockerNetwork {
+        DockerNetwork {
+            driver: "bridge".into(),
+            bridge: bridge.into(),
+            gateways: vec![],
+            labels: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_name_on_both_engines_needs_the_engine_said() {
+        let mut v = DockerView {
+            available: true,
+            ..Default::default()
+        };
+        v.networks.insert("web".into(), net("br-1"));
+        v.networks.insert("db".into(), net("br-2"));
+        let mut p = crate::podman::PodmanView {
+            available: true,
+            ..Default::default()
+        };
+        p.networks.insert("web".into(), net("podman1"));
+        p.networks.insert("cache".into(), net("podman2"));
+        v.podman = Some(p);
+        assert!(matches!(v.find("web"), Lookup::Ambiguous { .. }));
+        assert!(
+            matches!(v.find("docker:web"), Lookup::Found(Engine::Docker, n) if n.bridge == "br-1")
+        );
+        assert!(
+            matches!(v.find("podman:web"), Lookup::Found(Engine::Podman, n) if n.bridge == "podman1")
+        );
+        assert!(matches!(v.find("cache"), Lookup::Found(Engine::Podman, _)));
+        assert!(matches!(v.find("db"), Lookup::Found(Engine::Docker, _)));
+        assert!(matches!(
+            v.find("docker:cache"),
+            Lookup::Missing { unreachable: None }
+        ));
+        // Podman down: a name not on Docker may be Podman's; its problem is the reason.
+        let p = v.podman.as_mut().unwrap();
+        p.available = false;
+        p.problem = Some("connection refused".into());
+        p.networks.clear();
+        assert!(matches!(
+            v.find("nope"),
+            Lookup::Missing {
+                unreachable: Some((Engine::Podman, _))
+            }
+        ));
+        assert!(matches!(v.find("web"), Lookup::Found(Engine::Docker, _)));
+    }
 
     #[test]
     fn bridge_names_follow_docker() {

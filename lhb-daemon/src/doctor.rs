@@ -383,11 +383,10 @@ fn bridge_steps(
     let resolved = reconcile::bridge_of(rule, observed);
     let bridge_name = match &rule.source {
         Source::Interface(i) => Some(i.clone()),
-        Source::Network(n) => observed
-            .docker
-            .as_ref()
-            .and_then(|d| d.networks.get(n))
-            .map(|n| n.bridge.clone()),
+        Source::Network(n) => observed.docker.as_ref().and_then(|d| match d.find(n) {
+            crate::docker::Lookup::Found(_, n) => Some(n.bridge.clone()),
+            _ => None,
+        }),
     };
     if let Some(name) = &bridge_name {
         link_step(rule, name, observed.links.get(name), r);
@@ -412,47 +411,104 @@ fn bridge_steps(
     }
 }
 
-/// Step 1: the Docker engine and network (network rules only).
+/// Step 1: the engines and the network (network rules only).
 fn docker_step(rule: &Rule, observed: &Observed, r: &mut Findings) {
-    match &rule.source {
-        Source::Network(net) => {
-            let view = observed.docker.clone().unwrap_or_default();
-            match check::docker_problem(&view) {
-                Some(p) => {
-                    r.add(
-                        Level::Fail,
-                        format!("Docker engine: not reachable ({p})"),
-                        Some("start it (`systemctl start docker`), or point DOCKER_HOST at it; lhb waits for it and serves the network once it answers".into()),
-                    );
-                }
-                None => r.add(Level::Ok, "Docker engine: reachable", None),
-            }
-            match view.networks.get(net) {
-                Some(n) if n.driver == "bridge" => r.add(
-                    Level::Ok,
-                    format!("Docker network {net}: exists, bridge {}", n.bridge),
-                    None,
-                ),
-                Some(n) => r.add(
-                    Level::Fail,
-                    format!("Docker network {net}: uses the {} driver, not bridge", n.driver),
-                    Some("lhb serves bridge networks; attach the containers to a bridge network".into()),
-                ),
-                None if view.available => r.add(
-                    Level::Fail,
-                    format!("Docker network {net}: does not exist"),
-                    Some(format!(
-                        "create it (`docker network create {net}`, or start its compose project) or correct the rule; a running lhb serves it within a second of its creation"
-                    )),
-                ),
-                None => {}
-            }
+    use crate::docker::{Engine, Lookup, engine_of};
+    let net = match &rule.source {
+        Source::Network(net) => net,
+        Source::Interface(_) => {
+            r.add(
+                Level::Ok,
+                "Docker engine: not needed (interface rule)",
+                None,
+            );
+            return;
         }
-        Source::Interface(_) => r.add(
+    };
+    let view = observed.docker.clone().unwrap_or_default();
+    let (only, name) = engine_of(net);
+    if only != Some(Engine::Podman) {
+        match check::docker_problem(&view) {
+            Some(p) => {
+                r.add(
+                    Level::Fail,
+                    format!("Docker engine: not reachable ({p})"),
+                    Some("start it (`systemctl start docker`), or point DOCKER_HOST at it; lhb waits for it and serves the network once it answers".into()),
+                );
+            }
+            None => r.add(Level::Ok, "Docker engine: reachable", None),
+        }
+    }
+    if only != Some(Engine::Docker) {
+        match &view.podman {
+            Some(p) if p.available => r.add(
+                Level::Ok,
+                format!("Podman: reachable ({})", p.socket),
+                None,
+            ),
+            Some(p) => r.add(
+                Level::Fail,
+                format!(
+                    "Podman: not reachable at {} ({})",
+                    p.socket,
+                    p.problem.as_deref().unwrap_or("no answer")
+                ),
+                Some("start its API socket (`systemctl enable --now podman.socket`), or name the right one with `engine`; lhb waits for it".into()),
+            ),
+            None if only == Some(Engine::Podman) => r.add(
+                Level::Fail,
+                "Podman: lhb reads no Podman socket".to_string(),
+                Some(format!(
+                    "start Podman's API socket ({}) or name it with `engine = [\"unix:///PATH\"]` / --engine",
+                    crate::podman::DEFAULT_SOCKET
+                )),
+            ),
+            None => {}
+        }
+    }
+    match view.find(net) {
+        Lookup::Found(engine, n) if n.driver == "bridge" => r.add(
             Level::Ok,
-            "Docker engine: not needed (interface rule)",
+            format!("{engine} network {name}: exists, bridge {}", n.bridge),
             None,
         ),
+        Lookup::Found(engine, n) => r.add(
+            Level::Fail,
+            format!(
+                "{engine} network {name}: uses the {} driver, not bridge",
+                n.driver
+            ),
+            Some("lhb serves bridge networks; attach the containers to a bridge network".into()),
+        ),
+        Lookup::Ambiguous { docker, podman } => r.add(
+            Level::Fail,
+            format!(
+                "network {name}: exists on Docker (bridge {}) and on Podman (bridge {})",
+                docker.bridge, podman.bridge
+            ),
+            Some(format!(
+                "say which in the rule: docker:{name} or podman:{name}"
+            )),
+        ),
+        Lookup::Missing { unreachable: None } => {
+            let engine = only.unwrap_or(Engine::Docker);
+            let create = match engine {
+                Engine::Docker => {
+                    format!("`docker network create {name}`, or start its compose project")
+                }
+                Engine::Podman => format!("`podman network create {name}`"),
+            };
+            r.add(
+                Level::Fail,
+                format!("{engine} network {name}: does not exist"),
+                Some(format!(
+                    "create it ({create}) or correct the rule; a running lhb serves it within a second of its creation"
+                )),
+            );
+        }
+        Lookup::Missing {
+            unreachable: Some(_),
+        } => {}
     }
 }
 

@@ -16,6 +16,7 @@ pub mod netlink;
 pub mod notify;
 pub mod persist;
 pub mod plan;
+pub mod podman;
 pub mod proxy;
 pub mod reconcile;
 pub mod rule;

@@ -182,7 +182,14 @@ struct Serve {
     /// config's `label_allow`. Without any, labels are ignored.
     #[arg(long = "label-allow", value_name = "PORT[=TARGET]", value_parser = parse_label_allow)]
     label_allow: Vec<labels::Entry>,
-    /// Do not talk to the Docker engine (only interface rules can be served).
+    /// An engine API socket to read networks from, `unix:///PATH`: Docker's, or
+    /// Podman's (it answers libpod's ping). Repeatable; added to the config's `engine`.
+    /// Without any: Docker's standard socket (or DOCKER_HOST) and Podman's
+    /// /run/podman/podman.sock if it exists. A name on both engines is written
+    /// docker:NAME or podman:NAME in rules.
+    #[arg(long = "engine", value_name = "unix:///PATH")]
+    engines: Vec<String>,
+    /// Do not talk to the Docker or Podman engine (only interface rules can be served).
     #[arg(long)]
     no_docker: bool,
     /// Data path: `kernel` (eBPF; fails if it cannot load), `proxy` (splice proxy
@@ -213,6 +220,7 @@ impl Serve {
         Ok(daemon::ServeOptions {
             cli_rules: self.cli_rules()?,
             label_allow: self.label_allow,
+            engines: self.engines,
             config: self.config,
             no_docker: self.no_docker,
             mode: self.mode,

@@ -165,11 +165,22 @@ pub async fn compute(opts: daemon::ServeOptions) -> anyhow::Result<HostPlan> {
     let (netlink, _events) = Netlink::connect()?;
     // The command exits once the plan is printed; the watcher ends with it.
     let tasks = crate::tasks::Tasks::new();
-    let mut docker = (!opts.no_docker).then(|| docker::watch(&tasks));
+    let given: Vec<String> = opts.engines.iter().chain(&cfg.engine).cloned().collect();
+    let engines = if opts.no_docker {
+        docker::Engines::default()
+    } else {
+        docker::engines(&given).await?
+    };
+    let mut docker = engines.docker.map(|socket| docker::watch(&tasks, socket));
     let view = match docker.as_mut() {
         Some(rx) => Some(daemon::first_docker_view(rx).await),
         None => None,
     };
+    let podman = match &engines.podman {
+        Some(path) => Some(crate::podman::snapshot(path).await),
+        None => None,
+    };
+    let view = daemon::engine_view(view, podman);
     plan.docker = view.as_ref().map(|v| DockerStatus {
         available: v.available,
         problem: v.problem.clone(),

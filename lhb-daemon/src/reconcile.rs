@@ -252,10 +252,18 @@ pub enum BridgeProblem {
         network: String,
     },
     EngineUnreachable {
+        engine: crate::docker::Engine,
         problem: String,
     },
     NoSuchNetwork {
         network: String,
+    },
+    /// The name is a Docker network and a Podman network, and the rule did not say
+    /// which (`docker:NAME` / `podman:NAME`).
+    Ambiguous {
+        network: String,
+        docker_bridge: String,
+        podman_bridge: String,
     },
     NotBridgeDriver {
         network: String,
@@ -288,12 +296,25 @@ impl std::fmt::Display for BridgeProblem {
                 f,
                 "{network} is a Docker network rule, but lhb runs with --no-docker"
             ),
-            BridgeProblem::EngineUnreachable { problem } => {
-                write!(f, "Docker engine not reachable ({problem}); waiting for it")
+            BridgeProblem::EngineUnreachable { engine, problem } => {
+                write!(
+                    f,
+                    "{engine} engine not reachable ({problem}); waiting for it"
+                )
             }
             BridgeProblem::NoSuchNetwork { network } => {
-                write!(f, "Docker network {network} does not exist (yet)")
+                let (engine, name) = crate::docker::engine_of(network);
+                let engine = engine.map_or("Docker".to_string(), |e| e.to_string());
+                write!(f, "{engine} network {name} does not exist (yet)")
             }
+            BridgeProblem::Ambiguous {
+                network,
+                docker_bridge,
+                podman_bridge,
+            } => write!(
+                f,
+                "network {network} exists on Docker (bridge {docker_bridge}) and on Podman (bridge {podman_bridge}); write docker:{network} or podman:{network}"
+            ),
             BridgeProblem::NotBridgeDriver { network, driver } => write!(
                 f,
                 "Docker network {network} uses the {driver} driver; lhb serves bridge networks"
@@ -338,15 +359,23 @@ pub fn bridge_of<'a>(rule: &Rule, observed: &'a Observed) -> Result<Resolved<'a>
                     network: net.clone(),
                 });
             };
-            let Some(n) = docker.networks.get(net) else {
-                return Err(match &docker.problem {
-                    Some(p) if !docker.available => {
-                        BridgeProblem::EngineUnreachable { problem: p.clone() }
-                    }
-                    _ => BridgeProblem::NoSuchNetwork {
+            let (engine, n) = match docker.find(net) {
+                crate::docker::Lookup::Found(e, n) => (e, n),
+                crate::docker::Lookup::Missing {
+                    unreachable: Some((engine, problem)),
+                } => return Err(BridgeProblem::EngineUnreachable { engine, problem }),
+                crate::docker::Lookup::Missing { unreachable: None } => {
+                    return Err(BridgeProblem::NoSuchNetwork {
                         network: net.clone(),
-                    },
-                });
+                    });
+                }
+                crate::docker::Lookup::Ambiguous { docker, podman } => {
+                    return Err(BridgeProblem::Ambiguous {
+                        network: net.clone(),
+                        docker_bridge: docker.bridge.clone(),
+                        podman_bridge: podman.bridge.clone(),
+                    });
+                }
             };
             if n.driver != "bridge" {
                 return Err(BridgeProblem::NotBridgeDriver {
@@ -354,11 +383,12 @@ pub fn bridge_of<'a>(rule: &Rule, observed: &'a Observed) -> Result<Resolved<'a>
                     driver: n.driver.clone(),
                 });
             }
-            (
-                n.bridge.as_str(),
-                Some(n.gateways.as_slice()),
-                host_gateway(docker, observed),
-            )
+            // docker0's address (`host-gateway`) serves Docker's networks only.
+            let host = match engine {
+                crate::docker::Engine::Docker => host_gateway(docker, observed),
+                crate::docker::Engine::Podman => None,
+            };
+            (n.bridge.as_str(), Some(n.gateways.as_slice()), host)
         }
     };
     let (name, link) =

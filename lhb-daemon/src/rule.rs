@@ -174,7 +174,7 @@ impl fmt::Display for Rule {
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum RuleError {
     #[error(
-        "`{spec}`: `{name}` is not a valid Docker network name (letters, digits, `_`, `.` and `-`, starting with a letter or digit)"
+        "`{spec}`: `{name}` is not a valid Docker network name (letters, digits, `_`, `.` and `-`, starting with a letter or digit; `docker:NAME` or `podman:NAME` where a name is on both engines)"
     )]
     NetworkName { spec: String, name: String },
     #[error(
@@ -250,8 +250,10 @@ pub fn source(spec: &str, name: &str, network: bool) -> Result<Source, RuleError
     }
 }
 
-/// Docker's rule for network names.
+/// Docker's (and Podman's) rule for network names, after an optional `docker:` or
+/// `podman:` saying which engine's network it is.
 fn valid_network_name(name: &str) -> bool {
+    let (_, name) = crate::docker::engine_of(name);
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
@@ -458,6 +460,17 @@ mod tests {
             parse_network_spec("a b:80"),
             Err(RuleError::NetworkName { .. })
         ));
+        // The engine, where a name is on both.
+        let p = parse_network_spec("podman:web:8080=80").unwrap();
+        assert_eq!(p.source, Source::Network("podman:web".into()));
+        assert_eq!((p.port, p.target), (8080, v4(80)));
+        assert!(parse_network_spec("docker:web:80").is_ok());
+        for bad in ["lxd:web:80", "podman::80", "podman:-x:80"] {
+            assert!(
+                matches!(parse_network_spec(bad), Err(RuleError::NetworkName { .. })),
+                "{bad}"
+            );
+        }
         // A network and an interface with the same name are different sources.
         let n = parse_network_spec("app:80").unwrap();
         let i = parse_iface_spec("app:80").unwrap();

@@ -17,6 +17,9 @@ pub struct Status {
     pub kernel_unavailable: Option<String>,
     /// null with --no-docker.
     pub docker: Option<DockerStatus>,
+    /// null unless lhb reads a Podman socket.
+    #[serde(default)]
+    pub podman: Option<DockerStatus>,
     pub firewall: FirewallStatus,
     pub config: String,
     /// Link, address and Docker events that led to a reconciliation, since start.
@@ -195,7 +198,7 @@ impl Status {
             (None, Some(why)) => format!("kernel path unavailable: {why}"),
             (None, None) => "kernel path not used".into(),
         };
-        let docker = match &self.docker {
+        let mut docker = match &self.docker {
             None => "Docker: not used".to_string(),
             Some(d) if d.available => "Docker: reachable".to_string(),
             Some(d) => format!(
@@ -203,6 +206,16 @@ impl Status {
                 d.problem.as_deref().unwrap_or("?")
             ),
         };
+        match &self.podman {
+            None => {}
+            Some(p) if p.available => docker += "; Podman: reachable",
+            Some(p) => {
+                docker += &format!(
+                    "; Podman: not reachable ({})",
+                    p.problem.as_deref().unwrap_or("?")
+                )
+            }
+        }
         let fw = if self.firewall.backends.is_empty() {
             "firewall: none managed".to_string()
         } else {

@@ -13,6 +13,7 @@ mod daemon;
 pub mod docker;
 pub mod firewalld;
 mod lab;
+pub mod podman;
 mod probes;
 
 pub use daemon::*;

@@ -400,3 +400,132 @@ networks:
     });
     assert!(served.is_some(), "not served after up:\n{}", lhb.log());
 }
+
+/// Rootful Podman (netavark), in a namespace that plays the host: a rule by Podman
+/// network name is served (its bridge from the libpod API), followed when the network
+/// is removed and re-created with another subnet (Podman sends no network events: link
+/// events make lhb ask again); a name that is also a Docker network waits with both
+/// named, unless written podman:NAME; doctor reads Podman's view.
+#[test]
+fn podman_networks_are_served_by_name_and_followed() {
+    if !docker::required("podman_networks_are_served...")
+        || !lhb_tests::podman::required("podman_networks_are_served...")
+    {
+        return;
+    }
+    let lab = lhb_tests::HostLab::new(58).unwrap();
+    let pod = lhb_tests::podman::Podman::start(&lab.host.name).unwrap();
+    let net = "lhbt-pod58";
+    // The same name on the machine's Docker engine (its bridge is not in this namespace:
+    // the name alone is what makes a rule ambiguous).
+    let _docker_net = DockerNet::create(net, "10.230.58.0/24").unwrap();
+    pod.network_with_container(net, "10.232.58.0/24", "c58")
+        .unwrap();
+    let svc = lab
+        .host
+        .run(|| PeerEcho::start("127.0.0.1:0").unwrap())
+        .unwrap();
+    let other = lab
+        .host
+        .run(|| PeerEcho::start("127.0.0.1:0").unwrap())
+        .unwrap();
+    let (p, q) = (svc.port(), other.port());
+    let engine = format!("unix://{}", pod.socket.display());
+    let lhb = lab
+        .lhb(&[
+            "--engine",
+            "unix:///var/run/docker.sock",
+            "--engine",
+            &engine,
+            "--expose",
+            &format!("podman:{net}:{p}"),
+            "--expose",
+            &format!("{net}:{q}"),
+        ])
+        .unwrap();
+    let body = pod
+        .wget("c58", &url("10.232.58.1".parse().unwrap(), p))
+        .unwrap();
+    assert!(body.starts_with("peer=10.232.58."), "{body}");
+    let st = lhb.status().unwrap();
+    assert_eq!(st["podman"]["available"], true, "{st:#}");
+    let rules = st["rules"].as_array().unwrap();
+    assert_eq!(
+        rules[0]["bridge"].as_str().unwrap().get(..6),
+        Some("podman"),
+        "{st:#}"
+    );
+    let reason = rules[1]["reason"].as_str().unwrap();
+    assert!(
+        rules[1]["state"] == "waiting"
+            && reason.contains("exists on Docker (bridge br-")
+            && reason.contains("and on Podman (bridge podman")
+            && reason.contains(&format!("write docker:{net} or podman:{net}")),
+        "{st:#}"
+    );
+    assert!(
+        pod.wget("c58", &url("10.232.58.1".parse().unwrap(), q))
+            .is_err()
+    );
+
+    // Removed and re-created with another subnet: no Podman event, a new bridge.
+    pod.remove(net, "c58").unwrap();
+    let recreated = Instant::now();
+    pod.network_with_container(net, "10.232.158.0/24", "c58")
+        .unwrap();
+    let started = recreated.elapsed();
+    let gw = "10.232.158.1".parse().unwrap();
+    let took = wait_until(Duration::from_secs(2), || {
+        pod.wget("c58", &url(gw, p)).is_ok()
+    });
+    assert!(
+        took.is_some(),
+        "not served after re-creation:\n{}",
+        lhb.log()
+    );
+    eprintln!(
+        "MEASURED: Podman network re-created and a container started ({started:?}) -> served {took:?} later"
+    );
+    let body = pod.wget("c58", &url(gw, p)).unwrap();
+    assert!(body.starts_with("peer=10.232.158."), "{body}");
+
+    // doctor, with the engines from a config file.
+    let dir = std::env::temp_dir().join(format!("lhbt-pod58-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("lhb.toml");
+    std::fs::write(
+        &cfg,
+        format!("engine = [\"unix:///var/run/docker.sock\", \"{engine}\"]\n"),
+    )
+    .unwrap();
+    let doctor = |spec: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.host.name])
+            .arg(lhb_tests::lhb_bin())
+            .args(["doctor", "--config", cfg.to_str().unwrap(), spec])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = doctor(&format!("podman:{net}:{p}"));
+    assert!(ok, "{out}\n{}", lhb.log());
+    assert!(out.contains("OK    Podman: reachable"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "OK    Podman network {net}: exists, bridge podman"
+        )),
+        "{out}"
+    );
+    let (ok, out) = doctor(&format!("{net}:{q}"));
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "fix: say which in the rule: docker:{net} or podman:{net}"
+        )),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

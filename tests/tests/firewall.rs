@@ -689,7 +689,10 @@ fn doctor_names_firewalld_zone_and_the_firewall_cmd_fix() {
         svc.port()
     );
     assert!(out.contains(&fix), "{out}");
-    assert!(out.contains("fix: the firewall rejects it (see above)"), "{out}");
+    assert!(
+        out.contains("fix: the firewall rejects it (see above)"),
+        "{out}"
+    );
     // The fix, as doctor wrote it, through a shell.
     let cmd = fix.replacen("firewall-cmd", "", 1);
     let args: Vec<String> = vec![

@@ -44,6 +44,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "hping3",
     // The compose label test's real Compose (1.29 on Debian 12).
     "docker-compose",
+    // The Podman test's real rootful Podman (4.3 with netavark on Debian 12).
+    "podman",
 ];
 
 /// Applets linked in the test image: what the tests run inside containers.

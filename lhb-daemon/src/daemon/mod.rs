@@ -61,6 +61,8 @@ pub struct ServeOptions {
     pub label_allow: Vec<crate::labels::Entry>,
     pub config: PathBuf,
     pub no_docker: bool,
+    /// --engine sockets (added to the config's `engine`).
+    pub engines: Vec<String>,
     /// --mode, if given (it wins over the file's `mode`).
     pub mode: Option<Mode>,
     /// --firewall, if given (it wins over the file's `firewall`).
@@ -137,6 +139,7 @@ struct Daemon {
     netlink: Netlink,
     applied: Plan,
     docker: Option<watch::Receiver<DockerView>>,
+    podman: Option<crate::podman::PodmanWatch>,
     retry: Retry,
     tasks: crate::tasks::Tasks,
 }
@@ -170,6 +173,8 @@ enum Event {
     LinksClosed,
     /// The Docker view changed; `false`: its task ended.
     Docker(bool),
+    /// Podman's view changed; `false`: its task ended.
+    Podman(bool),
     Retry,
     Watchdog,
 }
@@ -188,10 +193,17 @@ impl Inputs {
     async fn next(
         &mut self,
         docker: Option<&mut watch::Receiver<DockerView>>,
+        podman: Option<&mut watch::Receiver<crate::podman::PodmanView>>,
         retry: &Retry,
     ) -> Event {
         let docker_changed = async {
             match docker {
+                Some(rx) => rx.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        let podman_changed = async {
+            match podman {
                 Some(rx) => rx.changed().await.is_ok(),
                 None => std::future::pending().await,
             }
@@ -220,10 +232,27 @@ impl Inputs {
                 Event::Links
             }
             alive = docker_changed => Event::Docker(alive),
+            alive = podman_changed => Event::Podman(alive),
             _ = tokio::time::sleep(retry.delay), if retry.pending => Event::Retry,
             _ = watchdog => Event::Watchdog,
         }
     }
+}
+
+/// Docker's view with Podman's networks in it; None when neither engine is read.
+pub(crate) fn engine_view(
+    docker: Option<DockerView>,
+    podman: Option<crate::podman::PodmanView>,
+) -> Option<DockerView> {
+    if docker.is_none() && podman.is_none() {
+        return None;
+    }
+    let mut v = docker.unwrap_or_else(|| DockerView {
+        problem: Some("no Docker engine is configured (`engine`)".into()),
+        ..Default::default()
+    });
+    v.podman = podman;
+    Some(v)
 }
 
 /// What the loop does after an event.
@@ -246,7 +275,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 async fn serve(opts: &RunOptions, tasks: &crate::tasks::Tasks) -> anyhow::Result<()> {
     let (mut d, mut inputs, _sockets) = start::start(opts, tasks).await?;
     let result = loop {
-        let ev = inputs.next(d.docker.as_mut(), &d.retry).await;
+        let ev = inputs
+            .next(
+                d.docker.as_mut(),
+                d.podman.as_mut().map(|p| &mut p.rx),
+                &d.retry,
+            )
+            .await;
         match d.handle(ev).await {
             Ok(Flow::Continue) => {}
             Ok(Flow::Stop) => break Ok(()),
@@ -292,7 +327,21 @@ impl Daemon {
             Event::LinksClosed => {
                 anyhow::bail!("the rtnetlink event socket closed; cannot follow bridges any more")
             }
-            Event::Links => self.reconcile_events += 1,
+            Event::Links => {
+                self.reconcile_events += 1;
+                // Podman announces no network changes; its bridges come and go with
+                // containers, so a link event is the cue to ask it again.
+                if let Some(p) = &self.podman {
+                    p.relist();
+                }
+            }
+            Event::Podman(alive) => {
+                if !alive {
+                    self.podman = None;
+                }
+                self.reconcile_events += 1;
+                self.follow_labels();
+            }
             Event::Docker(alive) => {
                 if !alive {
                     self.docker = None;
@@ -316,8 +365,16 @@ impl Daemon {
 
     async fn observe(&self) -> anyhow::Result<Observed> {
         let mut observed = self.netlink.snapshot().await?;
-        observed.docker = self.docker.as_ref().map(|d| d.borrow().clone());
+        observed.docker = self.engine_view();
         Ok(observed)
+    }
+
+    /// What the engines said last, as one view; None when lhb reads no engine.
+    fn engine_view(&self) -> Option<DockerView> {
+        engine_view(
+            self.docker.as_ref().map(|d| d.borrow().clone()),
+            self.podman.as_ref().map(|p| p.rx.borrow().clone()),
+        )
     }
 
     /// A new plan from what is observed now, applied; logs what changed. Whether
@@ -398,8 +455,8 @@ impl Daemon {
     /// Takes the rules Docker networks' labels ask for now (and `label_allow` allows);
     /// logs each refused entry once, when it first appears.
     fn follow_labels(&mut self) {
-        let (wanted, mut refused) = match self.docker.as_ref() {
-            Some(d) => crate::labels::rules(&d.borrow(), &self.label_allow),
+        let (wanted, mut refused) = match self.engine_view() {
+            Some(v) => crate::labels::rules(&v, &self.label_allow),
             None => Default::default(),
         };
         if self.rules.set_labels(wanted) {

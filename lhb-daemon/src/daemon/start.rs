@@ -74,10 +74,25 @@ pub(super) async fn start(
     let sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
 
     let (netlink, links) = Netlink::connect()?;
-    let docker = if opts.serve.no_docker {
-        None
+    let given: Vec<String> = opts
+        .serve
+        .engines
+        .iter()
+        .chain(&cfg.engine)
+        .cloned()
+        .collect();
+    let engines = if opts.serve.no_docker {
+        docker::Engines::default()
     } else {
-        Some(docker_watch(tasks).await)
+        docker::engines(&given).await?
+    };
+    let docker = match engines.docker {
+        Some(socket) => Some(docker_watch(tasks, socket).await),
+        None => None,
+    };
+    let podman = match engines.podman {
+        Some(path) => Some(podman_watch(tasks, path).await),
+        None => None,
     };
     // Bound before anything is loaded or attached: a second lhb stops here, touching
     // nothing.
@@ -114,6 +129,7 @@ pub(super) async fn start(
         netlink,
         applied: Plan::default(),
         docker,
+        podman,
         retry: Retry {
             pending: false,
             delay: RETRY,
@@ -167,9 +183,38 @@ impl Sockets {
     }
 }
 
+/// Podman's view, followed from now on; said once if it does not answer.
+async fn podman_watch(tasks: &Tasks, path: std::path::PathBuf) -> crate::podman::PodmanWatch {
+    let mut w = crate::podman::watch(tasks, path);
+    let view = first_podman_view(&mut w.rx).await;
+    if !view.available {
+        warn!(
+            "Podman not reachable at {} ({}): its network rules wait for it",
+            view.socket,
+            view.problem.as_deref().unwrap_or("no answer yet")
+        );
+    }
+    w
+}
+
+/// What Podman says within [`super::DOCKER_FIRST_ANSWER`] of the start.
+pub(crate) async fn first_podman_view(
+    rx: &mut tokio::sync::watch::Receiver<crate::podman::PodmanView>,
+) -> crate::podman::PodmanView {
+    let _ = tokio::time::timeout(
+        super::DOCKER_FIRST_ANSWER,
+        rx.wait_for(|v| v.available || v.problem.is_some()),
+    )
+    .await;
+    rx.borrow().clone()
+}
+
 /// The Docker engine's view, followed from now on; said once if it does not answer.
-async fn docker_watch(tasks: &Tasks) -> tokio::sync::watch::Receiver<DockerView> {
-    let mut rx = docker::watch(tasks);
+async fn docker_watch(
+    tasks: &Tasks,
+    socket: Option<String>,
+) -> tokio::sync::watch::Receiver<DockerView> {
+    let mut rx = docker::watch(tasks, socket);
     let view = first_docker_view(&mut rx).await;
     if !view.available {
         let why = view.problem.unwrap_or_else(|| {
@@ -205,7 +250,7 @@ impl Daemon {
     /// failed start (the caller undoes everything).
     async fn serve_first(&mut self, mut firewall: Firewall, fresh: &[u32]) -> anyhow::Result<()> {
         let mut observed = self.netlink.snapshot().await?;
-        observed.docker = self.docker.as_ref().map(|d| d.borrow().clone());
+        observed.docker = self.engine_view();
         let wanted = reconcile::plan(self.rules.planned(), &observed, self.paths);
         apply::preflight(self.rules.iter().map(|a| &a.rule), &observed, &wanted)?;
         let backends = firewall.backends();

@@ -225,6 +225,13 @@ impl Daemon {
             mode: self.paths.mode,
             kernel_attach: self.kernel.as_ref().map(|k| k.mode().as_str().to_string()),
             kernel_unavailable: self.kernel_unavailable.clone(),
+            podman: self.podman.as_ref().map(|p| {
+                let v = p.rx.borrow();
+                status::DockerStatus {
+                    available: v.available,
+                    problem: v.problem.clone(),
+                }
+            }),
             docker: self.docker.as_ref().map(|d| {
                 let v = d.borrow();
                 status::DockerStatus {
