@@ -519,6 +519,23 @@ fn podman_networks_are_served_by_name_and_followed() {
         )),
         "{out}"
     );
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.host.name])
+        .arg(lhb_tests::lhb_bin())
+        .args([
+            "verify",
+            "--config",
+            cfg.to_str().unwrap(),
+            &format!("podman:{net}:{p}"),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "verify:\n{text}");
+    assert!(
+        text.contains("PASS  from the bridge: 10.232.158."),
+        "{text}"
+    );
     let (ok, out) = doctor(&format!("{net}:{q}"));
     assert!(!ok, "{out}");
     assert!(

@@ -220,7 +220,12 @@ fn leftovers() -> anyhow::Result<()> {
                 .collect()
         })
         .unwrap_or_default();
-    let left: Vec<&str> = netns
+    // Programs a test started on a temporary directory of its own (firewalld, its bus,
+    // podman's service, lhb daemons) that outlived it.
+    let tmp = std::env::temp_dir().join(lhb_tests::PREFIX);
+    let processes =
+        lhb_tests::run("pgrep", &["-af", &tmp.display().to_string()]).unwrap_or_default();
+    let mut left: Vec<&str> = netns
         .lines()
         .chain(links.lines())
         .chain(networks.lines())
@@ -229,12 +234,13 @@ fn leftovers() -> anyhow::Result<()> {
             l.starts_with(lhb_tests::PREFIX) || l.starts_with("lhb-probe-") || l.starts_with("lhbp")
         })
         .collect();
+    left.extend(processes.lines().filter(|l| !l.contains("pgrep")));
     if !left.is_empty() {
         bail!(
             "tests left network state behind (a guard did not clean up):\n{}",
             left.join("\n")
         );
     }
-    println!("no test namespace, link or Docker network left behind");
+    println!("no test namespace, link, Docker network or process left behind");
     Ok(())
 }

@@ -116,6 +116,8 @@ struct Daemon {
     cli_mode: Option<Mode>,
     /// Why the last reload failed, until one succeeds: in STATUS= and `lhb status`.
     reload_error: Option<String>,
+    /// The config file's `engine` list at start (a change takes effect at the next).
+    file_engines: Vec<String>,
     /// --label-allow.
     label_allow_cli: Vec<crate::labels::Entry>,
     /// --label-allow and the config's `label_allow`: what labels may ask for.
@@ -421,6 +423,9 @@ impl Daemon {
                 .is_some_and(|m| self.cli_mode.is_none() && m != self.paths.mode)
             {
                 warn!("config reload: a new `mode` takes effect at the next start");
+            }
+            if f.engine != self.file_engines {
+                warn!("config reload: a new `engine` list takes effect at the next start");
             }
             let saved = self.rules.save();
             self.rules.set_file(f.rules);

@@ -108,6 +108,7 @@ pub(super) async fn start(
         cli_mode: opts.serve.mode,
         reload_error: None,
         label_allow_cli: opts.serve.label_allow.clone(),
+        file_engines: cfg.engine.clone(),
         label_allow,
         label_refused: Vec::new(),
         kernel_unavailable,
