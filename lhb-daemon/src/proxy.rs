@@ -191,11 +191,7 @@ impl Proxy {
     }
 
     fn counters_for(&self, slot: u32) -> Arc<ProxyCounters> {
-        let mut map = match self.counters.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        map.entry(slot).or_default().clone()
+        lock(&self.counters).entry(slot).or_default().clone()
     }
 
     /// The counters of a rule slot (zero if it never proxied).
@@ -224,6 +220,12 @@ impl Proxy {
             self.close(&k);
         }
     }
+}
+
+/// The data behind `m`, also if a thread panicked holding it: every value kept under
+/// these locks (counters, idle pipes) stays valid whatever an update was doing.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A listening socket on gateway:port that only the bridge's packets can reach.
@@ -551,10 +553,7 @@ struct PipePool {
 
 impl PipePool {
     fn take(&self) -> io::Result<Pipe> {
-        let pooled = match self.free.lock() {
-            Ok(mut f) => f.pop(),
-            Err(p) => p.into_inner().pop(),
-        };
+        let pooled = lock(&self.free).pop();
         match pooled {
             Some(p) => Ok(p),
             None => Pipe::new(),
@@ -562,10 +561,7 @@ impl PipePool {
     }
 
     fn give_back(&self, pipe: Pipe) {
-        let mut free = match self.free.lock() {
-            Ok(f) => f,
-            Err(p) => p.into_inner(),
-        };
+        let mut free = lock(&self.free);
         if free.len() < POOLED_PIPES {
             free.push(pipe);
         }

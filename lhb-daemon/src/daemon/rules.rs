@@ -219,3 +219,49 @@ impl RuleSet {
         Ok(fresh)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(spec: &str) -> Rule {
+        rule::parse_network_spec(spec).unwrap()
+    }
+
+    #[test]
+    fn an_administrators_rule_wins_over_a_label_and_labels_come_and_go() {
+        let (mut set, _) = RuleSet::new(vec![rule("web:80=81")], vec![]).unwrap();
+        assert!(set.set_labels(vec![rule("web:80"), rule("web:443")]));
+        set.recombine().unwrap();
+        let shown: Vec<(String, Origin)> =
+            set.iter().map(|a| (a.rule.to_string(), a.origin)).collect();
+        assert_eq!(
+            shown,
+            [
+                ("web:80 -> 127.0.0.1:81".to_string(), Origin::CommandLine),
+                ("web:443 -> 127.0.0.1:443".to_string(), Origin::Label),
+            ]
+        );
+        let slot = set.get(&rule("web:443").key()).unwrap().slot;
+        // The same labels again: nothing to do; the label rule keeps its slot.
+        assert!(!set.set_labels(vec![rule("web:80"), rule("web:443")]));
+        set.add_runtime(rule("db:5432"));
+        set.recombine().unwrap();
+        assert_eq!(set.get(&rule("web:443").key()).unwrap().slot, slot);
+        // The network loses its label: its rule goes, the others stay.
+        assert!(set.set_labels(vec![]));
+        set.recombine().unwrap();
+        assert!(set.get(&rule("web:443").key()).is_none());
+        assert_eq!(set.len(), 2);
+    }
+
+    #[test]
+    fn label_rules_beyond_the_rule_table_are_left_out_not_an_error() {
+        let max = lhb_common::MAX_RULES as usize;
+        let mine: Vec<Rule> = (1..max).map(|p| rule(&format!("a:{p}"))).collect();
+        let labels = vec![rule("b:1"), rule("b:2"), rule("a:1")];
+        let (take, over) = label_rules(&mine, &labels);
+        assert_eq!(take, vec![rule("b:1")]);
+        assert_eq!(over, vec![rule("b:2").key()]);
+    }
+}
