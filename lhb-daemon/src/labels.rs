@@ -82,21 +82,36 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// What the labels of the engine's networks ask for: the rules to serve (in network
-/// order) and the entries refused. `allowed` empty: labels are not read at all.
+/// What the labels of the engines' networks ask for: the rules to serve (Docker's
+/// networks, then Podman's, each in name order) and the entries refused. `allowed`
+/// empty: labels are not read at all. A name on both engines is written
+/// `docker:NAME` / `podman:NAME` in the rules it gives, so each serves its own network.
 pub fn rules(view: &DockerView, allowed: &[Entry]) -> (Vec<Rule>, Vec<Refusal>) {
     let mut rules = Vec::new();
     let mut refused = Vec::new();
     if allowed.is_empty() {
         return (rules, refused);
     }
-    for (network, net) in &view.networks {
-        let Some(value) = net.labels.get(LABEL) else {
-            continue;
-        };
-        let (r, f) = network_rules(network, value, allowed);
-        rules.extend(r);
-        refused.extend(f);
+    let empty = Default::default();
+    let podman = view.podman.as_ref().map_or(&empty, |p| &p.networks);
+    let engines = [
+        ("docker:", &view.networks, podman),
+        ("podman:", podman, &view.networks),
+    ];
+    for (prefix, networks, other) in engines {
+        for (network, net) in networks {
+            let Some(value) = net.labels.get(LABEL) else {
+                continue;
+            };
+            let name = if other.contains_key(network) {
+                format!("{prefix}{network}")
+            } else {
+                network.clone()
+            };
+            let (r, f) = network_rules(&name, value, allowed);
+            rules.extend(r);
+            refused.extend(f);
+        }
     }
     (rules, refused)
 }
@@ -273,6 +288,28 @@ mod tests {
             why[1].1.contains("target 127.0.0.1:5432 is not allowed")
                 && why[1].1.contains("5432=127.0.0.1:15432"),
             "{why:?}"
+        );
+    }
+
+    #[test]
+    fn podman_networks_labels_count_too_and_a_shared_name_says_its_engine() {
+        let mut v = view(&[("web", Some("80")), ("api", Some("80"))]);
+        let mut p = crate::podman::PodmanView {
+            available: true,
+            ..Default::default()
+        };
+        for (name, label) in [("web", "80"), ("pod", "80")] {
+            let mut n = v.networks["web"].clone();
+            n.labels.insert(LABEL.into(), label.into());
+            p.networks.insert(name.into(), n);
+        }
+        v.podman = Some(p);
+        let (rules, refused) = rules(&v, &allowed(&["80"]));
+        assert!(refused.is_empty());
+        let names: Vec<String> = rules.iter().map(|r| r.key().to_string()).collect();
+        assert_eq!(
+            names,
+            ["api:80", "docker:web:80", "pod:80", "podman:web:80"]
         );
     }
 

@@ -146,7 +146,7 @@ impl Daemon {
         let origin = active.origin;
         if origin == Origin::Label {
             bail!(
-                "{key} comes from the {} label of Docker network {}: remove the label (or the network), or its entry from label_allow and `lhb reload`",
+                "{key} comes from the {} label of network {}: remove the label (or the network), or its entry from label_allow and `lhb reload`",
                 crate::labels::LABEL,
                 key.source.name()
             );
