@@ -706,3 +706,78 @@ fn doctor_names_firewalld_zone_and_the_firewall_cmd_fix() {
     let (ok, out) = doctor();
     assert!(ok, "after the fix:\n{out}");
 }
+
+/// The zone that handles the bridge decides where lhb's rule goes, also when it
+/// changes under lhb: br0 bound to `internal` gets the rule there; moved to `work`
+/// while lhb runs, served again within 2 s (the move rewrites firewalld's ruleset, and
+/// lhb heals); moved to `trusted` (target ACCEPT), nothing more is needed; on exit no
+/// zone keeps a rule of lhb's.
+#[test]
+fn firewalld_rule_follows_the_zone_of_the_bridge() {
+    let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    if !lhb_tests::firewalld::required("firewalld_rule_follows_the_zone...") {
+        return;
+    }
+    let lab = lhb_tests::HostLab::new(59).unwrap();
+    let fwd = lhb_tests::firewalld::Firewalld::start(&lab).unwrap();
+    let svc = lab
+        .host
+        .run(|| PeerEcho::start("127.0.0.1:0").unwrap())
+        .unwrap();
+    let target = SocketAddr::new(lab.gateway(), svc.port());
+    fwd.cmd(&["--zone=internal", "--change-interface=br0"])
+        .unwrap();
+    let bus = fwd.bus_address.clone();
+    let spec = format!("br0:{}", svc.port());
+    let mut lhb = lab
+        .lhb_env(
+            &["--no-docker", "--expose-iface", &spec],
+            &[("DBUS_SYSTEM_BUS_ADDRESS", &bus)],
+        )
+        .unwrap();
+    assert!(
+        matches!(get(&lab.container, target), Outcome::Served(_)),
+        "{}",
+        lhb.log()
+    );
+    let rules_in = |zone: &str| {
+        fwd.cmd(&[&format!("--zone={zone}"), "--list-rich-rules"])
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert!(
+        rules_in("internal").contains("priority=\"-32000\""),
+        "{}",
+        lhb.log()
+    );
+    assert!(rules_in("public").is_empty());
+
+    fwd.cmd(&["--zone=work", "--change-interface=br0"]).unwrap();
+    let healed = lhb_tests::wait_until(Duration::from_secs(2), || {
+        matches!(get(&lab.container, target), Outcome::Served(_))
+    });
+    assert!(
+        healed.is_some(),
+        "not served after the zone changed:\n{}",
+        lhb.log()
+    );
+    assert!(
+        rules_in("work").contains("priority=\"-32000\""),
+        "{}",
+        lhb.log()
+    );
+
+    fwd.cmd(&["--zone=trusted", "--change-interface=br0"])
+        .unwrap();
+    assert!(matches!(get(&lab.container, target), Outcome::Served(_)));
+    assert!(
+        rules_in("trusted").is_empty(),
+        "a rule in a zone that accepts all"
+    );
+
+    assert!(lhb.stop().unwrap().success(), "{}", lhb.log());
+    for zone in ["public", "internal", "work", "trusted"] {
+        assert!(rules_in(zone).is_empty(), "{zone} kept lhb's rule");
+    }
+}

@@ -38,6 +38,15 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub struct Firewalld {
     conn: Connection,
+    /// `Backend::memo`: while on, each bridge's zone and each zone's target are asked
+    /// once (a heal of many openings asks about the same few zones).
+    memo: Option<Memo>,
+}
+
+#[derive(Default)]
+struct Memo {
+    zones: std::collections::HashMap<String, (String, bool)>,
+    targets: std::collections::HashMap<String, String>,
 }
 
 fn connect() -> zbus::Result<Connection> {
@@ -58,7 +67,7 @@ impl Firewalld {
     /// The backend, if firewalld runs.
     pub fn detect() -> Option<Firewalld> {
         let conn = connect().ok()?;
-        owned(&conn).then_some(Firewalld { conn })
+        owned(&conn).then_some(Firewalld { conn, memo: None })
     }
 
     fn call<B, R>(&self, iface: &str, method: &str, body: &B) -> anyhow::Result<R>
@@ -71,27 +80,42 @@ impl Firewalld {
 
     /// The zone firewalld handles the bridge's packets in: the one it is bound to, or
     /// the default zone.
-    fn zone_of(&self, iface: &str) -> anyhow::Result<(String, bool)> {
-        let bound: String = self.call(ZONE, "getZoneOfInterface", &(iface,))?;
-        if !bound.is_empty() {
-            return Ok((bound, true));
+    fn zone_of(&mut self, iface: &str) -> anyhow::Result<(String, bool)> {
+        if let Some(z) = self.memo.as_ref().and_then(|m| m.zones.get(iface)) {
+            return Ok(z.clone());
         }
-        Ok((self.call(NAME, "getDefaultZone", &())?, false))
+        let bound: String = self.call(ZONE, "getZoneOfInterface", &(iface,))?;
+        let zone = if bound.is_empty() {
+            (self.call(NAME, "getDefaultZone", &())?, false)
+        } else {
+            (bound, true)
+        };
+        if let Some(m) = &mut self.memo {
+            m.zones.insert(iface.to_string(), zone.clone());
+        }
+        Ok(zone)
     }
 
     /// A zone's target (`default`, `ACCEPT`, `DROP`, `%%REJECT%%`).
-    fn target(&self, zone: &str) -> anyhow::Result<String> {
+    fn target(&mut self, zone: &str) -> anyhow::Result<String> {
+        if let Some(t) = self.memo.as_ref().and_then(|m| m.targets.get(zone)) {
+            return Ok(t.clone());
+        }
         let settings: std::collections::HashMap<String, zbus::zvariant::OwnedValue> =
             self.call(ZONE, "getZoneSettings2", &(zone,))?;
-        Ok(settings
+        let target = settings
             .get("target")
             .and_then(|v| String::try_from(v.clone()).ok())
-            .unwrap_or_else(|| "default".into()))
+            .unwrap_or_else(|| "default".into());
+        if let Some(m) = &mut self.memo {
+            m.targets.insert(zone.to_string(), target.clone());
+        }
+        Ok(target)
     }
 
     /// Whether `zone` lets `o` in without lhb: it accepts everything, or allows the
     /// port.
-    fn allows(&self, zone: &str, o: &Opening) -> anyhow::Result<Option<String>> {
+    fn allows(&mut self, zone: &str, o: &Opening) -> anyhow::Result<Option<String>> {
         let target = self.target(zone)?;
         if target == "ACCEPT" {
             return Ok(Some(format!("zone {zone} accepts everything")));
@@ -249,6 +273,10 @@ impl Backend for Firewalld {
     fn notified(&self) -> bool {
         // Reloads and restarts come as D-Bus signals (`watch`).
         true
+    }
+
+    fn memo(&mut self, on: bool) {
+        self.memo = on.then(Memo::default);
     }
 
     fn fix(&mut self, o: &Opening) -> Option<String> {
