@@ -116,7 +116,7 @@ pub async fn rules(t: &Target) -> anyhow::Result<Checked> {
 pub async fn observe(no_docker: bool, engines: &[String]) -> anyhow::Result<Observed> {
     let mut observed = Netlink::requests()?.snapshot().await?;
     if !no_docker {
-        let e = docker::engines(engines).await?;
+        let e = docker::engines(false, &[], engines).await?;
         let d = match &e.docker {
             Some(socket) => Some(docker::snapshot(Duration::from_secs(3), socket.as_deref()).await),
             None => None,

@@ -136,12 +136,16 @@ pub struct Engines {
     pub podman: Option<std::path::PathBuf>,
 }
 
-/// The engines of the `engine` setting (`--engine`, `engine = [...]`: `unix://PATH`
-/// each), or without any: Docker's standard socket (or DOCKER_HOST) and Podman's
-/// system socket if it exists. A socket is Podman's if it answers libpod's ping; one
-/// that does not answer now is taken for Podman's if its path says `podman`. One
-/// engine of each kind at most.
-pub async fn engines(given: &[String]) -> anyhow::Result<Engines> {
+/// The engines of the `engine` setting (`--engine` then the file's `engine = [...]`:
+/// `unix://PATH` each), or without any: Docker's standard socket (or DOCKER_HOST) and
+/// Podman's system socket if it exists; none with --no-docker. A socket is Podman's if
+/// it answers libpod's ping; one that does not answer now is taken for Podman's if its
+/// path says `podman`. One engine of each kind at most.
+pub async fn engines(no_docker: bool, cli: &[String], file: &[String]) -> anyhow::Result<Engines> {
+    if no_docker {
+        return Ok(Engines::default());
+    }
+    let given: Vec<&String> = cli.iter().chain(file).collect();
     if given.is_empty() {
         let podman = std::path::Path::new(crate::podman::DEFAULT_SOCKET);
         return Ok(Engines {
@@ -319,12 +323,7 @@ async fn list(docker: &Docker) -> Result<BTreeMap<String, DockerNetwork>, String
             continue;
         };
         let options = n.options.unwrap_or_default();
-        let labels = n
-            .labels
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|(k, _)| k == crate::labels::LABEL)
-            .collect();
+        let labels = crate::labels::ours(n.labels.unwrap_or_default());
         let gateways = n
             .ipam
             .and_then(|i| i.config)

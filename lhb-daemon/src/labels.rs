@@ -23,6 +23,13 @@ pub const MAX_ENTRIES: usize = 64;
 /// A longer label value is refused whole.
 pub const MAX_LEN: usize = 4096;
 
+/// The labels of a network lhb keeps: `lhb.expose`, none other.
+pub fn ours<I: IntoIterator<Item = (String, String)>>(
+    labels: I,
+) -> std::collections::BTreeMap<String, String> {
+    labels.into_iter().filter(|(k, _)| k == LABEL).collect()
+}
+
 /// `PORT[=TARGET]`: what a label entry may ask for, and what `label_allow` allows.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Entry {
@@ -41,7 +48,7 @@ impl Entry {
         let port = rule::parse_port(text, port)?;
         let target = match target {
             Some(t) => rule::parse_target(text, t)?,
-            None => default_target(port),
+            None => rule::default_target(port),
         };
         Ok(Entry { port, target })
     }
@@ -50,17 +57,12 @@ impl Entry {
 impl fmt::Display for Entry {
     /// The shortest form that parses back to the same entry.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.target == default_target(self.port) {
+        if self.target == rule::default_target(self.port) {
             write!(f, "{}", self.port)
         } else {
             write!(f, "{}={}", self.port, self.target)
         }
     }
-}
-
-/// A rule's default: the same port on 127.0.0.1.
-fn default_target(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// A label entry not served, and why.

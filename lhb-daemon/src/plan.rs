@@ -165,12 +165,7 @@ pub async fn compute(opts: daemon::ServeOptions) -> anyhow::Result<HostPlan> {
     let (netlink, _events) = Netlink::connect()?;
     // The command exits once the plan is printed; the watcher ends with it.
     let tasks = crate::tasks::Tasks::new();
-    let given: Vec<String> = opts.engines.iter().chain(&cfg.engine).cloned().collect();
-    let engines = if opts.no_docker {
-        docker::Engines::default()
-    } else {
-        docker::engines(&given).await?
-    };
+    let engines = docker::engines(opts.no_docker, &opts.engines, &cfg.engine).await?;
     let mut docker = engines.docker.map(|socket| docker::watch(&tasks, socket));
     let view = match docker.as_mut() {
         Some(rx) => Some(daemon::first_docker_view(rx).await),

@@ -188,12 +188,7 @@ fn parse(body: &[u8]) -> Result<BTreeMap<String, DockerNetwork>, String> {
                 .into_iter()
                 .filter_map(|s| s.gateway?.parse::<IpAddr>().ok())
                 .collect();
-            let labels = n
-                .labels
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|(k, _)| k == crate::labels::LABEL)
-                .collect();
+            let labels = crate::labels::ours(n.labels.unwrap_or_default());
             (
                 n.name,
                 DockerNetwork {

@@ -155,7 +155,7 @@ impl Rule {
         Rule {
             source,
             port,
-            target: target.unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
+            target: target.unwrap_or(default_target(port)),
             service: service.unwrap_or_else(|| format!("port-{port}")),
             max_connections: None,
             proxy_protocol: false,
@@ -163,6 +163,11 @@ impl Rule {
             given: String::new(),
         }
     }
+}
+
+/// A rule's target when none is given: the same port on 127.0.0.1.
+pub fn default_target(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
 }
 
 impl fmt::Display for Rule {

@@ -45,16 +45,12 @@ pub fn required(test: &str) -> bool {
         );
         return true;
     }
-    let allowed = std::env::var("LHB_ALLOW_SKIP")
-        .map(|v| v.split(',').any(|s| s.trim() == "docker"))
-        .unwrap_or(false);
-    if allowed {
-        eprintln!("SKIPPED {test}: no Docker engine answers; Docker networks were NOT tested");
-        return false;
-    }
-    panic!(
-        "{test} needs a Docker engine and none answers (`docker info` fails); set LHB_ALLOW_SKIP=docker to skip it explicitly"
-    );
+    crate::skip_or_fail(
+        "docker",
+        test,
+        "a Docker engine, and none answers (`docker info` fails)",
+        "Docker networks were",
+    )
 }
 
 /// A Docker network, removed on drop.

@@ -23,18 +23,12 @@ pub fn required(test: &str) -> bool {
     if have("/usr/sbin/firewalld") && have("/usr/bin/dbus-daemon") {
         return true;
     }
-    let allowed = std::env::var("LHB_ALLOW_SKIP")
-        .map(|v| v.split(',').any(|s| s.trim() == "firewalld"))
-        .unwrap_or(false);
-    if allowed {
-        eprintln!(
-            "SKIPPED {test}: firewalld is not installed; the firewalld backend was NOT tested"
-        );
-        return false;
-    }
-    panic!(
-        "{test} needs firewalld and dbus-daemon (`cargo xtask setup` installs them where systemd is not init); set LHB_ALLOW_SKIP=firewalld to skip it explicitly"
-    );
+    crate::skip_or_fail(
+        "firewalld",
+        test,
+        "firewalld and dbus-daemon (`cargo xtask setup` installs them where systemd is not init)",
+        "the firewalld backend was",
+    )
 }
 
 pub struct Firewalld {

@@ -76,3 +76,17 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The verdict when what test `test` needs (`missing`, in words) is not here: false
+/// (skip, saying `untested` was NOT tested) if `LHB_ALLOW_SKIP` lists `name`, else a
+/// panic that says how to skip it explicitly.
+pub fn skip_or_fail(name: &str, test: &str, missing: &str, untested: &str) -> bool {
+    let allowed = std::env::var("LHB_ALLOW_SKIP")
+        .map(|v| v.split(',').any(|s| s.trim() == name))
+        .unwrap_or(false);
+    if allowed {
+        eprintln!("SKIPPED {test}: {missing}; {untested} NOT tested");
+        return false;
+    }
+    panic!("{test} needs {missing}; set LHB_ALLOW_SKIP={name} to skip it explicitly");
+}

@@ -25,16 +25,12 @@ pub fn required(test: &str) -> bool {
     if std::path::Path::new("/usr/bin/podman").exists() {
         return true;
     }
-    let allowed = std::env::var("LHB_ALLOW_SKIP")
-        .map(|v| v.split(',').any(|s| s.trim() == "podman"))
-        .unwrap_or(false);
-    if allowed {
-        eprintln!("SKIPPED {test}: podman is not installed; Podman networks were NOT tested");
-        return false;
-    }
-    panic!(
-        "{test} needs podman (`cargo xtask setup` installs it); set LHB_ALLOW_SKIP=podman to skip it explicitly"
-    );
+    crate::skip_or_fail(
+        "podman",
+        test,
+        "podman (`cargo xtask setup` installs it)",
+        "Podman networks were",
+    )
 }
 
 /// Machine paths Podman writes whatever its --root says; removed on drop if absent

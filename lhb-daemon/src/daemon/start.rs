@@ -74,18 +74,7 @@ pub(super) async fn start(
     let sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
 
     let (netlink, links) = Netlink::connect()?;
-    let given: Vec<String> = opts
-        .serve
-        .engines
-        .iter()
-        .chain(&cfg.engine)
-        .cloned()
-        .collect();
-    let engines = if opts.serve.no_docker {
-        docker::Engines::default()
-    } else {
-        docker::engines(&given).await?
-    };
+    let engines = docker::engines(opts.serve.no_docker, &opts.serve.engines, &cfg.engine).await?;
     let docker = match engines.docker {
         Some(socket) => Some(docker_watch(tasks, socket).await),
         None => None,
@@ -187,7 +176,7 @@ impl Sockets {
 /// Podman's view, followed from now on; said once if it does not answer.
 async fn podman_watch(tasks: &Tasks, path: std::path::PathBuf) -> crate::podman::PodmanWatch {
     let mut w = crate::podman::watch(tasks, path);
-    let view = first_podman_view(&mut w.rx).await;
+    let view = first_view(&mut w.rx, |v| v.available || v.problem.is_some()).await;
     if !view.available {
         warn!(
             "Podman not reachable at {} ({}): its network rules wait for it",
@@ -196,18 +185,6 @@ async fn podman_watch(tasks: &Tasks, path: std::path::PathBuf) -> crate::podman:
         );
     }
     w
-}
-
-/// What Podman says within [`super::DOCKER_FIRST_ANSWER`] of the start.
-pub(crate) async fn first_podman_view(
-    rx: &mut tokio::sync::watch::Receiver<crate::podman::PodmanView>,
-) -> crate::podman::PodmanView {
-    let _ = tokio::time::timeout(
-        super::DOCKER_FIRST_ANSWER,
-        rx.wait_for(|v| v.available || v.problem.is_some()),
-    )
-    .await;
-    rx.borrow().clone()
 }
 
 /// The Docker engine's view, followed from now on; said once if it does not answer.
@@ -296,11 +273,16 @@ impl Daemon {
 pub(crate) async fn first_docker_view(
     rx: &mut tokio::sync::watch::Receiver<DockerView>,
 ) -> DockerView {
-    let _ = tokio::time::timeout(
-        super::DOCKER_FIRST_ANSWER,
-        rx.wait_for(|v| v.available || v.problem.is_some()),
-    )
-    .await;
+    first_view(rx, |v| v.available || v.problem.is_some()).await
+}
+
+/// An engine watcher's view once `answered` holds, or after
+/// [`super::DOCKER_FIRST_ANSWER`], whichever comes first.
+async fn first_view<T: Clone>(
+    rx: &mut tokio::sync::watch::Receiver<T>,
+    answered: impl FnMut(&T) -> bool,
+) -> T {
+    let _ = tokio::time::timeout(super::DOCKER_FIRST_ANSWER, rx.wait_for(answered)).await;
     rx.borrow().clone()
 }
 

@@ -178,9 +178,8 @@ pub fn command(zone: &str, o: &Opening) -> String {
 }
 
 /// Adds a runtime rich rule (no timeout).
-fn add(zone: &str, rule: &str) -> anyhow::Result<()> {
-    let conn = connect().context("connecting to the system bus")?;
-    let _: String = call(&conn, ZONE, "addRichRule", &(zone, rule, 0i32))?;
+pub(super) fn add(conn: &Connection, zone: &str, rule: &str) -> anyhow::Result<()> {
+    let _: String = call(conn, ZONE, "addRichRule", &(zone, rule, 0i32))?;
     Ok(())
 }
 
@@ -200,7 +199,11 @@ impl Backend for Firewalld {
             chain: format!("firewalld zone {zone}"),
             rule: command(&zone, o),
             present,
-            exec: Exec::Firewalld { zone, rule },
+            exec: Exec::Firewalld {
+                conn: self.conn.clone(),
+                zone,
+                rule,
+            },
         }])
     }
 
@@ -291,12 +294,6 @@ impl Backend for Firewalld {
         if let Err(e) = spawned {
             warn!("firewalld: cannot follow its reloads: {e}");
         }
-    }
-}
-
-impl Exec {
-    pub(super) fn firewalld(zone: &str, rule: &str) -> anyhow::Result<()> {
-        add(zone, rule)
     }
 }
 

@@ -114,8 +114,12 @@ enum Exec {
     Run(&'static str, Vec<String>),
     /// An nft rule, inserted at the top of its chain.
     Nft(Box<nftables::schema::Rule<'static>>),
-    /// A firewalld runtime rich rule in a zone.
-    Firewalld { zone: String, rule: String },
+    /// A firewalld runtime rich rule in a zone, over the backend's bus connection.
+    Firewalld {
+        conn: zbus::blocking::Connection,
+        zone: String,
+        rule: String,
+    },
 }
 
 impl Insert {
@@ -126,7 +130,7 @@ impl Insert {
                 run(bin, &args).map(drop)
             }
             Exec::Nft(rule) => nft::insert(rule),
-            Exec::Firewalld { zone, rule } => Exec::firewalld(zone, rule),
+            Exec::Firewalld { conn, zone, rule } => firewalld::add(conn, zone, rule),
         }
     }
 }
