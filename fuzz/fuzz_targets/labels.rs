@@ -19,6 +19,7 @@ fuzz_target!(|text: &str| {
     for r in &rules {
         let e = Entry {
             port: r.port,
+            protocol: r.protocol,
             target: r.target,
         };
         assert!(allowed.contains(&e), "{r} was not allowed");

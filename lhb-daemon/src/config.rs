@@ -62,6 +62,7 @@ struct Expose {
     interface: Option<Spanned<String>>,
     service: Option<String>,
     port: Spanned<i64>,
+    protocol: Option<Spanned<String>>,
     target: Option<Spanned<TargetValue>>,
     max_connections: Option<Spanned<i64>>,
     #[serde(default)]
@@ -171,6 +172,26 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
             }
         };
         let mut r = Rule::new(source, port, target, e.service);
+        if let Some(p) = e.protocol {
+            r.protocol = rule::Protocol::parse(p.get_ref()).ok_or_else(|| {
+                invalid(
+                    Some(p.span()),
+                    format!(
+                        "protocol = \"{}\" is not \"tcp\", \"udp\" or \"both\"",
+                        p.get_ref()
+                    ),
+                )
+            })?;
+            if e.proxy_protocol && r.protocol.udp() {
+                return Err(invalid(
+                    Some(p.span()),
+                    format!(
+                        "proxy_protocol = true is for TCP rules; a {} rule's datagrams carry no PROXY header (the service sees the bridge's loopback source)",
+                        r.protocol
+                    ),
+                ));
+            }
+        }
         r.proxy_protocol = e.proxy_protocol;
         r.given = format!("{file}:{}", line_of(text, span.start));
         r.allow_uplinks = e.allow_uplinks;
@@ -281,6 +302,18 @@ port = 11434
     }
 
     #[test]
+    fn a_rule_may_serve_udp() {
+        let c = parse(
+            "f",
+            "[[expose]]\ninterface = \"br0\"\nport = 53\nprotocol = \"both\"\ntarget = \"127.0.0.53:53\"\n\n[[expose]]\ninterface = \"br0\"\nport = 8125\nprotocol = \"udp\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.rules[0].protocol, crate::rule::Protocol::Both);
+        assert_eq!(c.rules[1].protocol, crate::rule::Protocol::Udp);
+        assert_eq!(c.rules[1].target, "127.0.0.1:8125".parse().unwrap());
+    }
+
+    #[test]
     fn every_mistake_names_the_line_and_the_reason() {
         let cases = [
             (
@@ -324,6 +357,16 @@ port = 11434
                 "[[expose]]\nnetwork = \"n\"\nport = \"80\"\n",
                 3,
                 "invalid type",
+            ),
+            (
+                "[[expose]]\nnetwork = \"n\"\nport = 53\nprotocol = \"sctp\"\n",
+                4,
+                "protocol = \"sctp\" is not \"tcp\", \"udp\" or \"both\"",
+            ),
+            (
+                "[[expose]]\nnetwork = \"n\"\nport = 53\nproxy_protocol = true\nprotocol = \"udp\"\n",
+                5,
+                "proxy_protocol = true is for TCP rules",
             ),
             ("[[expose\n", 1, ""),
             (

@@ -261,6 +261,7 @@ fn firewall_blockers(
             iface: bridge.to_string(),
             gateway: gw,
             port,
+            transport: crate::firewall::Transport::Tcp,
         };
         if fix.is_none() {
             fix = fw.fix(&o);

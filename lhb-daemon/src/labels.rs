@@ -30,10 +30,12 @@ pub fn ours<I: IntoIterator<Item = (String, String)>>(
     labels.into_iter().filter(|(k, _)| k == LABEL).collect()
 }
 
-/// `PORT[=TARGET]`: what a label entry may ask for, and what `label_allow` allows.
+/// `PORT[/PROTOCOL][=TARGET]`: what a label entry may ask for, and what `label_allow`
+/// allows.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Entry {
     pub port: u16,
+    pub protocol: rule::Protocol,
     pub target: SocketAddr,
 }
 
@@ -45,22 +47,27 @@ impl Entry {
             Some((p, t)) => (p, Some(t)),
             None => (text, None),
         };
-        let port = rule::parse_port(text, port)?;
+        let (port, protocol) = rule::parse_port_protocol(text, port)?;
         let target = match target {
             Some(t) => rule::parse_target(text, t)?,
             None => rule::default_target(port),
         };
-        Ok(Entry { port, target })
+        Ok(Entry {
+            port,
+            protocol,
+            target,
+        })
     }
 }
 
 impl fmt::Display for Entry {
     /// The shortest form that parses back to the same entry.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let suffix = self.protocol.suffix();
         if self.target == rule::default_target(self.port) {
-            write!(f, "{}", self.port)
+            write!(f, "{}{suffix}", self.port)
         } else {
-            write!(f, "{}={}", self.port, self.target)
+            write!(f, "{}{suffix}={}", self.port, self.target)
         }
     }
 }
@@ -177,9 +184,16 @@ pub fn network_rules(network: &str, value: &str, allowed: &[Entry]) -> (Vec<Rule
                     entry.port
                 )
             } else {
+                let what = if allowed
+                    .iter()
+                    .any(|a| a.port == entry.port && a.target == entry.target)
+                {
+                    format!("protocol {}", entry.protocol)
+                } else {
+                    format!("target {}", entry.target)
+                };
                 format!(
-                    "target {} is not allowed for port {}; label_allow has {} (write the entry exactly so)",
-                    entry.target,
+                    "{what} is not allowed for port {}; label_allow has {} (write the entry exactly so)",
                     entry.port,
                     same_port.join(", ")
                 )
@@ -195,6 +209,7 @@ pub fn network_rules(network: &str, value: &str, allowed: &[Entry]) -> (Vec<Rule
             continue;
         }
         let mut r = Rule::new(source.clone(), entry.port, Some(entry.target), None);
+        r.protocol = entry.protocol;
         r.given = format!("label {LABEL} of Docker network {network}");
         rules.push(r);
     }
@@ -312,6 +327,32 @@ mod tests {
         assert_eq!(
             names,
             ["api:80", "docker:web:80", "pod:80", "podman:web:80"]
+        );
+    }
+
+    #[test]
+    fn the_protocol_is_part_of_what_is_allowed() {
+        let allow = allowed(&["53/udp=127.0.0.53:53", "8125/udp"]);
+        assert_eq!(allow[1].to_string(), "8125/udp");
+        let (rules, refused) = network_rules(
+            "n",
+            "53/udp=127.0.0.53:53, 53=127.0.0.53:53, 8125/both",
+            &allow,
+        );
+        assert_eq!(rules.len(), 1);
+        assert_eq!(rules[0].protocol, rule::Protocol::Udp);
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(
+            refused[0].reason.starts_with(
+                "protocol tcp is not allowed for port 53; label_allow has 53/udp=127.0.0.53:53"
+            ),
+            "{}",
+            refused[0].reason
+        );
+        assert!(
+            refused[1]
+                .reason
+                .starts_with("protocol both is not allowed")
         );
     }
 

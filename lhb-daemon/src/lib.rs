@@ -22,5 +22,6 @@ pub mod reconcile;
 pub mod rule;
 pub mod status;
 pub mod tasks;
+pub mod udp;
 pub mod unit;
 pub mod verify;

@@ -43,10 +43,19 @@ enum Command {
         serve: Serve,
         /// Most connections the proxy carries at once, over all rules; more are refused
         /// and logged. Each rule may hold an equal share (or its config's
-        /// `max_connections`). Default: what the open-file limit allows, (limit - 384) / 6
-        /// (lhb raises its soft limit to the hard one at start).
+        /// `max_connections`). Default: what the open-file limit allows, (limit - 384 -
+        /// the UDP flows' fds) / 6 (lhb raises its soft limit to the hard one at start).
         #[arg(long, value_name = "N")]
         max_connections: Option<usize>,
+        /// Most UDP flows (one per container address and port) the forwarder keeps at
+        /// once, over all UDP rules, each rule an equal share; a datagram that would open
+        /// one more is dropped, counted and logged. Each flow holds one fd. Default: 1024,
+        /// at most a quarter of what the open-file limit leaves after lhb's reserve.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        udp_max_flows: Option<u64>,
+        /// Seconds after which a UDP flow that passed no datagram either way is closed.
+        #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        udp_idle_timeout: u64,
         /// On SIGTERM/SIGINT leave the kernel path and the firewall rules serving; the
         /// next start takes them over. Without it a clean exit removes everything.
         #[arg(long)]
@@ -74,7 +83,8 @@ enum Command {
     },
     /// Expose a port on a network's (or, with --iface, a bridge's) gateway at runtime.
     Expose {
-        #[arg(value_name = "NETWORK:PORT[=TARGET]")]
+        /// PORT may be followed by /udp or /both (TCP by default), e.g. `app:53/both`.
+        #[arg(value_name = "NETWORK:PORT[/PROTOCOL][=TARGET]")]
         rule: String,
         /// Label for logs, status and metrics (default port-<PORT>).
         #[arg(long, value_name = "NAME")]
@@ -163,12 +173,14 @@ struct Serve {
     #[arg(long, value_name = "FILE", default_value = "/etc/lhb/lhb.toml")]
     config: PathBuf,
     /// Expose PORT on Docker network NETWORK's gateway, forwarded to TARGET (PORT,
-    /// 127.0.0.1:PORT or [::1]:PORT; default 127.0.0.1:<PORT>). Repeatable.
-    #[arg(long = "expose", value_name = "NETWORK:PORT[=TARGET]", value_parser = parse_network_rule)]
+    /// 127.0.0.1:PORT or [::1]:PORT; default 127.0.0.1:<PORT>). TCP unless PORT is
+    /// followed by /udp or /both (e.g. `bridge:53/both=127.0.0.53:53` for the host's
+    /// resolver). Repeatable.
+    #[arg(long = "expose", value_name = "NETWORK:PORT[/PROTOCOL][=TARGET]", value_parser = parse_network_rule)]
     expose: Vec<rule::Rule>,
     /// Expose PORT on bridge IFACE's gateway address(es) (any Linux bridge, no Docker
     /// needed), forwarded to TARGET as above. Repeatable.
-    #[arg(long = "expose-iface", value_name = "IFACE:PORT[=TARGET]", value_parser = parse_iface_rule)]
+    #[arg(long = "expose-iface", value_name = "IFACE:PORT[/PROTOCOL][=TARGET]", value_parser = parse_iface_rule)]
     expose_iface: Vec<rule::Rule>,
     /// Serve the --expose/--expose-iface rules of NAME (a network or bridge as given
     /// there) even though the bridge has ports that lead off this host (a network
@@ -177,10 +189,10 @@ struct Serve {
     #[arg(long = "allow-uplinks", value_name = "NAME")]
     allow_uplinks: Vec<String>,
     /// Allow a Docker network's `lhb.expose` label (compose: `networks: NAME: labels:
-    /// lhb.expose: "11434,5432"`) to ask for PORT[=TARGET]: a label entry is served
-    /// only if it equals an allowed entry, port and target. Repeatable; added to the
-    /// config's `label_allow`. Without any, labels are ignored.
-    #[arg(long = "label-allow", value_name = "PORT[=TARGET]", value_parser = parse_label_allow)]
+    /// lhb.expose: "11434,5432,53/udp"`) to ask for PORT[/PROTOCOL][=TARGET]: a label
+    /// entry is served only if it equals an allowed entry, port, protocol and target.
+    /// Repeatable; added to the config's `label_allow`. Without any, labels are ignored.
+    #[arg(long = "label-allow", value_name = "PORT[/PROTOCOL][=TARGET]", value_parser = parse_label_allow)]
     label_allow: Vec<labels::Entry>,
     /// An engine API socket to read networks from, `unix:///PATH`: Docker's, or
     /// Podman's (it answers libpod's ping). Repeatable; added to the config's `engine`.
@@ -444,10 +456,14 @@ async fn dispatch(command: Command) -> anyhow::Result<bool> {
         Command::Run {
             serve,
             max_connections,
+            udp_max_flows,
+            udp_idle_timeout,
             keep_on_exit,
         } => daemon::run(daemon::RunOptions {
             serve: serve.options()?,
             max_connections,
+            udp_max_flows: udp_max_flows.map(|n| n as usize),
+            udp_idle: std::time::Duration::from_secs(udp_idle_timeout),
             keep_on_exit,
         })
         .await

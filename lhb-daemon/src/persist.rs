@@ -73,6 +73,9 @@ pub fn add(path: &Path, rule: &Rule) -> anyhow::Result<()> {
         t["service"] = value(rule.service.as_str());
     }
     t["port"] = value(i64::from(rule.port));
+    if rule.protocol != crate::rule::Protocol::Tcp {
+        t["protocol"] = value(rule.protocol.to_string());
+    }
     let default_target = std::net::SocketAddr::from(([127, 0, 0, 1], rule.port));
     if rule.target != default_target {
         t["target"] = value(rule.target.to_string());

@@ -14,6 +14,7 @@ use crate::{
     docker::DockerView,
     proxy::{ProxyKey, ProxyTarget},
     rule::{Rule, RuleKey, Source},
+    udp::UdpTarget,
 };
 
 /// `--mode` and `mode =`: which data path serves the rules. One definition for the
@@ -89,6 +90,9 @@ pub enum RuleState {
         gateways: Vec<IpAddr>,
         /// Gateways the proxy serves, with why the kernel path does not.
         proxied: Vec<(IpAddr, &'static str)>,
+        /// Gateways the UDP forwarder serves (a rule's UDP side is always forwarded:
+        /// see `udp.rs`).
+        forwarded: Vec<IpAddr>,
         /// Gateways that cannot be served, with the reason.
         skipped: Vec<(IpAddr, &'static str)>,
     },
@@ -120,6 +124,8 @@ pub struct Plan {
     pub endpoints: BTreeMap<Endpoint, Steering>,
     /// Proxy listeners.
     pub proxies: BTreeMap<ProxyKey, ProxyTarget>,
+    /// UDP forwarder sockets.
+    pub udp: BTreeMap<ProxyKey, UdpTarget>,
     /// Where each rule stands.
     pub states: BTreeMap<RuleKey, RuleState>,
 }
@@ -136,16 +142,27 @@ pub fn plan<'a>(
     paths: Paths,
 ) -> Plan {
     let mut plan = Plan::default();
-    // Which rule serves each (bridge, port): a network rule and an interface rule can
-    // name the same bridge, and the second must not silently take the first's place.
-    let mut claimed: BTreeMap<(u32, u16), &Rule> = BTreeMap::new();
+    // Which rule serves each (bridge, port, transport): a network rule and an interface
+    // rule can name the same bridge, and the second must not silently take the first's
+    // place.
+    let mut claimed: BTreeMap<(u32, u16, bool), &Rule> = BTreeMap::new();
     for (rule, slot) in rules {
+        let transports: Vec<bool> = [(rule.protocol.tcp(), false), (rule.protocol.udp(), true)]
+            .into_iter()
+            .filter_map(|(on, udp)| on.then_some(udp))
+            .collect();
         let state = match bridge_of(rule, observed) {
             Err(why) => RuleState::Waiting(why.to_string()),
             Ok(Resolved {
                 bridge: name, link, ..
-            }) if claimed.contains_key(&(link.ifindex, rule.port)) => {
-                let first = claimed[&(link.ifindex, rule.port)];
+            }) if transports
+                .iter()
+                .any(|&u| claimed.contains_key(&(link.ifindex, rule.port, u))) =>
+            {
+                let first = transports
+                    .iter()
+                    .find_map(|&u| claimed.get(&(link.ifindex, rule.port, u)))
+                    .expect("checked above");
                 RuleState::Waiting(format!(
                     "bridge {name} port {} is already served by rule {first} (given as {}); this rule (given as {}) is not served: remove one of the two",
                     rule.port,
@@ -158,11 +175,35 @@ pub fn plan<'a>(
                 link,
                 gateways,
             }) => {
-                claimed.insert((link.ifindex, rule.port), rule);
+                for &u in &transports {
+                    claimed.insert((link.ifindex, rule.port, u), rule);
+                }
                 let mut served = Vec::new();
                 let mut proxied = Vec::new();
+                let mut forwarded = Vec::new();
                 let mut skipped = Vec::new();
                 for gw in gateways {
+                    let key = ProxyKey {
+                        bridge: name.to_string(),
+                        ifindex: link.ifindex,
+                        gateway: gw,
+                        port: rule.port,
+                    };
+                    if rule.protocol.udp() {
+                        // The forwarder is in user space: any gateway reaches any
+                        // loopback target, of either family.
+                        plan.udp.insert(
+                            key.clone(),
+                            UdpTarget {
+                                target: rule.target,
+                                slot,
+                            },
+                        );
+                        forwarded.push(gw);
+                    }
+                    if !rule.protocol.tcp() {
+                        continue;
+                    }
                     let kernel = match (paths.mode, paths.kernel) {
                         _ if rule.proxy_protocol => Err(PROXY_PROTOCOL),
                         (Mode::Proxy, _) => Err("--mode proxy"),
@@ -175,12 +216,6 @@ pub fn plan<'a>(
                             served.push(gw);
                         }
                         Err(why) if paths.mode != Mode::Kernel || why == PROXY_PROTOCOL => {
-                            let key = ProxyKey {
-                                bridge: name.to_string(),
-                                ifindex: link.ifindex,
-                                gateway: gw,
-                                port: rule.port,
-                            };
                             plan.proxies.insert(
                                 key,
                                 ProxyTarget {
@@ -194,7 +229,7 @@ pub fn plan<'a>(
                         Err(why) => skipped.push((gw, why)),
                     }
                 }
-                if served.is_empty() && proxied.is_empty() {
+                if served.is_empty() && proxied.is_empty() && forwarded.is_empty() {
                     RuleState::Waiting(format!(
                         "no gateway of bridge {name} can reach target {}: {}",
                         rule.target,
@@ -209,6 +244,7 @@ pub fn plan<'a>(
                         ifindex: link.ifindex,
                         gateways: served,
                         proxied,
+                        forwarded,
                         skipped,
                     }
                 }
@@ -586,6 +622,59 @@ mod tests {
             RuleState::Waiting(w) => w.clone(),
             other => panic!("rule {i}: {other:?}"),
         }
+    }
+
+    /// A rule's UDP side is always the forwarder's, in every mode; its TCP side takes
+    /// the usual path; a TCP rule and a UDP rule on the same bridge and port are two
+    /// services, but two UDP rules there are one too many.
+    #[test]
+    fn udp_is_forwarded_and_claims_its_own_port() {
+        let specs = ["br0:53/both=127.0.0.53:53", "br0:8125/udp", "br0:9/udp"];
+        let rules: Vec<Rule> = specs.iter().map(|s| parse_iface_spec(s).unwrap()).collect();
+        let o = observed(&[("br0", link(7, &["10.1.0.1"]))]);
+        for paths in [
+            KERNEL,
+            Paths {
+                mode: Mode::Proxy,
+                kernel: false,
+            },
+        ] {
+            let p = plan(&rules, &[0, 1, 2], &o, paths);
+            assert_eq!(p.udp.len(), 3, "{paths:?}");
+            let k = p.udp.keys().find(|k| k.port == 53).unwrap();
+            assert_eq!(p.udp[k].target, "127.0.0.53:53".parse().unwrap());
+            // The TCP side of 53 only.
+            assert_eq!(p.endpoints.len() + p.proxies.len(), 1, "{paths:?}");
+            match nth(&p, &rules, 0) {
+                RuleState::Serving { forwarded, .. } => assert_eq!(forwarded.len(), 1),
+                other => panic!("{other:?}"),
+            }
+        }
+        // A UDP-only rule attaches no program.
+        let p = plan(&rules[1..], &[1, 2], &o, KERNEL);
+        assert!(p.attach.is_empty() && p.endpoints.is_empty());
+        // The same bridge and port: TCP from one rule and UDP from another both serve;
+        // a second UDP rule waits.
+        let net = {
+            let mut o = o.clone();
+            o.docker = Some(Default::default());
+            with_networks(
+                o,
+                &[
+                    ("app", "br0", &["10.1.0.1"]),
+                    ("alias", "br0", &["10.1.0.1"]),
+                ],
+            )
+        };
+        let both = [
+            crate::rule::parse_network_spec("app:53").unwrap(),
+            parse_iface_spec("br0:53/udp").unwrap(),
+            crate::rule::parse_network_spec("alias:53/udp").unwrap(),
+        ];
+        let p = plan(&both[..], &[0, 1, 2], &net, KERNEL);
+        assert!(matches!(nth(&p, &both, 0), RuleState::Serving { .. }));
+        assert!(matches!(nth(&p, &both, 1), RuleState::Serving { .. }));
+        assert!(waiting(&p, &both, 2).contains("already served by rule"));
     }
 
     /// Table-driven: each case is a sequence of observations, and after each one the

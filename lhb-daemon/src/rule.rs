@@ -51,6 +51,69 @@ impl fmt::Display for RuleKey {
     }
 }
 
+/// Which transport a rule serves (`PORT/udp`, `protocol = "udp"`). TCP is the default.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+    /// TCP and UDP on the same port, to the same target (DNS).
+    Both,
+}
+
+impl Protocol {
+    pub fn tcp(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Both)
+    }
+
+    pub fn udp(self) -> bool {
+        matches!(self, Protocol::Udp | Protocol::Both)
+    }
+
+    /// `tcp`, `udp` or `both`, as written after `PORT/`.
+    pub fn parse(text: &str) -> Option<Protocol> {
+        match text {
+            "tcp" => Some(Protocol::Tcp),
+            "udp" => Some(Protocol::Udp),
+            "both" => Some(Protocol::Both),
+            _ => None,
+        }
+    }
+
+    /// What a spec writes after the port: nothing for TCP, so every TCP rule reads as
+    /// it always did.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "",
+            Protocol::Udp => "/udp",
+            Protocol::Both => "/both",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Both => "both",
+        })
+    }
+}
+
 /// Where a running rule comes from (`origin` in `lhb status`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -83,6 +146,9 @@ impl fmt::Display for Origin {
 pub struct Rule {
     pub source: Source,
     pub port: u16,
+    /// TCP, UDP or both: one rule per source and port either way, so a port's TCP and
+    /// UDP sides never lead to two different services by accident.
+    pub protocol: Protocol,
     /// Always a loopback address: checked when the rule is made.
     pub target: SocketAddr,
     /// Label for logs and status.
@@ -109,6 +175,7 @@ impl PartialEq for Rule {
         let Rule {
             source,
             port,
+            protocol,
             target,
             service,
             max_connections,
@@ -119,6 +186,7 @@ impl PartialEq for Rule {
         (
             source,
             port,
+            protocol,
             target,
             service,
             max_connections,
@@ -127,6 +195,7 @@ impl PartialEq for Rule {
         ) == (
             &o.source,
             &o.port,
+            &o.protocol,
             &o.target,
             &o.service,
             &o.max_connections,
@@ -155,6 +224,7 @@ impl Rule {
         Rule {
             source,
             port,
+            protocol: Protocol::Tcp,
             target: target.unwrap_or(default_target(port)),
             service: service.unwrap_or_else(|| format!("port-{port}")),
             max_connections: None,
@@ -172,7 +242,14 @@ pub fn default_target(port: u16) -> SocketAddr {
 
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{} -> {}", self.source, self.port, self.target)
+        write!(
+            f,
+            "{}:{}{} -> {}",
+            self.source,
+            self.port,
+            self.protocol.suffix(),
+            self.target
+        )
     }
 }
 
@@ -183,7 +260,7 @@ pub enum RuleError {
     )]
     NetworkName { spec: String, name: String },
     #[error(
-        "`{spec}`: expected NAME:PORT[=TARGET], e.g. `docker0:11434` or `virbr0:8080=127.0.0.1:80`"
+        "`{spec}`: expected NAME:PORT[/PROTOCOL][=TARGET], e.g. `docker0:11434`, `virbr0:8080=127.0.0.1:80` or `docker0:53/udp=127.0.0.53:53`"
     )]
     Syntax { spec: String },
     #[error(
@@ -196,9 +273,13 @@ pub enum RuleError {
         "`{spec}`: target `{target}` is not a loopback address; lhb only forwards to services on 127.0.0.1 or [::1] (write TARGET as PORT, 127.0.0.1:PORT or [::1]:PORT)"
     )]
     NotLoopback { spec: String, target: String },
+    #[error("`{spec}`: protocol `{protocol}` is not tcp, udp or both")]
+    Protocol { spec: String, protocol: String },
     #[error("`{spec}`: target `{target}` is not PORT, 127.0.0.1:PORT or [::1]:PORT")]
     Target { spec: String, target: String },
-    #[error("rule {rule} is given twice (the same source and port may be exposed once)")]
+    #[error(
+        "rule {rule} is given twice (the same source and port may be exposed once; PORT/both serves TCP and UDP)"
+    )]
     Duplicate { rule: String },
     #[error("{count} rules: lhb serves at most {max} at a time")]
     TooMany { count: usize, max: u32 },
@@ -229,9 +310,26 @@ fn parse_spec(spec: &str, network: bool) -> Result<Rule, RuleError> {
         spec: spec.to_string(),
     })?;
     let source = source(spec, name, network)?;
-    let port = parse_port(spec, port)?;
+    let (port, protocol) = parse_port_protocol(spec, port)?;
     let target = target.map(|t| parse_target(spec, t)).transpose()?;
-    Ok(Rule::new(source, port, target, None))
+    let mut rule = Rule::new(source, port, target, None);
+    rule.protocol = protocol;
+    Ok(rule)
+}
+
+/// Parses `PORT[/tcp|/udp|/both]`.
+pub fn parse_port_protocol(spec: &str, text: &str) -> Result<(u16, Protocol), RuleError> {
+    match text.split_once('/') {
+        None => Ok((parse_port(spec, text)?, Protocol::Tcp)),
+        Some((port, protocol)) => {
+            let port = parse_port(spec, port)?;
+            let protocol = Protocol::parse(protocol.trim()).ok_or_else(|| RuleError::Protocol {
+                spec: spec.to_string(),
+                protocol: protocol.to_string(),
+            })?;
+            Ok((port, protocol))
+        }
+    }
 }
 
 /// Checks a source name; `spec` is what the user wrote, for the message.
@@ -480,6 +578,35 @@ mod tests {
         let n = parse_network_spec("app:80").unwrap();
         let i = parse_iface_spec("app:80").unwrap();
         assert!(check_unique(&[r, n, i]).is_ok());
+    }
+
+    #[test]
+    fn a_protocol_may_follow_the_port() {
+        let r = parse_iface_spec("br0:53/udp=127.0.0.53:53").unwrap();
+        assert_eq!((r.port, r.protocol), (53, Protocol::Udp));
+        assert_eq!(r.target, "127.0.0.53:53".parse().unwrap());
+        assert_eq!(r.to_string(), "br0:53/udp -> 127.0.0.53:53");
+        assert_eq!(
+            parse_network_spec("n:53/both").unwrap().protocol,
+            Protocol::Both
+        );
+        let t = parse_network_spec("n:80/tcp").unwrap();
+        assert_eq!(
+            (t.protocol, t.to_string()),
+            (Protocol::Tcp, "n:80 -> 127.0.0.1:80".into())
+        );
+        assert!(matches!(
+            parse_iface_spec("br0:53/sctp"),
+            Err(RuleError::Protocol { .. })
+        ));
+        assert!(matches!(
+            parse_iface_spec("br0:0/udp"),
+            Err(RuleError::Port { .. })
+        ));
+        // One rule per source and port, whatever the protocol.
+        let u = parse_iface_spec("br0:53/udp").unwrap();
+        let t = parse_iface_spec("br0:53").unwrap();
+        assert!(check_unique(&[u, t]).is_err());
     }
 
     #[test]

@@ -93,6 +93,8 @@ pub enum State {
 pub enum DataPath {
     Kernel,
     Proxy,
+    /// The UDP forwarder (a rule's UDP side).
+    Udp,
     #[default]
     None,
 }
@@ -112,6 +114,7 @@ impl std::fmt::Display for DataPath {
         f.pad(match self {
             DataPath::Kernel => "kernel",
             DataPath::Proxy => "proxy",
+            DataPath::Udp => "udp",
             DataPath::None => "none",
         })
     }
@@ -123,6 +126,9 @@ pub struct RuleStatus {
     pub network: Option<String>,
     pub interface: Option<String>,
     pub port: u16,
+    /// `tcp`, `udp` or `both`.
+    #[serde(default)]
+    pub protocol: crate::rule::Protocol,
     pub target: String,
     pub service: String,
     /// `command-line`, `config`, `runtime` (`lhb expose` without --persist) or `label`
@@ -174,17 +180,43 @@ pub struct Counters {
     /// accept(2) failures on its proxy listeners (EMFILE and friends).
     #[serde(default)]
     pub proxy_accept_errors: u64,
+    /// UDP flows (container address and port) opened, and open now.
+    #[serde(default)]
+    pub udp_flows: u64,
+    #[serde(default)]
+    pub udp_active_flows: u64,
+    /// Datagrams passed from containers to the service, and back.
+    #[serde(default)]
+    pub udp_datagrams_in: u64,
+    #[serde(default)]
+    pub udp_datagrams_out: u64,
+    #[serde(default)]
+    pub udp_bytes: u64,
+    /// Datagrams the service refused (nothing listening): answered with ICMP port
+    /// unreachable.
+    #[serde(default)]
+    pub udp_target_errors: u64,
+    /// Datagrams dropped because they would have opened a flow over the limit.
+    #[serde(default)]
+    pub udp_over_limit: u64,
+    /// Datagrams lost in lhb (a socket buffer full, a send that failed).
+    #[serde(default)]
+    pub udp_dropped: u64,
+    /// This rule's share of the forwarder's flows (0 while it forwards nothing).
+    #[serde(default)]
+    pub udp_max_flows: u64,
 }
 
 impl RuleStatus {
     pub fn name(&self) -> String {
         format!(
-            "{}:{}",
+            "{}:{}{}",
             self.network
                 .as_deref()
                 .or(self.interface.as_deref())
                 .unwrap_or("?"),
-            self.port
+            self.port,
+            self.protocol.suffix()
         )
     }
 }
@@ -247,7 +279,10 @@ impl Status {
             "RULE", "STATE", "BRIDGE", "GATEWAY", "PATH", "TARGET", "CONNS"
         );
         for r in &self.rules {
-            let conns = r.counters.kernel_connections + r.counters.proxy_connections;
+            // UDP flows count as connections here; the JSON and the metrics tell them
+            // apart.
+            let conns =
+                r.counters.kernel_connections + r.counters.proxy_connections + r.counters.udp_flows;
             let first = r.gateways.first();
             let _ = writeln!(
                 s,
@@ -310,6 +345,7 @@ impl Status {
                 [
                     (r.labels(",path=\"kernel\""), r.counters.kernel_connections),
                     (r.labels(",path=\"proxy\""), r.counters.proxy_connections),
+                    (r.labels(",path=\"udp\""), r.counters.udp_flows),
                 ]
             }),
         );
@@ -434,6 +470,48 @@ const PER_RULE: &[PerRule] = &[
         "Connections turned away at --max-connections.",
         |c| c.proxy_over_limit,
     ),
+    (
+        "lhb_udp_active_flows",
+        "gauge",
+        "UDP flows (container address and port) the forwarder holds now.",
+        |c| c.udp_active_flows,
+    ),
+    (
+        "lhb_udp_datagrams_in_total",
+        "counter",
+        "Datagrams forwarded from containers to the service.",
+        |c| c.udp_datagrams_in,
+    ),
+    (
+        "lhb_udp_datagrams_out_total",
+        "counter",
+        "Datagrams forwarded from the service to containers.",
+        |c| c.udp_datagrams_out,
+    ),
+    (
+        "lhb_udp_bytes_total",
+        "counter",
+        "UDP payload bytes forwarded, both directions.",
+        |c| c.udp_bytes,
+    ),
+    (
+        "lhb_udp_target_errors_total",
+        "counter",
+        "Datagrams the service refused (nothing listening), answered with ICMP port unreachable.",
+        |c| c.udp_target_errors,
+    ),
+    (
+        "lhb_udp_over_limit_total",
+        "counter",
+        "Datagrams dropped because they would have opened a flow over --udp-max-flows or the rule's share.",
+        |c| c.udp_over_limit,
+    ),
+    (
+        "lhb_udp_dropped_total",
+        "counter",
+        "Datagrams lost in lhb: a socket buffer full or a send that failed.",
+        |c| c.udp_dropped,
+    ),
 ];
 
 /// Prometheus text exposition being written.
@@ -459,10 +537,11 @@ impl RuleStatus {
     /// The rule's metric labels, then `extra` (`,key="value"`...).
     fn labels(&self, extra: &str) -> String {
         format!(
-            "{{rule=\"{}\",service=\"{}\",origin=\"{}\"{extra}}}",
+            "{{rule=\"{}\",service=\"{}\",origin=\"{}\",protocol=\"{}\"{extra}}}",
             escape(&self.name()),
             escape(&self.service),
-            self.origin
+            self.origin,
+            self.protocol
         )
     }
 
@@ -533,7 +612,7 @@ mod tests {
         let text = st.prometheus();
         assert!(text.contains("# TYPE lhb_connections_total counter"));
         assert!(text.contains(
-            "lhb_connections_total{rule=\"app:80\",service=\"web\\\"x\",origin=\"label\",path=\"kernel\"} 7"
+            "lhb_connections_total{rule=\"app:80\",service=\"web\\\"x\",origin=\"label\",protocol=\"tcp\",path=\"kernel\"} 7"
         ));
         assert!(text.contains("lhb_reconcile_events_total 3"));
         assert!(text.contains(

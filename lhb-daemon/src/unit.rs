@@ -12,7 +12,8 @@ use anyhow::Context as _;
 /// with exactly these): CAP_BPF to load the programs and create the maps, CAP_NET_ADMIN
 /// to attach them (TC, socket lookup) and for the firewall tools, CAP_PERFMON for the
 /// pointer handling the socket helpers need in the verifier, CAP_NET_RAW for the
-/// legacy iptables variant (raw sockets) and SO_BINDTODEVICE on older kernels.
+/// legacy iptables variant (raw sockets), SO_BINDTODEVICE on older kernels and the UDP
+/// forwarder's ICMP port unreachable answers (a raw ICMP socket).
 pub const CAPABILITIES: &str = "CAP_BPF CAP_NET_ADMIN CAP_PERFMON CAP_NET_RAW";
 
 /// Directories a unit must never make writable as a whole: the config belongs in a
@@ -144,9 +145,9 @@ SystemCallErrorNumber=EPERM
 # Sockets and files lhb creates are its own (the control socket is 0600 anyway).
 UMask=0077
 LimitMEMLOCK=infinity
-# The proxy's connection budget is (LimitNOFILE - 256) / 6 = 10880 connections.
+# The proxy's connection budget is (LimitNOFILE - 384 - 1024 UDP flows) / 6 = 10688.
 LimitNOFILE=65536
-# A bound for a leak, never reached by design: 10880 connections with both pipes full
+# A bound for a leak, never reached by design: 10688 connections with both pipes full
 # (2 x 64 KiB each) are 1.33 GiB, the daemon itself tens of MiB.
 MemoryMax=2G
 

@@ -360,8 +360,9 @@ networks:
         s.read_to_string(&mut out).unwrap();
         out
     };
-    let sample =
-        format!("lhb_rule_serving{{rule=\"{net}:{p}\",service=\"port-{p}\",origin=\"label\"}} 1");
+    let sample = format!(
+        "lhb_rule_serving{{rule=\"{net}:{p}\",service=\"port-{p}\",origin=\"label\",protocol=\"tcp\"}} 1"
+    );
     assert!(metrics.contains(&sample), "{sample} not in:\n{metrics}");
 
     // verify and doctor read the same labels (with the same allowed entries).

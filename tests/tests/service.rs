@@ -347,7 +347,7 @@ fn metrics_count_connections_per_path_on_unix_and_loopback() {
     let text = scrape_unix(&lhb.metrics_socket());
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
     let rule = format!(
-        "{{rule=\"{spec}\",service=\"port-{}\",origin=\"command-line\"",
+        "{{rule=\"{spec}\",service=\"port-{}\",origin=\"command-line\",protocol=\"tcp\"",
         svc.port()
     );
     assert_eq!(

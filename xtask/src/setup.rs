@@ -46,6 +46,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "docker-compose",
     // The Podman test's real rootful Podman (4.3 with netavark on Debian 12).
     "podman",
+    // UDP: a resolver on 127.0.0.53 (dnsmasq-base is the binary alone: its package
+    // starts no service), dig, and the benchmark's dnsperf.
+    "dnsmasq-base",
+    "dnsutils",
+    "dnsperf",
 ];
 
 /// Applets linked in the test image: what the tests run inside containers.

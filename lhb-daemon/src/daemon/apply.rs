@@ -8,7 +8,7 @@ use tracing::{error, info};
 
 use super::{Daemon, StartError};
 use crate::{
-    firewall::Opening,
+    firewall::{Opening, Transport},
     kernel::KernelPath,
     netlink::Netlink,
     proxy,
@@ -24,6 +24,7 @@ impl Daemon {
             fw.shutdown(keep).await;
         }
         self.proxy.shutdown();
+        self.udp.shutdown();
         if let Some(k) = self.kernel.as_mut() {
             k.shutdown(&self.netlink, keep).await;
         }
@@ -78,6 +79,7 @@ impl Daemon {
                 }
             }
         }
+        self.apply_udp(wanted);
         self.share_proxy();
         if let Some(fw) = &self.firewall {
             fw.want(openings(&self.applied));
@@ -91,6 +93,51 @@ impl Daemon {
 }
 
 impl Daemon {
+    /// The UDP forwarder's sockets, from what is applied to `wanted`; a bind that fails
+    /// is left out of `applied` and retried, like a proxy listener.
+    fn apply_udp(&mut self, wanted: &Plan) {
+        let gone: Vec<_> = self
+            .applied
+            .udp
+            .iter()
+            .filter(|(k, t)| wanted.udp.get(*k) != Some(*t))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            self.udp.close(&key);
+            self.applied.udp.remove(&key);
+            info!(bridge = %key.bridge, "UDP forwarder closed {}:{}", key.gateway, key.port);
+        }
+        self.udp_errors.retain(|k, _| wanted.udp.contains_key(k));
+        for (key, target) in &wanted.udp {
+            if self.applied.udp.contains_key(key) {
+                continue;
+            }
+            match self.udp.bind(key, *target) {
+                Ok(()) => {
+                    self.applied.udp.insert(key.clone(), *target);
+                    self.udp_errors.remove(key);
+                    info!(bridge = %key.bridge, "UDP forwarder on {}:{} (bound to {}) -> {}; the service sees datagrams from {}",
+                          key.gateway, key.port, key.bridge, target.target, udp_seen_as(key.ifindex, target));
+                }
+                Err(e) => {
+                    let e = format!(
+                        "UDP forwarder for {}:{} on {}: {e} (`lhb doctor` names the process; retrying)",
+                        key.gateway, key.port, key.bridge
+                    );
+                    if self.udp_errors.get(key) != Some(&e) {
+                        error!("{e}");
+                    }
+                    self.udp_errors.insert(key.clone(), e);
+                }
+            }
+        }
+        let forwarded: BTreeSet<u32> = self.applied.udp.values().map(|t| t.slot).collect();
+        let share = (self.udp.max_flows() / forwarded.len().max(1)).max(1);
+        let limits = forwarded.iter().map(|&slot| (slot, share)).collect();
+        self.udp.set_limits(&limits);
+    }
+
     /// Each proxied rule's share of the proxy's connections: its `max_connections`, or
     /// an equal part of the total.
     fn share_proxy(&self) {
@@ -107,6 +154,13 @@ impl Daemon {
     }
 }
 
+fn udp_seen_as(ifindex: u32, target: &crate::udp::UdpTarget) -> String {
+    match target.target {
+        std::net::SocketAddr::V4(_) => proxy::loopback_source(ifindex).to_string(),
+        std::net::SocketAddr::V6(_) => "::1".to_string(),
+    }
+}
+
 /// The traffic the firewall must let in for what is applied: every served gateway port,
 /// on its bridge.
 pub(crate) fn openings(plan: &Plan) -> BTreeSet<Opening> {
@@ -115,14 +169,22 @@ pub(crate) fn openings(plan: &Plan) -> BTreeSet<Opening> {
             iface: plan.attach.get(&k.ifindex)?.clone(),
             gateway: k.gateway,
             port: k.port,
+            transport: Transport::Tcp,
         })
     });
     let proxied = plan.proxies.keys().map(|k| Opening {
         iface: k.bridge.clone(),
         gateway: k.gateway,
         port: k.port,
+        transport: Transport::Tcp,
     });
-    kernel.chain(proxied).collect()
+    let forwarded = plan.udp.keys().map(|k| Opening {
+        iface: k.bridge.clone(),
+        gateway: k.gateway,
+        port: k.port,
+        transport: Transport::Udp,
+    });
+    kernel.chain(proxied).chain(forwarded).collect()
 }
 
 /// Refuses, before anything is attached, interface rules that cannot work at all (not a

@@ -77,6 +77,10 @@ pub struct RunOptions {
     pub serve: ServeOptions,
     /// --max-connections, if given; else derived from the open-file limit.
     pub max_connections: Option<usize>,
+    /// --udp-max-flows, if given; else the default, within the open-file limit.
+    pub udp_max_flows: Option<usize>,
+    /// --udp-idle-timeout.
+    pub udp_idle: std::time::Duration,
     /// Leave the kernel path and the firewall rules serving on a clean exit.
     pub keep_on_exit: bool,
 }
@@ -127,6 +131,8 @@ struct Daemon {
     /// Proxy listeners that could not be bound (another program holds the address),
     /// retried with backoff; the rest of the rules are served meanwhile.
     proxy_errors: BTreeMap<ProxyKey, String>,
+    /// UDP forwarder sockets that could not be bound, retried the same way.
+    udp_errors: BTreeMap<ProxyKey, String>,
     kernel_unavailable: Option<String>,
     firewall_backends: Vec<String>,
     firewall_chains: crate::firewall::HeldChains,
@@ -134,6 +140,7 @@ struct Daemon {
     /// None where the kernel path is not used (--mode proxy, or it could not load).
     kernel: Option<KernelPath>,
     proxy: Proxy,
+    udp: crate::udp::Forwarder,
     /// Follows the applied plan on its own (see FirewallTask); None until the first
     /// plan is applied and the firewall matches it.
     firewall: Option<FirewallTask>,
@@ -405,7 +412,8 @@ impl Daemon {
                 self.last_error = Some(e);
                 true
             }
-        } || !self.proxy_errors.is_empty();
+        } || !self.proxy_errors.is_empty()
+            || !self.udp_errors.is_empty();
         if view::log_states(&self.rules, &before, &self.applied.states) {
             self.notifier.status(&self.summary());
         }

@@ -88,6 +88,7 @@ pub(super) async fn start(
     let (sockets, ctl_rx) = Sockets::bind(opts, metrics_addr, tasks).await?;
     let (kernel, kernel_unavailable) = kernel_path(mode, &opts.serve.pin_dir)?;
     let firewall = Firewall::new(firewall_mode);
+    let budget = budget(opts.max_connections, opts.udp_max_flows);
     let mut d = Daemon {
         rules,
         config_path: opts.serve.config.clone(),
@@ -109,11 +110,9 @@ pub(super) async fn start(
             kernel: kernel.is_some(),
         },
         kernel,
-        proxy: Proxy::new(
-            proxy_budget(opts.max_connections),
-            PROXY_BACKLOG,
-            tasks.clone(),
-        ),
+        proxy: Proxy::new(budget.connections, PROXY_BACKLOG, tasks.clone()),
+        udp: crate::udp::Forwarder::new(budget.udp_flows, opts.udp_idle, tasks.clone()),
+        udp_errors: Default::default(),
         tasks: tasks.clone(),
         firewall: None,
         netlink,
@@ -296,11 +295,31 @@ pub(crate) fn load_kernel_path(pin_dir: &std::path::Path) -> anyhow::Result<Kern
     Ok(KernelPath::load(pin_dir)?)
 }
 
-/// How many connections the proxy may carry: each holds [`FDS_PER_CONNECTION`] fds,
-/// and [`FD_RESERVE`] stay free so the control and metrics sockets always answer.
-fn proxy_budget(asked: Option<usize>) -> usize {
+/// How the open files are shared: UDP flows (one fd each) and proxied connections
+/// ([`FDS_PER_CONNECTION`] each); [`FD_RESERVE`] stay free so the control and metrics
+/// sockets always answer.
+struct Budget {
+    connections: usize,
+    udp_flows: usize,
+}
+
+/// The UDP flows are set aside first, at most a quarter of what the reserve leaves.
+fn budget(asked: Option<usize>, asked_flows: Option<usize>) -> Budget {
     let nofile = raise_nofile_limit();
-    let budget = (nofile.saturating_sub(FD_RESERVE) / FDS_PER_CONNECTION).max(1) as usize;
+    let free = nofile.saturating_sub(FD_RESERVE);
+    let flow_room = (free / 4).max(1) as usize;
+    let udp_flows = match asked_flows {
+        Some(n) if n > flow_room => {
+            warn!(
+                "--udp-max-flows {n} is more than a quarter of the open-file limit ({nofile}) allows: using {flow_room} (raise LimitNOFILE to allow more)"
+            );
+            flow_room
+        }
+        Some(n) => n,
+        None => crate::udp::DEFAULT_MAX_FLOWS.min(flow_room),
+    };
+    let left = free.saturating_sub(udp_flows as u64);
+    let budget = (left / FDS_PER_CONNECTION).max(1) as usize;
     let max = match asked {
         Some(n) if n > budget => {
             warn!(
@@ -311,8 +330,13 @@ fn proxy_budget(asked: Option<usize>) -> usize {
         Some(n) => n,
         None => budget,
     };
-    info!("proxy: at most {max} connection(s) at once (open-file limit {nofile})");
-    max
+    info!(
+        "proxy: at most {max} connection(s) at once; UDP: at most {udp_flows} flow(s) (open-file limit {nofile})"
+    );
+    Budget {
+        connections: max,
+        udp_flows,
+    }
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit (systemd's default soft limit, 1024,

@@ -24,6 +24,7 @@ pub(crate) fn rule_view(
 ) -> status::RuleStatus {
     let mut r = status::RuleStatus {
         port: rule.port,
+        protocol: rule.protocol,
         target: rule.target.to_string(),
         service: rule.service.clone(),
         origin,
@@ -39,6 +40,7 @@ pub(crate) fn rule_view(
             ifindex,
             gateways,
             proxied,
+            forwarded,
             skipped,
         }) => {
             r.state = State::Serving;
@@ -67,6 +69,14 @@ pub(crate) fn rule_view(
                 if let Some(t) = proxies.get(&key) {
                     g.client_seen_as = Some(proxy::seen_as(*ifindex, t));
                 }
+                g
+            }));
+            r.gateways.extend(forwarded.iter().map(|a| {
+                let mut g = gw(a, DataPath::Udp, None);
+                g.client_seen_as = Some(match rule.target {
+                    std::net::SocketAddr::V4(_) => proxy::loopback_source(*ifindex).to_string(),
+                    std::net::SocketAddr::V6(_) => "::1".to_string(),
+                });
                 g
             }));
             r.gateways.extend(
@@ -116,8 +126,16 @@ pub(super) fn log_states(
                 ifindex,
                 gateways,
                 proxied,
+                forwarded,
                 skipped,
             } => {
+                for gw in forwarded {
+                    info!(
+                        service = %rule.service,
+                        "serving {rule}: containers on {bridge} (ifindex {ifindex}) send datagrams to {}; data path: UDP forwarder",
+                        std::net::SocketAddr::new(*gw, rule.port)
+                    );
+                }
                 for gw in gateways {
                     info!(
                         service = %rule.service,
@@ -155,6 +173,7 @@ impl Daemon {
                 bridge,
                 gateways,
                 proxied,
+                forwarded,
                 ..
             }) => {
                 let mut at: Vec<String> = gateways
@@ -165,6 +184,11 @@ impl Daemon {
                     proxied.iter().map(|(g, _)| {
                         format!("{} (proxy)", std::net::SocketAddr::new(*g, key.port))
                     }),
+                );
+                at.extend(
+                    forwarded
+                        .iter()
+                        .map(|g| format!("{}/udp", std::net::SocketAddr::new(*g, key.port))),
                 );
                 format!("serving on {bridge} at {}", at.join(", "))
             }
@@ -182,17 +206,26 @@ impl Daemon {
             let state = self.applied.states.get(&rule.key());
             let mut r = rule_view(rule, a.origin, state, &self.applied.proxies);
             if let Some(RuleState::Serving { bridge, .. }) = state {
-                for g in r.gateways.iter_mut().filter(|g| g.path == DataPath::Proxy) {
+                for g in r.gateways.iter_mut() {
+                    let errors = match g.path {
+                        DataPath::Proxy => &self.proxy_errors,
+                        DataPath::Udp => &self.udp_errors,
+                        _ => continue,
+                    };
                     let key = g.address.parse().ok().map(|gateway| ProxyKey {
                         bridge: bridge.clone(),
                         ifindex: r.ifindex.unwrap_or_default(),
                         gateway,
                         port: rule.port,
                     });
-                    g.error = key.and_then(|k| self.proxy_errors.get(&k).cloned());
+                    g.error = key.and_then(|k| errors.get(&k).cloned());
                 }
                 for (o, c) in chains {
-                    if &o.iface == bridge && o.port == rule.port && !c.is_empty() {
+                    let ours = match o.transport {
+                        crate::firewall::Transport::Tcp => rule.protocol.tcp(),
+                        crate::firewall::Transport::Udp => rule.protocol.udp(),
+                    };
+                    if &o.iface == bridge && o.port == rule.port && ours && !c.is_empty() {
                         r.firewall.push(format!("{o}: {}", c.join(", ")));
                     }
                 }
@@ -217,6 +250,16 @@ impl Daemon {
             r.counters.proxy_over_limit = get(&p.over_limit);
             r.counters.proxy_max_connections = get(&p.limit);
             r.counters.proxy_accept_errors = get(&p.accept_errors);
+            let u = self.udp.counters(slot);
+            r.counters.udp_flows = get(&u.flows);
+            r.counters.udp_active_flows = get(&u.active);
+            r.counters.udp_datagrams_in = get(&u.datagrams_in);
+            r.counters.udp_datagrams_out = get(&u.datagrams_out);
+            r.counters.udp_bytes = get(&u.bytes);
+            r.counters.udp_target_errors = get(&u.target_errors);
+            r.counters.udp_over_limit = get(&u.over_limit);
+            r.counters.udp_dropped = get(&u.dropped);
+            r.counters.udp_max_flows = get(&u.limit);
             rules.push(r);
         }
         Status {

@@ -23,7 +23,7 @@ use anyhow::Context as _;
 use tracing::{debug, info, warn};
 use zbus::blocking::Connection;
 
-use super::{Backend, Exec, Insert, Opening};
+use super::{Backend, Exec, Insert, Opening, Transport};
 
 const NAME: &str = "org.fedoraproject.FirewallD1";
 const PATH: &str = "/org/fedoraproject/FirewallD1";
@@ -120,8 +120,9 @@ impl Firewalld {
         if target == "ACCEPT" {
             return Ok(Some(format!("zone {zone} accepts everything")));
         }
-        let port: bool = self.call(ZONE, "queryPort", &(zone, o.port.to_string(), "tcp"))?;
-        Ok(port.then(|| format!("zone {zone} allows port {}/tcp", o.port)))
+        let proto = o.transport.as_str();
+        let port: bool = self.call(ZONE, "queryPort", &(zone, o.port.to_string(), proto))?;
+        Ok(port.then(|| format!("zone {zone} allows port {}/{proto}", o.port)))
     }
 
     fn zones(&self) -> anyhow::Result<Vec<String>> {
@@ -148,25 +149,33 @@ where
 pub fn rich_rule(o: &Opening) -> String {
     let family = if o.gateway.is_ipv6() { "ipv6" } else { "ipv4" };
     format!(
-        "rule priority=\"{PRIORITY}\" family=\"{family}\" destination address=\"{}\" port port=\"{}\" protocol=\"tcp\" accept",
-        o.gateway, o.port
+        "rule priority=\"{PRIORITY}\" family=\"{family}\" destination address=\"{}\" port port=\"{}\" protocol=\"{}\" accept",
+        o.gateway,
+        o.port,
+        o.transport.as_str()
     )
 }
 
-/// The gateway and port of one of lhb's rich rules; None for any other rule.
-fn parse_rich_rule(rule: &str) -> Option<(IpAddr, u16)> {
+/// The gateway, port and transport of one of lhb's rich rules; None for any other
+/// rule.
+fn parse_rich_rule(rule: &str) -> Option<(IpAddr, u16, Transport)> {
     let rest = rule.strip_prefix(&format!("rule priority=\"{PRIORITY}\" family=\""))?;
     let (_, rest) = rest.split_once("\" destination address=\"")?;
     let (addr, rest) = rest.split_once("\" port port=\"")?;
     let (port, rest) = rest.split_once('"')?;
-    (rest == " protocol=\"tcp\" accept").then_some(())?;
+    let transport = match rest {
+        " protocol=\"tcp\" accept" => Transport::Tcp,
+        " protocol=\"udp\" accept" => Transport::Udp,
+        _ => return None,
+    };
     let (gateway, port): (IpAddr, u16) = (addr.parse().ok()?, port.parse().ok()?);
     let o = Opening {
         iface: String::new(),
         gateway,
         port,
+        transport,
     };
-    (rich_rule(&o) == rule).then_some((gateway, port))
+    (rich_rule(&o) == rule).then_some((gateway, port, transport))
 }
 
 /// The `firewall-cmd` that does by hand what lhb does for `o` in `zone`.
@@ -224,7 +233,7 @@ impl Backend for Firewalld {
         let mut left = BTreeSet::new();
         for zone in self.zones()? {
             let rules: Vec<String> = self.call(ZONE, "getRichRules", &(zone.as_str(),))?;
-            for (gateway, port) in rules.iter().filter_map(|r| parse_rich_rule(r)) {
+            for (gateway, port, transport) in rules.iter().filter_map(|r| parse_rich_rule(r)) {
                 // The rule names no interface: the one holding the gateway address now.
                 // One that none holds is an opening of a bridge that is gone, removed
                 // by the first sync like any opening no longer wanted.
@@ -233,6 +242,7 @@ impl Backend for Firewalld {
                     iface,
                     gateway,
                     port,
+                    transport,
                 });
             }
         }
@@ -415,15 +425,30 @@ mod tests {
                 iface: "br0".into(),
                 gateway: gw.parse().unwrap(),
                 port: 11434,
+                transport: Transport::Tcp,
             };
             let r = rich_rule(&o);
-            assert_eq!(parse_rich_rule(&r), Some((o.gateway, 11434)), "{r}");
+            assert_eq!(
+                parse_rich_rule(&r),
+                Some((o.gateway, 11434, Transport::Tcp)),
+                "{r}"
+            );
+            let u = Opening {
+                transport: Transport::Udp,
+                ..o.clone()
+            };
+            assert!(rich_rule(&u).contains("protocol=\"udp\""));
+            assert_eq!(
+                parse_rich_rule(&rich_rule(&u)),
+                Some((o.gateway, 11434, Transport::Udp))
+            );
         }
         assert_eq!(
             rich_rule(&Opening {
                 iface: "br0".into(),
                 gateway: "10.0.0.1".parse().unwrap(),
-                port: 80
+                port: 80,
+                transport: Transport::Tcp,
             }),
             "rule priority=\"-32000\" family=\"ipv4\" destination address=\"10.0.0.1\" port port=\"80\" protocol=\"tcp\" accept"
         );

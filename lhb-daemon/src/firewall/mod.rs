@@ -44,19 +44,43 @@ pub enum FirewallMode {
     None,
 }
 
-/// Traffic lhb must let in: TCP to `gateway:port` arriving on `iface`.
+/// Traffic lhb must let in: TCP or UDP to `gateway:port` arriving on `iface`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Opening {
     pub iface: String,
     pub gateway: IpAddr,
     pub port: u16,
+    pub transport: Transport,
+}
+
+/// The transport an opening lets in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Transport {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    /// As iptables, nft and firewalld write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        }
+    }
 }
 
 impl Opening {
     /// The tag every rule of lhb carries; it names the opening, so a rule can be found
     /// and removed (also by the next start, if this one crashed) without guessing.
     pub fn tag(&self) -> String {
-        format!("lhb {} {} {}", self.iface, self.gateway, self.port)
+        // TCP's tag is what it was before UDP existed: rules an earlier version left
+        // behind are still recognised and removed.
+        match self.transport {
+            Transport::Tcp => format!("lhb {} {} {}", self.iface, self.gateway, self.port),
+            Transport::Udp => format!("lhb {} {} {} udp", self.iface, self.gateway, self.port),
+        }
     }
 
     /// The opening a tag names, if it is one of lhb's.
@@ -65,11 +89,17 @@ impl Opening {
         if w.next()? != "lhb" {
             return None;
         }
-        let o = Opening {
+        let mut o = Opening {
             iface: w.next()?.to_string(),
             gateway: w.next()?.parse().ok()?,
             port: w.next()?.parse().ok()?,
+            transport: Transport::Tcp,
         };
+        match w.next() {
+            None => {}
+            Some("udp") => o.transport = Transport::Udp,
+            Some(_) => return None,
+        }
         w.next().is_none().then_some(o)
     }
 }
@@ -78,8 +108,11 @@ impl fmt::Display for Opening {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "tcp to {}:{} in on {}",
-            self.gateway, self.port, self.iface
+            "{} to {}:{} in on {}",
+            self.transport.as_str(),
+            self.gateway,
+            self.port,
+            self.iface
         )
     }
 }
@@ -746,6 +779,7 @@ mod tests {
             iface: "br0".into(),
             gateway: "10.0.0.1".parse().unwrap(),
             port: 80,
+            transport: Transport::Tcp,
         }
     }
 
@@ -800,8 +834,17 @@ mod tests {
             iface: "br-0123".into(),
             gateway: "172.18.0.1".parse().unwrap(),
             port: 11434,
+            transport: Transport::Tcp,
         };
         assert_eq!(o.tag(), "lhb br-0123 172.18.0.1 11434");
+        let u = Opening {
+            transport: Transport::Udp,
+            ..o.clone()
+        };
+        assert_eq!(u.tag(), "lhb br-0123 172.18.0.1 11434 udp");
+        assert_eq!(Opening::from_tag(&u.tag()), Some(u.clone()));
+        assert_eq!(u.to_string(), "udp to 172.18.0.1:11434 in on br-0123");
+        assert_eq!(Opening::from_tag("lhb br0 10.0.0.1 53 sctp"), None);
         assert_eq!(Opening::from_tag(&o.tag()), Some(o.clone()));
         assert_eq!(Opening::from_tag(&format!("\"{}\"", o.tag())), Some(o));
         for other in [

@@ -248,7 +248,10 @@ fn accept(c: &Chain, o: &Opening, tag: &str) -> nftables::schema::Rule<'static> 
                 field(ip, "daddr"),
                 Expression::String(o.gateway.to_string().into()),
             ),
-            eq(field("tcp", "dport"), Expression::Number(o.port.into())),
+            eq(
+                field(o.transport.as_str(), "dport"),
+                Expression::Number(o.port.into()),
+            ),
             Statement::Accept(None),
         ]
         .into(),
@@ -347,8 +350,11 @@ impl Backend for Nft {
                 let chain = format!("{} {} {}", family_name(c.family), c.table, c.name);
                 Insert {
                     rule: format!(
-                        "nft insert rule {chain} iifname \"{}\" {ip} daddr {} tcp dport {} accept comment \"{tag}\"",
-                        o.iface, o.gateway, o.port
+                        "nft insert rule {chain} iifname \"{}\" {ip} daddr {} {} dport {} accept comment \"{tag}\"",
+                        o.iface,
+                        o.gateway,
+                        o.transport.as_str(),
+                        o.port
                     ),
                     chain: format!("nft {chain}"),
                     present: has_tag(&rules, c, &tag),

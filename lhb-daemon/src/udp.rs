@@ -1,0 +1,670 @@
+//! The UDP forwarder: a rule's UDP side (`PORT/udp`, `PORT/both`). Per (bridge, gateway,
+//! port) one socket bound to the gateway address AND to the bridge device, like the TCP
+//! proxy's listeners: a datagram for the gateway arriving on any other interface finds
+//! no socket (the kernel answers it with ICMP port unreachable, as for any closed port).
+//!
+//! Why not the kernel path: sk_lookup could hand a datagram for GATEWAY:53 to a socket
+//! bound to 127.0.0.53:53, but an unconnected UDP service answers from the address it is
+//! bound to, so the answer would leave toward the container with a loopback source and
+//! be dropped as a martian. TCP works there because an accepted socket's local address is
+//! the one the SYN was sent to; UDP has no accepted socket.
+//!
+//! Each container address and port is a flow: a socket connected from the bridge's
+//! loopback source ([`crate::proxy::loopback_source`], never 127.0.0.1) to the target,
+//! so the service's answers come back on that socket alone and go to that container,
+//! sent from the gateway socket (source GATEWAY:PORT, what the container asked). A flow
+//! idle for the idle timeout is closed. Flows are bounded per rule and in total; a
+//! datagram that would open one more is dropped, counted and logged.
+//!
+//! A service that is down: the flow's socket gets ECONNREFUSED (the ICMP port unreachable
+//! of the loopback), and the forwarder answers the container with an ICMP port
+//! unreachable of its own, quoting the container's datagram, so a resolver fails over at
+//! once instead of timing out. That takes a raw socket (CAP_NET_RAW); without it the
+//! datagram is only counted.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{net::UdpSocket, task::JoinHandle, time::Instant};
+use tracing::{debug, warn};
+
+use crate::{proxy::ProxyKey, tasks::Tasks};
+
+/// Where a forwarder socket's datagrams go, and which rule's counters they count on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpTarget {
+    pub target: SocketAddr,
+    pub slot: u32,
+}
+
+/// Forwarder activity, per rule slot.
+#[derive(Debug, Default)]
+pub struct UdpCounters {
+    /// Flows opened.
+    pub flows: AtomicU64,
+    /// Flows open now.
+    pub active: AtomicU64,
+    /// Datagrams from containers passed to the service.
+    pub datagrams_in: AtomicU64,
+    /// Datagrams from the service passed to containers.
+    pub datagrams_out: AtomicU64,
+    /// Payload bytes, both ways.
+    pub bytes: AtomicU64,
+    /// The service refused (nothing listening): answered with ICMP port unreachable.
+    pub target_errors: AtomicU64,
+    /// Datagrams that would have opened a flow over the rule's share or the total.
+    pub over_limit: AtomicU64,
+    /// Datagrams lost in lhb: a socket buffer full, or a send that failed.
+    pub dropped: AtomicU64,
+    /// The most flows this rule may hold at once (its share of the total).
+    pub limit: AtomicU64,
+}
+
+/// The largest datagram: an IPv4 UDP payload can be 65,507 bytes, IPv6 (without
+/// jumbograms) 65,527.
+const MAX_DATAGRAM: usize = 65_535;
+
+/// Default idle timeout of a flow: a DNS query and its answer, a StatsD burst, a syslog
+/// stream with pauses; short enough that a container's ephemeral ports do not pile up.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(30);
+
+/// Default bound on flows over all rules; each flow holds one file descriptor.
+pub const DEFAULT_MAX_FLOWS: usize = 1024;
+
+struct Bound {
+    target: UdpTarget,
+    task: JoinHandle<()>,
+}
+
+/// What every socket of the forwarder shares.
+struct Shared {
+    /// Flows open over all rules.
+    total: AtomicU64,
+    max_flows: u64,
+    idle: Duration,
+    /// ICMP answers sent in the current second, and which second (a bound, as the
+    /// kernel's own icmp_ratelimit: a flood toward a dead service cannot make lhb
+    /// flood the bridge).
+    icmp_budget: Mutex<(u64, u32)>,
+    /// The raw sockets could not be opened (no CAP_NET_RAW): said once.
+    icmp_warned: std::sync::atomic::AtomicBool,
+}
+
+/// ICMP errors sent per second at most, over all flows.
+const ICMP_PER_SECOND: u32 = 100;
+
+pub struct Forwarder {
+    sockets: BTreeMap<ProxyKey, Bound>,
+    shared: Arc<Shared>,
+    counters: Arc<Mutex<BTreeMap<u32, Arc<UdpCounters>>>>,
+    tasks: Tasks,
+}
+
+impl Forwarder {
+    pub fn new(max_flows: usize, idle: Duration, tasks: Tasks) -> Forwarder {
+        Forwarder {
+            sockets: BTreeMap::new(),
+            shared: Arc::new(Shared {
+                total: AtomicU64::new(0),
+                max_flows: max_flows as u64,
+                idle,
+                icmp_budget: Mutex::new((0, 0)),
+                icmp_warned: Default::default(),
+            }),
+            counters: Default::default(),
+            tasks,
+        }
+    }
+
+    /// Binds `key` and forwards its datagrams to `target`.
+    pub fn bind(&mut self, key: &ProxyKey, target: UdpTarget) -> io::Result<()> {
+        if self.sockets.get(key).map(|b| b.target) == Some(target) {
+            return Ok(());
+        }
+        self.close(key);
+        let sock = Arc::new(bind(key)?);
+        let icmp = match Icmp::open(key) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                if !self.shared.icmp_warned.swap(true, Ordering::Relaxed) {
+                    warn!(
+                        "UDP: cannot open a raw ICMP socket ({e}); a container sending to a service that is down gets no port unreachable and waits for its own timeout (grant CAP_NET_RAW)"
+                    );
+                }
+                None
+            }
+        };
+        let serving = Serving {
+            sock,
+            icmp: icmp.map(Arc::new),
+            gateway: key.gateway,
+            port: key.port,
+            target: target.target,
+            source: match target.target {
+                SocketAddr::V4(_) => Some(IpAddr::V4(crate::proxy::loopback_source(key.ifindex))),
+                SocketAddr::V6(_) => None,
+            },
+            label: format!("{}:{}/udp@{}", key.gateway, key.port, key.bridge),
+            counters: self.counters_for(target.slot),
+            shared: self.shared.clone(),
+            flows: Default::default(),
+            tasks: self.tasks.clone(),
+        };
+        let task = self.tasks.spawn(receive_loop(Arc::new(serving)));
+        self.sockets.insert(key.clone(), Bound { target, task });
+        Ok(())
+    }
+
+    /// Closes `key`'s socket. Its flows end with it: their answers could no longer be
+    /// sent from the address the containers asked.
+    pub fn close(&mut self, key: &ProxyKey) {
+        if let Some(b) = self.sockets.remove(key) {
+            b.task.abort();
+        }
+    }
+
+    fn counters_for(&self, slot: u32) -> Arc<UdpCounters> {
+        lock(&self.counters).entry(slot).or_default().clone()
+    }
+
+    /// The counters of a rule slot (zero if it never forwarded).
+    pub fn counters(&self, slot: u32) -> Arc<UdpCounters> {
+        self.counters_for(slot)
+    }
+
+    pub fn max_flows(&self) -> usize {
+        self.shared.max_flows as usize
+    }
+
+    /// How many flows each rule slot may hold at once.
+    pub fn set_limits(&self, limits: &BTreeMap<u32, usize>) {
+        for (&slot, &limit) in limits {
+            self.counters_for(slot)
+                .limit
+                .store(limit as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub fn shutdown(&mut self) {
+        let keys: Vec<ProxyKey> = self.sockets.keys().cloned().collect();
+        for k in keys {
+            self.close(&k);
+        }
+    }
+}
+
+/// The data behind `m`, also if a thread panicked holding it: counters and the flow
+/// table stay valid whatever an update was doing.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The gateway socket: only the bridge's datagrams reach it.
+fn bind(key: &ProxyKey) -> io::Result<UdpSocket> {
+    let addr = SocketAddr::new(key.gateway, key.port);
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if key.gateway.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.bind_device(Some(key.bridge.as_bytes()))
+        .map_err(|e| io::Error::new(e.kind(), format!("binding to device {}: {e}", key.bridge)))?;
+    // A burst of datagrams from many containers waits here instead of being dropped.
+    // SO_RCVBUFFORCE (CAP_NET_ADMIN, which lhb has) goes past net.core.rmem_max, whose
+    // default (208 KiB) holds only about 150 small datagrams.
+    force_recv_buffer(&sock, RECV_BUFFER);
+    sock.bind(&addr.into()).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            if e.kind() == io::ErrorKind::AddrInUse {
+                format!(
+                    "{addr}/udp is already in use by another program on {}",
+                    key.bridge
+                )
+            } else {
+                format!("binding {addr}/udp: {e}")
+            },
+        )
+    })?;
+    sock.set_nonblocking(true)?;
+    UdpSocket::from_std(sock.into())
+}
+
+/// The gateway socket's receive buffer.
+const RECV_BUFFER: usize = 4 << 20;
+
+fn force_recv_buffer(sock: &Socket, size: usize) {
+    use std::os::fd::AsRawFd;
+    let v = size as libc::c_int;
+    // SAFETY: a valid fd and a pointer to an int.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let _ = sock.set_recv_buffer_size(size);
+    }
+}
+
+/// One gateway socket and its flows.
+struct Serving {
+    sock: Arc<UdpSocket>,
+    icmp: Option<Arc<Icmp>>,
+    gateway: IpAddr,
+    port: u16,
+    target: SocketAddr,
+    /// Bound before connecting; None: the kernel's choice (::1 for [::1]).
+    source: Option<IpAddr>,
+    label: String,
+    counters: Arc<UdpCounters>,
+    shared: Arc<Shared>,
+    flows: Mutex<HashMap<SocketAddr, Arc<Flow>>>,
+    tasks: Tasks,
+}
+
+/// One container address and port, and its socket toward the service.
+struct Flow {
+    sock: UdpSocket,
+    /// When a datagram last passed, either way.
+    last: Mutex<Instant>,
+    /// The length of the container's last datagram: the ICMP error quotes its header.
+    last_len: AtomicU64,
+}
+
+impl Flow {
+    fn touch(&self) {
+        *lock(&self.last) = Instant::now();
+    }
+}
+
+/// The flows of one socket close with it, also when the socket's task is aborted.
+struct FlowGuard(Arc<Serving>);
+
+impl Drop for FlowGuard {
+    fn drop(&mut self) {
+        lock(&self.0.flows).clear();
+    }
+}
+
+async fn receive_loop(s: Arc<Serving>) {
+    let _guard = FlowGuard(s.clone());
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut errors = 0u64;
+    loop {
+        let (n, peer) = match s.sock.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                errors += 1;
+                if errors.is_power_of_two() {
+                    warn!(socket = %s.label, "receive: {e} ({errors} time(s) so far)");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Some(flow) = flow_for(&s, peer) else {
+            continue;
+        };
+        flow.last_len.store(n as u64, Ordering::Relaxed);
+        let data = &buf[..n];
+        // Straight to the socket, not through tokio's readiness: a flow's socket is
+        // new, and tokio reports a socket writable only after its first poll.
+        let out = socket2::SockRef::from(&flow.sock);
+        let sent = match out.send(data) {
+            // A refusal of an earlier datagram is reported by this send, which then
+            // did not go out: answer the container, and send this one.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                refused(&s, peer, n);
+                out.send(data)
+            }
+            r => r,
+        };
+        match sent {
+            Ok(_) => {
+                s.counters.datagrams_in.fetch_add(1, Ordering::Relaxed);
+                s.counters.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => refused(&s, peer, n),
+            Err(e) => {
+                let d = s.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if d.is_power_of_two() {
+                    debug!(socket = %s.label, "datagram from {peer} dropped: {e} ({d} so far)");
+                }
+            }
+        }
+    }
+}
+
+/// The flow of `peer`, opened if the limits allow. Touched under the table's lock, so
+/// an idle flow closing at the same moment sees the datagram and stays.
+fn flow_for(s: &Arc<Serving>, peer: SocketAddr) -> Option<Arc<Flow>> {
+    let mut flows = lock(&s.flows);
+    if let Some(f) = flows.get(&peer) {
+        f.touch();
+        return Some(f.clone());
+    }
+    let share = s.counters.limit.load(Ordering::Relaxed);
+    let admitted = s.counters.active.load(Ordering::Relaxed) < share.max(1)
+        && s.shared
+            .total
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |t| {
+                (t < s.shared.max_flows).then_some(t + 1)
+            })
+            .is_ok();
+    if !admitted {
+        let n = s.counters.over_limit.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            let total = s.shared.total.load(Ordering::Relaxed);
+            let which = if total >= s.shared.max_flows {
+                format!("the forwarder's flow limit ({})", s.shared.max_flows)
+            } else {
+                format!("this rule's share of flows ({share})")
+            };
+            warn!(socket = %s.label, "{which} reached: datagram from {peer} dropped ({n} so far); flows idle for {:?} close", s.shared.idle);
+        }
+        return None;
+    }
+    let sock = match connect(s.source, s.target) {
+        Ok(sock) => sock,
+        Err(e) => {
+            s.shared.total.fetch_sub(1, Ordering::AcqRel);
+            let n = s.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                warn!(socket = %s.label, "cannot open a flow toward {}: {e} ({n} datagram(s) dropped so far)", s.target);
+            }
+            return None;
+        }
+    };
+    let flow = Arc::new(Flow {
+        sock,
+        last: Mutex::new(Instant::now()),
+        last_len: AtomicU64::new(0),
+    });
+    s.counters.flows.fetch_add(1, Ordering::Relaxed);
+    s.counters.active.fetch_add(1, Ordering::Relaxed);
+    flows.insert(peer, flow.clone());
+    let task = answers(s.clone(), peer, flow.clone());
+    s.tasks.spawn(task);
+    Some(flow)
+}
+
+/// A socket toward the service, from the bridge's loopback source.
+fn connect(source: Option<IpAddr>, target: SocketAddr) -> io::Result<UdpSocket> {
+    let sock = Socket::new(
+        Domain::for_address(target),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    if let Some(src) = source {
+        sock.bind(&SocketAddr::new(src, 0).into())?;
+    }
+    sock.connect(&target.into())?;
+    sock.set_nonblocking(true)?;
+    UdpSocket::from_std(sock.into())
+}
+
+/// Passes the service's answers on to `peer` until the flow is idle for the timeout
+/// (or its gateway socket closes).
+async fn answers(s: Arc<Serving>, peer: SocketAddr, flow: Arc<Flow>) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let deadline = *lock(&flow.last) + s.shared.idle;
+        tokio::select! {
+            r = flow.sock.recv(&mut buf) => match r {
+                Ok(n) => {
+                    flow.touch();
+                    match socket2::SockRef::from(&*s.sock).send_to(&buf[..n], &peer.into()) {
+                        Ok(_) => {
+                            s.counters.datagrams_out.fetch_add(1, Ordering::Relaxed);
+                            s.counters.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    refused(&s, peer, flow.last_len.load(Ordering::Relaxed) as usize);
+                }
+                Err(e) => {
+                    debug!(socket = %s.label, "flow of {peer}: {e}");
+                    s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                let mut flows = lock(&s.flows);
+                if lock(&flow.last).elapsed() >= s.shared.idle {
+                    // Only this flow: the table may hold a newer one for the same peer.
+                    if flows.get(&peer).is_some_and(|f| Arc::ptr_eq(f, &flow)) {
+                        flows.remove(&peer);
+                    }
+                    break;
+                }
+            }
+            // The gateway socket closed (bridge gone, rule removed): nothing more can
+            // be answered.
+            _ = closed(&s, &peer, &flow) => break,
+        }
+    }
+    s.counters.active.fetch_sub(1, Ordering::Relaxed);
+    s.shared.total.fetch_sub(1, Ordering::AcqRel);
+}
+
+/// Resolves once `flow` is no longer in the table (its socket closed), checked every
+/// second: a closed socket's flows free their descriptors within a second.
+async fn closed(s: &Serving, peer: &SocketAddr, flow: &Arc<Flow>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if !lock(&s.flows)
+            .get(peer)
+            .is_some_and(|f| Arc::ptr_eq(f, flow))
+        {
+            return;
+        }
+    }
+}
+
+/// The service refused a datagram of `peer` (`len` payload bytes): count it and answer
+/// the container with a port unreachable, as the service's own host would have.
+fn refused(s: &Serving, peer: SocketAddr, len: usize) {
+    let n = s.counters.target_errors.fetch_add(1, Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        warn!(socket = %s.label, "{} refused a datagram from {peer}: nothing listening ({n} so far); the container gets ICMP port unreachable", s.target);
+    }
+    let Some(icmp) = &s.icmp else { return };
+    {
+        let second = now_second();
+        let mut b = lock(&s.shared.icmp_budget);
+        if b.1 != second {
+            *b = (0, second);
+        }
+        if b.0 >= ICMP_PER_SECOND as u64 {
+            return;
+        }
+        b.0 += 1;
+    }
+    if let Err(e) = icmp.port_unreachable(peer, SocketAddr::new(s.gateway, s.port), len) {
+        debug!(socket = %s.label, "ICMP port unreachable to {peer}: {e}");
+    }
+}
+
+fn now_second() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as u32)
+        .unwrap_or(0)
+}
+
+/// A raw ICMP socket bound to the gateway and the bridge, for port unreachable errors
+/// from the gateway address. It never reads: a filter lets no ICMP message queue on it.
+struct Icmp {
+    sock: Socket,
+    v6: bool,
+}
+
+impl Icmp {
+    fn open(key: &ProxyKey) -> io::Result<Icmp> {
+        let v6 = key.gateway.is_ipv6();
+        let (domain, proto) = if v6 {
+            (Domain::IPV6, Protocol::ICMPV6)
+        } else {
+            (Domain::IPV4, Protocol::ICMPV4)
+        };
+        let sock = Socket::new(domain, Type::RAW, Some(proto))?;
+        sock.bind_device(Some(key.bridge.as_bytes()))?;
+        sock.bind(&SocketAddr::new(key.gateway, 0).into())?;
+        sock.set_nonblocking(true)?;
+        block_all_input(&sock, v6)?;
+        Ok(Icmp { sock, v6 })
+    }
+
+    /// Port unreachable to `peer`, quoting its datagram to `local` (`len` payload
+    /// bytes): the IP and UDP headers are what the container's kernel matches its
+    /// socket with.
+    fn port_unreachable(&self, peer: SocketAddr, local: SocketAddr, len: usize) -> io::Result<()> {
+        let msg = match (peer.ip(), local.ip()) {
+            (IpAddr::V4(p), IpAddr::V4(l)) if !self.v6 => {
+                icmp4(p, peer.port(), l, local.port(), len)
+            }
+            (IpAddr::V6(p), IpAddr::V6(l)) if self.v6 => {
+                icmp6(p, peer.port(), l, local.port(), len)
+            }
+            _ => return Ok(()),
+        };
+        let to = SocketAddr::new(peer.ip(), 0);
+        self.sock.send_to(&msg, &to.into()).map(|_| ())
+    }
+}
+
+/// Lets no ICMP message queue on a send-only raw socket: every ICMP packet the host
+/// receives would otherwise be copied to it.
+fn block_all_input(sock: &Socket, v6: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (level, name, filter): (i32, i32, [u32; 8]) = if v6 {
+        // ICMP6_FILTER: a set bit blocks that type.
+        (libc::IPPROTO_ICMPV6, 1, [u32::MAX; 8])
+    } else {
+        // ICMP_FILTER (SOL_RAW, 1): a set bit blocks that type (types 0..31).
+        (libc::SOL_RAW, 1, [u32::MAX, 0, 0, 0, 0, 0, 0, 0])
+    };
+    let size = if v6 { 32 } else { 4 };
+    // SAFETY: a valid fd and a pointer to `size` readable bytes.
+    let rc =
+        unsafe { libc::setsockopt(sock.as_raw_fd(), level, name, filter.as_ptr().cast(), size) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Type 3 code 3, quoting the IPv4 header and the UDP header of the datagram.
+fn icmp4(
+    peer: std::net::Ipv4Addr,
+    peer_port: u16,
+    local: std::net::Ipv4Addr,
+    local_port: u16,
+    len: usize,
+) -> Vec<u8> {
+    let udp_len = (8 + len).min(u16::MAX as usize) as u16;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&(20 + udp_len as u32).min(u16::MAX as u32).to_be_bytes()[2..]);
+    ip[8] = 64;
+    ip[9] = libc::IPPROTO_UDP as u8;
+    ip[12..16].copy_from_slice(&peer.octets());
+    ip[16..20].copy_from_slice(&local.octets());
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut msg = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
+    msg.extend_from_slice(&ip);
+    msg.extend_from_slice(&peer_port.to_be_bytes());
+    msg.extend_from_slice(&local_port.to_be_bytes());
+    msg.extend_from_slice(&udp_len.to_be_bytes());
+    msg.extend_from_slice(&[0, 0]);
+    let c = checksum(&msg);
+    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    msg
+}
+
+/// Type 1 code 4, quoting the IPv6 header and the UDP header; the kernel fills in the
+/// ICMPv6 checksum.
+fn icmp6(
+    peer: std::net::Ipv6Addr,
+    peer_port: u16,
+    local: std::net::Ipv6Addr,
+    local_port: u16,
+    len: usize,
+) -> Vec<u8> {
+    let udp_len = (8 + len).min(u16::MAX as usize) as u16;
+    let mut msg = vec![1u8, 4, 0, 0, 0, 0, 0, 0];
+    msg.extend_from_slice(&[0x60, 0, 0, 0]);
+    msg.extend_from_slice(&udp_len.to_be_bytes());
+    msg.push(libc::IPPROTO_UDP as u8);
+    msg.push(64);
+    msg.extend_from_slice(&peer.octets());
+    msg.extend_from_slice(&local.octets());
+    msg.extend_from_slice(&peer_port.to_be_bytes());
+    msg.extend_from_slice(&local_port.to_be_bytes());
+    msg.extend_from_slice(&udp_len.to_be_bytes());
+    msg.extend_from_slice(&[0, 0]);
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_icmp_error_quotes_what_the_container_sent() {
+        let m = icmp4(
+            "10.1.0.2".parse().unwrap(),
+            40000,
+            "10.1.0.1".parse().unwrap(),
+            53,
+            30,
+        );
+        assert_eq!(m.len(), 8 + 20 + 8);
+        assert_eq!((m[0], m[1]), (3, 3));
+        // A valid checksum sums to zero, for the message and the quoted header.
+        assert_eq!(checksum(&m), 0);
+        assert_eq!(checksum(&m[8..28]), 0);
+        assert_eq!(&m[20..24], &[10, 1, 0, 2]);
+        assert_eq!(&m[24..28], &[10, 1, 0, 1]);
+        assert_eq!(u16::from_be_bytes([m[28], m[29]]), 40000);
+        assert_eq!(u16::from_be_bytes([m[30], m[31]]), 53);
+        assert_eq!(u16::from_be_bytes([m[32], m[33]]), 38);
+        let m6 = icmp6(
+            "fd00::2".parse().unwrap(),
+            1,
+            "fd00::1".parse().unwrap(),
+            53,
+            0,
+        );
+        assert_eq!(m6.len(), 8 + 40 + 8);
+        assert_eq!((m6[0], m6[1], m6[8] >> 4, m6[14]), (1, 4, 6, 17));
+    }
+}
