@@ -1,6 +1,7 @@
 //! What `lhb verify` and `lhb doctor` share: the rules to check, throwaway probe
 //! namespaces (one plugged into a rule's bridge like a container, one outside every
-//! bridge and routed to the host), connecting from them, and the host's TCP listeners.
+//! bridge and routed to the host), connecting (TCP) or sending a datagram (UDP) from
+//! them, and the host's TCP listeners and UDP sockets.
 //!
 //! The probes are real connections from real namespaces, not a reading of the
 //! configuration: a check passes only if the kernel, the firewall and the data path
@@ -10,7 +11,7 @@
 use std::{
     fs::File,
     io::{self, Read as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     os::fd::AsFd as _,
     path::Path,
     process::{Command, Stdio},
@@ -166,6 +167,54 @@ impl Outcome {
             Outcome::Other(e) => e.clone(),
         }
     }
+}
+
+/// How a UDP probe ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Datagram {
+    /// The service answered (for DNS: an answer to the probe's query).
+    Answered,
+    /// ICMP port unreachable: nothing listens, or nothing serves the gateway.
+    Refused,
+    /// Neither an answer nor a refusal: a one-way service (StatsD, syslog) answers
+    /// nothing, and a firewall that drops looks the same.
+    Silent,
+    Other(String),
+}
+
+impl Datagram {
+    pub fn describe(&self) -> String {
+        match self {
+            Datagram::Answered => "answered".into(),
+            Datagram::Refused => "refused (ICMP port unreachable)".into(),
+            Datagram::Silent => "sent; no answer and no refusal".into(),
+            Datagram::Other(e) => e.clone(),
+        }
+    }
+}
+
+/// The probe id of a DNS query, checked in the answer.
+const DNS_ID: u16 = 0x6c68;
+
+/// What a UDP probe sends for `rule`: a DNS query (the root's NS, which any resolver
+/// answers, if only with REFUSED) where the port or the target's port is 53, else an
+/// empty datagram, which a metrics or log agent drops without recording anything.
+pub fn udp_probe_payload(rule: &Rule) -> Vec<u8> {
+    if rule.port != 53 && rule.target.port() != 53 {
+        return Vec::new();
+    }
+    let mut q = DNS_ID.to_be_bytes().to_vec();
+    // Recursion desired; one question: ".", NS, IN.
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 1]);
+    q
+}
+
+/// Whether `answer` answers `query` (for a DNS query: its id and the response bit).
+fn answers(query: &[u8], answer: &[u8]) -> bool {
+    if query.len() >= 2 && query[..2] == DNS_ID.to_be_bytes() {
+        return answer.len() >= 12 && answer[..2] == query[..2] && answer[2] & 0x80 != 0;
+    }
+    true
 }
 
 /// Runs `ip`; its stderr is the error.
@@ -339,6 +388,35 @@ impl ProbeNs {
             .unwrap_or_else(|_| Outcome::Other("probe thread panicked".into()))
     }
 
+    /// Sends `payload` to `to` from inside the namespace and waits for an answer.
+    pub fn ask_udp(&self, to: SocketAddr, payload: &[u8], timeout: Duration) -> Datagram {
+        self.ask_udp_all(&[to], payload, timeout).remove(0)
+    }
+
+    /// Sends `payload` to each of `to` at once; the outcomes in the same order.
+    pub fn ask_udp_all(
+        &self,
+        to: &[SocketAddr],
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Vec<Datagram> {
+        let handles: Vec<_> = to
+            .iter()
+            .map(|&a| {
+                let path = format!("/run/netns/{}", self.name);
+                let payload = payload.to_vec();
+                std::thread::spawn(move || ask_in(Path::new(&path), a, &payload, timeout))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Datagram::Other("probe thread panicked".into()))
+            })
+            .collect()
+    }
+
     /// Connects to each of `to` at once; the outcomes in the same order.
     pub fn connect_all(&self, to: &[SocketAddr], timeout: Duration) -> Vec<Outcome> {
         let handles: Vec<_> = to
@@ -388,6 +466,55 @@ fn connect_in(ns: &Path, to: SocketAddr, timeout: Duration) -> Outcome {
             io::ErrorKind::ConnectionReset => Outcome::Reset,
             _ => Outcome::Other(e.to_string()),
         },
+    }
+}
+
+fn ask_in(ns: &Path, to: SocketAddr, payload: &[u8], timeout: Duration) -> Datagram {
+    let f = match File::open(ns) {
+        Ok(f) => f,
+        Err(e) => return Datagram::Other(format!("opening {}: {e}", ns.display())),
+    };
+    // Affects only this thread, which was started for this probe.
+    if let Err(e) = rustix::thread::move_into_link_name_space(
+        f.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    ) {
+        return Datagram::Other(format!("entering the probe namespace: {e}"));
+    }
+    let any: SocketAddr = if to.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    // Connected, so that an ICMP port unreachable comes back as ECONNREFUSED.
+    let sock = match UdpSocket::bind(any).and_then(|s| s.connect(to).map(|()| s)) {
+        Ok(s) => s,
+        Err(e) => return Datagram::Other(e.to_string()),
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    if let Err(e) = sock.send(payload) {
+        return Datagram::Other(e.to_string());
+    }
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
+            return Datagram::Silent;
+        }
+        match sock.recv(&mut buf) {
+            Ok(n) if answers(payload, &buf[..n]) => return Datagram::Answered,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Datagram::Refused,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Datagram::Silent;
+            }
+            Err(e) => return Datagram::Other(e.to_string()),
+        }
     }
 }
 
@@ -482,8 +609,19 @@ impl Listener {
 /// Every listening TCP socket with the given port (IPv4 and IPv6), from `ss`, which
 /// also tells the bound device and the owning process.
 pub fn listeners(port: u16) -> anyhow::Result<Vec<Listener>> {
+    sockets(port, "-Hltnp")
+}
+
+/// Every bound UDP socket with the given local port, as [`listeners`] does for TCP.
+/// Connected sockets (lhb's own flows, a client's) are left out: they take datagrams
+/// from their peer alone.
+pub fn udp_sockets(port: u16) -> anyhow::Result<Vec<Listener>> {
+    sockets(port, "-Hlunp")
+}
+
+fn sockets(port: u16, flags: &str) -> anyhow::Result<Vec<Listener>> {
     let out = Command::new("ss")
-        .args(["-Hltnp", &format!("sport = :{port}")])
+        .args([flags, &format!("sport = :{port}")])
         .stdin(Stdio::null())
         .output()
         .context("running `ss` (iproute2) to list listening sockets: install iproute2")?;

@@ -10,9 +10,9 @@ use std::{
 };
 
 use crate::{
-    check::{self, Outcome, ProbeNs, Target},
+    check::{self, Datagram, Outcome, ProbeNs, Target},
     findings::{Findings, Level},
-    firewall::{Firewall, FirewallMode, Opening},
+    firewall::{Firewall, FirewallMode, Opening, Transport},
     kernel,
     reconcile::{self, Observed},
     rule::{Rule, Source},
@@ -81,32 +81,160 @@ fn diagnose(
     r: &mut Findings,
 ) -> anyhow::Result<()> {
     let Some((bridge, ifindex, gateways)) = bridge_steps(rule, observed, r) else {
-        check_target(rule, r)?;
+        if rule.protocol.tcp() {
+            check_target(rule, Transport::Tcp, r)?;
+        }
+        if rule.protocol.udp() {
+            check_target(rule, Transport::Udp, r)?;
+        }
         check_daemon(daemons, r);
         return Ok(());
     };
 
-    // 3. Target service.
-    let target_up = check_target(rule, r)?;
+    if rule.protocol.tcp() {
+        // 3. Target service.
+        let target_up = check_target(rule, Transport::Tcp, r)?;
 
-    // 4. Data path, per gateway.
-    let (served, cross) = data_path_steps(rule, &bridge, ifindex, &gateways, daemons, r)?;
-    // Gateways left out on purpose are not probed.
-    let gateways: Vec<IpAddr> = gateways
-        .into_iter()
-        .filter(|g| !cross.contains(g))
+        // 4. Data path, per gateway.
+        let (served, cross) = data_path_steps(rule, &bridge, ifindex, &gateways, daemons, r)?;
+        // Gateways left out on purpose are not probed.
+        let gateways: Vec<IpAddr> = gateways
+            .iter()
+            .copied()
+            .filter(|g| !cross.contains(g))
+            .collect();
+
+        // 5. Firewall, and 6. the live probe.
+        probe_steps(
+            rule,
+            observed,
+            &bridge,
+            &gateways,
+            (target_up, &served),
+            daemons,
+            r,
+        )?;
+    }
+    if rule.protocol.udp() {
+        udp_steps(rule, observed, &bridge, &gateways, daemons, r)?;
+    }
+    Ok(())
+}
+
+/// Steps 3 to 6 for a rule's UDP side: the target's socket, the forwarder's socket on
+/// each gateway (or what else holds it), the firewall, and a datagram from a namespace
+/// on the bridge (a DNS query where the target is port 53: it must be answered; else an
+/// empty datagram: it must not be refused).
+fn udp_steps(
+    rule: &Rule,
+    observed: &Observed,
+    bridge: &str,
+    gateways: &[IpAddr],
+    daemons: &[u32],
+    r: &mut Findings,
+) -> anyhow::Result<()> {
+    let target_up = check_target(rule, Transport::Udp, r)?;
+    let bound = check::udp_sockets(rule.port)?;
+    let mut served = Vec::new();
+    for &gw in gateways {
+        let to = SocketAddr::new(gw, rule.port);
+        let ours = bound
+            .iter()
+            .find(|l| l.addr.ip() == gw && l.dev.as_deref() == Some(bridge));
+        let squatter = bound
+            .iter()
+            .find(|l| l.covers(to) && l.dev.as_deref() != Some(bridge));
+        match (ours, squatter) {
+            (Some(l), _) => {
+                served.push(gw);
+                r.add(
+                    Level::Ok,
+                    format!("data path {to}/udp: UDP forwarder, bound to {}", l.describe()),
+                    None,
+                );
+            }
+            (None, Some(s)) => r.add(
+                Level::Fail,
+                format!(
+                    "data path {to}/udp: not served by lhb; {} holds this address, and containers' datagrams reach that program",
+                    s.describe()
+                ),
+                Some(format!(
+                    "stop that program or move it off {to}; a running lhb retries and serves the address once it is free"
+                )),
+            ),
+            (None, None) => r.add(
+                Level::Fail,
+                format!("data path {to}/udp: nothing serves it: {}", daemon_state(daemons)),
+                daemon_fix(daemons),
+            ),
+        }
+    }
+    let (blockers, fw_err, fix) = firewall_blockers(bridge, gateways, rule.port, Transport::Udp);
+    let own = observed
+        .links
+        .get(bridge)
+        .map(|l| l.prefixes.as_slice())
+        .unwrap_or_default();
+    let payload = check::udp_probe_payload(rule);
+    let probe = ProbeNs::for_gateways(bridge, own, gateways)?;
+    let outcomes: Vec<(SocketAddr, Datagram)> = gateways
+        .iter()
+        .map(|&gw| {
+            let to = SocketAddr::new(gw, rule.port);
+            (to, probe.ask_udp(to, &payload, PROBE_TIMEOUT))
+        })
         .collect();
-
-    // 5. Firewall, and 6. the live probe.
-    probe_steps(
-        rule,
-        observed,
-        &bridge,
-        &gateways,
-        (target_up, &served),
+    drop(probe);
+    let one_way = payload.is_empty();
+    let dropped = outcomes.iter().any(|(_, d)| match d {
+        Datagram::Silent => !one_way,
+        Datagram::Other(_) => true,
+        _ => false,
+    });
+    firewall_finding(
+        (rule.port, Transport::Udp),
+        bridge,
+        gateways,
+        (&blockers, fw_err, fix),
+        dropped,
         daemons,
         r,
-    )
+    );
+    for (to, d) in outcomes {
+        let fix = match &d {
+            Datagram::Answered => None,
+            Datagram::Silent if one_way => None,
+            Datagram::Refused if !target_up => {
+                Some("the target service is not listening (see above): start it".to_string())
+            }
+            Datagram::Refused if !served.contains(&to.ip()) => daemon_fix(daemons),
+            Datagram::Silent | Datagram::Other(_) if !blockers.is_empty() => {
+                Some("the firewall drops it (see above)".to_string())
+            }
+            Datagram::Silent => Some(format!(
+                "no answer to a DNS query: check that the resolver on {} answers (`dig @{} -p {} .`), then `nft list ruleset` and rp_filter on {bridge}",
+                rule.target,
+                rule.target.ip(),
+                rule.target.port()
+            )),
+            _ => Some("see lhb's log (`journalctl -u lhb`) and run `lhb verify`".to_string()),
+        };
+        let mut line = format!(
+            "probe: a namespace on {bridge} -> {to}/udp: {}",
+            d.describe()
+        );
+        if d == Datagram::Silent && one_way {
+            line += " (a one-way service answers nothing)";
+        }
+        let level = if fix.is_none() {
+            Level::Ok
+        } else {
+            Level::Fail
+        };
+        r.add(level, line, fix);
+    }
+    Ok(())
 }
 
 /// Step 4: for each gateway, which data path serves it (the kernel's map and program,
@@ -199,7 +327,7 @@ fn probe_steps(
     daemons: &[u32],
     r: &mut Findings,
 ) -> anyhow::Result<()> {
-    let (blockers, fw_err, fix) = firewall_blockers(bridge, gateways, rule.port);
+    let (blockers, fw_err, fix) = firewall_blockers(bridge, gateways, rule.port, Transport::Tcp);
     let own = observed
         .links
         .get(bridge)
@@ -221,7 +349,7 @@ fn probe_steps(
         .any(|(_, o)| matches!(o, Outcome::TimedOut | Outcome::Other(_)));
 
     firewall_finding(
-        rule.port,
+        (rule.port, Transport::Tcp),
         bridge,
         gateways,
         (&blockers, fw_err, fix),
@@ -245,12 +373,13 @@ fn probe_steps(
     Ok(())
 }
 
-/// The chains that may drop tcp to `port` on each gateway of `bridge` and hold no
-/// accept of lhb's, and the error if the firewall could not be read.
+/// The chains that may drop `transport` to `port` on each gateway of `bridge` and hold
+/// no accept of lhb's, and the error if the firewall could not be read.
 fn firewall_blockers(
     bridge: &str,
     gateways: &[IpAddr],
     port: u16,
+    transport: Transport,
 ) -> (Vec<String>, Option<String>, Option<String>) {
     let mut blockers = Vec::new();
     let mut fw = Firewall::detect(FirewallMode::Auto);
@@ -261,7 +390,7 @@ fn firewall_blockers(
             iface: bridge.to_string(),
             gateway: gw,
             port,
-            transport: crate::firewall::Transport::Tcp,
+            transport,
         };
         if fix.is_none() {
             fix = fw.fix(&o);
@@ -282,7 +411,7 @@ fn firewall_blockers(
 
 /// Step 5: the firewall's verdict, sharpened by whether the probe was dropped.
 fn firewall_finding(
-    port: u16,
+    (port, transport): (u16, Transport),
     bridge: &str,
     gateways: &[IpAddr],
     (blockers, fw_err, fix): (&[String], Option<String>, Option<String>),
@@ -299,8 +428,8 @@ fn firewall_finding(
                     "iptables"
                 };
                 format!(
-                    "{ipt} -I INPUT -i {bridge} -d {gw} -p tcp --dport {} -j ACCEPT",
-                    port
+                    "{ipt} -I INPUT -i {bridge} -d {gw} -p {} --dport {port} -j ACCEPT",
+                    transport.as_str()
                 )
             })
         })
@@ -309,15 +438,15 @@ fn firewall_finding(
         (Some(e), _) => r.add(Level::Warn, format!("firewall: cannot read it: {e}"), None),
         (None, true) => r.add(
             Level::Ok,
-            format!("firewall: nothing on the input path drops tcp to port {} in on {bridge} (or lhb's accept is in place)", port),
+            format!("firewall: nothing on the input path drops {} to port {port} in on {bridge} (or lhb's accept is in place)", transport.as_str()),
             None,
         ),
         (None, false) if dropped => r.add(
             Level::Fail,
             format!(
-                "firewall: drops the traffic: {} may drop tcp to port {} in on {bridge}, and holds no accept of lhb's",
+                "firewall: drops the traffic: {} may drop {} to port {port} in on {bridge}, and holds no accept of lhb's",
                 blockers.join(", "),
-                port
+                transport.as_str()
             ),
             Some(if daemons.is_empty() {
                 format!(
@@ -333,9 +462,9 @@ fn firewall_finding(
         (None, false) => r.add(
             Level::Warn,
             format!(
-                "firewall: {} may drop tcp to port {} in on {bridge} and holds no accept of lhb's; the probe got through anyway",
+                "firewall: {} may drop {} to port {port} in on {bridge} and holds no accept of lhb's; the probe got through anyway",
                 blockers.join(", "),
-                port
+                transport.as_str()
             ),
             None,
         ),
@@ -559,14 +688,17 @@ fn link_step(rule: &Rule, name: &str, link: Option<&reconcile::Link>, r: &mut Fi
 }
 
 /// Whether the target listens; a wildcard listener is a warning (exposed everywhere).
-fn check_target(rule: &Rule, r: &mut Findings) -> anyhow::Result<bool> {
-    let all = check::listeners(rule.target.port())?;
+fn check_target(rule: &Rule, transport: Transport, r: &mut Findings) -> anyhow::Result<bool> {
+    let (all, proto) = match transport {
+        Transport::Tcp => (check::listeners(rule.target.port())?, ""),
+        Transport::Udp => (check::udp_sockets(rule.target.port())?, "/udp"),
+    };
     let covering: Vec<_> = all.iter().filter(|l| l.covers(rule.target)).collect();
     if covering.is_empty() {
         r.add(
             Level::Fail,
             format!(
-                "target {}: nothing listens there (service down?)",
+                "target {}{proto}: nothing listens there (service down?)",
                 rule.target
             ),
             Some(format!(
@@ -581,7 +713,7 @@ fn check_target(rule: &Rule, r: &mut Findings) -> anyhow::Result<bool> {
         r.add(
             Level::Warn,
             format!(
-                "target {}: listening on a wildcard address ({}): exposed on every interface, not only to the bridge",
+                "target {}{proto}: listening on a wildcard address ({}): exposed on every interface, not only to the bridge",
                 rule.target,
                 who.join(", ")
             ),
@@ -593,7 +725,11 @@ fn check_target(rule: &Rule, r: &mut Findings) -> anyhow::Result<bool> {
     } else {
         r.add(
             Level::Ok,
-            format!("target {}: listening ({})", rule.target, who.join(", ")),
+            format!(
+                "target {}{proto}: listening ({})",
+                rule.target,
+                who.join(", ")
+            ),
             None,
         );
     }

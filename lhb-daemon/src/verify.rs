@@ -2,7 +2,9 @@
 //! rule: a probe namespace on the rule's bridge must connect to every gateway; a probe
 //! namespace outside every bridge, routed to the host, must not connect on the port to
 //! any address the host has; and nothing may listen on the port (or the target's port)
-//! on a wildcard address or on an address not tied to its bridge.
+//! on a wildcard address or on an address not tied to its bridge. A rule's UDP side is
+//! probed with a datagram (a DNS query where the target is port 53, else an empty one)
+//! and the same three checks.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -10,7 +12,7 @@ use std::{
 };
 
 use crate::{
-    check::{self, Outcome, ProbeNs, Target},
+    check::{self, Datagram, Outcome, ProbeNs, Target},
     findings::{Findings, Level},
     reconcile::{self, Observed},
     rule::Rule,
@@ -93,29 +95,57 @@ fn verify_rule(rule: &Rule, observed: &Observed, r: &mut Findings) -> anyhow::Re
         .map(|l| l.prefixes.as_slice())
         .unwrap_or_default();
     let probe = ProbeNs::for_gateways(&bridge, own, &gateways)?;
-    for &gw in &gateways {
-        let to = SocketAddr::new(gw, rule.port);
-        let from = probe
+    let from = |gw: IpAddr| {
+        probe
             .addrs
             .iter()
             .find(|a| a.is_ipv4() == gw.is_ipv4())
             .map(|a| a.to_string())
-            .unwrap_or_else(|| "a probe".into());
-        let o = probe.connect(to, BRIDGE_TIMEOUT);
-        let line = format!(
-            "from the bridge: {from} on {bridge} -> {to}: {}",
-            o.describe()
-        );
-        if o != Outcome::Served && gw.is_ipv4() != rule.target.is_ipv4() {
-            // `--mode kernel` leaves these out on purpose (the daemon logs it).
-            r.add(
-                Level::Skip,
-                format!("{line}: {}", check::CROSS_FAMILY),
-                None,
+            .unwrap_or_else(|| "a probe".into())
+    };
+    if rule.protocol.tcp() {
+        for &gw in &gateways {
+            let to = SocketAddr::new(gw, rule.port);
+            let o = probe.connect(to, BRIDGE_TIMEOUT);
+            let line = format!(
+                "from the bridge: {} on {bridge} -> {to}: {}",
+                from(gw),
+                o.describe()
             );
-            continue;
+            if o != Outcome::Served && gw.is_ipv4() != rule.target.is_ipv4() {
+                // `--mode kernel` leaves these out on purpose (the daemon logs it).
+                r.add(
+                    Level::Skip,
+                    format!("{line}: {}", check::CROSS_FAMILY),
+                    None,
+                );
+                continue;
+            }
+            r.check(o == Outcome::Served, line);
         }
-        r.check(o == Outcome::Served, line);
+    }
+    if rule.protocol.udp() {
+        let payload = check::udp_probe_payload(rule);
+        for &gw in &gateways {
+            let to = SocketAddr::new(gw, rule.port);
+            let d = probe.ask_udp(to, &payload, BRIDGE_TIMEOUT);
+            let line = format!(
+                "from the bridge: {} on {bridge} -> {to}/udp: {}",
+                from(gw),
+                d.describe()
+            );
+            match d {
+                Datagram::Answered => r.check(true, line),
+                // A DNS service answers every query; a one-way one never does.
+                Datagram::Silent if payload.is_empty() => r.check(
+                    true,
+                    format!(
+                        "{line} (a one-way service answers nothing; a refusal would have come back)"
+                    ),
+                ),
+                _ => r.check(false, line),
+            }
+        }
     }
     drop(probe);
     check_outside(rule, observed, &gateways, r)?;
@@ -145,35 +175,54 @@ fn check_outside(
         .iter()
         .map(|a| SocketAddr::new(*a, rule.port))
         .collect();
-    let outcomes = outside.connect_all(&targets, OUTSIDE_TIMEOUT);
-    let mut others = 0;
-    for (to, o) in targets.iter().zip(&outcomes) {
-        let reachable = *o == Outcome::Served || *o == Outcome::Reset;
-        if gateways.contains(&to.ip()) || reachable {
+    let mut outcomes: Vec<(&str, Vec<(bool, String)>)> = Vec::new();
+    if rule.protocol.tcp() {
+        let o = outside.connect_all(&targets, OUTSIDE_TIMEOUT);
+        outcomes.push((
+            "",
+            o.iter()
+                .map(|o| (*o == Outcome::Served || *o == Outcome::Reset, o.describe()))
+                .collect(),
+        ));
+    }
+    if rule.protocol.udp() {
+        let payload = check::udp_probe_payload(rule);
+        let o = outside.ask_udp_all(&targets, &payload, OUTSIDE_TIMEOUT);
+        outcomes.push((
+            "/udp",
+            o.iter()
+                .map(|d| (*d == Datagram::Answered, d.describe()))
+                .collect(),
+        ));
+    }
+    for (proto, results) in outcomes {
+        let mut others = 0;
+        for (to, (reachable, described)) in targets.iter().zip(&results) {
+            if gateways.contains(&to.ip()) || *reachable {
+                r.check(
+                    !reachable,
+                    format!(
+                        "from outside the bridge -> {to}{proto}: {described}{}",
+                        if *reachable {
+                            ": reachable from other interfaces"
+                        } else {
+                            ""
+                        }
+                    ),
+                );
+            } else {
+                others += 1;
+            }
+        }
+        if others > 0 {
             r.check(
-                !reachable,
+                true,
                 format!(
-                    "from outside the bridge -> {to}: {}{}",
-                    o.describe(),
-                    if reachable {
-                        ": reachable from other interfaces"
-                    } else {
-                        ""
-                    }
+                    "from outside the bridge -> port {}{proto} on the host's {others} other address(es): not reachable",
+                    rule.port
                 ),
             );
-        } else {
-            others += 1;
         }
-    }
-    if others > 0 {
-        r.check(
-            true,
-            format!(
-                "from outside the bridge -> port {} on the host's {others} other address(es): not reachable",
-                rule.port
-            ),
-        );
     }
     Ok(())
 }
@@ -186,8 +235,16 @@ fn check_listeners(rule: &Rule, observed: &Observed, r: &mut Findings) -> anyhow
     if rule.target.port() != rule.port {
         ports.push(rule.target.port());
     }
-    for port in ports {
-        let all = check::listeners(port)?;
+    let mut lists = Vec::new();
+    for &port in &ports {
+        if rule.protocol.tcp() {
+            lists.push((port, "", check::listeners(port)?));
+        }
+        if rule.protocol.udp() {
+            lists.push((port, "/udp", check::udp_sockets(port)?));
+        }
+    }
+    for (port, proto, all) in lists {
         let mut fine = Vec::new();
         let mut bad = 0;
         for l in &all {
@@ -216,7 +273,7 @@ fn check_listeners(rule: &Rule, observed: &Observed, r: &mut Findings) -> anyhow
             r.check(
                 true,
                 format!(
-                    "port {port}: no listener on a wildcard or non-bridge address{}",
+                    "port {port}{proto}: no listener on a wildcard or non-bridge address{}",
                     if fine.is_empty() {
                         String::new()
                     } else {

@@ -55,7 +55,9 @@ impl Podman {
         std::fs::create_dir_all(&dir)?;
         std::fs::write(
             dir.join("containers.conf"),
-            "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n",
+            // netavark, never CNI: Podman 4.3 falls back to CNI (bridges cni-podmanN)
+            // where netavark is not installed, and the tests name Podman's bridges.
+            "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n\n[network]\nnetwork_backend = \"netavark\"\n",
         )?;
         let made = MACHINE_STATE
             .iter()

@@ -262,3 +262,91 @@ fn doctor_follows_a_re_created_bridge() {
         "{last}"
     );
 }
+
+/// A UDP echo service on `addr` in this namespace, on a thread that ends with the test
+/// process (the socket is dropped with the returned guard's thread only at exit).
+fn udp_echo(addr: &str) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let sock = std::net::UdpSocket::bind(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let port = sock.local_addr().unwrap().port();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let st = stop.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !st.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(&buf[..n], from);
+            }
+        }
+    });
+    (port, stop)
+}
+
+/// A UDP rule: verify probes it with a datagram from the bridge (answered) and from
+/// outside (refused), and checks the UDP sockets on the port; doctor names the
+/// forwarder's socket and its probe is answered; with the service stopped, doctor says
+/// the target is down and the probe was refused; a service on 0.0.0.0 fails verify.
+#[test]
+fn verify_and_doctor_check_a_udp_rule() {
+    let _g = shared();
+    let lab = Lab::new(92).unwrap();
+    let (port, stop) = udp_echo("127.0.0.1:0");
+    let s = format!("{}:{port}/udp", lab.bridge_name());
+    let lhb = Lhb::start(&["--expose-iface", &s]).unwrap();
+    let (ok, out, err) = lhb_check(&["verify", "--iface", &s]).unwrap();
+    assert!(ok, "verify failed:\n{out}{err}\n{}", lhb.log());
+    let gw = SocketAddr::new(lab.gateway(), port);
+    for line in [
+        format!("PASS  from the bridge: 10.201.92."),
+        format!("-> {gw}/udp: answered"),
+        format!("PASS  from outside the bridge -> {gw}/udp: refused (ICMP port unreachable)"),
+        format!("PASS  port {port}/udp: no listener on a wildcard"),
+    ] {
+        assert!(out.contains(&line), "no `{line}` in:\n{out}");
+    }
+    assert!(
+        !out.contains(&format!("{gw}: connected")),
+        "a TCP probe for a UDP rule:\n{out}"
+    );
+    let (ok, out, err) = lhb_check(&["doctor", "--iface", &s]).unwrap();
+    assert!(ok, "doctor failed:\n{out}{err}");
+    let br = lab.bridge_name();
+    for line in [
+        format!("OK    target 127.0.0.1:{port}/udp: listening"),
+        format!("OK    data path {gw}/udp: UDP forwarder, bound to {gw}%{br}"),
+        format!("OK    probe: a namespace on {br} -> {gw}/udp: answered"),
+        "no problem found".to_string(),
+    ] {
+        assert!(out.contains(&line), "no `{line}` in:\n{out}");
+    }
+
+    // The service stopped: its socket closes within the echo thread's 100 ms poll.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let gone = wait_until(Duration::from_secs(2), || {
+        std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+    });
+    assert!(gone.is_some());
+    let (ok, out, _) = lhb_check(&["doctor", "--iface", &s]).unwrap();
+    assert!(!ok, "{out}");
+    for line in [
+        format!("FAIL  target 127.0.0.1:{port}/udp: nothing listens there"),
+        format!("FAIL  probe: a namespace on {br} -> {gw}/udp: refused (ICMP port unreachable)"),
+        "the target service is not listening".to_string(),
+    ] {
+        assert!(out.contains(&line), "no `{line}` in:\n{out}");
+    }
+
+    // The same port on 0.0.0.0: reachable from everywhere, verify fails. (lhb stopped
+    // first: its socket on the gateway takes no SO_REUSEADDR, so no other program can
+    // bind that port on an address that covers the gateway while it serves.)
+    drop(lhb);
+    let (_wide, stop_wide) = udp_echo(&format!("0.0.0.0:{port}"));
+    let (ok, out, _) = lhb_check(&["verify", "--iface", &s]).unwrap();
+    stop_wide.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("FAIL  listening on 0.0.0.0:{port}")),
+        "{out}"
+    );
+}

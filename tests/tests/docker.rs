@@ -547,3 +547,82 @@ fn podman_networks_are_served_by_name_and_followed() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The host's resolver for containers, the way: a UDP rule on a Docker network
+/// to a dnsmasq on loopback (127.0.0.153:15353 here, clear of whatever the machine runs
+/// on port 53); busybox nslookup asks the gateway directly, and a container started
+/// with `--dns GATEWAY` asks through Docker's embedded DNS (what compose `dns:` does);
+/// a re-created network (another subnet) is served again.
+#[test]
+fn containers_resolve_through_the_hosts_resolver_with_dns_gateway() {
+    if !docker::required("containers_resolve_through_the_hosts_resolver...") {
+        return;
+    }
+    let tmp = lhb_tests::TempDir::new("docker-dns").unwrap();
+    let mut dnsmasq = std::process::Command::new("dnsmasq")
+        .args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--listen-address=127.0.0.153",
+            "--port=15353",
+            "--bind-interfaces",
+            "--address=/x.example/10.1.2.3",
+            "--user=root",
+        ])
+        .arg(format!("--pid-file={}", tmp.join("pid").display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("dnsmasq (Debian package dnsmasq-base; `cargo xtask setup` installs it)");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _dnsmasq = Kill(&mut dnsmasq);
+    let net = DockerNet::create("lhbt-d9", "10.230.9.0/24").unwrap();
+    let lhb = Lhb::start(&["--expose", "lhbt-d9:53/udp=127.0.0.153:15353"]).unwrap();
+    let lookup = |extra: &[&str], server: Option<String>| -> String {
+        let mut cmd = vec![
+            "busybox".to_string(),
+            "nslookup".to_string(),
+            "x.example".to_string(),
+        ];
+        cmd.extend(server);
+        let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        let out = docker::run_in("lhbt-d9", extra, &cmd).unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let gw = net.gateway().unwrap().to_string();
+    let direct = lookup(&[], Some(gw.clone()));
+    assert!(direct.contains("10.1.2.3"), "{direct}\n{}", lhb.log());
+    let embedded = lookup(&["--dns", &gw], None);
+    assert!(embedded.contains("10.1.2.3"), "--dns {gw}: {embedded}");
+    let v = lhb.status().unwrap();
+    assert_eq!(v["rules"][0]["protocol"], "udp", "{v}");
+    assert!(
+        v["rules"][0]["counters"]["udp_datagrams_out"]
+            .as_u64()
+            .unwrap()
+            >= 2
+    );
+
+    drop(net);
+    let net = DockerNet::create("lhbt-d9", "10.230.10.0/24").unwrap();
+    let gw = net.gateway().unwrap().to_string();
+    let served = wait_until(Duration::from_secs(5), || {
+        lookup(&[], Some(gw.clone())).contains("10.1.2.3")
+    });
+    assert!(
+        served.is_some(),
+        "re-created network not served\n{}",
+        lhb.log()
+    );
+}

@@ -781,3 +781,212 @@ fn firewalld_rule_follows_the_zone_of_the_bridge() {
         assert!(rules_in(zone).is_empty(), "{zone} kept lhb's rule");
     }
 }
+
+/// A UDP echo service on 127.0.0.1 in `ns` (a socket made there keeps its namespace).
+fn udp_echo_in(ns: &lhb_tests::Netns) -> (u16, UdpStop) {
+    udp_echo(
+        ns.run(|| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .unwrap(),
+    )
+}
+
+/// Echoes on `sock` until the returned guard drops.
+fn udp_echo(sock: std::net::UdpSocket) -> (u16, UdpStop) {
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let port = sock.local_addr().unwrap().port();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let st = stop.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !st.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(&buf[..n], from);
+            }
+        }
+    });
+    (port, UdpStop(stop))
+}
+
+struct UdpStop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for UdpStop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Whether a datagram from `ns` to `to` is echoed within half a second.
+fn echoed(ns: &lhb_tests::Netns, to: SocketAddr) -> bool {
+    ns.run(move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect(to).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        if s.send(b"lhb-udp").is_err() {
+            return false;
+        }
+        let mut b = [0u8; 16];
+        matches!(s.recv(&mut b), Ok(7))
+    })
+    .unwrap()
+}
+
+/// A UDP rule through each firewall lhb manages: dropped before lhb, echoed with it
+/// (a scoped `udp` accept), the outside still gets nothing, the accept restored after a
+/// reload, and the ruleset as it was after lhb exits. iptables and nftables in the
+/// machine's namespace (scoped to the test's bridge), UFW and firewalld in namespaces
+/// that play the host.
+#[test]
+fn udp_rules_get_a_scoped_udp_accept_on_every_backend() {
+    let _l = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    // iptables, then a separate nftables base chain.
+    for (n, nft) in [(93u8, false), (94, true)] {
+        let lab = Lab::new(n).unwrap();
+        let br = lab.bridge_name();
+        let _undo = if nft {
+            let table = format!("lhbt{n}fw");
+            sh(&["nft", "add", "table", "inet", &table]);
+            sh(&[
+                "nft",
+                &format!(
+                    "add chain inet {table} input {{ type filter hook input priority 10; policy accept; }}"
+                ),
+            ]);
+            sh(&[
+                "nft",
+                &format!("add rule inet {table} input iifname \"{br}\" drop"),
+            ]);
+            Undo(
+                ["nft", "delete", "table", "inet", &table]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            )
+        } else {
+            drop_on(&br)
+        };
+        let (port, _stop) = udp_echo(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+        let gw = SocketAddr::new(lab.gateway(), port);
+        assert!(
+            !echoed(&lab.container, gw),
+            "the firewall under test does not drop"
+        );
+        let before = snapshot();
+        let spec = format!("{br}:{port}/udp");
+        let mut lhb = Lhb::start(&["--firewall", "auto", "--expose-iface", &spec]).unwrap();
+        assert!(
+            echoed(&lab.container, gw),
+            "nft={nft}: not served through the firewall\n{}",
+            lhb.log()
+        );
+        let st = lhb.status().unwrap();
+        let rules = st["firewall"]["rules"].as_array().unwrap();
+        let ours = format!("udp to {gw} in on {br} in ");
+        assert!(
+            rules.iter().any(|r| r.as_str().unwrap().starts_with(&ours))
+                && rules
+                    .iter()
+                    .all(|r| r.as_str().unwrap().starts_with("udp to ")),
+            "{st:#}"
+        );
+        assert!(!echoed(&lab.outside, gw));
+        assert!(lhb.stop().unwrap().success());
+        assert_eq!(snapshot(), before, "nft={nft}: the ruleset changed");
+    }
+
+    // UFW with default deny incoming, reloaded.
+    let conf = std::fs::read_to_string("/etc/ufw/ufw.conf").expect("ufw (cargo xtask setup)");
+    struct RestoreConf(String);
+    impl Drop for RestoreConf {
+        fn drop(&mut self) {
+            let _ = std::fs::write("/etc/ufw/ufw.conf", &self.0);
+        }
+    }
+    let _conf = RestoreConf(conf);
+    {
+        let lab = lhb_tests::HostLab::new(95).unwrap();
+        lab.sh(&["ufw", "default", "deny", "incoming"]).unwrap();
+        lab.sh(&["ufw", "--force", "enable"]).unwrap();
+        let (port, _stop) = udp_echo_in(&lab.host);
+        let gw = SocketAddr::new(lab.gateway(), port);
+        assert!(!echoed(&lab.container, gw), "UFW does not drop");
+        let before = lab.sh(&["iptables-save"]).unwrap();
+        let spec = format!("br0:{port}/udp");
+        let mut lhb = lab
+            .lhb(&["--no-docker", "--firewall", "auto", "--expose-iface", &spec])
+            .unwrap();
+        assert!(
+            echoed(&lab.container, gw),
+            "not served through UFW\n{}",
+            lhb.log()
+        );
+        assert!(!echoed(&lab.outside, gw));
+        lab.sh(&["ufw", "reload"]).unwrap();
+        let healed = lhb_tests::wait_until(Duration::from_secs(2), || echoed(&lab.container, gw));
+        assert!(
+            healed.is_some(),
+            "not served after `ufw reload`\n{}",
+            lhb.log()
+        );
+        assert!(lhb.stop().unwrap().success());
+        let strip = |s: String| {
+            s.lines()
+                .filter(|l| !l.starts_with('#') && !l.starts_with(':'))
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(strip(lab.sh(&["iptables-save"]).unwrap()), strip(before));
+    }
+
+    // firewalld: a runtime rich rule with protocol="udp".
+    if !lhb_tests::firewalld::required(
+        "udp_rules_get_a_scoped_udp_accept_on_every_backend (firewalld)",
+    ) {
+        return;
+    }
+    let lab = lhb_tests::HostLab::new(96).unwrap();
+    let fwd = lhb_tests::firewalld::Firewalld::start(&lab).unwrap();
+    let (port, _stop) = udp_echo_in(&lab.host);
+    let gw = SocketAddr::new(lab.gateway(), port);
+    assert!(
+        !echoed(&lab.container, gw),
+        "firewalld lets the container in"
+    );
+    let spec = format!("br0:{port}/udp");
+    let bus = fwd.bus_address.clone();
+    let mut lhb = lab
+        .lhb_env(
+            &["--no-docker", "--expose-iface", &spec],
+            &[("DBUS_SYSTEM_BUS_ADDRESS", &bus)],
+        )
+        .unwrap();
+    assert!(
+        echoed(&lab.container, gw),
+        "not served through firewalld\n{}",
+        lhb.log()
+    );
+    let rich = fwd.cmd(&["--zone=public", "--list-rich-rules"]).unwrap();
+    assert_eq!(
+        rich.trim(),
+        format!(
+            "rule priority=\"-32000\" family=\"ipv4\" destination address=\"{}\" port port=\"{port}\" protocol=\"udp\" accept",
+            lab.gateway()
+        )
+    );
+    assert!(!echoed(&lab.outside, gw));
+    fwd.cmd(&["--reload"]).unwrap();
+    let healed = lhb_tests::wait_until(Duration::from_secs(2), || echoed(&lab.container, gw));
+    assert!(
+        healed.is_some(),
+        "not served after `firewall-cmd --reload`\n{}",
+        lhb.log()
+    );
+    assert!(lhb.stop().unwrap().success());
+    assert!(
+        fwd.cmd(&["--zone=public", "--list-rich-rules"])
+            .unwrap()
+            .trim()
+            .is_empty()
+    );
+}

@@ -44,8 +44,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "hping3",
     // The compose label test's real Compose (1.29 on Debian 12).
     "docker-compose",
-    // The Podman test's real rootful Podman (4.3 with netavark on Debian 12).
+    // The Podman test's real rootful Podman (4.3 with netavark on Debian 12; netavark is
+    // only a Recommends of podman, and without it Podman falls back to CNI).
     "podman",
+    "netavark",
     // UDP: a resolver on 127.0.0.53 (dnsmasq-base is the binary alone: its package
     // starts no service), dig, and the benchmark's dnsperf.
     "dnsmasq-base",
