@@ -298,7 +298,7 @@ fn verify_and_doctor_check_a_udp_rule() {
     assert!(ok, "verify failed:\n{out}{err}\n{}", lhb.log());
     let gw = SocketAddr::new(lab.gateway(), port);
     for line in [
-        format!("PASS  from the bridge: 10.201.92."),
+        "PASS  from the bridge: 10.201.92.".to_string(),
         format!("-> {gw}/udp: answered"),
         format!("PASS  from outside the bridge -> {gw}/udp: refused (ICMP port unreachable)"),
         format!("PASS  port {port}/udp: no listener on a wildcard"),
