@@ -11,6 +11,8 @@ fuzz_target!(|text: &str| {
             for r in &cfg.rules {
                 assert!(r.port != 0 && r.target.port() != 0, "{r}");
                 assert!(r.target.ip().is_loopback(), "{r}");
+                // A PROXY header exists only for TCP.
+                assert!(!(r.proxy_protocol && r.protocol.udp()), "{r}");
                 if let rule::Source::Interface(i) = &r.source {
                     assert!(rule::valid_ifname(i), "{i:?}");
                 }

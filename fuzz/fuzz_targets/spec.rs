@@ -1,6 +1,7 @@
 //! The rule spec parser (`--expose`, `--expose-iface`, `lhb expose`): never a panic,
 //! and what it accepts is a loopback target, a real port, a name lhb may put into a
-//! firewall rule, and prints back to a spec that parses to the same rule.
+//! firewall rule, and prints back to a spec that parses to the same rule (protocol
+//! included).
 #![no_main]
 
 use lhb_daemon::rule;
@@ -25,11 +26,11 @@ fuzz_target!(|spec: &str| {
             .or_else(|| name.strip_prefix("podman:"))
             .unwrap_or(name);
         assert!(!bare.contains([':', '=', ' ', '"', '*', '+']), "{spec:?}");
-        let again = format!("{}:{}={}", name, r.port, r.target);
+        let again = format!("{}:{}{}={}", name, r.port, r.protocol.suffix(), r.target);
         let r2 = rule::parse_spec_for(&again, iface).expect("a rule's own spec parses");
         assert_eq!(
-            (r2.source, r2.port, r2.target),
-            (r.source, r.port, r.target)
+            (r2.source, r2.port, r2.protocol, r2.target),
+            (r.source, r.port, r.protocol, r.target)
         );
     }
 });

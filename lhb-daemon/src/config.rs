@@ -256,7 +256,7 @@ mod tests {
             .map(|l| format!("{l}\n"))
             .collect();
         let all = parse("lhb.toml", &examples).unwrap();
-        assert_eq!(all.rules.len(), 2, "{examples}");
+        assert_eq!(all.rules.len(), 3, "{examples}");
         assert!(all.mode.is_some() && all.firewall.is_some() && all.metrics.is_some());
         assert_eq!(all.label_allow.len(), 2);
         assert_eq!(all.engine.len(), 2);

@@ -34,7 +34,7 @@ use std::{
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::{net::UdpSocket, task::JoinHandle, time::Instant};
+use tokio::{io::Interest, net::UdpSocket, task::JoinHandle, time::Instant};
 use tracing::{debug, warn};
 
 use crate::{proxy::ProxyKey, tasks::Tasks};
@@ -157,6 +157,7 @@ impl Forwarder {
             counters: self.counters_for(target.slot),
             shared: self.shared.clone(),
             flows: Default::default(),
+            closed: Default::default(),
             tasks: self.tasks.clone(),
         };
         let task = self.tasks.spawn(receive_loop(Arc::new(serving)));
@@ -272,6 +273,8 @@ struct Serving {
     counters: Arc<UdpCounters>,
     shared: Arc<Shared>,
     flows: Mutex<HashMap<SocketAddr, Arc<Flow>>>,
+    /// Cancelled when the gateway socket closes: its flows end with it.
+    closed: tokio_util::sync::CancellationToken,
     tasks: Tasks,
 }
 
@@ -296,53 +299,78 @@ struct FlowGuard(Arc<Serving>);
 impl Drop for FlowGuard {
     fn drop(&mut self) {
         lock(&self.0.flows).clear();
+        self.0.closed.cancel();
     }
+}
+
+thread_local! {
+    /// One datagram buffer per runtime thread, not per socket or flow: a datagram is
+    /// received and sent on without an await in between, so no two users share it at
+    /// once, and a thousand flows do not hold a thousand 64 KiB buffers.
+    static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; MAX_DATAGRAM]);
 }
 
 async fn receive_loop(s: Arc<Serving>) {
     let _guard = FlowGuard(s.clone());
-    let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut errors = 0u64;
     loop {
-        let (n, peer) = match s.sock.recv_from(&mut buf).await {
-            Ok(r) => r,
-            Err(e) => {
-                errors += 1;
-                if errors.is_power_of_two() {
-                    warn!(socket = %s.label, "receive: {e} ({errors} time(s) so far)");
+        if let Err(e) = s.sock.readable().await {
+            warn!(socket = %s.label, "waiting for datagrams: {e}");
+            return;
+        }
+        // Everything queued, then wait again: one wake-up for a burst.
+        loop {
+            let got = BUF.with_borrow_mut(|buf| {
+                s.sock
+                    .try_recv_from(buf)
+                    .map(|(n, peer)| forward(&s, peer, &buf[..n]))
+            });
+            match got {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    errors += 1;
+                    if errors.is_power_of_two() {
+                        warn!(socket = %s.label, "receive: {e} ({errors} time(s) so far)");
+                    }
+                    // The socket stays readable after an error: no busy loop.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    break;
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
             }
-        };
-        let Some(flow) = flow_for(&s, peer) else {
-            continue;
-        };
-        flow.last_len.store(n as u64, Ordering::Relaxed);
-        let data = &buf[..n];
-        // Straight to the socket, not through tokio's readiness: a flow's socket is
-        // new, and tokio reports a socket writable only after its first poll.
-        let out = socket2::SockRef::from(&flow.sock);
-        let sent = match out.send(data) {
-            // A refusal of an earlier datagram is reported by this send, which then
-            // did not go out: answer the container, and send this one.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                refused(&s, peer, n);
-                out.send(data)
-            }
-            r => r,
-        };
-        match sent {
-            Ok(_) => {
-                s.counters.datagrams_in.fetch_add(1, Ordering::Relaxed);
-                s.counters.bytes.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => refused(&s, peer, n),
-            Err(e) => {
-                let d = s.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if d.is_power_of_two() {
-                    debug!(socket = %s.label, "datagram from {peer} dropped: {e} ({d} so far)");
-                }
+        }
+    }
+}
+
+/// One datagram of `peer` to its flow.
+fn forward(s: &Arc<Serving>, peer: SocketAddr, data: &[u8]) {
+    let Some(flow) = flow_for(s, peer) else {
+        return;
+    };
+    let n = data.len();
+    flow.last_len.store(n as u64, Ordering::Relaxed);
+    // Straight to the socket, not through tokio's readiness: a flow's socket is new,
+    // and tokio reports a socket writable only after its first poll.
+    let out = socket2::SockRef::from(&flow.sock);
+    let sent = match out.send(data) {
+        // A refusal of an earlier datagram is reported by this send, which then did not
+        // go out: answer the container, and send this one.
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            refused(s, peer, n);
+            out.send(data)
+        }
+        r => r,
+    };
+    match sent {
+        Ok(_) => {
+            s.counters.datagrams_in.fetch_add(1, Ordering::Relaxed);
+            s.counters.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => refused(s, peer, n),
+        Err(e) => {
+            let d = s.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if d.is_power_of_two() {
+                debug!(socket = %s.label, "datagram from {peer} dropped: {e} ({d} so far)");
             }
         }
     }
@@ -419,62 +447,64 @@ fn connect(source: Option<IpAddr>, target: SocketAddr) -> io::Result<UdpSocket> 
 /// Passes the service's answers on to `peer` until the flow is idle for the timeout
 /// (or its gateway socket closes).
 async fn answers(s: Arc<Serving>, peer: SocketAddr, flow: Arc<Flow>) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    // Reset only when it fires: a datagram costs no timer work.
+    let idle = tokio::time::sleep(s.shared.idle);
+    tokio::pin!(idle);
     loop {
-        let deadline = *lock(&flow.last) + s.shared.idle;
         tokio::select! {
-            r = flow.sock.recv(&mut buf) => match r {
-                Ok(n) => {
-                    flow.touch();
-                    match socket2::SockRef::from(&*s.sock).send_to(&buf[..n], &peer.into()) {
-                        Ok(_) => {
-                            s.counters.datagrams_out.fetch_add(1, Ordering::Relaxed);
-                            s.counters.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                        }
-                        Err(_) => {
-                            s.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
+            // ERROR too: a refusal on the service's side sets only the socket's error.
+            // async_io, not ready() + try_io(): tokio's try_io gates on a single
+            // interest, and an error alone would never be read.
+            r = flow.sock.async_io(Interest::READABLE | Interest::ERROR, || answer(&s, peer, &flow)) => match r {
+                Ok(()) => flow.touch(),
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                     refused(&s, peer, flow.last_len.load(Ordering::Relaxed) as usize);
                 }
                 Err(e) => {
+                    // A socket that fails for another reason: the flow ends, and the
+                    // container's next datagram opens a new one.
                     debug!(socket = %s.label, "flow of {peer}: {e}");
                     s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    lock(&s.flows).retain(|_, f| !Arc::ptr_eq(f, &flow));
+                    break;
                 }
             },
-            _ = tokio::time::sleep_until(deadline) => {
+            () = &mut idle => {
                 let mut flows = lock(&s.flows);
-                if lock(&flow.last).elapsed() >= s.shared.idle {
+                let last = *lock(&flow.last);
+                if last.elapsed() >= s.shared.idle {
                     // Only this flow: the table may hold a newer one for the same peer.
                     if flows.get(&peer).is_some_and(|f| Arc::ptr_eq(f, &flow)) {
                         flows.remove(&peer);
                     }
                     break;
                 }
+                idle.as_mut().reset(last + s.shared.idle);
             }
             // The gateway socket closed (bridge gone, rule removed): nothing more can
             // be answered.
-            _ = closed(&s, &peer, &flow) => break,
+            _ = s.closed.cancelled() => break,
         }
     }
     s.counters.active.fetch_sub(1, Ordering::Relaxed);
     s.shared.total.fetch_sub(1, Ordering::AcqRel);
 }
 
-/// Resolves once `flow` is no longer in the table (its socket closed), checked every
-/// second: a closed socket's flows free their descriptors within a second.
-async fn closed(s: &Serving, peer: &SocketAddr, flow: &Arc<Flow>) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if !lock(&s.flows)
-            .get(peer)
-            .is_some_and(|f| Arc::ptr_eq(f, flow))
-        {
-            return;
+/// One answer of the service, to `peer` from the gateway socket.
+fn answer(s: &Serving, peer: SocketAddr, flow: &Flow) -> io::Result<()> {
+    BUF.with_borrow_mut(|buf| {
+        let n = rustix::net::recv(&flow.sock, &mut buf[..], rustix::net::RecvFlags::empty())?.0;
+        match socket2::SockRef::from(&*s.sock).send_to(&buf[..n], &peer.into()) {
+            Ok(_) => {
+                s.counters.datagrams_out.fetch_add(1, Ordering::Relaxed);
+                s.counters.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
-    }
+        Ok(())
+    })
 }
 
 /// The service refused a datagram of `peer` (`len` payload bytes): count it and answer

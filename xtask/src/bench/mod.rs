@@ -33,6 +33,7 @@ mod report;
 mod rig;
 mod scale;
 mod servers;
+mod udp;
 mod workload;
 
 use measure::*;
@@ -108,6 +109,7 @@ struct Knobs {
     redis_n1: u32,
     redis_n50: u32,
     pg_secs: u32,
+    udp_secs: u32,
 }
 
 pub fn run(quick: bool, only: &[String]) -> anyhow::Result<()> {
@@ -131,6 +133,7 @@ pub fn run(quick: bool, only: &[String]) -> anyhow::Result<()> {
             redis_n1: 2_000,
             redis_n50: 20_000,
             pg_secs: 1,
+            udp_secs: 1,
         }
     } else {
         Knobs {
@@ -140,11 +143,13 @@ pub fn run(quick: bool, only: &[String]) -> anyhow::Result<()> {
             redis_n1: 20_000,
             redis_n50: 200_000,
             pg_secs: 5,
+            udp_secs: 3,
         }
     };
     let started = Instant::now();
     eprintln!("bench: setting up (namespaces, servers, lhb, socat, HAProxy, PostgreSQL)");
     let rig = Rig::build(&selected)?;
+    let udp = udp::UdpRig::build(&rig.lab, &selected)?;
     eprintln!("bench: set up in {:.1}s", started.elapsed().as_secs_f64());
     let mut out = Results {
         reps: k.reps,
@@ -159,12 +164,14 @@ pub fn run(quick: bool, only: &[String]) -> anyhow::Result<()> {
         for &path in &order {
             measure_path(&rig, path, &k, rep, &mut out)?;
         }
+        udp.measure(&rig.lab, k.udp_secs, rep, &mut out)?;
         measure_recreate(&rig, rep, &mut out)?;
         if selected.contains(&Path::Kernel) {
             bpf::measure(&rig, &k, rep, &mut out)?;
             scale::measure(rep, &mut out)?;
         }
     }
+    drop(udp);
     drop(rig);
     report(&out.samples, &selected, k.reps, quick)?;
     eprintln!("bench: done in {:.0}s", started.elapsed().as_secs_f64());

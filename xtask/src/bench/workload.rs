@@ -13,6 +13,9 @@ pub enum Workload {
     RedisP50C50,
     RedisP99C50,
     Pgbench,
+    Dns1,
+    Dns50,
+    OneWay512,
     RssIdle,
     RssLoad,
     CpuLoad,
@@ -39,6 +42,9 @@ impl Workload {
         Workload::RedisP50C50,
         Workload::RedisP99C50,
         Workload::Pgbench,
+        Workload::Dns1,
+        Workload::Dns50,
+        Workload::OneWay512,
         Workload::RssIdle,
         Workload::RssLoad,
         Workload::CpuLoad,
@@ -64,6 +70,9 @@ impl Workload {
             Workload::RedisP50C50 => "redis GET p50 -c 50",
             Workload::RedisP99C50 => "redis GET p99 -c 50",
             Workload::Pgbench => "pgbench select-only -c 8",
+            Workload::Dns1 => "DNS dnsperf 1 client",
+            Workload::Dns50 => "DNS dnsperf 50 clients",
+            Workload::OneWay512 => "UDP 512 B one-way, no loss",
             Workload::RssIdle => "daemon RSS idle",
             Workload::RssLoad => "daemon RSS under load",
             Workload::CpuLoad => "daemon CPU under load",
@@ -90,6 +99,8 @@ impl Workload {
             | Workload::Ready1000
             | Workload::Reload1000 => "ms",
             Workload::Pgbench => "tps",
+            Workload::Dns1 | Workload::Dns50 => "queries/s",
+            Workload::OneWay512 => "datagrams/s",
             Workload::RssIdle | Workload::RssLoad | Workload::Rss1000 => "MiB",
             Workload::CpuLoad => "% of a core",
             Workload::BpfIngress | Workload::BpfPass | Workload::BpfSkLookup => "ns",
@@ -106,6 +117,9 @@ impl Workload {
                 | Workload::Iperf1
                 | Workload::Iperf4
                 | Workload::Pgbench
+                | Workload::Dns1
+                | Workload::Dns50
+                | Workload::OneWay512
         )
     }
 
@@ -119,6 +133,7 @@ impl Workload {
             | Workload::RedisP50C50
             | Workload::RedisP99C50 => "redis-latency",
             Workload::Pgbench => "pgbench",
+            Workload::Dns1 | Workload::Dns50 | Workload::OneWay512 => "udp",
             Workload::RssIdle | Workload::RssLoad | Workload::Rss1000 => "memory",
             Workload::CpuLoad => "cpu",
             Workload::Recreate => "recreate",
@@ -137,6 +152,9 @@ impl Workload {
             | Workload::Conn8
             | Workload::Conn64
             | Workload::Pgbench
+            | Workload::Dns1
+            | Workload::Dns50
+            | Workload::OneWay512
             | Workload::BpfIngress
             | Workload::BpfPass
             | Workload::BpfSkLookup => 0,
