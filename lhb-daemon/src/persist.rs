@@ -193,6 +193,14 @@ mod tests {
         assert_eq!(cfg.rules.len(), 2);
         assert_eq!(cfg.rules[1], rule);
         assert!(add(&path, &rule).is_err(), "a duplicate is refused");
+        // The protocol is written when it is not TCP, and reads back the same.
+        let mut dns = Rule::new(Source::Interface("br0".into()), 53, None, None);
+        dns.protocol = crate::rule::Protocol::Both;
+        add(&path, &dns).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("protocol = \"both\""), "{text}");
+        assert_eq!(config::parse("x", &text).unwrap().rules[2], dns);
+        remove(&path, &Source::Interface("br0".into()), 53).unwrap();
 
         remove(&path, &Source::Network("app".into()), 5432).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), original);

@@ -51,6 +51,9 @@ pub struct HostPlan {
     pub takeover: Vec<String>,
     /// `GATEWAY:PORT on BRIDGE -> TARGET` for each proxy listener bound.
     pub proxy_listeners: Vec<String>,
+    /// The same for each UDP forwarder socket bound.
+    #[serde(default)]
+    pub udp_sockets: Vec<String>,
     pub firewall: FirewallPlan,
     pub rules: Vec<RulePlan>,
     /// Docker network label entries that would not be served, and why.
@@ -284,6 +287,14 @@ impl HostPlan {
                 format!("{gw} on {} -> {}", k.bridge, t.target)
             })
             .collect();
+        self.udp_sockets = wanted
+            .udp
+            .iter()
+            .map(|(k, t)| {
+                let gw = std::net::SocketAddr::new(k.gateway, k.port);
+                format!("{gw}/udp on {} -> {}", k.bridge, t.target)
+            })
+            .collect();
     }
 }
 
@@ -411,6 +422,10 @@ impl HostPlan {
         for l in &self.proxy_listeners {
             changes += 1;
             let _ = writeln!(s, "  bind a proxy listener to {l}");
+        }
+        for l in &self.udp_sockets {
+            changes += 1;
+            let _ = writeln!(s, "  bind a UDP forwarder socket to {l}");
         }
         for f in &self.firewall.add {
             changes += 1;

@@ -82,6 +82,7 @@ pub const DEFAULT_MAX_FLOWS: usize = 1024;
 
 struct Bound {
     target: UdpTarget,
+    serving: Arc<Serving>,
     task: JoinHandle<()>,
 }
 
@@ -125,12 +126,21 @@ impl Forwarder {
         }
     }
 
-    /// Binds `key` and forwards its datagrams to `target`.
+    /// Binds `key` and forwards its datagrams to `target`. A socket already bound for
+    /// `key` is kept and only led elsewhere: closing it and binding again would race
+    /// with its task's end (the address is held until then, and lhb's socket takes no
+    /// SO_REUSEADDR, so that no other program can share it).
     pub fn bind(&mut self, key: &ProxyKey, target: UdpTarget) -> io::Result<()> {
-        if self.sockets.get(key).map(|b| b.target) == Some(target) {
+        if let Some(current) = self.sockets.get(key).map(|b| b.target) {
+            if current != target {
+                let route = self.route(key, target);
+                if let Some(b) = self.sockets.get_mut(key) {
+                    b.serving.retarget(route);
+                    b.target = target;
+                }
+            }
             return Ok(());
         }
-        self.close(key);
         let sock = Arc::new(bind(key)?);
         let icmp = match Icmp::open(key) {
             Ok(i) => Some(i),
@@ -143,26 +153,40 @@ impl Forwarder {
                 None
             }
         };
-        let serving = Serving {
+        let serving = Arc::new(Serving {
             sock,
             icmp: icmp.map(Arc::new),
             gateway: key.gateway,
             port: key.port,
+            route: std::sync::RwLock::new(Arc::new(self.route(key, target))),
+            label: format!("{}:{}/udp@{}", key.gateway, key.port, key.bridge),
+            shared: self.shared.clone(),
+            flows: Default::default(),
+            closed: Default::default(),
+            tasks: self.tasks.clone(),
+        });
+        let task = self.tasks.spawn(receive_loop(serving.clone()));
+        self.sockets.insert(
+            key.clone(),
+            Bound {
+                target,
+                serving,
+                task,
+            },
+        );
+        Ok(())
+    }
+
+    fn route(&self, key: &ProxyKey, target: UdpTarget) -> Route {
+        Route {
             target: target.target,
             source: match target.target {
                 SocketAddr::V4(_) => Some(IpAddr::V4(crate::proxy::loopback_source(key.ifindex))),
                 SocketAddr::V6(_) => None,
             },
-            label: format!("{}:{}/udp@{}", key.gateway, key.port, key.bridge),
             counters: self.counters_for(target.slot),
-            shared: self.shared.clone(),
-            flows: Default::default(),
-            closed: Default::default(),
-            tasks: self.tasks.clone(),
-        };
-        let task = self.tasks.spawn(receive_loop(Arc::new(serving)));
-        self.sockets.insert(key.clone(), Bound { target, task });
-        Ok(())
+            retired: Default::default(),
+        }
     }
 
     /// Closes `key`'s socket. Its flows end with it: their answers could no longer be
@@ -266,11 +290,8 @@ struct Serving {
     icmp: Option<Arc<Icmp>>,
     gateway: IpAddr,
     port: u16,
-    target: SocketAddr,
-    /// Bound before connecting; None: the kernel's choice (::1 for [::1]).
-    source: Option<IpAddr>,
+    route: std::sync::RwLock<Arc<Route>>,
     label: String,
-    counters: Arc<UdpCounters>,
     shared: Arc<Shared>,
     flows: Mutex<HashMap<SocketAddr, Arc<Flow>>>,
     /// Cancelled when the gateway socket closes: its flows end with it.
@@ -278,9 +299,43 @@ struct Serving {
     tasks: Tasks,
 }
 
+/// Where a socket's datagrams go; replaced whole when its rule's target changes.
+struct Route {
+    target: SocketAddr,
+    /// Bound before connecting; None: the kernel's choice (::1 for [::1]).
+    source: Option<IpAddr>,
+    counters: Arc<UdpCounters>,
+    /// Cancelled when the route is replaced: the flows opened under it end.
+    retired: tokio_util::sync::CancellationToken,
+}
+
+impl Serving {
+    fn route(&self) -> Arc<Route> {
+        self.route
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// New datagrams go to `route`; the flows toward the old target end.
+    fn retarget(&self, route: Route) {
+        let old = std::mem::replace(
+            &mut *self
+                .route
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            Arc::new(route),
+        );
+        lock(&self.flows).clear();
+        old.retired.cancel();
+    }
+}
+
 /// One container address and port, and its socket toward the service.
 struct Flow {
     sock: UdpSocket,
+    /// The route it was opened under: its target and its rule's counters.
+    route: Arc<Route>,
     /// When a datagram last passed, either way.
     last: Mutex<Instant>,
     /// The length of the container's last datagram: the ICMP error quotes its header.
@@ -348,6 +403,7 @@ fn forward(s: &Arc<Serving>, peer: SocketAddr, data: &[u8]) {
         return;
     };
     let n = data.len();
+    let counters = &flow.route.counters;
     flow.last_len.store(n as u64, Ordering::Relaxed);
     // Straight to the socket, not through tokio's readiness: a flow's socket is new,
     // and tokio reports a socket writable only after its first poll.
@@ -356,19 +412,19 @@ fn forward(s: &Arc<Serving>, peer: SocketAddr, data: &[u8]) {
         // A refusal of an earlier datagram is reported by this send, which then did not
         // go out: answer the container, and send this one.
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            refused(s, peer, n);
+            refused(s, &flow.route, peer, n);
             out.send(data)
         }
         r => r,
     };
     match sent {
         Ok(_) => {
-            s.counters.datagrams_in.fetch_add(1, Ordering::Relaxed);
-            s.counters.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            counters.datagrams_in.fetch_add(1, Ordering::Relaxed);
+            counters.bytes.fetch_add(n as u64, Ordering::Relaxed);
         }
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => refused(s, peer, n),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => refused(s, &flow.route, peer, n),
         Err(e) => {
-            let d = s.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            let d = counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if d.is_power_of_two() {
                 debug!(socket = %s.label, "datagram from {peer} dropped: {e} ({d} so far)");
             }
@@ -384,8 +440,10 @@ fn flow_for(s: &Arc<Serving>, peer: SocketAddr) -> Option<Arc<Flow>> {
         f.touch();
         return Some(f.clone());
     }
-    let share = s.counters.limit.load(Ordering::Relaxed);
-    let admitted = s.counters.active.load(Ordering::Relaxed) < share.max(1)
+    let route = s.route();
+    let counters = &route.counters;
+    let share = counters.limit.load(Ordering::Relaxed);
+    let admitted = counters.active.load(Ordering::Relaxed) < share.max(1)
         && s.shared
             .total
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |t| {
@@ -393,7 +451,7 @@ fn flow_for(s: &Arc<Serving>, peer: SocketAddr) -> Option<Arc<Flow>> {
             })
             .is_ok();
     if !admitted {
-        let n = s.counters.over_limit.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = counters.over_limit.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_power_of_two() {
             let total = s.shared.total.load(Ordering::Relaxed);
             let which = if total >= s.shared.max_flows {
@@ -405,24 +463,25 @@ fn flow_for(s: &Arc<Serving>, peer: SocketAddr) -> Option<Arc<Flow>> {
         }
         return None;
     }
-    let sock = match connect(s.source, s.target) {
+    let sock = match connect(route.source, route.target) {
         Ok(sock) => sock,
         Err(e) => {
             s.shared.total.fetch_sub(1, Ordering::AcqRel);
-            let n = s.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            let n = counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
-                warn!(socket = %s.label, "cannot open a flow toward {}: {e} ({n} datagram(s) dropped so far)", s.target);
+                warn!(socket = %s.label, "cannot open a flow toward {}: {e} ({n} datagram(s) dropped so far)", route.target);
             }
             return None;
         }
     };
+    counters.flows.fetch_add(1, Ordering::Relaxed);
+    counters.active.fetch_add(1, Ordering::Relaxed);
     let flow = Arc::new(Flow {
         sock,
+        route: route.clone(),
         last: Mutex::new(Instant::now()),
         last_len: AtomicU64::new(0),
     });
-    s.counters.flows.fetch_add(1, Ordering::Relaxed);
-    s.counters.active.fetch_add(1, Ordering::Relaxed);
     flows.insert(peer, flow.clone());
     let task = answers(s.clone(), peer, flow.clone());
     s.tasks.spawn(task);
@@ -458,13 +517,13 @@ async fn answers(s: Arc<Serving>, peer: SocketAddr, flow: Arc<Flow>) {
             r = flow.sock.async_io(Interest::READABLE | Interest::ERROR, || answer(&s, peer, &flow)) => match r {
                 Ok(()) => flow.touch(),
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    refused(&s, peer, flow.last_len.load(Ordering::Relaxed) as usize);
+                    refused(&s, &flow.route, peer, flow.last_len.load(Ordering::Relaxed) as usize);
                 }
                 Err(e) => {
                     // A socket that fails for another reason: the flow ends, and the
                     // container's next datagram opens a new one.
                     debug!(socket = %s.label, "flow of {peer}: {e}");
-                    s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    flow.route.counters.dropped.fetch_add(1, Ordering::Relaxed);
                     lock(&s.flows).retain(|_, f| !Arc::ptr_eq(f, &flow));
                     break;
                 }
@@ -484,9 +543,11 @@ async fn answers(s: Arc<Serving>, peer: SocketAddr, flow: Arc<Flow>) {
             // The gateway socket closed (bridge gone, rule removed): nothing more can
             // be answered.
             _ = s.closed.cancelled() => break,
+            // The rule now leads elsewhere.
+            _ = flow.route.retired.cancelled() => break,
         }
     }
-    s.counters.active.fetch_sub(1, Ordering::Relaxed);
+    flow.route.counters.active.fetch_sub(1, Ordering::Relaxed);
     s.shared.total.fetch_sub(1, Ordering::AcqRel);
 }
 
@@ -494,13 +555,14 @@ async fn answers(s: Arc<Serving>, peer: SocketAddr, flow: Arc<Flow>) {
 fn answer(s: &Serving, peer: SocketAddr, flow: &Flow) -> io::Result<()> {
     BUF.with_borrow_mut(|buf| {
         let n = rustix::net::recv(&flow.sock, &mut buf[..], rustix::net::RecvFlags::empty())?.0;
+        let counters = &flow.route.counters;
         match socket2::SockRef::from(&*s.sock).send_to(&buf[..n], &peer.into()) {
             Ok(_) => {
-                s.counters.datagrams_out.fetch_add(1, Ordering::Relaxed);
-                s.counters.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                counters.datagrams_out.fetch_add(1, Ordering::Relaxed);
+                counters.bytes.fetch_add(n as u64, Ordering::Relaxed);
             }
             Err(_) => {
-                s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                counters.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
         Ok(())
@@ -509,10 +571,10 @@ fn answer(s: &Serving, peer: SocketAddr, flow: &Flow) -> io::Result<()> {
 
 /// The service refused a datagram of `peer` (`len` payload bytes): count it and answer
 /// the container with a port unreachable, as the service's own host would have.
-fn refused(s: &Serving, peer: SocketAddr, len: usize) {
-    let n = s.counters.target_errors.fetch_add(1, Ordering::Relaxed) + 1;
+fn refused(s: &Serving, route: &Route, peer: SocketAddr, len: usize) {
+    let n = route.counters.target_errors.fetch_add(1, Ordering::Relaxed) + 1;
     if n.is_power_of_two() {
-        warn!(socket = %s.label, "{} refused a datagram from {peer}: nothing listening ({n} so far); the container gets ICMP port unreachable", s.target);
+        warn!(socket = %s.label, "{} refused a datagram from {peer}: nothing listening ({n} so far); the container gets ICMP port unreachable", route.target);
     }
     let Some(icmp) = &s.icmp else { return };
     {

@@ -477,3 +477,64 @@ fn datagrams_are_counted_large_ones_arrive_and_the_flow_limit_recovers() {
     );
     let _ = echo.count();
 }
+
+/// A reload that leads a UDP rule to another target keeps the gateway socket (no moment
+/// where the address is unbound or "in use") and moves even a flow already open: the
+/// same container socket's next datagram reaches the new service.
+#[test]
+fn a_reload_moves_a_udp_rule_to_its_new_target_with_its_open_flows() {
+    let lab = HostLab::new(97).unwrap();
+    let old = Receiver::start(&lab, 7001, true);
+    let new = Receiver::start(&lab, 7002, true);
+    let tmp = TempDir::new("udp-retarget").unwrap();
+    let cfg = tmp.join("lhb.toml");
+    let rule = |target: u16| {
+        format!(
+            "[[expose]]\ninterface = \"br0\"\nport = 7000\nprotocol = \"udp\"\ntarget = {target}\n"
+        )
+    };
+    std::fs::write(&cfg, rule(7001)).unwrap();
+    let lhb = lab
+        .lhb(&[
+            "--no-docker",
+            "--firewall",
+            "none",
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .unwrap();
+    let to = SocketAddr::new(lab.gateway(), 7000);
+    let sock = lab
+        .container
+        .run(move || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.connect(to).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            s
+        })
+        .unwrap();
+    let echo = |s: &UdpSocket| {
+        s.send(b"ping").unwrap();
+        let mut b = [0u8; 8];
+        s.recv(&mut b).map(|n| n == 4).unwrap_or(false)
+    };
+    assert!(echo(&sock), "{}", lhb.log());
+    assert_eq!((old.count(), new.count()), (1, 0));
+
+    std::fs::write(&cfg, rule(7002)).unwrap();
+    let (ok, out, err) = lhb_check(&["reload", "--control", &lhb.control()]).unwrap();
+    assert!(ok, "{out}{err}");
+    assert!(
+        eventually(
+            Duration::from_secs(2),
+            || status(&lhb)["rules"][0]["target"] == "127.0.0.1:7002"
+        ),
+        "{}",
+        status(&lhb)
+    );
+    assert!(echo(&sock), "{}", lhb.log());
+    assert_eq!((old.count(), new.count()), (1, 1), "{}", lhb.log());
+    assert!(!lhb.log().contains("in use"), "{}", lhb.log());
+    let v = status(&lhb);
+    assert!(v["rules"][0]["gateways"][0]["error"].is_null(), "{v}");
+}

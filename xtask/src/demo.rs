@@ -119,12 +119,88 @@ pub fn run() -> anyhow::Result<()> {
         bail!("still served after lhb stopped");
     }
 
+    dns_flow(&lab)?;
+
     say("Tearing the topology down.");
     drop(svc);
     drop(lab);
 
     compose_flow()?;
     say("Demo complete.");
+    Ok(())
+}
+
+/// UDP: a resolver on loopback (dnsmasq; on 127.0.0.153:15353 here, clear of whatever
+/// this machine runs on port 53) served at the gateway's port 53, asked with dig.
+fn dns_flow(lab: &Lab) -> anyhow::Result<()> {
+    say(
+        "UDP: the host's resolver for containers. A dnsmasq on 127.0.0.153:15353 answers
+             x.example; the rule `BRIDGE:53/both=127.0.0.153:15353` serves it at the gateway's
+             port 53, over UDP (a forwarder bound to the gateway and the bridge) and TCP:",
+    );
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _dnsmasq = Kill(
+        Command::new("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--user=root",
+                "--pid-file=",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.153",
+                "--port=15353",
+                "--address=/x.example/10.1.2.3",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("dnsmasq (dnsmasq-base; `cargo xtask setup` installs it)")?,
+    );
+    thread::sleep(Duration::from_millis(300));
+    let spec = format!("{}:53/both=127.0.0.153:15353", lab.bridge_name());
+    let lhb = Lhb::start(&["--expose-iface", &spec])?;
+    let gw = lab.gateway().to_string();
+    let dig = |extra: &[&str]| {
+        let mut c = Command::new("ip");
+        c.args([
+            "netns",
+            "exec",
+            &lab.container.name,
+            "dig",
+            &format!("@{gw}"),
+        ])
+        .args(["x.example", "+short", "+time=2", "+tries=1"])
+        .args(extra);
+        c
+    };
+    for extra in [&[][..], &["+tcp"][..]] {
+        let (ok, out) = show(&mut dig(extra))?;
+        if !ok || out.trim() != "10.1.2.3" {
+            bail!("the container's query was not answered: {out}");
+        }
+    }
+    say("From the outside namespace the same query gets no answer:");
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &lab.outside.name, "dig", &format!("@{gw}")])
+        .args(["x.example", "+short", "+time=1", "+tries=1"]);
+    let (_, out) = show(&mut c)?;
+    if out.contains("10.1.2.3") {
+        bail!("the outside namespace was answered");
+    }
+    say("`lhb verify` probes the UDP side with a DNS query from each side:");
+    let (ok, _) =
+        show(Command::new(lhb_bin()).args(["verify", "--config", "/dev/null", "--iface", &spec]))?;
+    if !ok {
+        bail!("lhb verify failed");
+    }
+    drop(lhb);
     Ok(())
 }
 
