@@ -26,6 +26,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     io,
     net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd as _,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -373,12 +374,44 @@ async fn receive_loop(s: Arc<Serving>) {
             warn!(socket = %s.label, "waiting for datagrams: {e}");
             return;
         }
-        // Everything queued, then wait again: one wake-up for a burst.
+        // Everything queued, then wait again: one wake-up for a burst, and up to BATCH
+        // datagrams per system call.
         loop {
-            let got = BUF.with_borrow_mut(|buf| {
-                s.sock
-                    .try_recv_from(buf)
-                    .map(|(n, peer)| forward(&s, peer, &buf[..n]))
+            let got = BATCH_BUF.with_borrow_mut(|b| -> io::Result<()> {
+                let n = s
+                    .sock
+                    .try_io(Interest::READABLE, || b.recv(s.sock.as_raw_fd()))?;
+                // Each datagram's flow; a burst is mostly one container's, whose flow is
+                // looked up once.
+                let mut flows: Vec<Option<(SocketAddr, Arc<Flow>)>> = Vec::with_capacity(n);
+                for i in 0..n {
+                    let peer = b.peer(i);
+                    let flow = match (peer, flows.last()) {
+                        (Some(p), Some(Some((q, f)))) if p == *q => Some((p, f.clone())),
+                        (Some(p), _) => flow_for(&s, p).map(|f| (p, f)),
+                        (None, _) => None,
+                    };
+                    flows.push(flow);
+                }
+                // Runs of one flow go out in one sendmmsg(2).
+                let mut i = 0;
+                while i < n {
+                    let Some((peer, flow)) = &flows[i] else {
+                        i += 1;
+                        continue;
+                    };
+                    let mut end = i + 1;
+                    while end < n
+                        && flows[end]
+                            .as_ref()
+                            .is_some_and(|(_, f)| Arc::ptr_eq(f, flow))
+                    {
+                        end += 1;
+                    }
+                    forward(&s, *peer, flow, b, i..end);
+                    i = end;
+                }
+                Ok(())
             });
             match got {
                 Ok(()) => {}
@@ -397,36 +430,190 @@ async fn receive_loop(s: Arc<Serving>) {
     }
 }
 
-/// One datagram of `peer` to its flow.
-fn forward(s: &Arc<Serving>, peer: SocketAddr, data: &[u8]) {
-    let Some(flow) = flow_for(s, peer) else {
-        return;
-    };
-    let n = data.len();
+/// Datagrams received per recvmmsg(2).
+const BATCH: usize = 32;
+
+thread_local! {
+    /// The receive side's buffers, one set per runtime thread (see BUF).
+    static BATCH_BUF: std::cell::RefCell<Batch> = std::cell::RefCell::new(Batch::new());
+}
+
+/// recvmmsg(2) and sendmmsg(2) by hand: std, socket2 and tokio have neither, rustix no
+/// recvmmsg, and a crate that has both (quinn-udp) brings a QUIC-shaped API for two
+/// system calls. One
+/// allocation of BATCH x 64 KiB: mapped lazily, so only the pages datagrams touch are
+/// resident.
+struct Batch {
+    data: Vec<u8>,
+    addrs: Vec<libc::sockaddr_storage>,
+    iovs: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+    /// sendmmsg(2)'s headers, pointing into `data`.
+    out_iovs: Vec<libc::iovec>,
+    out_msgs: Vec<libc::mmsghdr>,
+}
+
+impl Batch {
+    fn new() -> Batch {
+        Batch {
+            data: vec![0; BATCH * MAX_DATAGRAM],
+            // SAFETY: all-zero is a valid value of these plain C structs.
+            addrs: (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect(),
+            iovs: (0..BATCH)
+                .map(|_| libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                })
+                .collect(),
+            // SAFETY: as above; the pointers are set before each call.
+            msgs: (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect(),
+            out_iovs: (0..BATCH)
+                .map(|_| libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                })
+                .collect(),
+            // SAFETY: as above.
+            out_msgs: (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect(),
+        }
+    }
+
+    /// Receives up to BATCH datagrams without blocking: how many.
+    fn recv(&mut self, fd: std::os::fd::RawFd) -> io::Result<usize> {
+        for i in 0..BATCH {
+            self.iovs[i] = libc::iovec {
+                iov_base: self.data[i * MAX_DATAGRAM..].as_mut_ptr().cast(),
+                iov_len: MAX_DATAGRAM,
+            };
+            let h = &mut self.msgs[i].msg_hdr;
+            h.msg_name = (&raw mut self.addrs[i]).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_iov = &raw mut self.iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = std::ptr::null_mut();
+            h.msg_controllen = 0;
+            h.msg_flags = 0;
+            self.msgs[i].msg_len = 0;
+        }
+        // SAFETY: every header points into buffers of this struct, alive and not
+        // otherwise borrowed for the call; the count matches the array.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.msgs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// The length of datagram `i` of the last receive.
+    fn len(&self, i: usize) -> usize {
+        (self.msgs[i].msg_len as usize).min(MAX_DATAGRAM)
+    }
+
+    /// The sender of datagram `i` of the last receive.
+    fn peer(&self, i: usize) -> Option<SocketAddr> {
+        let a = &self.addrs[i];
+        match a.ss_family as libc::c_int {
+            libc::AF_INET => {
+                // SAFETY: the kernel wrote a sockaddr_in, which fits in the storage.
+                let v4 = unsafe { &*(a as *const _ as *const libc::sockaddr_in) };
+                Some(SocketAddr::from((
+                    u32::from_be(v4.sin_addr.s_addr).to_be_bytes(),
+                    u16::from_be(v4.sin_port),
+                )))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the kernel wrote a sockaddr_in6, which fits in the storage.
+                let v6 = unsafe { &*(a as *const _ as *const libc::sockaddr_in6) };
+                Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                    v6.sin6_addr.s6_addr.into(),
+                    u16::from_be(v6.sin6_port),
+                    v6.sin6_flowinfo,
+                    v6.sin6_scope_id,
+                )))
+            }
+            _ => None,
+        }
+    }
+
+    /// Sends datagrams `run` of the last receive on the connected socket `fd` without
+    /// blocking: how many went out.
+    fn send(&mut self, fd: std::os::fd::RawFd, run: std::ops::Range<usize>) -> io::Result<usize> {
+        let count = run.len();
+        for (j, i) in run.enumerate() {
+            self.out_iovs[j] = libc::iovec {
+                iov_base: self.data[i * MAX_DATAGRAM..].as_mut_ptr().cast(),
+                iov_len: self.len(i),
+            };
+            // SAFETY: all-zero is a valid msghdr (no name: the socket is connected).
+            self.out_msgs[j] = unsafe { std::mem::zeroed() };
+            self.out_msgs[j].msg_hdr.msg_iov = &raw mut self.out_iovs[j];
+            self.out_msgs[j].msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: `count` headers, each pointing at a datagram in `data`, alive for the
+        // call.
+        let n = unsafe {
+            libc::sendmmsg(
+                fd,
+                self.out_msgs.as_mut_ptr(),
+                count as libc::c_uint,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+}
+
+/// Datagrams `run` of the last receive, all of `peer`, to its flow.
+fn forward(
+    s: &Arc<Serving>,
+    peer: SocketAddr,
+    flow: &Flow,
+    b: &mut Batch,
+    run: std::ops::Range<usize>,
+) {
     let counters = &flow.route.counters;
-    flow.last_len.store(n as u64, Ordering::Relaxed);
+    flow.last_len
+        .store(b.len(run.end - 1) as u64, Ordering::Relaxed);
     // Straight to the socket, not through tokio's readiness: a flow's socket is new,
     // and tokio reports a socket writable only after its first poll.
-    let out = socket2::SockRef::from(&flow.sock);
-    let sent = match out.send(data) {
-        // A refusal of an earlier datagram is reported by this send, which then did not
-        // go out: answer the container, and send this one.
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            refused(s, &flow.route, peer, n);
-            out.send(data)
-        }
-        r => r,
-    };
-    match sent {
-        Ok(_) => {
-            counters.datagrams_in.fetch_add(1, Ordering::Relaxed);
-            counters.bytes.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => refused(s, &flow.route, peer, n),
-        Err(e) => {
-            let d = counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            if d.is_power_of_two() {
-                debug!(socket = %s.label, "datagram from {peer} dropped: {e} ({d} so far)");
+    let fd = flow.sock.as_raw_fd();
+    let mut i = run.start;
+    let mut refusals = 0;
+    while i < run.end {
+        match b.send(fd, i..run.end) {
+            Ok(k) => {
+                let bytes: usize = (i..i + k).map(|j| b.len(j)).sum();
+                counters.datagrams_in.fetch_add(k as u64, Ordering::Relaxed);
+                counters.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                i += k;
+                refusals = 0;
+            }
+            // A refusal of an earlier datagram is reported by this send, which then did
+            // not go out: answer the container, and send again (once; a second refusal
+            // in a row is the service refusing this one).
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                refused(s, &flow.route, peer, b.len(i));
+                refusals += 1;
+                if refusals > 1 {
+                    i += 1;
+                }
+            }
+            Err(e) => {
+                let lost = (run.end - i) as u64;
+                let d = counters.dropped.fetch_add(lost, Ordering::Relaxed) + lost;
+                debug!(socket = %s.label, "{lost} datagram(s) from {peer} dropped: {e} ({d} so far)");
+                return;
             }
         }
     }

@@ -405,6 +405,61 @@ fn datagrams_are_counted_large_ones_arrive_and_the_flow_limit_recovers() {
     thread::sleep(Duration::from_millis(200));
     assert_eq!(statsd.count(), before);
 
+    // A container forging an off-bridge source (the outside namespace's address): the
+    // answer goes nowhere, since lhb sends only through the bridge.
+    let spoofed = std::net::IpAddr::from([10, 205, lab.n, 2]);
+    let echoed_before = echo.count();
+    lhb_tests::run(
+        "ip",
+        &[
+            "-n",
+            &lab.container.name,
+            "addr",
+            "add",
+            &format!("{spoofed}/32"),
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
+    let victim = lab
+        .outside
+        .run(move || {
+            let v = UdpSocket::bind((spoofed, 40404)).unwrap();
+            v.set_read_timeout(Some(Duration::from_millis(700)))
+                .unwrap();
+            v
+        })
+        .unwrap();
+    let to_echo = SocketAddr::new(gw, 9999);
+    lab.container
+        .run(move || {
+            let s = UdpSocket::bind((spoofed, 40404)).unwrap();
+            s.send_to(b"forged", to_echo).unwrap();
+        })
+        .unwrap();
+    let mut b = [0u8; 16];
+    assert!(
+        victim.recv_from(&mut b).is_err(),
+        "an answer to a forged source left the bridge"
+    );
+    // The service did answer: the answer was dropped by lhb's routing, not the
+    // datagram by the host's reverse-path filter.
+    assert_eq!(echo.count(), echoed_before + 1, "{}", lhb.log());
+    lhb_tests::run(
+        "ip",
+        &[
+            "-n",
+            &lab.container.name,
+            "addr",
+            "del",
+            &format!("{spoofed}/32"),
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
+
     // Every flow idle: all closed after the timeout.
     assert!(
         eventually(Duration::from_secs(6), || {
@@ -475,7 +530,6 @@ fn datagrams_are_counted_large_ones_arrive_and_the_flow_limit_recovers() {
         "{}",
         lhb.log()
     );
-    let _ = echo.count();
 }
 
 /// A reload that leads a UDP rule to another target keeps the gateway socket (no moment

@@ -35,7 +35,7 @@ struct Way {
     path: Path,
     dns: SocketAddr,
     sink: SocketAddr,
-    received: Arc<AtomicU64>,
+    received: Arc<Counted>,
 }
 
 pub(super) struct UdpRig {
@@ -56,8 +56,18 @@ impl Drop for UdpRig {
 /// A UDP receiver in this process counting datagrams.
 struct Sink {
     at: SocketAddr,
-    count: Arc<AtomicU64>,
+    count: Arc<Counted>,
     stop: Arc<AtomicBool>,
+}
+
+/// Datagrams received, and a wake-up for a sender waiting for `want` of them: the
+/// sender sleeps instead of spinning, so the two CPUs go to the path being measured.
+#[derive(Default)]
+struct Counted {
+    n: AtomicU64,
+    want: AtomicU64,
+    lock: std::sync::Mutex<()>,
+    arrived: std::sync::Condvar,
 }
 
 impl Sink {
@@ -65,14 +75,18 @@ impl Sink {
         let sock = UdpSocket::bind(at).with_context(|| format!("binding the sink on {at}"))?;
         let at = sock.local_addr()?;
         sock.set_read_timeout(Some(Duration::from_millis(100)))?;
-        let count = Arc::new(AtomicU64::new(0));
+        let count = Arc::new(Counted::default());
         let stop = Arc::new(AtomicBool::new(false));
         let (c, st) = (count.clone(), stop.clone());
         thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while !st.load(Ordering::Relaxed) {
                 if sock.recv_from(&mut buf).is_ok() {
-                    c.fetch_add(1, Ordering::Relaxed);
+                    let n = c.n.fetch_add(1, Ordering::AcqRel) + 1;
+                    if n >= c.want.load(Ordering::Acquire) {
+                        let _g = c.lock.lock().unwrap_or_else(|p| p.into_inner());
+                        c.arrived.notify_all();
+                    }
                 }
             }
         });
@@ -304,12 +318,7 @@ fn dnsperf(
 /// One-way 512-byte datagrams from the container for `secs`, in windows of 64 that must
 /// each arrive whole at the receiver before the next is sent: the rate with no loss.
 /// Invalid if a window did not arrive whole within a second.
-fn one_way(
-    lab: &Lab,
-    to: SocketAddr,
-    count: &Arc<AtomicU64>,
-    secs: u32,
-) -> anyhow::Result<Measured> {
+fn one_way(lab: &Lab, to: SocketAddr, count: &Arc<Counted>, secs: u32) -> anyhow::Result<Measured> {
     const WINDOW: u64 = 64;
     let count = count.clone();
     lab.container
@@ -317,29 +326,30 @@ fn one_way(
             let s = UdpSocket::bind("0.0.0.0:0")?;
             s.connect(to)?;
             let payload = [b'x'; 512];
-            let base = count.load(Ordering::Relaxed);
+            let base = count.n.load(Ordering::Acquire);
+            let got = || count.n.load(Ordering::Acquire) - base;
             let start = Instant::now();
             let mut sent = 0u64;
             while start.elapsed() < Duration::from_secs(secs.into()) {
+                // Set before sending, so the receiver cannot pass it unseen.
+                count.want.store(base + sent + WINDOW, Ordering::Release);
                 for _ in 0..WINDOW {
                     s.send(&payload)?;
                 }
                 sent += WINDOW;
-                let deadline = Instant::now() + Duration::from_secs(1);
-                while count.load(Ordering::Relaxed) - base < sent {
-                    if Instant::now() > deadline {
-                        let got = count.load(Ordering::Relaxed) - base;
-                        return Ok(Measured::unless(
-                            got as f64 / start.elapsed().as_secs_f64(),
-                            Some(format!("{} of {sent} datagrams lost", sent - got)),
-                        ));
-                    }
-                    std::hint::spin_loop();
-                    thread::yield_now();
+                let g = count.lock.lock().unwrap_or_else(|p| p.into_inner());
+                let (_g, waited) = count
+                    .arrived
+                    .wait_timeout_while(g, Duration::from_secs(1), |_| got() < sent)
+                    .unwrap_or_else(|p| p.into_inner());
+                if waited.timed_out() && got() < sent {
+                    return Ok(Measured::unless(
+                        got() as f64 / start.elapsed().as_secs_f64(),
+                        Some(format!("{} of {sent} datagrams lost", sent - got())),
+                    ));
                 }
             }
-            let got = count.load(Ordering::Relaxed) - base;
-            Ok(Measured::ok(got as f64 / start.elapsed().as_secs_f64()))
+            Ok(Measured::ok(got() as f64 / start.elapsed().as_secs_f64()))
         })
         .map_err(|e| anyhow::anyhow!("{e}"))?
 }
