@@ -54,7 +54,7 @@ enum Command {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
         udp_max_flows: Option<u64>,
         /// Seconds after which a UDP flow that passed no datagram either way is closed.
-        #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        #[arg(long, value_name = "SECONDS", default_value_t = lhb_daemon::udp::DEFAULT_IDLE.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
         udp_idle_timeout: u64,
         /// On SIGTERM/SIGINT leave the kernel path and the firewall rules serving; the
         /// next start takes them over. Without it a clean exit removes everything.

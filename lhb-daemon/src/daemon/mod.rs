@@ -305,7 +305,7 @@ async fn serve(opts: &RunOptions, tasks: &crate::tasks::Tasks) -> anyhow::Result
     match (&result, keep) {
         (Err(_), _) => {}
         (Ok(()), true) => info!(
-            "--keep-on-exit: the kernel path and the firewall rules stay for the next start; proxy listeners closed; bye"
+            "--keep-on-exit: the kernel path and the firewall rules stay for the next start; proxy listeners and UDP sockets closed; bye"
         ),
         (Ok(()), false) => info!("detached from every bridge and closed every listener; bye"),
     }
