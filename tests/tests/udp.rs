@@ -588,7 +588,13 @@ fn a_reload_moves_a_udp_rule_to_its_new_target_with_its_open_flows() {
     );
     assert!(echo(&sock), "{}", lhb.log());
     assert_eq!((old.count(), new.count()), (1, 1), "{}", lhb.log());
+    // The socket was kept, not closed and bound again (which races with its release).
     assert!(!lhb.log().contains("in use"), "{}", lhb.log());
+    assert!(
+        lhb.log().contains("now -> 127.0.0.1:7002") && !lhb.log().contains("forwarder closed"),
+        "{}",
+        lhb.log()
+    );
     let v = status(&lhb);
     assert!(v["rules"][0]["gateways"][0]["error"].is_null(), "{v}");
 }

@@ -96,12 +96,15 @@ impl Daemon {
     /// The UDP forwarder's sockets, from what is applied to `wanted`; a bind that fails
     /// is left out of `applied` and retried, like a proxy listener.
     fn apply_udp(&mut self, wanted: &Plan) {
+        // Only sockets no longer wanted close: one whose rule now leads elsewhere is
+        // kept and led there by `bind` (closing it and binding again would race with
+        // the old socket's release, and the address would read as taken).
         let gone: Vec<_> = self
             .applied
             .udp
-            .iter()
-            .filter(|(k, t)| wanted.udp.get(*k) != Some(*t))
-            .map(|(k, _)| k.clone())
+            .keys()
+            .filter(|k| !wanted.udp.contains_key(*k))
+            .cloned()
             .collect();
         for key in gone {
             self.udp.close(&key);
@@ -110,10 +113,15 @@ impl Daemon {
         }
         self.udp_errors.retain(|k, _| wanted.udp.contains_key(k));
         for (key, target) in &wanted.udp {
-            if self.applied.udp.contains_key(key) {
+            let before = self.applied.udp.get(key).copied();
+            if before == Some(*target) {
                 continue;
             }
             match self.udp.bind(key, *target) {
+                Ok(()) if before.is_some() => {
+                    self.applied.udp.insert(key.clone(), *target);
+                    info!(bridge = %key.bridge, "UDP forwarder on {}:{} now -> {}", key.gateway, key.port, target.target);
+                }
                 Ok(()) => {
                     self.applied.udp.insert(key.clone(), *target);
                     self.udp_errors.remove(key);
