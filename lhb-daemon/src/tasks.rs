@@ -37,6 +37,23 @@ impl Tasks {
         })
     }
 
+    /// [`Tasks::spawn`] on another runtime (the proxy's own).
+    pub fn spawn_on<F>(&self, handle: &tokio::runtime::Handle, f: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let token = self.token.clone();
+        self.tracker.spawn_on(
+            async move {
+                tokio::select! {
+                    _ = token.cancelled() => {}
+                    _ = f => {}
+                }
+            },
+            handle,
+        )
+    }
+
     /// Runs `f` to its end, which its owner brings about (the firewall task's Stop
     /// order: it must remove its rules, not be dropped); waited for by `stop`.
     pub fn spawn_owned<F>(&self, f: F) -> JoinHandle<()>

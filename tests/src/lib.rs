@@ -15,6 +15,7 @@ pub mod firewalld;
 mod lab;
 pub mod podman;
 mod probes;
+pub mod redis;
 
 pub use daemon::*;
 pub use lab::*;

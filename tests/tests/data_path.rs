@@ -11,7 +11,7 @@ use std::{
 
 use lhb_tests::{
     Lab, Lhb, Neighbour, Outcome, PeerEcho, bpf_ids_held_by, bpf_link_exists, bpf_program_exists,
-    free_port, http_get, ingress_programs, lhb_once, run, wait_until,
+    free_port, http_get, ingress_programs, lhb_once, redis::Redis, run, wait_until,
 };
 
 const T: Duration = Duration::from_secs(2);
@@ -331,8 +331,8 @@ fn sigterm_detaches_everything(p: &Path) {
 
 fn redis_benchmark_through_the_gateway_has_no_errors(p: &Path) {
     let lab = p.lab(9);
-    let redis = Redis::start();
-    let port = redis.1;
+    let redis = Redis::loopback(&["--protected-mode", "no"]).unwrap();
+    let port = redis.port;
     let _lhb = p.start(&["--expose-iface", &expose(&lab, &port.to_string())]);
     let out = lab
         .container
@@ -579,34 +579,6 @@ fn messages_of_every_size_arrive_intact_both_ways(p: &Path) {
     echo.join().unwrap();
 }
 
-/// A real Redis on loopback, killed on drop.
-struct Redis(std::process::Child, u16);
-
-impl Redis {
-    fn start() -> Redis {
-        let port = free_port("127.0.0.1").unwrap();
-        let child = std::process::Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server (installed by `cargo xtask setup`)");
-        let r = Redis(child, port);
-        let up = wait_until(Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        assert!(up.is_some(), "redis-server did not start");
-        r
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Bytes a socket has sent that its peer has not acknowledged yet.
 fn unacked(s: &std::net::TcpStream) -> i32 {
     use std::os::fd::AsRawFd as _;
@@ -621,9 +593,9 @@ fn unacked(s: &std::net::TcpStream) -> i32 {
 /// the client, which is still writing when it arrives.
 fn a_reply_followed_by_a_reset_reaches_the_client(p: &Path) {
     let lab = p.lab(15);
-    let redis = Redis::start();
-    let _lhb = p.start(&["--expose-iface", &expose(&lab, &redis.1.to_string())]);
-    let gw = SocketAddr::new(lab.gateway(), redis.1);
+    let redis = Redis::loopback(&["--protected-mode", "no"]).unwrap();
+    let _lhb = p.start(&["--expose-iface", &expose(&lab, &redis.port.to_string())]);
+    let gw = SocketAddr::new(lab.gateway(), redis.port);
     for round in 0..10 {
         let got = lab
             .container

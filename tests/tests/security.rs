@@ -6,12 +6,14 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use lhb_tests::{Lab, Lhb, Netns, Outcome, PeerEcho, free_port, http_get, lhb_check, wait_until};
+use lhb_tests::{
+    Lab, Lhb, Netns, Outcome, PeerEcho, free_port, http_get, lhb_check, redis::Redis, wait_until,
+};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -90,7 +92,7 @@ fn the_service_never_sees_a_proxied_container_as_127_0_0_1() {
 fn redis_in_protected_mode_refuses_containers_on_every_path() {
     let lab = Lab::new(81).unwrap();
     let port = free_port("127.0.0.1").unwrap();
-    let _redis = Redis::start(port);
+    let _redis = Redis::start([127, 0, 0, 1].into(), port, &["--protected-mode", "yes"]).unwrap();
     // The local check that protected mode is on: the host itself is let in.
     assert_eq!(redis_ping(None, IpAddr::from([127, 0, 0, 1]), port), "PONG");
 
@@ -104,38 +106,6 @@ fn redis_in_protected_mode_refuses_containers_on_every_path() {
                 "--mode {mode}, via {gw}: {answer}"
             );
         }
-    }
-}
-
-struct Redis(Child);
-
-impl Redis {
-    fn start(port: u16) -> Redis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "yes",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server (installed by cargo xtask setup)");
-        let up = wait_until(T, || {
-            TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).is_ok()
-        });
-        assert!(up.is_some(), "redis-server did not listen on {port}");
-        Redis(child)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

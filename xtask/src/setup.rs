@@ -5,6 +5,8 @@
 //! - bpf-linker 0.13, built from crates.io against the nightly's own LLVM shared library
 //!   (no prebuilt binary can be downloaded here; its major version must match);
 //! - the Debian packages the tests, the demo and the benchmark use;
+//! - Redis's own test suite, from Debian's source package of the installed redis-server
+//!   (the suite test runs it through every data path);
 //! - where a Docker engine answers, the local image the Docker tests run (busybox from
 //!   Debian's busybox-static, imported: no registry can be reached).
 
@@ -53,6 +55,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "dnsutils",
     "dnsperf",
+    // Redis's own test suite is Tcl; dpkg-source unpacks its source package.
+    "tcl",
+    "dpkg-dev",
 ];
 
 /// Applets linked in the test image: what the tests run inside containers.
@@ -70,7 +75,166 @@ pub fn run() -> anyhow::Result<()> {
     ensure_debian_packages()?;
     ensure_firewalld()?;
     ensure_bpffs()?;
+    ensure_redis_suite()?;
     ensure_test_image()
+}
+
+/// Redis's test suite for exactly the installed server: `apt-get source` of its
+/// version, through a sources list and lists directory of setup's own (the machine's
+/// Debian entries, as deb-src), so the machine's apt configuration gains nothing.
+fn ensure_redis_suite() -> anyhow::Result<()> {
+    let dest = lhb_tests::redis::suite_dir()?;
+    if dest.join("runtest").exists() {
+        return link_redis_tools(&dest);
+    }
+    let version = lhb_tests::redis::installed_redis_version()?;
+    println!(
+        "setup: fetching Redis's test suite (source of redis {version}) into {}",
+        dest.display()
+    );
+    let work = cache_dir().join("redis-suite").join("work");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(work.join("lists/partial"))?;
+    let list = work.join("sources.list");
+    let entries = debian_sources()?;
+    if entries.is_empty() {
+        bail!("no Debian entry in /etc/apt/sources.list(.d): cannot fetch redis's source");
+    }
+    let text: String = entries
+        .iter()
+        .map(|(uri, suite, components)| format!("deb-src {uri} {suite} {components}\n"))
+        .collect();
+    fs::write(&list, text)?;
+    let opts = [
+        format!("-oDir::Etc::sourcelist={}", list.display()),
+        "-oDir::Etc::sourceparts=/nonexistent".to_string(),
+        format!("-oDir::State::Lists={}", work.join("lists").display()),
+        // The cache is root's: apt's sandbox user could not write there.
+        "-oAPT::Sandbox::User=root".to_string(),
+    ];
+    let ok = Command::new("apt-get")
+        .args(&opts)
+        .args(["-qq", "update"])
+        .stdout(Stdio::null())
+        .status()
+        .context("apt-get update (deb-src)")?
+        .success();
+    if !ok {
+        bail!("apt-get update with {} failed", list.display());
+    }
+    let ok = Command::new("apt-get")
+        .args(&opts)
+        .args(["-qq", "source", &format!("redis={version}")])
+        .current_dir(&work)
+        .stdout(Stdio::null())
+        .status()
+        .context("apt-get source redis")?
+        .success();
+    if !ok {
+        bail!("apt-get source redis={version} failed");
+    }
+    let tree = fs::read_dir(&work)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.is_dir() && p.join("runtest").exists())
+        .context("apt-get source unpacked no tree with runtest")?;
+    fs::create_dir_all(dest.parent().unwrap_or(Path::new("/")))?;
+    fs::rename(&tree, &dest).with_context(|| format!("moving the suite to {}", dest.display()))?;
+    let _ = fs::remove_dir_all(&work);
+    link_redis_tools(&dest)
+}
+
+/// The suite runs the tools it would have built (redis-cli, redis-benchmark...) from
+/// its `src/`: the installed ones, of the same version, in their place.
+fn link_redis_tools(tree: &Path) -> anyhow::Result<()> {
+    for tool in [
+        "redis-cli",
+        "redis-benchmark",
+        "redis-server",
+        "redis-check-aof",
+        "redis-check-rdb",
+    ] {
+        let installed = Path::new("/usr/bin").join(tool);
+        let link = tree.join("src").join(tool);
+        if installed.exists() && fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(&installed, &link)
+                .with_context(|| format!("linking {}", link.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The machine's Debian package sources for its own release (URI, suite, components),
+/// from both the one-line and the deb822 formats; other vendors' entries are left out.
+pub fn debian_sources() -> anyhow::Result<Vec<(String, String, String)>> {
+    let os = fs::read_to_string("/etc/os-release").context("reading /etc/os-release")?;
+    let codename = os
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|c| c.trim_matches('"').to_string())
+        .context("/etc/os-release has no VERSION_CODENAME")?;
+    let ours = |suite: &str| suite == codename || suite.starts_with(&format!("{codename}-"));
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
+        let mut more: Vec<PathBuf> = dir.flatten().map(|e| e.path()).collect();
+        more.sort();
+        files.extend(more);
+    }
+    let mut out = Vec::new();
+    for f in files {
+        let Ok(text) = fs::read_to_string(&f) else {
+            continue;
+        };
+        if f.extension().is_some_and(|e| e == "sources") {
+            for block in text.split("\n\n") {
+                let field = |name: &str| {
+                    block
+                        .lines()
+                        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+                        .map(|v| v.trim().to_string())
+                        .unwrap_or_default()
+                };
+                if !field("Types").split_whitespace().any(|t| t == "deb") {
+                    continue;
+                }
+                let components = field("Components");
+                for uri in field("URIs").split_whitespace() {
+                    for suite in field("Suites").split_whitespace().filter(|s| ours(s)) {
+                        out.push((uri.to_string(), suite.to_string(), components.clone()));
+                    }
+                }
+            }
+        } else {
+            for line in text.lines() {
+                let mut words = line.split_whitespace().peekable();
+                if words.next() != Some("deb") {
+                    continue;
+                }
+                // Options in brackets ([signed-by=...]) come before the URI.
+                while words.peek().is_some_and(|w| w.starts_with('[')) {
+                    let w = words.next().unwrap_or_default();
+                    if !w.ends_with(']') {
+                        for w in words.by_ref() {
+                            if w.ends_with(']') {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let (Some(uri), Some(suite)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                if ours(suite) {
+                    out.push((
+                        uri.to_string(),
+                        suite.to_string(),
+                        words.collect::<Vec<_>>().join(" "),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn ensure_firewalld() -> anyhow::Result<()> {

@@ -86,9 +86,12 @@ pub(super) async fn start(
     // Bound before anything is loaded or attached: a second lhb stops here, touching
     // nothing.
     let (sockets, ctl_rx) = Sockets::bind(opts, metrics_addr, tasks).await?;
+    let budget = budget(opts.max_connections, opts.udp_max_flows);
+    // Before the kernel path: a thread that cannot start leaves nothing attached.
+    let proxy = Proxy::new(budget.connections, PROXY_BACKLOG, tasks.clone())
+        .context("starting the proxy's thread")?;
     let (kernel, kernel_unavailable) = kernel_path(mode, &opts.serve.pin_dir)?;
     let firewall = Firewall::new(firewall_mode);
-    let budget = budget(opts.max_connections, opts.udp_max_flows);
     let mut d = Daemon {
         rules,
         config_path: opts.serve.config.clone(),
@@ -110,7 +113,7 @@ pub(super) async fn start(
             kernel: kernel.is_some(),
         },
         kernel,
-        proxy: Proxy::new(budget.connections, PROXY_BACKLOG, tasks.clone()),
+        proxy,
         udp: crate::udp::Forwarder::new(budget.udp_flows, opts.udp_idle, tasks.clone()),
         udp_errors: Default::default(),
         tasks: tasks.clone(),

@@ -9,6 +9,10 @@ use anyhow::Context as _;
 use lhb_tests::{Lab, Lhb, free_port, wait_until};
 
 use super::{PATHS, Path, Ports, servers::*};
+use lhb_tests::redis::Redis;
+
+/// The benchmark's containers are not local clients.
+const NO_PROTECTED_MODE: &[&str] = &["--protected-mode", "no"];
 
 // Fields drop in this order: daemons and servers before the labs they use.
 pub(super) struct Rig {
@@ -23,7 +27,7 @@ pub(super) struct Rig {
     proxy: Lhb,
     kernel: Lhb,
     pub pg: Postgres,
-    _servers: (TinyServer, TinyServer, Proc, Proc),
+    _servers: (TinyServer, TinyServer, Redis, Redis),
     /// Where each path is reached.
     addrs: Vec<(Path, Ports)>,
     /// The loopback servers every path but direct leads to.
@@ -72,8 +76,12 @@ impl Rig {
         let servers = (
             TinyServer::start(d.conn)?,
             TinyServer::start(lo_ports.conn)?,
-            redis_server("127.0.0.1", lo_ports.redis.port())?,
-            redis_server(&gw.to_string(), d.redis.port())?,
+            Redis::start(
+                lo_ports.redis.ip(),
+                lo_ports.redis.port(),
+                NO_PROTECTED_MODE,
+            )?,
+            Redis::start(gw, d.redis.port(), NO_PROTECTED_MODE)?,
         );
         let pg = Postgres::start(gw, pg_port)?;
         let br = lab.bridge_name();

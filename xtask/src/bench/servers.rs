@@ -1,5 +1,5 @@
-//! The servers and the other ways to them: the tiny HTTP server, redis-server,
-//! PostgreSQL, socat and a plain tokio proxy. Each is stopped on drop.
+//! The servers and the other ways to them: the tiny HTTP server (redis-server is
+//! `lhb_tests::redis::Redis`), PostgreSQL, socat and a plain tokio proxy. Each is stopped on drop.
 
 use std::{
     io::{Read as _, Write as _},
@@ -204,33 +204,6 @@ impl Drop for TinyServer {
             let _ = t.join();
         }
     }
-}
-
-/// A redis-server on `bind`:`port`, no persistence.
-pub(super) fn redis_server(bind: &str, port: u16) -> anyhow::Result<Proc> {
-    let p = Proc(
-        Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                bind,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("redis-server (installed by `cargo xtask setup`)")?,
-    );
-    let addr: SocketAddr = format!("{bind}:{port}").parse()?;
-    wait_until(Duration::from_secs(5), || TcpStream::connect(addr).is_ok())
-        .with_context(|| format!("redis-server on {addr} did not start"))?;
-    Ok(p)
 }
 
 /// A throwaway PostgreSQL cluster on 127.0.0.1 and the gateway, `bench` initialised
