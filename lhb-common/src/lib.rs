@@ -18,6 +18,24 @@ pub const LISTENERS_MAP: &str = "LHB_LISTENERS";
 pub const INGRESS_PROGRAM: &str = "lhb_ingress";
 /// Name of the socket-lookup program attached to the network namespace.
 pub const SK_LOOKUP_PROGRAM: &str = "lhb_sk_lookup";
+/// The TC program of the variant for kernels whose socket lookup has no
+/// `ingress_ifindex` (5.9 to 5.16): it also issues each admitted SYN a [`SynTicket`].
+pub const INGRESS_TICKET_PROGRAM: &str = "lhb_ingress_tk";
+/// That variant's socket-lookup program: it serves a SYN only with its ticket.
+pub const SK_LOOKUP_TICKET_PROGRAM: &str = "lhb_sklookup_tk";
+/// Name of the per-CPU array (one entry) holding each CPU's last [`SynTicket`].
+pub const SYN_TICKET_MAP: &str = "LHB_SYN_TICKET";
+/// A ticket older than this is void: its SYN never reached TCP's lookup (dropped on the
+/// way, or queued by netfilter and overtaken).
+pub const TICKET_TTL_NS: u64 = 100_000_000;
+/// Name of the LRU hash of SYNs the ticket variant assigned ([`Flow`] -> [`Admitted`]),
+/// for the ACK that completes a SYN-cookie handshake.
+pub const ADMITTED_MAP: &str = "LHB_ADMITTED";
+/// Its capacity: a flood evicts a record only after this many SYNs within one
+/// round trip of its owner's handshake.
+pub const MAX_ADMITTED: u32 = 4096;
+/// A cookie ACK comes one round trip after its SYN; a record older than this is void.
+pub const ADMITTED_TTL_NS: u64 = 3_000_000_000;
 
 /// Capacity of the endpoint map: one entry per (bridge, gateway address, port).
 pub const MAX_ENDPOINTS: u32 = 8192;
@@ -80,6 +98,52 @@ impl ListenerKey {
             _pad: 0,
         }
     }
+}
+
+/// The proof that a SYN entered through a rule's bridge, for kernels whose socket
+/// lookup cannot tell the interface (no `ingress_ifindex` before 5.17).
+///
+/// The TC program on the bridge writes it for a SYN to an endpoint; the socket lookup
+/// for the same SYN, a moment later in the same softirq on the same CPU (bridge ingress,
+/// netfilter, IP, TCP run to completion there), finds it, checks the SYN's addresses and
+/// ports, and voids it. One entry per CPU: nothing accumulates, and no other CPU (no
+/// flood from another bridge) can overwrite it. A SYN that came in anywhere else has no
+/// ticket on its CPU, or one for other addresses: it is never assigned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynTicket {
+    pub flow: Flow,
+    /// The bridge the SYN entered by.
+    pub ifindex: u32,
+    /// 1 until used.
+    pub live: u32,
+    /// bpf_ktime_get_ns() when issued (see [`TICKET_TTL_NS`]).
+    pub issued_ns: u64,
+}
+
+/// A connection's addresses and ports, as a SYN carries them and the socket lookup
+/// sees them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Flow {
+    /// Source and destination addresses as in [`EndpointKey::addr`].
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Source port in network byte order, as the socket lookup sees it.
+    pub sport: u16,
+    /// Destination port in host byte order.
+    pub dport: u16,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A SYN the ticket variant assigned: the bridge it came by, and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Admitted {
+    pub ifindex: u32,
+    pub _pad: u32,
+    pub issued_ns: u64,
 }
 
 /// Per-rule activity, summed over CPUs by the daemon.
@@ -154,4 +218,10 @@ mod user {
     unsafe impl aya::Pod for super::Counters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ListenerKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SynTicket {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Flow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Admitted {}
 }

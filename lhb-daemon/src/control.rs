@@ -32,6 +32,21 @@ use crate::status::Status;
 
 pub const DEFAULT_CONTROL: &str = "/run/lhb/lhb.sock";
 
+/// The metrics socket of a daemon whose control socket is `control`: `metrics.sock`
+/// beside the default `lhb.sock`, else `NAME-metrics.sock` beside `NAME.sock`, so two
+/// daemons whose control sockets share a directory do not share a metrics socket.
+pub fn default_metrics_socket(control: &Path) -> PathBuf {
+    let stem = control
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("lhb");
+    if stem == "lhb" {
+        control.with_file_name("metrics.sock")
+    } else {
+        control.with_file_name(format!("{stem}-metrics.sock"))
+    }
+}
+
 /// The longest control request: a spec and a service name fit in far less.
 pub const MAX_CONTROL_REQUEST: usize = 16 * 1024;
 /// The longest metrics request head (request line and headers together).
@@ -200,8 +215,13 @@ fn bind_unix(path: &Path, what: &str) -> anyhow::Result<tokio::net::UnixListener
         }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             bail!(
-                "{what} {} answers: another lhb is running (stop it, or give this one its own --control PATH)",
-                path.display()
+                "{what} {} answers: another lhb is running (stop it, or give this one a --control PATH {})",
+                path.display(),
+                if what == "metrics socket" {
+                    "of another name, whose metrics socket is named after it, or a `metrics` address of its own"
+                } else {
+                    "of its own"
+                }
             );
         }
         std::fs::remove_file(path)
@@ -508,6 +528,21 @@ mod tests {
         remove_socket(&file);
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "[[expose]]\n");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Two daemons with control sockets in one directory get metrics sockets of their
+    /// own (they collided on metrics.sock, and the error told the second to choose the
+    /// --control PATH it already had).
+    #[test]
+    fn the_metrics_socket_is_named_after_the_control_socket() {
+        let m = |c: &str| default_metrics_socket(Path::new(c));
+        assert_eq!(
+            m("/run/lhb/lhb.sock"),
+            PathBuf::from("/run/lhb/metrics.sock")
+        );
+        assert_eq!(m("/tmp/a.sock"), PathBuf::from("/tmp/a-metrics.sock"));
+        assert_eq!(m("/tmp/b.sock"), PathBuf::from("/tmp/b-metrics.sock"));
+        assert_eq!(m("/tmp/ctl"), PathBuf::from("/tmp/ctl-metrics.sock"));
     }
 
     #[test]

@@ -268,11 +268,18 @@ fn data_path_steps(
             .iter()
             .find(|l| l.covers(to) && l.dev.as_deref() != Some(bridge));
         match (&k, proxy) {
-            (Ok(kernel::Inspection { endpoint: true, attached: Some(how) }), _) => {
+            (Ok(kernel::Inspection { endpoint: true, attached: Some(how), variant }), _) => {
                 served.push(gw);
-                r.add(Level::Ok, format!("data path {to}: kernel (lhb_ingress on {bridge}, {how})"), None);
+                let variant = variant.map_or(String::new(), |v| {
+                    format!("; {} variant: {}", v.as_str(), v.why(false))
+                });
+                r.add(
+                    Level::Ok,
+                    format!("data path {to}: kernel (lhb_ingress on {bridge}, {how}{variant})"),
+                    None,
+                );
             }
-            (Ok(kernel::Inspection { endpoint: true, attached: None }), _) => r.add(
+            (Ok(kernel::Inspection { endpoint: true, attached: None, .. }), _) => r.add(
                 Level::Fail,
                 format!("data path {to}: in lhb's endpoint map, but no lhb program on {bridge}"),
                 Some("another program may have replaced the clsact qdisc; restart lhb (`systemctl restart lhb`)".into()),

@@ -30,8 +30,8 @@ use aya::{
     util::KernelVersion,
 };
 use lhb_common::{
-    COUNTERS_MAP, Counters, ENDPOINTS_MAP, EndpointKey, INGRESS_PROGRAM, MAX_RULES,
-    SK_LOOKUP_PROGRAM, Steer,
+    COUNTERS_MAP, Counters, ENDPOINTS_MAP, EndpointKey, INGRESS_PROGRAM, INGRESS_TICKET_PROGRAM,
+    MAX_RULES, SK_LOOKUP_PROGRAM, SK_LOOKUP_TICKET_PROGRAM, Steer,
 };
 use thiserror::Error;
 
@@ -51,9 +51,135 @@ pub enum KernelPathError {
     #[error("attaching to bridge {iface} failed: {reason}")]
     Attach { iface: String, reason: String },
     #[error(
-        "attaching the socket-lookup program to this network namespace failed: {0} (needs kernel 5.17 or later)"
+        "attaching the socket-lookup program to this network namespace failed: {0} (needs Linux 5.9 or later)"
     )]
     SkLookup(String),
+    #[error(
+        "this kernel has no socket-lookup programs (BPF_PROG_TYPE_SK_LOOKUP, Linux 5.9 or later), which the kernel path needs: {0}"
+    )]
+    NoSkLookup(String),
+}
+
+/// Which pair of programs serves: how the socket lookup knows a SYN came in through
+/// the rule's bridge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// The lookup reads the interface from its context (`ingress_ifindex`, 5.17+).
+    Ifindex,
+    /// The TC program gives each admitted SYN a per-CPU ticket that the lookup checks
+    /// (5.9 to 5.16, where the context has no `ingress_ifindex`).
+    Ticket,
+}
+
+impl Variant {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Variant::Ifindex => "ingress-ifindex",
+            Variant::Ticket => "syn-ticket",
+        }
+    }
+
+    /// Why this variant, in words for the log, status, plan and doctor.
+    pub fn why(self, forced: bool) -> &'static str {
+        match (self, forced) {
+            (Variant::Ticket, true) => "forced by LHB_KERNEL_VARIANT=ticket",
+            (Variant::Ticket, false) => {
+                "the verifier refused the socket lookup's ingress_ifindex (a kernel before 5.17): each SYN the bridge's TC program admits gets a ticket the lookup checks"
+            }
+            (Variant::Ifindex, _) => "the socket lookup reads the interface a SYN came in by",
+        }
+    }
+
+    fn programs(self) -> (&'static str, &'static str) {
+        match self {
+            Variant::Ifindex => (INGRESS_PROGRAM, SK_LOOKUP_PROGRAM),
+            Variant::Ticket => (INGRESS_TICKET_PROGRAM, SK_LOOKUP_TICKET_PROGRAM),
+        }
+    }
+}
+
+/// What loading one socket-lookup program told.
+#[derive(Debug)]
+pub enum LoadOutcome {
+    Loaded,
+    /// The verifier refused it (EACCES/EINVAL with a log): a context field this kernel
+    /// does not have.
+    Refused(String),
+    /// The kernel does not know the program type at all (before 5.9), or another
+    /// failure that no variant can get around.
+    Failed(KernelPathError),
+}
+
+/// The variant from the verifier's answers: the modern program first; the ticket one
+/// only where the modern one was refused. A forced ticket variant skips the first.
+pub fn choose_variant(
+    modern: Option<LoadOutcome>,
+    ticket: impl FnOnce() -> LoadOutcome,
+) -> Result<Variant, KernelPathError> {
+    match modern {
+        Some(LoadOutcome::Loaded) => Ok(Variant::Ifindex),
+        Some(LoadOutcome::Failed(e)) => Err(e),
+        Some(LoadOutcome::Refused(why)) => match ticket() {
+            LoadOutcome::Loaded => Ok(Variant::Ticket),
+            LoadOutcome::Refused(also) => Err(KernelPathError::Load(format!(
+                "the verifier refused both socket-lookup programs: {why}\n{also}"
+            ))),
+            LoadOutcome::Failed(e) => Err(e),
+        },
+        None => match ticket() {
+            LoadOutcome::Loaded => Ok(Variant::Ticket),
+            LoadOutcome::Refused(why) => Err(KernelPathError::Load(format!(
+                "the verifier refused the socket-lookup program: {why}"
+            ))),
+            LoadOutcome::Failed(e) => Err(e),
+        },
+    }
+}
+
+/// `LHB_KERNEL_VARIANT=ticket`: the ticket variant on a kernel that has the other, so
+/// the tests exercise both on one kernel. Not an option: nothing but tests needs it.
+pub fn ticket_forced() -> bool {
+    std::env::var("LHB_KERNEL_VARIANT").as_deref() == Ok("ticket")
+}
+
+/// Loads the socket-lookup program of the variant the kernel accepts, then the TC
+/// program of the same variant.
+fn load_programs(ebpf: &mut Ebpf) -> Result<Variant, KernelPathError> {
+    let mut try_load = |name: &str| -> LoadOutcome {
+        let prog: &mut SkLookup = match program(ebpf, name) {
+            Ok(p) => p,
+            Err(e) => return LoadOutcome::Failed(e),
+        };
+        match prog.load().map_err(load_error) {
+            Ok(()) => LoadOutcome::Loaded,
+            Err(KernelPathError::Verifier { error, log }) if log_names_a_context_field(&log) => {
+                LoadOutcome::Refused(format!("{error}: {}", last_lines(&log)))
+            }
+            Err(KernelPathError::Verifier { error, log })
+                if matches!(error.raw_os_error(), Some(libc::EINVAL)) && log.is_empty() =>
+            {
+                // No log at all: the program type itself is unknown.
+                LoadOutcome::Failed(KernelPathError::NoSkLookup(error.to_string()))
+            }
+            Err(e) => LoadOutcome::Failed(e),
+        }
+    };
+    let modern = (!ticket_forced()).then(|| try_load(SK_LOOKUP_PROGRAM));
+    let variant = choose_variant(modern, || try_load(SK_LOOKUP_TICKET_PROGRAM))?;
+    let tc: &mut SchedClassifier = program(ebpf, variant.programs().0)?;
+    tc.load().map_err(load_error)?;
+    Ok(variant)
+}
+
+/// The verifier's words for a context field it does not know (5.10: "invalid bpf_context
+/// access off=... size=...").
+fn log_names_a_context_field(log: &str) -> bool {
+    log.contains("invalid bpf_context access")
+}
+
+fn last_lines(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(2)..].join(" / ")
 }
 
 /// How the program is attached to a bridge.
@@ -108,6 +234,7 @@ struct Pins {
 
 pub struct KernelPath {
     ebpf: Ebpf,
+    variant: Variant,
     endpoints: HashMap<MapData, EndpointKey, Steer>,
     counters: PerCpuArray<MapData, Counters>,
     attached: BTreeMap<u32, Attachment>,
@@ -172,10 +299,7 @@ impl KernelPath {
             Ok(logger) => spawn_log_reader(logger),
             Err(e) => debug!("no eBPF log channel: {e}"),
         }
-        let tc: &mut SchedClassifier = program(&mut ebpf, INGRESS_PROGRAM)?;
-        tc.load().map_err(load_error)?;
-        let lookup: &mut SkLookup = program(&mut ebpf, SK_LOOKUP_PROGRAM)?;
-        lookup.load().map_err(load_error)?;
+        let variant = load_programs(&mut ebpf)?;
         // Everything that can fail without side effects comes first: once the
         // socket-lookup link is pinned, it outlives this process.
         let endpoints = take_map(&mut ebpf, ENDPOINTS_MAP)?;
@@ -184,7 +308,7 @@ impl KernelPath {
         let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
         let counters = PerCpuArray::try_from(counters)
             .map_err(|e| KernelPathError::Load(format!("{COUNTERS_MAP}: {e}")))?;
-        let lookup: &mut SkLookup = program(&mut ebpf, SK_LOOKUP_PROGRAM)?;
+        let lookup: &mut SkLookup = program(&mut ebpf, variant.programs().1)?;
         // The program serves the namespace lhb runs in.
         let netns = std::fs::File::open("/proc/self/ns/net")
             .map_err(|e| KernelPathError::SkLookup(format!("opening /proc/self/ns/net: {e}")))?;
@@ -213,6 +337,7 @@ impl KernelPath {
         }
         Ok(KernelPath {
             ebpf,
+            variant,
             endpoints,
             counters,
             attached: BTreeMap::new(),
@@ -223,18 +348,22 @@ impl KernelPath {
         })
     }
 
-    /// Whether `load` would work here: both programs through the verifier, then
-    /// dropped, with nothing attached or pinned (`lhb plan`). Attaching the
-    /// socket-lookup program is the one step not tried.
-    pub fn probe() -> Result<AttachMode, KernelPathError> {
+    /// Whether `load` would work here, and with which variant: the programs through the
+    /// verifier, then dropped, with nothing attached or pinned (`lhb plan`). Attaching
+    /// the socket-lookup program is the one step not tried.
+    pub fn probe() -> Result<(AttachMode, Variant), KernelPathError> {
         let mut ebpf = load_object()?;
-        program::<SchedClassifier>(&mut ebpf, INGRESS_PROGRAM)?
-            .load()
-            .map_err(load_error)?;
-        program::<SkLookup>(&mut ebpf, SK_LOOKUP_PROGRAM)?
-            .load()
-            .map_err(load_error)?;
-        Ok(AttachMode::for_running_kernel())
+        let variant = load_programs(&mut ebpf)?;
+        Ok((AttachMode::for_running_kernel(), variant))
+    }
+
+    pub fn variant(&self) -> Variant {
+        self.variant
+    }
+
+    /// Why the variant that runs was chosen.
+    pub fn variant_why(&self) -> &'static str {
+        self.variant.why(ticket_forced())
     }
 
     /// Releases what an earlier lhb left pinned (after a crash or --keep-on-exit): called
@@ -269,9 +398,10 @@ impl KernelPath {
 
     fn program(&mut self) -> &mut SchedClassifier {
         // Checked in load(); the program cannot disappear from a loaded object.
-        match self.ebpf.program_mut(INGRESS_PROGRAM) {
+        let name = self.variant.programs().0;
+        match self.ebpf.program_mut(name) {
             Some(aya::programs::Program::SchedClassifier(p)) => p,
-            _ => unreachable!("{INGRESS_PROGRAM} was checked at load"),
+            _ => unreachable!("{name} was checked at load"),
         }
     }
 
@@ -295,8 +425,11 @@ impl KernelPath {
         if self.mode == AttachMode::Clsact && self.cleared.insert(iface.to_string()) {
             // Filters of an earlier lhb (crash, --keep-on-exit) outlive it; they are
             // replaced here, a moment before this run's own filter goes in.
-            if tc::qdisc_detach_program(iface, TcAttachType::Ingress, INGRESS_PROGRAM).is_ok() {
-                info!(bridge = iface, "replaced the filter an earlier lhb left");
+            // Either variant's: the earlier run may have had the other one.
+            for name in [INGRESS_PROGRAM, INGRESS_TICKET_PROGRAM] {
+                if tc::qdisc_detach_program(iface, TcAttachType::Ingress, name).is_ok() {
+                    info!(bridge = iface, "replaced the filter an earlier lhb left");
+                }
             }
         }
         // Explicit: aya's attach() picks TCX by kernel version alone, which would ignore
@@ -459,6 +592,8 @@ pub struct Inspection {
     pub endpoint: bool,
     /// How `lhb_ingress` is attached to the bridge ("tcx" / "clsact"), if it is.
     pub attached: Option<&'static str>,
+    /// The variant of the program attached there.
+    pub variant: Option<Variant>,
 }
 
 pub fn inspect(iface: &str, ep: &Endpoint) -> anyhow::Result<Inspection> {
@@ -481,14 +616,12 @@ pub fn inspect(iface: &str, ep: &Endpoint) -> anyhow::Result<Inspection> {
             break;
         }
     }
-    let mut attached = None;
+    let (mut attached, mut variant) = (None, None);
     // Before 6.6 there is no TCX (an error here); the clsact listing below covers those.
     if let Ok((_, progs)) = SchedClassifier::query_tcx(iface, TcAttachType::Ingress)
-        && progs
-            .iter()
-            .any(|p| p.name_as_str() == Some(INGRESS_PROGRAM))
+        && let Some(v) = progs.iter().find_map(|p| ingress_variant(p.name_as_str()))
     {
-        attached = Some("tcx");
+        (attached, variant) = (Some("tcx"), Some(v));
     }
     if attached.is_none() {
         let out = std::process::Command::new("tc")
@@ -496,12 +629,28 @@ pub fn inspect(iface: &str, ep: &Endpoint) -> anyhow::Result<Inspection> {
             .stderr(std::process::Stdio::null())
             .output();
         if let Ok(out) = out
-            && String::from_utf8_lossy(&out.stdout).contains(INGRESS_PROGRAM)
+            && let Some(v) = String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .find_map(|w| ingress_variant(Some(w)))
         {
-            attached = Some("clsact");
+            (attached, variant) = (Some("clsact"), Some(v));
         }
     }
-    Ok(Inspection { endpoint, attached })
+    Ok(Inspection {
+        endpoint,
+        attached,
+        variant,
+    })
+}
+
+/// Which variant's TC program `name` is (tc prints `lhb_ingress:[ID]`, TCX the name).
+fn ingress_variant(name: Option<&str>) -> Option<Variant> {
+    let n = name?;
+    match n.split(':').next().unwrap_or(n) {
+        INGRESS_PROGRAM => Some(Variant::Ifindex),
+        INGRESS_TICKET_PROGRAM => Some(Variant::Ticket),
+        _ => None,
+    }
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, KernelPathError>
@@ -589,4 +738,76 @@ fn spawn_log_reader(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
             guard.clear_ready();
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused() -> LoadOutcome {
+        // What 5.10's verifier says of the modern program's ingress_ifindex load.
+        let log = "; let ifindex = ...\n12: (61) r1 = *(u32 *)(r6 +64)\ninvalid bpf_context access off=64 size=4\nprocessed 12 insns";
+        assert!(log_names_a_context_field(log));
+        LoadOutcome::Refused(last_lines(log))
+    }
+
+    #[test]
+    fn the_modern_variant_where_the_verifier_takes_it() {
+        let v = choose_variant(Some(LoadOutcome::Loaded), || {
+            panic!("the ticket variant is not tried")
+        });
+        assert_eq!(v.unwrap(), Variant::Ifindex);
+    }
+
+    #[test]
+    fn the_ticket_variant_where_ingress_ifindex_is_refused() {
+        let v = choose_variant(Some(refused()), || LoadOutcome::Loaded);
+        assert_eq!(v.unwrap(), Variant::Ticket);
+    }
+
+    #[test]
+    fn forced_tickets_skip_the_modern_program() {
+        assert_eq!(
+            choose_variant(None, || LoadOutcome::Loaded).unwrap(),
+            Variant::Ticket
+        );
+    }
+
+    /// Below 5.9 the program type itself is unknown: no variant can serve, and the
+    /// error says which kernel is needed (auto mode then proxies; --mode kernel stops).
+    #[test]
+    fn no_socket_lookup_at_all_is_an_error_naming_the_kernel_needed() {
+        let e = choose_variant(
+            Some(LoadOutcome::Failed(KernelPathError::NoSkLookup(
+                "Invalid argument (os error 22)".into(),
+            ))),
+            || panic!("the ticket variant is not tried"),
+        )
+        .unwrap_err();
+        assert!(matches!(e, KernelPathError::NoSkLookup(_)));
+        assert!(e.to_string().contains("Linux 5.9 or later"), "{e}");
+    }
+
+    #[test]
+    fn both_refused_is_an_error_with_both_reasons() {
+        let e = choose_variant(Some(refused()), || LoadOutcome::Refused("other".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("invalid bpf_context access") && e.contains("other"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_permission_error_is_not_taken_for_an_old_kernel() {
+        let e = choose_variant(
+            Some(LoadOutcome::Failed(KernelPathError::Permission(
+                io::Error::from_raw_os_error(libc::EPERM),
+            ))),
+            || panic!("the ticket variant is not tried"),
+        )
+        .unwrap_err();
+        assert!(matches!(e, KernelPathError::Permission(_)));
+    }
 }

@@ -218,7 +218,8 @@ struct Serve {
     #[arg(long, value_enum, value_name = "auto|firewalld|nftables|iptables|none")]
     firewall: Option<firewall::FirewallMode>,
     /// Control socket for `lhb status`, `lhb expose` and `lhb unexpose` (mode 0600).
-    /// The metrics socket defaults to metrics.sock beside it.
+    /// The metrics socket defaults to metrics.sock beside it (NAME-metrics.sock beside a
+    /// control socket NAME.sock).
     #[arg(long, value_name = "PATH", default_value = control::DEFAULT_CONTROL)]
     control: PathBuf,
     /// bpffs directory where the kernel path's links are pinned, so that they keep

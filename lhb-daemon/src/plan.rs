@@ -35,6 +35,9 @@ pub struct HostPlan {
     pub kernel_attach: Option<String>,
     /// Why the kernel path would not be used, if it would not.
     pub kernel_unavailable: Option<String>,
+    /// The program variant the kernel would run, and why.
+    #[serde(default)]
+    pub kernel_variant: Option<crate::status::KernelVariant>,
     /// Why `lhb run` would stop at start instead, changing nothing; null if it starts.
     pub fails: Option<String>,
     /// The pid of an lhb already answering on the control socket: a second `run` would
@@ -213,7 +216,10 @@ pub async fn compute(opts: daemon::ServeOptions) -> anyhow::Result<HostPlan> {
         Some(Err(e)) => {
             plan.kernel_unavailable = Some(format!("{e:#}"));
         }
-        Some(Ok(attach)) => plan.kernel_attach = Some(attach.into()),
+        Some(Ok((attach, variant))) => {
+            plan.kernel_attach = Some(attach.into());
+            plan.kernel_variant = Some(variant);
+        }
         None => {}
     }
     let paths = Paths {
@@ -331,13 +337,20 @@ fn strings(set: &BTreeSet<crate::firewall::Opening>) -> Vec<String> {
 
 /// As `daemon::load_kernel_path` decides, without attaching: capabilities, then the
 /// programs through the verifier.
-fn probe_kernel() -> anyhow::Result<&'static str> {
+fn probe_kernel() -> anyhow::Result<(&'static str, crate::status::KernelVariant)> {
     let eff = caps::effective().context("reading this process's capabilities")?;
     let missing = caps::missing_for_kernel_path(eff);
     if !missing.is_empty() {
         return Err(daemon::StartError::MissingCapabilities(missing).into());
     }
-    Ok(KernelPath::probe()?.as_str())
+    let (attach, variant) = KernelPath::probe()?;
+    Ok((
+        attach.as_str(),
+        crate::status::KernelVariant {
+            name: variant.as_str().into(),
+            why: variant.why(crate::kernel::ticket_forced()).into(),
+        },
+    ))
 }
 
 impl HostPlan {
@@ -367,6 +380,9 @@ impl HostPlan {
         match (&self.kernel_attach, &self.kernel_unavailable) {
             (Some(a), _) => {
                 let _ = writeln!(s, "  kernel path: loads here (attaches with {a})");
+                if let Some(v) = &self.kernel_variant {
+                    let _ = writeln!(s, "  kernel path variant: {} ({})", v.name, v.why);
+                }
             }
             (None, Some(why)) => {
                 let _ = writeln!(s, "  kernel path: unavailable ({why}); the proxy serves");

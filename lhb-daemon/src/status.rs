@@ -15,6 +15,10 @@ pub struct Status {
     pub kernel_attach: Option<String>,
     /// Why the kernel path is not used, if it is not.
     pub kernel_unavailable: Option<String>,
+    /// Which program pair serves (`ingress-ifindex` or `syn-ticket`) and why; null when
+    /// the kernel path is not used.
+    #[serde(default)]
+    pub kernel_variant: Option<KernelVariant>,
     /// null with --no-docker.
     pub docker: Option<DockerStatus>,
     /// null unless lhb reads a Podman socket.
@@ -47,6 +51,13 @@ pub struct RequestCounters {
     pub bad: u64,
     /// Answered "busy": too many requests at once on one endpoint.
     pub busy: u64,
+}
+
+/// The kernel path's program variant (see `kernel::Variant`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct KernelVariant {
+    pub name: String,
+    pub why: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -226,7 +237,10 @@ impl Status {
     pub fn table(&self) -> String {
         let mut s = String::new();
         let kernel = match (&self.kernel_attach, &self.kernel_unavailable) {
-            (Some(a), _) => format!("kernel path loaded ({a})"),
+            (Some(a), _) => match &self.kernel_variant {
+                Some(v) => format!("kernel path loaded ({a}; {} variant: {})", v.name, v.why),
+                None => format!("kernel path loaded ({a})"),
+            },
             (None, Some(why)) => format!("kernel path unavailable: {why}"),
             (None, None) => "kernel path not used".into(),
         };

@@ -17,6 +17,12 @@
 //!
 //! Established connections never reach either program's slow path: their packets match
 //! the child socket (local address = gateway) in the kernel's own lookup.
+//!
+//! Two variants, chosen by the daemon from the verifier's answer at load: the socket
+//! lookup reads the interface the SYN came in by (`ingress_ifindex`, Linux 5.17+); on
+//! kernels without that field (5.9 to 5.16) `lhb_ingress_tk` issues each SYN it admits a
+//! ticket ([`SynTicket`]: per CPU, checked and voided by `lhb_sklookup_tk`), so the
+//! lookup still serves only SYNs that came in through the rule's bridge.
 #![no_std]
 #![no_main]
 
@@ -32,15 +38,17 @@ use aya_ebpf::{
         bpf_sock, bpf_sock_tuple,
     },
     helpers::generated::{
-        bpf_map_lookup_elem, bpf_map_update_elem, bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp,
+        bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_map_update_elem, bpf_sk_assign, bpf_sk_release,
+        bpf_skc_lookup_tcp,
     },
     macros::{classifier, map, sk_lookup},
-    maps::{HashMap, PerCpuArray, SockHash},
+    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
     programs::{SkLookupContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use lhb_common::{
-    Counters, EndpointKey, FAMILY_V4, FAMILY_V6, ListenerKey, MAX_ENDPOINTS, MAX_RULES, Steer,
+    ADMITTED_TTL_NS, Admitted, Counters, EndpointKey, FAMILY_V4, FAMILY_V6, Flow, ListenerKey,
+    MAX_ADMITTED, MAX_ENDPOINTS, MAX_RULES, Steer, SynTicket, TICKET_TTL_NS,
 };
 
 #[map(name = "LHB_ENDPOINTS")]
@@ -51,6 +59,12 @@ static LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(MAX_RULES, 
 
 #[map(name = "LHB_COUNTERS")]
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_RULES, 0);
+
+#[map(name = "LHB_SYN_TICKET")]
+static SYN_TICKET: PerCpuArray<SynTicket> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "LHB_ADMITTED")]
+static ADMITTED: LruHashMap<Flow, Admitted> = LruHashMap::with_max_entries(MAX_ADMITTED, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -77,8 +91,19 @@ struct Syn {
 
 #[classifier]
 pub fn lhb_ingress(ctx: TcContext) -> i32 {
-    if may_be_syn(&ctx) {
-        on_syn(&ctx);
+    ingress::<false>(&ctx)
+}
+
+/// `lhb_ingress` that also issues each SYN it admits a ticket (kernels before 5.17).
+#[classifier]
+pub fn lhb_ingress_tk(ctx: TcContext) -> i32 {
+    ingress::<true>(&ctx)
+}
+
+#[inline(always)]
+fn ingress<const TICKET: bool>(ctx: &TcContext) -> i32 {
+    if may_be_syn(ctx) {
+        on_syn::<TICKET>(ctx);
     }
     // The packet always continues: the socket lookup decides where it lands, and with no
     // listener the kernel answers the SYN with an immediate RST. UNSPEC (TCX_NEXT), not
@@ -91,14 +116,14 @@ pub fn lhb_ingress(ctx: TcContext) -> i32 {
 /// The rest of a SYN's way, in a function of its own (a BPF subprogram): its stack
 /// frame and saved registers are paid for on SYNs only, not on every packet.
 #[inline(never)]
-fn on_syn(ctx: &TcContext) {
+fn on_syn<const TICKET: bool>(ctx: &TcContext) {
     let syn = match classify(ctx) {
         Quick::Other => None,
         Quick::Syn(syn) => Some(syn),
         Quick::Unsure => parse_syn(ctx),
     };
     if let Some(syn) = syn {
-        publish_listener(ctx, &syn);
+        publish_listener::<TICKET>(ctx, &syn);
     }
 }
 
@@ -151,6 +176,14 @@ fn may_be_syn(ctx: &TcContext) -> bool {
 pub fn lhb_sk_lookup(ctx: SkLookupContext) -> u32 {
     assign_listener(&ctx);
     // SK_PASS without an assignment lets the regular lookup continue.
+    SK_PASS
+}
+
+/// `lhb_sk_lookup` for kernels without `ingress_ifindex`: the SYN's ticket says which
+/// bridge it came in by.
+#[sk_lookup]
+pub fn lhb_sklookup_tk(ctx: SkLookupContext) -> u32 {
+    assign_ticketed(&ctx);
     SK_PASS
 }
 
@@ -284,9 +317,10 @@ fn parse_syn(ctx: &TcContext) -> Option<Syn> {
     Some(syn)
 }
 
-/// Makes sure the rule's loopback listener is in `LISTENERS` before the SYN reaches TCP.
+/// Makes sure the rule's loopback listener is in `LISTENERS` before the SYN reaches TCP
+/// (and, with `TICKET`, gives the SYN its ticket).
 #[inline(always)]
-fn publish_listener(ctx: &TcContext, syn: &Syn) {
+fn publish_listener<const TICKET: bool>(ctx: &TcContext, syn: &Syn) {
     let key = EndpointKey {
         // At the bridge's ingress the skb's device is the bridge itself.
         ifindex: unsafe { (*ctx.skb.skb).ifindex },
@@ -298,6 +332,9 @@ fn publish_listener(ctx: &TcContext, syn: &Syn) {
     let Some(rule) = (unsafe { ENDPOINTS.get(&key) }) else {
         return;
     };
+    if TICKET {
+        issue_ticket(syn, &key);
+    }
     let counters = COUNTERS.get_ptr_mut(rule.slot);
     let lkey = ListenerKey::of(rule);
     // The common case costs one lookup: a published socket that still listens serves
@@ -328,6 +365,30 @@ fn publish_listener(ctx: &TcContext, syn: &Syn) {
     if ret != 0 {
         count(counters, |c| c.errors += 1);
         debug!(ctx, "publishing the listener failed: {}", ret);
+    }
+}
+
+/// Overwrites this CPU's ticket: the previous one's SYN has gone through TCP's lookup
+/// already (both run to completion on this CPU) or was dropped on the way.
+#[inline(always)]
+fn issue_ticket(syn: &Syn, key: &EndpointKey) {
+    let Some(t) = SYN_TICKET.get_ptr_mut(0) else {
+        return;
+    };
+    unsafe {
+        *t = SynTicket {
+            flow: Flow {
+                src: syn.src,
+                dst: syn.dst,
+                sport: syn.sport,
+                dport: key.port,
+                family: syn.family,
+                _pad: [0; 3],
+            },
+            ifindex: key.ifindex,
+            live: 1,
+            issued_ns: bpf_ktime_get_ns(),
+        };
     }
 }
 
@@ -412,22 +473,150 @@ fn assign_listener(ctx: &SkLookupContext) {
         }
         _ => return,
     };
-    let key = EndpointKey {
-        // The interface the packet came in on: the rule's bridge and nothing else, so a
-        // host that routes to the gateway address from elsewhere is never served.
-        ifindex,
-        addr,
-        port: local_port as u16,
-        family,
-        _pad: 0,
+    assign_endpoint(
+        ctx,
+        &EndpointKey {
+            // The interface the packet came in on: the rule's bridge and nothing else, so
+            // a host that routes to the gateway address from elsewhere is never served.
+            ifindex,
+            addr,
+            port: local_port as u16,
+            family,
+            _pad: 0,
+        },
+    );
+}
+
+/// The socket lookup of the ticket variant: only a lookup whose addresses and ports are
+/// those of this CPU's live ticket is served, for the bridge the ticket names. The
+/// assigned SYN is remembered for a few seconds ([`ADMITTED`]): when the listener's SYN
+/// queue is full it answers with a SYN cookie and keeps nothing, and the ACK that
+/// completes the handshake comes to this lookup again, without a ticket (the TC program
+/// tickets SYNs only). Only a flow that came in through a rule's bridge is remembered,
+/// so nothing from elsewhere is assigned: an ACK with that flow's addresses from
+/// elsewhere would also need the cookie the listener sent to the container.
+#[inline(always)]
+fn assign_ticketed(ctx: &SkLookupContext) {
+    // As in assign_listener: each field read once, at a constant offset. remote_port is
+    // a 16-bit field since 5.19 and a 32-bit one before; a 16-bit load at its offset
+    // reads the port (network byte order) on both.
+    let l = ctx.lookup;
+    let (protocol, family, lip4, lip6, local_port, rip4, rip6, remote_port) = unsafe {
+        (
+            read_volatile(&raw const (*l).protocol),
+            read_volatile(&raw const (*l).family),
+            read_volatile(&raw const (*l).local_ip4),
+            [
+                read_volatile(&raw const (*l).local_ip6[0]),
+                read_volatile(&raw const (*l).local_ip6[1]),
+                read_volatile(&raw const (*l).local_ip6[2]),
+                read_volatile(&raw const (*l).local_ip6[3]),
+            ],
+            read_volatile(&raw const (*l).local_port),
+            read_volatile(&raw const (*l).remote_ip4),
+            [
+                read_volatile(&raw const (*l).remote_ip6[0]),
+                read_volatile(&raw const (*l).remote_ip6[1]),
+                read_volatile(&raw const (*l).remote_ip6[2]),
+                read_volatile(&raw const (*l).remote_ip6[3]),
+            ],
+            read_volatile(&raw const (*l).remote_port),
+        )
     };
-    let Some(rule) = (unsafe { ENDPOINTS.get(&key) }) else {
+    if protocol != IPPROTO_TCP as u32 {
+        return;
+    }
+    let (mut local, mut remote) = ([0u8; 16], [0u8; 16]);
+    let family = match family {
+        AF_INET => {
+            local[..4].copy_from_slice(&lip4.to_ne_bytes());
+            remote[..4].copy_from_slice(&rip4.to_ne_bytes());
+            FAMILY_V4
+        }
+        AF_INET6 => {
+            for i in 0..4 {
+                local[4 * i..4 * i + 4].copy_from_slice(&lip6[i].to_ne_bytes());
+                remote[4 * i..4 * i + 4].copy_from_slice(&rip6[i].to_ne_bytes());
+            }
+            FAMILY_V6
+        }
+        _ => return,
+    };
+    let flow = Flow {
+        src: remote,
+        dst: local,
+        sport: remote_port,
+        dport: local_port as u16,
+        family,
+        _pad: [0; 3],
+    };
+    let Some(t) = SYN_TICKET.get_ptr_mut(0) else {
+        return;
+    };
+    let t = unsafe { &mut *t };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let ifindex = if t.live != 0 && same_flow(&t.flow, &flow) {
+        // Used once, and only fresh.
+        t.live = 0;
+        if now.wrapping_sub(t.issued_ns) > TICKET_TTL_NS {
+            return;
+        }
+        let admitted = Admitted {
+            ifindex: t.ifindex,
+            _pad: 0,
+            issued_ns: now,
+        };
+        let _ = ADMITTED.insert(&flow, &admitted, BPF_ANY as u64);
+        t.ifindex
+    } else {
+        let Some(a) = (unsafe { ADMITTED.get(&flow) }) else {
+            return;
+        };
+        let (ifindex, issued) = (a.ifindex, a.issued_ns);
+        if now.wrapping_sub(issued) > ADMITTED_TTL_NS {
+            let _ = ADMITTED.remove(&flow);
+            return;
+        }
+        ifindex
+    };
+    assign_endpoint(
+        ctx,
+        &EndpointKey {
+            ifindex,
+            addr: local,
+            port: local_port as u16,
+            family,
+            _pad: 0,
+        },
+    );
+}
+
+/// Two flows as five 64-bit compares (no memcmp in BPF).
+#[inline(always)]
+fn same_flow(a: &Flow, b: &Flow) -> bool {
+    let w = |x: &Flow| unsafe { read_unaligned((x as *const Flow).cast::<[u64; 5]>()) };
+    let (a, b) = (w(a), w(b));
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4]
+}
+
+/// Hands the connection to `key`'s published listener, if `key` is an endpoint.
+#[inline(always)]
+fn assign_endpoint(ctx: &SkLookupContext, key: &EndpointKey) {
+    let Some(rule) = (unsafe { ENDPOINTS.get(key) }) else {
         return;
     };
     let counters = COUNTERS.get_ptr_mut(rule.slot);
     let lkey = ListenerKey::of(rule);
     let sk = unsafe { bpf_map_lookup_elem(listeners(), (&lkey as *const ListenerKey).cast()) };
     if sk.is_null() {
+        return;
+    }
+    // A listener shut down while its owner keeps the fd stays in the hash (TCP_CLOSE).
+    // Some kernels' bpf_sk_assign take it (5.10 does), and TCP then drops the SYN unanswered:
+    // the container would wait for a timeout instead of a refusal (seen on 5.10).
+    if unsafe { (*sk.cast::<bpf_sock>()).state } != BPF_TCP_LISTEN {
+        unsafe { bpf_sk_release(sk) };
+        count(counters, |c| c.no_listener += 1);
         return;
     }
     // REPLACE: while one lhb takes over from another both programs run and select the

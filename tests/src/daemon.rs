@@ -152,7 +152,13 @@ impl Lhb {
 
     /// Its metrics socket (the default: beside the control socket).
     pub fn metrics_socket(&self) -> PathBuf {
-        self.private.control.with_file_name("metrics.sock")
+        // lhb's rule (control::default_metrics_socket): metrics.sock beside lhb.sock,
+        // NAME-metrics.sock beside NAME.sock.
+        let c = &self.private.control;
+        match c.file_stem().and_then(|s| s.to_str()) {
+            Some("lhb") | None => c.with_file_name("metrics.sock"),
+            Some(stem) => c.with_file_name(format!("{stem}-metrics.sock")),
+        }
     }
 
     pub fn pid(&self) -> u32 {

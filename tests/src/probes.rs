@@ -398,6 +398,14 @@ fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> std::io::Result<libc::c_long> {
 /// BPF_PROG_LOAD of `r0 = -1 (TC_ACT_UNSPEC); exit` as a SCHED_CLS program.
 fn load_empty_classifier() -> anyhow::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd as _;
+    // Kernels before 5.11 charge programs to RLIMIT_MEMLOCK (EPERM past it), as lhb
+    // itself knows (kernel.rs, bump_memlock_rlimit).
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct; failing leaves the limit as it was.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
     const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
     // BPF_ALU64|BPF_MOV|BPF_K into r0, imm -1; BPF_JMP|BPF_EXIT.

@@ -1,7 +1,9 @@
 //! End-to-end tests of both data paths: the real `lhb` binary, the real kernel, real
-//! namespaces and bridges (see lhb_tests::Lab for the topology). Every test runs once
-//! with `--mode kernel` and once with `--mode proxy` (the `both_paths!` list at the end);
-//! each owns a lab number (plus 100 for the proxy), so all run in parallel.
+//! namespaces and bridges (see lhb_tests::Lab for the topology). Every test runs with
+//! `--mode kernel`, with `--mode kernel` in the variant for kernels before 5.17 (SYN
+//! tickets, forced with LHB_KERNEL_VARIANT=ticket on a newer kernel) and with `--mode
+//! proxy` (the `both_paths!` list at the end); each owns a lab number (plus 200 for the
+//! ticket variant, 100 for the proxy), so all run in parallel.
 
 use std::{
     io::{Read as _, Write as _},
@@ -36,6 +38,9 @@ macro_rules! both_paths {
         mod kernel {
             $(#[test] fn $name() { let _g = crate::$lock(); crate::$name(&crate::KERNEL) })*
         }
+        mod ticket {
+            $(#[test] fn $name() { let _g = crate::$lock(); crate::$name(&crate::TICKET) })*
+        }
         mod proxy {
             $(#[test] fn $name() { let _g = crate::$lock(); crate::$name(&crate::PROXY) })*
         }
@@ -47,15 +52,24 @@ struct Path {
     mode: &'static str,
     /// Added to each test's lab number.
     base: u8,
+    /// The daemon's environment (the kernel path's variant).
+    env: &'static [(&'static str, &'static str)],
 }
 
 const KERNEL: Path = Path {
     mode: "kernel",
     base: 0,
+    env: &[],
+};
+const TICKET: Path = Path {
+    mode: "kernel",
+    base: 200,
+    env: &[("LHB_KERNEL_VARIANT", "ticket")],
 };
 const PROXY: Path = Path {
     mode: "proxy",
     base: 100,
+    env: &[],
 };
 
 impl Path {
@@ -71,7 +85,19 @@ impl Path {
     fn start(&self, args: &[&str]) -> Lhb {
         let mut all = vec!["--mode", self.mode];
         all.extend_from_slice(args);
-        Lhb::start(&all).unwrap()
+        let lhb = Lhb::start_env(&all, self.env).unwrap();
+        if self.kernel() {
+            // The variant lhb must pick: from the kernel's version here, so the test
+            // does not take the daemon's word (which asks the verifier) for it.
+            let want = if self.env.is_empty() && has_ingress_ifindex() {
+                "ingress-ifindex"
+            } else {
+                "syn-ticket"
+            };
+            let log = lhb.log();
+            assert!(log.contains(&format!("{want} variant")), "{log}");
+        }
+        lhb
     }
 
     /// The source address the service sees: the container's own with the kernel path;
@@ -96,6 +122,16 @@ impl Path {
     fn down(&self, o: &Outcome) -> bool {
         *o == Outcome::Refused || (!self.kernel() && *o == Outcome::Reset)
     }
+}
+
+/// Whether this kernel's socket lookup has `ingress_ifindex` (Linux 5.17 and later).
+fn has_ingress_ifindex() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut v = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    (major, minor) >= (5, 17)
 }
 
 /// The proxy's documented source for an IPv4 target: 127.128.0.0 + the bridge's ifindex.
@@ -1032,24 +1068,27 @@ fn another_tools_program_on_the_bridge_keeps_running_beside_lhb() {
     // TCX exists from 6.6 on; before, lhb attaches with clsact whatever it is asked.
     let tcx = aya::util::KernelVersion::current()
         .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
-    let modes: &[(u8, bool)] = if tcx {
-        &[(33, false), (34, true)]
+    // (lab, clsact, the SYN-ticket variant)
+    let modes: &[(u8, bool, bool)] = if tcx {
+        &[(33, false, false), (34, true, false), (36, false, true)]
     } else {
-        &[(34, true)]
+        &[(34, true, false), (36, true, true)]
     };
-    for &(n, clsact) in modes {
+    for &(n, clsact, ticket) in modes {
         let lab = Lab::new(n).unwrap();
         let br = lab.bridge_name();
         let svc = PeerEcho::start("127.0.0.1:0").unwrap();
         let spec = expose(&lab, &svc.port().to_string());
-        let wrapper: &[&str] = if clsact {
-            &["env", "LHB_ATTACH=clsact"]
-        } else {
-            &[]
-        };
+        let mut wrapper = vec!["env"];
+        if clsact {
+            wrapper.push("LHB_ATTACH=clsact");
+        }
+        if ticket {
+            wrapper.push("LHB_KERNEL_VARIANT=ticket");
+        }
         let start = || {
             Lhb::start_wrapped(
-                wrapper,
+                &wrapper,
                 &lhb_tests::lhb_bin(),
                 &["--mode", "kernel", "--expose-iface", &spec],
             )

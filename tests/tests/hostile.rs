@@ -17,6 +17,18 @@ use lhb_tests::{Lab, Lhb, Netns, Outcome, PeerEcho, http_get};
 
 const T: Duration = Duration::from_secs(5);
 
+/// `lhb run --mode MODE ARGS`; "ticket" is the kernel path in the variant for kernels
+/// before 5.17 (SYN tickets), forced.
+fn start(mode: &str, args: &[&str]) -> anyhow::Result<Lhb> {
+    let (mode, env): (&str, &[(&str, &str)]) = match mode {
+        "ticket" => ("kernel", &[("LHB_KERNEL_VARIANT", "ticket")]),
+        m => (m, &[]),
+    };
+    let mut all = vec!["--mode", mode];
+    all.extend_from_slice(args);
+    Lhb::start_env(&all, env)
+}
+
 fn get_from(ns: &Netns, ip: IpAddr, port: u16) -> Outcome {
     let addr = SocketAddr::new(ip, port);
     ns.run(move || http_get(addr, T)).expect("thread in netns")
@@ -116,16 +128,17 @@ fn crafted_frames_from_a_container(mode: &str, n: u8) {
     let br = lab.bridge_name();
     // The neighbour bridge has a rule of its own, for a port this bridge does not have.
     let theirs = Counting::start("127.0.0.1:0");
-    let _lhb = Lhb::start(&[
-        "--mode",
+    let _lhb = start(
         mode,
-        "--expose-iface",
-        &format!("{br}:{}", svc.port),
-        "--expose-iface",
-        &format!("{br}:{0}=[::1]:{0}", svc6.port),
-        "--expose-iface",
-        &format!("lhbt{n}nb:{}", theirs.port),
-    ])
+        &[
+            "--expose-iface",
+            &format!("{br}:{}", svc.port),
+            "--expose-iface",
+            &format!("{br}:{0}=[::1]:{0}", svc6.port),
+            "--expose-iface",
+            &format!("lhbt{n}nb:{}", theirs.port),
+        ],
+    )
     .unwrap();
     // Served normally, so a silence below is the scoping at work.
     assert!(connects(&lab.container, lab.gateway(), svc.port));
@@ -291,12 +304,13 @@ fn crafted_frames_from_a_container(mode: &str, n: u8) {
 fn crafted_frames_from_outside(mode: &str, n: u8) {
     let lab = Lab::new(n).unwrap();
     let svc = Counting::start("127.0.0.1:0");
-    let _lhb = Lhb::start(&[
-        "--mode",
+    let _lhb = start(
         mode,
-        "--expose-iface",
-        &format!("{}:{}", lab.bridge_name(), svc.port),
-    ])
+        &[
+            "--expose-iface",
+            &format!("{}:{}", lab.bridge_name(), svc.port),
+        ],
+    )
     .unwrap();
     let host_end = format!("lhbt{n}ov");
     let e = format!("Ether(dst='{}')", mac(&host_end));
@@ -342,14 +356,15 @@ fn a_syn_flood_on_one_rule_does_not_stop_another(mode: &str, n: u8) {
     let lab = Lab::new(n).unwrap();
     let other = Lab::new(n + 1).unwrap();
     let svc = PeerEcho::start("127.0.0.1:0").unwrap();
-    let _lhb = Lhb::start(&[
-        "--mode",
+    let _lhb = start(
         mode,
-        "--expose-iface",
-        &format!("{}:{}", lab.bridge_name(), svc.port()),
-        "--expose-iface",
-        &format!("{}:{}", other.bridge_name(), svc.port()),
-    ])
+        &[
+            "--expose-iface",
+            &format!("{}:{}", lab.bridge_name(), svc.port()),
+            "--expose-iface",
+            &format!("{}:{}", other.bridge_name(), svc.port()),
+        ],
+    )
     .unwrap();
     let mut flood = lab
         .container
@@ -411,6 +426,23 @@ fn proxy_crafted_frames_from_outside() {
 #[test]
 fn kernel_a_syn_flood_on_one_rule_does_not_stop_another() {
     a_syn_flood_on_one_rule_does_not_stop_another("kernel", 94);
+}
+
+#[test]
+fn ticket_crafted_frames_from_a_container() {
+    crafted_frames_from_a_container("ticket", 44);
+}
+
+#[test]
+fn ticket_crafted_frames_from_outside() {
+    crafted_frames_from_outside("ticket", 45);
+}
+
+/// The ticket variant's tickets are per CPU and its cookie records bounded: a flood on
+/// one bridge evicts nothing another bridge's connections need.
+#[test]
+fn ticket_a_syn_flood_on_one_rule_does_not_stop_another() {
+    a_syn_flood_on_one_rule_does_not_stop_another("ticket", 46);
 }
 
 #[test]

@@ -455,9 +455,20 @@ fn connects(lab: &Lab, port: u16) -> bool {
 /// gap and leaves one program on the bridge.
 #[test]
 fn kill_9_keeps_streams_and_new_connections_and_the_next_start_takes_over() {
-    let lab = Lab::new(74).unwrap();
+    kill_9_and_takeover(74, &[]);
+}
+
+/// The same with the kernel path's variant for kernels before 5.17 (SYN tickets): two
+/// daemons' programs side by side during the takeover each ticket and serve.
+#[test]
+fn kill_9_and_takeover_with_syn_tickets() {
+    kill_9_and_takeover(77, &[("LHB_KERNEL_VARIANT", "ticket")]);
+}
+
+fn kill_9_and_takeover(n: u8, env: &[(&str, &str)]) {
+    let lab = Lab::new(n).unwrap();
     let (port, _echo) = echo_service();
-    let pins = PinDir::new("k9");
+    let pins = PinDir::new(&format!("k9-{n}"));
     let spec = format!("{}:{port}", lab.bridge_name());
     let args = [
         "--mode",
@@ -467,7 +478,7 @@ fn kill_9_keeps_streams_and_new_connections_and_the_next_start_takes_over() {
         "--expose-iface",
         &spec,
     ];
-    let mut lhb = Lhb::start(&args).unwrap();
+    let mut lhb = Lhb::start_env(&args, env).unwrap();
     let gw = SocketAddr::new(lab.gateway(), port);
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
@@ -515,7 +526,7 @@ fn kill_9_keeps_streams_and_new_connections_and_the_next_start_takes_over() {
     assert!(rounds > 20, "{rounds} rounds");
 
     // The next start: served throughout, then one program left.
-    let mut lhb = Lhb::spawn(&args, &[]).unwrap();
+    let mut lhb = Lhb::spawn(&args, env).unwrap();
     let until = Instant::now() + Duration::from_secs(5);
     while !lhb.log().contains("ready:") && Instant::now() < until {
         assert!(connects(&lab, port), "a gap while the next lhb took over");

@@ -100,11 +100,12 @@ fn redis_s_own_suite_passes_through_every_path_as_through_a_direct_connection() 
     });
     for (name, run) in &runs {
         eprintln!(
-            "{name}: {} tests, {} failed, {}/{} files",
+            "{name}: {} tests, {} failed, {}/{} files; failed: {:?}",
             run.tests.len(),
             run.failed().len(),
             run.files_done,
-            run.files_total
+            run.files_total,
+            run.failed()
         );
         // The whole suite ran: every file finished, and it is the size Redis 7's is.
         assert!(

@@ -152,8 +152,8 @@ pub(super) async fn start(
 }
 
 impl Sockets {
-    /// The control socket, then the metrics endpoint (`addr`, else metrics.sock beside
-    /// the control socket); requests from both arrive on the receiver.
+    /// The control socket, then the metrics endpoint (`addr`, else a socket named after
+    /// the control socket, beside it); requests from both arrive on the receiver.
     async fn bind(
         opts: &RunOptions,
         addr: Option<control::MetricsAddr>,
@@ -162,7 +162,7 @@ impl Sockets {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         control::serve(&opts.serve.control, tx.clone(), tasks)?;
         let metrics = addr.unwrap_or_else(|| {
-            control::MetricsAddr::Unix(opts.serve.control.with_file_name("metrics.sock"))
+            control::MetricsAddr::Unix(control::default_metrics_socket(&opts.serve.control))
         });
         let mut sockets = Sockets {
             control: opts.serve.control.clone(),
@@ -246,8 +246,11 @@ impl Daemon {
             }
             info!(
                 attach = k.mode().as_str(),
-                "kernel data path loaded ({} rule(s))",
-                self.rules.len()
+                variant = k.variant().as_str(),
+                "kernel data path loaded ({} rule(s)); {} variant: {}",
+                self.rules.len(),
+                k.variant().as_str(),
+                k.variant_why()
             );
         }
         // Every interface rule's bridge that exists passed preflight, so a failure to

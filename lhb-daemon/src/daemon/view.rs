@@ -267,6 +267,10 @@ impl Daemon {
             pid: std::process::id(),
             mode: self.paths.mode,
             kernel_attach: self.kernel.as_ref().map(|k| k.mode().as_str().to_string()),
+            kernel_variant: self.kernel.as_ref().map(|k| status::KernelVariant {
+                name: k.variant().as_str().into(),
+                why: k.variant_why().into(),
+            }),
             kernel_unavailable: self.kernel_unavailable.clone(),
             podman: self.podman.as_ref().map(|p| {
                 let v = p.rx.borrow();

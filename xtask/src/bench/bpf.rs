@@ -37,9 +37,11 @@ fn lhb_programs(rig: &Rig) -> anyhow::Result<(u32, u32)> {
         if !held.contains(&u64::from(p.id())) {
             continue;
         }
+        // Either variant (LHB_KERNEL_VARIANT=ticket measures the one for kernels before
+        // 5.17 here).
         match p.name_as_str() {
-            Some("lhb_ingress") => ingress = Some(p.id()),
-            Some("lhb_sk_lookup") => lookup = Some(p.id()),
+            Some("lhb_ingress" | "lhb_ingress_tk") => ingress = Some(p.id()),
+            Some("lhb_sk_lookup" | "lhb_sklookup_tk") => lookup = Some(p.id()),
             _ => {}
         }
     }

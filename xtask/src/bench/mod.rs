@@ -100,6 +100,9 @@ struct Sample {
     value: f64,
     /// Why this repetition does not count (it ran other than intended).
     invalid: Option<String>,
+    /// Which repetition: the paths of one repetition ran one right after another, so
+    /// ratios are taken within a repetition (see `report::pair_ratios`).
+    rep: usize,
 }
 
 struct Knobs {
@@ -203,6 +206,7 @@ impl Results {
             workload,
             value: m.value,
             invalid: m.invalid,
+            rep,
         });
     }
 

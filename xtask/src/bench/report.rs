@@ -35,6 +35,28 @@ impl From<&Sample> for Row {
     }
 }
 
+/// For each repetition where both `a` and `b` have a valid sample of `w`, how many times
+/// as good `a` was as `b` in that repetition.
+pub(super) fn pair_ratios(samples: &[Sample], w: Workload, a: Path, b: Path) -> Vec<f64> {
+    let of = |p: Path, rep: usize| {
+        samples
+            .iter()
+            .find(|s| s.workload == w && s.path == p && s.rep == rep && s.invalid.is_none())
+            .map(|s| s.value)
+    };
+    let mut reps: Vec<usize> = samples.iter().map(|s| s.rep).collect();
+    reps.sort_unstable();
+    reps.dedup();
+    reps.into_iter()
+        .filter_map(|rep| match (of(a, rep), of(b, rep)) {
+            (Some(x), Some(y)) if x > 0.0 && y > 0.0 => {
+                Some(if w.lower_is_better() { y / x } else { x / y })
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// Median, min and max of one path's valid samples for one workload.
 pub(super) fn stats(samples: &[Sample], w: Workload, p: Path) -> Option<(f64, f64, f64)> {
     let mut v: Vec<f64> = samples
@@ -111,16 +133,25 @@ pub(super) fn report(
             })
             .collect();
         // Ratios read "how many times as good": above 1.00x is better, for every unit.
+        // Each is the median of the ratios within one repetition (min-max of those):
+        // a slow moment of the machine hits both paths of a pair alike.
         let ratios: Vec<String> = pairs
             .iter()
-            .map(
-                |&(a, b)| match (stats(samples, w, a), stats(samples, w, b)) {
-                    (Some((x, ..)), Some((y, ..))) if x > 0.0 && y > 0.0 => {
-                        format!("{:.2}x", if lower { y / x } else { x / y })
-                    }
-                    _ => "-".into(),
-                },
-            )
+            .map(|&(a, b)| {
+                let mut r = pair_ratios(samples, w, a, b);
+                if r.is_empty() {
+                    return "-".into();
+                }
+                let (lo, hi) = (
+                    r.iter().copied().fold(f64::MAX, f64::min),
+                    r.iter().copied().fold(f64::MIN, f64::max),
+                );
+                if r.len() == 1 {
+                    format!("{lo:.2}x")
+                } else {
+                    format!("{:.2}x ({lo:.2}-{hi:.2})", median(&mut r))
+                }
+            })
             .collect();
         writeln!(
             md,
@@ -138,7 +169,8 @@ pub(super) fn report(
     writeln!(
         md,
         "\nMedian (min-max) of {reps} interleaved repetitions{}. Ratios are \"times as good\": \
-         above 1.00x the first path is better, whichever way the unit goes. n/a: the path has \
+         above 1.00x the first path is better, whichever way the unit goes; each is the median \
+         (min-max) of the ratios within a repetition, whose paths ran one right after another. n/a: the path has \
          no daemon (direct) or does not follow a bridge (direct, socat).",
         if quick { " (--quick: short runs)" } else { "" }
     )?;
