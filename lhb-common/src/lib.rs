@@ -37,6 +37,16 @@ pub const MAX_ADMITTED: u32 = 4096;
 /// A cookie ACK comes one round trip after its SYN; a record older than this is void.
 pub const ADMITTED_TTL_NS: u64 = 3_000_000_000;
 
+/// Name of the LPM trie of the addresses scoped rules admit ([`AllowAddr`] -> 1).
+pub const ALLOW_MAP: &str = "LHB_ALLOW";
+/// Its capacity: prefixes over all scoped rules.
+pub const MAX_ALLOWED: u32 = 16384;
+/// The trie's key length for one address: the slot, then the address as IPv6.
+pub const ALLOW_KEY_BITS: u32 = 160;
+/// [`Steer::flags`]: the rule has an `allow` list; a connection whose source is not in
+/// [`ALLOW_MAP`] under the rule's slot is not assigned (the kernel answers with a RST).
+pub const FLAG_SCOPED: u8 = 1;
+
 /// Capacity of the endpoint map: one entry per (bridge, gateway address, port).
 pub const MAX_ENDPOINTS: u32 = 8192;
 /// Number of counter slots: one per rule the daemon serves at a time.
@@ -72,9 +82,22 @@ pub struct Steer {
     pub target_port: u16,
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub target_family: u8,
-    pub _pad: u8,
+    /// [`FLAG_SCOPED`].
+    pub flags: u8,
     /// Index into the counters array; one slot per rule.
     pub slot: u32,
+}
+
+/// The data of an [`ALLOW_MAP`] key: a rule's slot, then a client address. The slot is
+/// matched whole (it is the first 32 bits of every prefix), so a prefix of one rule
+/// never admits a client to another. IPv4 addresses are stored as `::ffff:a.b.c.d`, so
+/// one trie holds both families and an IPv4 /N is a /(96+N) after the slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllowAddr {
+    /// The slot in network byte order: the trie compares bits from the first byte.
+    pub slot: [u8; 4],
+    pub addr: [u8; 16],
 }
 
 /// A loopback listener: the target of one or more rules.
@@ -156,6 +179,9 @@ pub struct Counters {
     pub no_listener: u64,
     /// The kernel refused to publish or assign the listener.
     pub errors: u64,
+    /// SYNs from a client a scoped rule does not admit: not assigned, so the kernel
+    /// answers them with a RST.
+    pub refused: u64,
 }
 
 impl Counters {
@@ -163,6 +189,7 @@ impl Counters {
         self.connections += other.connections;
         self.no_listener += other.no_listener;
         self.errors += other.errors;
+        self.refused += other.refused;
     }
 }
 
@@ -196,15 +223,33 @@ impl EndpointKey {
 
 #[cfg(feature = "user")]
 impl Steer {
-    pub fn new(target: core::net::SocketAddr, slot: u32) -> Steer {
+    pub fn new(target: core::net::SocketAddr, slot: u32, scoped: bool) -> Steer {
         let (target_family, target_addr) = ip_bytes(target.ip());
         Steer {
             target_addr,
             target_port: target.port(),
             target_family,
-            _pad: 0,
+            flags: if scoped { FLAG_SCOPED } else { 0 },
             slot,
         }
+    }
+}
+
+#[cfg(feature = "user")]
+impl AllowAddr {
+    /// The trie key (prefix length, data) of `prefix_len` bits of `addr` for `slot`.
+    pub fn prefix(slot: u32, addr: core::net::IpAddr, prefix_len: u8) -> (u32, AllowAddr) {
+        let (bits, addr) = match addr {
+            core::net::IpAddr::V4(v4) => (96 + u32::from(prefix_len), v4.to_ipv6_mapped()),
+            core::net::IpAddr::V6(v6) => (u32::from(prefix_len), v6),
+        };
+        (
+            32 + bits,
+            AllowAddr {
+                slot: slot.to_be_bytes(),
+                addr: addr.octets(),
+            },
+        )
     }
 }
 
@@ -224,4 +269,6 @@ mod user {
     unsafe impl aya::Pod for super::Flow {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Admitted {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AllowAddr {}
 }

@@ -69,6 +69,8 @@ struct Expose {
     proxy_protocol: bool,
     #[serde(default)]
     allow_uplinks: bool,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
 }
 
 /// `target = 8080` and `target = "127.0.0.1:8080"` are both accepted.
@@ -195,6 +197,21 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         r.proxy_protocol = e.proxy_protocol;
         r.given = format!("{file}:{}", line_of(text, span.start));
         r.allow_uplinks = e.allow_uplinks;
+        for entry in &e.allow {
+            let c =
+                rule::Client::parse(entry.get_ref(), entry.get_ref(), network).map_err(|err| {
+                    let reason = match err {
+                        RuleError::Allow { entry, why, .. } => {
+                            format!("allow entry `{entry}`: {why}")
+                        }
+                        other => other.to_string(),
+                    };
+                    invalid(Some(entry.span()), reason)
+                })?;
+            if !r.allow.contains(&c) {
+                r.allow.push(c);
+            }
+        }
         if let Some(m) = e.max_connections {
             let span = m.span();
             let n = *m.get_ref();
@@ -302,6 +319,19 @@ port = 11434
     }
 
     #[test]
+    fn a_rule_may_name_its_clients() {
+        let c = parse(
+            "f",
+            "[[expose]]\ninterface = \"virbr0\"\nport = 5432\nallow = [\"192.168.122.10\", \"fd00::/64\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.rules[0],
+            crate::rule::parse_iface_spec("virbr0:5432@192.168.122.10,fd00::/64").unwrap()
+        );
+    }
+
+    #[test]
     fn a_rule_may_serve_udp() {
         let c = parse(
             "f",
@@ -367,6 +397,16 @@ port = 11434
                 "[[expose]]\nnetwork = \"n\"\nport = 53\nproxy_protocol = true\nprotocol = \"udp\"\n",
                 5,
                 "proxy_protocol = true is for TCP rules",
+            ),
+            (
+                "[[expose]]\ninterface = \"br0\"\nport = 80\nallow = [\"10.0.0.2\",\n  \"10.0.0.5/24\"]\n",
+                5,
+                "allow entry `10.0.0.5/24`: `10.0.0.5/24` has host bits set",
+            ),
+            (
+                "[[expose]]\nnetwork = \"n\"\nport = 80\nallow = [\"172.18.0.5\"]\n",
+                4,
+                "allow entry `172.18.0.5`: a network rule is scoped by container",
             ),
             ("[[expose\n", 1, ""),
             (

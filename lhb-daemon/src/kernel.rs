@@ -21,7 +21,7 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues},
     programs::{
         ProgramError, SchedClassifier, SkLookup, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -30,8 +30,8 @@ use aya::{
     util::KernelVersion,
 };
 use lhb_common::{
-    COUNTERS_MAP, Counters, ENDPOINTS_MAP, EndpointKey, INGRESS_PROGRAM, INGRESS_TICKET_PROGRAM,
-    MAX_RULES, SK_LOOKUP_PROGRAM, SK_LOOKUP_TICKET_PROGRAM, Steer,
+    ALLOW_MAP, AllowAddr, COUNTERS_MAP, Counters, ENDPOINTS_MAP, EndpointKey, INGRESS_PROGRAM,
+    INGRESS_TICKET_PROGRAM, MAX_RULES, SK_LOOKUP_PROGRAM, SK_LOOKUP_TICKET_PROGRAM, Steer,
 };
 use thiserror::Error;
 
@@ -237,6 +237,9 @@ pub struct KernelPath {
     variant: Variant,
     endpoints: HashMap<MapData, EndpointKey, Steer>,
     counters: PerCpuArray<MapData, Counters>,
+    allow: LpmTrie<MapData, AllowAddr, u8>,
+    /// What `allow` holds: (slot, prefix).
+    allowed: std::collections::BTreeSet<(u32, ipnet::IpNet)>,
     attached: BTreeMap<u32, Attachment>,
     mode: AttachMode,
     pins: Option<Pins>,
@@ -308,6 +311,9 @@ impl KernelPath {
         let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
         let counters = PerCpuArray::try_from(counters)
             .map_err(|e| KernelPathError::Load(format!("{COUNTERS_MAP}: {e}")))?;
+        let allow = take_map(&mut ebpf, ALLOW_MAP)?;
+        let allow = LpmTrie::try_from(allow)
+            .map_err(|e| KernelPathError::Load(format!("{ALLOW_MAP}: {e}")))?;
         let lookup: &mut SkLookup = program(&mut ebpf, variant.programs().1)?;
         // The program serves the namespace lhb runs in.
         let netns = std::fs::File::open("/proc/self/ns/net")
@@ -340,6 +346,8 @@ impl KernelPath {
             variant,
             endpoints,
             counters,
+            allow,
+            allowed: Default::default(),
             attached: BTreeMap::new(),
             mode: AttachMode::for_running_kernel(),
             pins,
@@ -516,7 +524,49 @@ impl KernelPath {
     pub fn upsert_endpoint(&mut self, ep: Endpoint, to: Steering) -> anyhow::Result<()> {
         let key = EndpointKey::new(ep.ifindex, ep.gateway, ep.port);
         self.endpoints
-            .insert(key, Steer::new(to.target, to.slot), 0)?;
+            .insert(key, Steer::new(to.target, to.slot, to.scoped), 0)?;
+        Ok(())
+    }
+
+    /// Makes the allow trie hold exactly `scopes`' prefixes. Removals first: while it
+    /// changes, a scoped rule admits at most its old and new sets' common part, never
+    /// a client that neither admits. Called before the endpoints that use it are
+    /// written, so an endpoint is never scoped before its set is in place.
+    pub fn set_scopes(
+        &mut self,
+        scopes: &BTreeMap<u32, crate::scope::AllowSet>,
+    ) -> anyhow::Result<()> {
+        let wanted: std::collections::BTreeSet<(u32, ipnet::IpNet)> = scopes
+            .iter()
+            .flat_map(|(&slot, set)| set.nets().iter().map(move |&n| (slot, n)))
+            .collect();
+        let key = |&(slot, net): &(u32, ipnet::IpNet)| {
+            let (bits, data) = AllowAddr::prefix(slot, net.addr(), net.prefix_len());
+            aya::maps::lpm_trie::Key::new(bits, data)
+        };
+        let gone: Vec<_> = self.allowed.difference(&wanted).copied().collect();
+        for e in gone {
+            match self.allow.remove(&key(&e)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
+                    self.allowed.remove(&e);
+                }
+                Err(err) => {
+                    anyhow::bail!("removing {} of slot {} from {ALLOW_MAP}: {err}", e.1, e.0)
+                }
+            }
+        }
+        let new: Vec<_> = wanted.difference(&self.allowed).copied().collect();
+        for e in new {
+            self.allow.insert(&key(&e), 1, 0).map_err(|err| {
+                anyhow::anyhow!(
+                    "writing {} of slot {} to {ALLOW_MAP} ({} prefixes at most over all scoped rules): {err}",
+                    e.1,
+                    e.0,
+                    lhb_common::MAX_ALLOWED
+                )
+            })?;
+            self.allowed.insert(e);
+        }
         Ok(())
     }
 

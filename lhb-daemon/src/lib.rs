@@ -20,6 +20,7 @@ pub mod podman;
 pub mod proxy;
 pub mod reconcile;
 pub mod rule;
+pub mod scope;
 pub mod status;
 pub mod tasks;
 pub mod udp;

@@ -83,8 +83,9 @@ enum Command {
     },
     /// Expose a port on a network's (or, with --iface, a bridge's) gateway at runtime.
     Expose {
-        /// PORT may be followed by /udp or /both (TCP by default), e.g. `app:53/both`.
-        #[arg(value_name = "NETWORK:PORT[/PROTOCOL][=TARGET]")]
+        /// PORT may be followed by /udp or /both (TCP by default), e.g. `app:53/both`;
+        /// with --iface, `@ALLOW,...` admits only those addresses or prefixes.
+        #[arg(value_name = "NETWORK:PORT[/PROTOCOL][=TARGET][@ALLOW,...]")]
         rule: String,
         /// Label for logs, status and metrics (default port-<PORT>).
         #[arg(long, value_name = "NAME")]
@@ -179,8 +180,10 @@ struct Serve {
     #[arg(long = "expose", value_name = "NETWORK:PORT[/PROTOCOL][=TARGET]", value_parser = parse_network_rule)]
     expose: Vec<rule::Rule>,
     /// Expose PORT on bridge IFACE's gateway address(es) (any Linux bridge, no Docker
-    /// needed), forwarded to TARGET as above. Repeatable.
-    #[arg(long = "expose-iface", value_name = "IFACE:PORT[/PROTOCOL][=TARGET]", value_parser = parse_iface_rule)]
+    /// needed), forwarded to TARGET as above. `@ALLOW,...` admits only those clients
+    /// (addresses or prefixes, e.g. `virbr0:5432@192.168.122.10,192.168.122.64/26`);
+    /// any other gets a RST (UDP: ICMP port unreachable). Repeatable.
+    #[arg(long = "expose-iface", value_name = "IFACE:PORT[/PROTOCOL][=TARGET][@ALLOW,...]", value_parser = parse_iface_rule)]
     expose_iface: Vec<rule::Rule>,
     /// Serve the --expose/--expose-iface rules of NAME (a network or bridge as given
     /// there) even though the bridge has ports that lead off this host (a network

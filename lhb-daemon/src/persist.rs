@@ -80,6 +80,13 @@ pub fn add(path: &Path, rule: &Rule) -> anyhow::Result<()> {
     if rule.target != default_target {
         t["target"] = value(rule.target.to_string());
     }
+    if !rule.allow.is_empty() {
+        let mut allow = toml_edit::Array::new();
+        for c in &rule.allow {
+            allow.push(c.to_string());
+        }
+        t["allow"] = value(allow);
+    }
     exposes.push(t);
     write(path, &doc.to_string())
 }
@@ -196,9 +203,14 @@ mod tests {
         // The protocol is written when it is not TCP, and reads back the same.
         let mut dns = Rule::new(Source::Interface("br0".into()), 53, None, None);
         dns.protocol = crate::rule::Protocol::Both;
+        dns.allow = crate::rule::parse_allow("x", "10.0.0.2,fd00::/64", false).unwrap();
         add(&path, &dns).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("protocol = \"both\""), "{text}");
+        assert!(
+            text.contains("allow = [\"10.0.0.2\", \"fd00::/64\"]"),
+            "{text}"
+        );
         assert_eq!(config::parse("x", &text).unwrap().rules[2], dns);
         remove(&path, &Source::Interface("br0".into()), 53).unwrap();
 

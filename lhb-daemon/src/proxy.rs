@@ -40,7 +40,7 @@ use std::{
     time::Duration,
 };
 
-use crate::tasks::Tasks;
+use crate::{scope::Scopes, tasks::Tasks};
 use rustix::{
     net::{RecvFlags, SendFlags},
     pipe::{PipeFlags, SpliceFlags},
@@ -109,6 +109,9 @@ pub struct ProxyCounters {
     pub limit: AtomicU64,
     /// accept(2) failures (EMFILE and friends).
     pub accept_errors: AtomicU64,
+    /// Connections from a client a scoped rule does not admit: reset at once, the
+    /// service never sees them.
+    pub refused: AtomicU64,
 }
 
 struct Listening {
@@ -125,6 +128,7 @@ pub struct Proxy {
     counters: Arc<std::sync::Mutex<BTreeMap<u32, Arc<ProxyCounters>>>>,
     pipes: Arc<PipePool>,
     tasks: Tasks,
+    scopes: Scopes,
 }
 
 /// Bytes one splice call may move; also the pipe's size.
@@ -195,6 +199,7 @@ impl Proxy {
             counters: Default::default(),
             pipes: Arc::new(PipePool::default()),
             tasks,
+            scopes: Scopes::default(),
         })
     }
 
@@ -222,6 +227,10 @@ impl Proxy {
             &self.runtime.handle,
             accept_loop(
                 listener,
+                Admission {
+                    scopes: self.scopes.clone(),
+                    slot: target.slot,
+                },
                 upstream,
                 limit,
                 max,
@@ -245,6 +254,11 @@ impl Proxy {
 
     fn counters_for(&self, slot: u32) -> Arc<ProxyCounters> {
         lock(&self.counters).entry(slot).or_default().clone()
+    }
+
+    /// Who each scoped rule admits from now on (connections already carried stay).
+    pub fn set_scopes(&self, scopes: BTreeMap<u32, crate::scope::AllowSet>) {
+        self.scopes.set(scopes);
     }
 
     /// The counters of a rule slot (zero if it never proxied).
@@ -323,9 +337,16 @@ struct Upstream {
     proxy_protocol: bool,
 }
 
+/// Whose connections a listener takes: its rule's scope.
+struct Admission {
+    scopes: Scopes,
+    slot: u32,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn accept_loop(
     listener: std::net::TcpListener,
+    admission: Admission,
     upstream: Upstream,
     limit: Arc<Semaphore>,
     max: usize,
@@ -355,6 +376,15 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Before any limit: a client the rule does not admit takes no share of it.
+        if !admission.scopes.allows(admission.slot, peer.ip()) {
+            let n = counters.refused.fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() || n == 0 {
+                warn!(listener = %label, "refusing {peer}: not in this rule's allow list ({} refused so far)", n + 1);
+            }
+            reset(&client);
+            continue;
+        }
         // The rule's share first, then the total: a slot is taken only if both allow.
         let share = counters.limit.load(Ordering::Relaxed);
         let reserved = counters

@@ -14,6 +14,7 @@ use crate::{
     docker::DockerView,
     proxy::{ProxyKey, ProxyTarget},
     rule::{Rule, RuleKey, Source},
+    scope::AllowSet,
     udp::UdpTarget,
 };
 
@@ -114,6 +115,9 @@ pub struct Endpoint {
 pub struct Steering {
     pub target: std::net::SocketAddr,
     pub slot: u32,
+    /// The rule has an `allow` list: only clients in the plan's `scopes[slot]` are
+    /// handed over.
+    pub scoped: bool,
 }
 
 /// What the data path must look like.
@@ -128,6 +132,8 @@ pub struct Plan {
     pub udp: BTreeMap<ProxyKey, UdpTarget>,
     /// Where each rule stands.
     pub states: BTreeMap<RuleKey, RuleState>,
+    /// The clients each scoped rule admits, by counter slot (every path checks these).
+    pub scopes: BTreeMap<u32, AllowSet>,
 }
 
 /// Why a rule with `proxy_protocol = true` is proxied even where the kernel path could
@@ -147,6 +153,9 @@ pub fn plan<'a>(
     // place.
     let mut claimed: BTreeMap<(u32, u16, bool), &Rule> = BTreeMap::new();
     for (rule, slot) in rules {
+        if let Some(set) = AllowSet::of(rule) {
+            plan.scopes.insert(slot, set);
+        }
         let transports: Vec<bool> = [(rule.protocol.tcp(), false), (rule.protocol.udp(), true)]
             .into_iter()
             .filter_map(|(on, udp)| on.then_some(udp))
@@ -499,6 +508,7 @@ fn endpoint(
         Steering {
             target: rule.target,
             slot,
+            scoped: !rule.allow.is_empty(),
         },
     ))
 }

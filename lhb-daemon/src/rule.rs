@@ -163,6 +163,9 @@ pub struct Rule {
     /// true`, `--allow-uplinks`): a NIC, bond, VLAN or tunnel makes the service reachable
     /// from that network too.
     pub allow_uplinks: bool,
+    /// Who may connect (`@ALLOW,...` in a spec, `allow = [...]` in the config); empty:
+    /// everyone on the source, as before scoping existed.
+    pub allow: Vec<Client>,
     /// Where the rule was given, for messages: `--expose-iface br0:80`,
     /// `/etc/lhb/lhb.toml:12`, `lhb expose`. Not part of what the rule is.
     pub given: String,
@@ -181,6 +184,7 @@ impl PartialEq for Rule {
             max_connections,
             proxy_protocol,
             allow_uplinks,
+            allow,
             given: _,
         } = self;
         (
@@ -192,6 +196,7 @@ impl PartialEq for Rule {
             max_connections,
             proxy_protocol,
             allow_uplinks,
+            allow,
         ) == (
             &o.source,
             &o.port,
@@ -201,6 +206,7 @@ impl PartialEq for Rule {
             &o.max_connections,
             &o.proxy_protocol,
             &o.allow_uplinks,
+            &o.allow,
         )
     }
 }
@@ -230,6 +236,7 @@ impl Rule {
             max_connections: None,
             proxy_protocol: false,
             allow_uplinks: false,
+            allow: Vec::new(),
             given: String::new(),
         }
     }
@@ -249,8 +256,184 @@ impl fmt::Display for Rule {
             self.port,
             self.protocol.suffix(),
             self.target
-        )
+        )?;
+        if !self.allow.is_empty() {
+            write!(f, " for {}", allow_text(&self.allow))?;
+        }
+        Ok(())
     }
+}
+
+/// The allow list as a spec writes it after `@`.
+pub fn allow_text(allow: &[Client]) -> String {
+    allow
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// One entry of a rule's `allow` list: who may connect through it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Client {
+    /// An address or prefix (`192.168.122.10`, `192.168.122.0/28`, `fd00::/64`): for
+    /// interface rules, whose bridges have no engine to say who is who.
+    Net(ipnet::IpNet),
+    /// A container, by name.
+    Container(String),
+    /// A compose service: `project/service`.
+    Service { project: String, service: String },
+    /// Containers with a label: `label:KEY=VALUE`.
+    Label { key: String, value: String },
+}
+
+impl fmt::Display for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Client::Net(n) if n.prefix_len() == n.max_prefix_len() => write!(f, "{}", n.addr()),
+            Client::Net(n) => write!(f, "{n}"),
+            Client::Container(c) => f.write_str(c),
+            Client::Service { project, service } => write!(f, "{project}/{service}"),
+            Client::Label { key, value } => write!(f, "label:{key}={value}"),
+        }
+    }
+}
+
+impl Client {
+    /// Parses one entry; `spec` is what the user wrote, for the message, and `network`
+    /// whether the rule's source is an engine's network.
+    pub fn parse(spec: &str, text: &str, network: bool) -> Result<Client, RuleError> {
+        let t = text.trim();
+        let bad = |why: String| RuleError::Allow {
+            spec: spec.to_string(),
+            entry: text.to_string(),
+            why,
+        };
+        if t.is_empty() {
+            return Err(bad("an empty entry (two commas, or a trailing one)".into()));
+        }
+        let client = if let Some(label) = t.strip_prefix("label:") {
+            let (key, value) = label
+                .split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| bad("a label entry is label:KEY=VALUE".into()))?;
+            if !key.chars().all(label_char) || !value.chars().all(label_char) {
+                return Err(bad(
+                    "a label's key and value are letters, digits and `.`, `-`, `_`, `/`, `:`"
+                        .into(),
+                ));
+            }
+            Client::Label {
+                key: key.to_string(),
+                value: value.to_string(),
+            }
+        } else if let Some(net) = parse_net(t).map_err(bad)? {
+            net
+        } else if let Some((project, service)) = t.split_once('/') {
+            if !compose_name(project) || !compose_name(service) {
+                return Err(bad(
+                    "not an address, a prefix or a compose service (project/service: lower-case letters, digits, `-` and `_`)".into(),
+                ));
+            }
+            Client::Service {
+                project: project.to_string(),
+                service: service.to_string(),
+            }
+        } else if docker_name(t) {
+            Client::Container(t.to_string())
+        } else {
+            return Err(bad(
+                "not a container name, project/service, label:KEY=VALUE, address or prefix".into(),
+            ));
+        };
+        match (&client, network) {
+            (Client::Net(_), true) => Err(bad(
+                "a network rule is scoped by container, compose service or label, not by address: an engine hands a stopped container's address to the next one, and any container can send from an address it does not own".into(),
+            )),
+            (Client::Net(_), false) => Ok(client),
+            (_, false) => Err(bad(
+                "an interface rule has no engine to name its clients: allow addresses or prefixes (e.g. 192.168.122.10 or 192.168.122.0/28)".into(),
+            )),
+            (_, true) => Err(bad(
+                "scoping a network rule to containers is not available yet: lhb cannot yet tie a container to its address on the bridge (any container can send with another's address); expose it on a network of its own instead".into(),
+            )),
+        }
+    }
+}
+
+fn label_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/' | ':')
+}
+
+fn compose_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_'))
+}
+
+fn docker_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// An address or a prefix, or None if `t` is neither. A prefix with host bits set is
+/// refused rather than widened: `10.0.0.5/24` is as likely a typo for one host as it
+/// is the network.
+fn parse_net(t: &str) -> Result<Option<Client>, String> {
+    let looks_like_an_address = t.contains(':')
+        || t.split('/')
+            .next()
+            .is_some_and(|a| !a.is_empty() && a.chars().all(|c| c.is_ascii_digit() || c == '.'));
+    let net = match t.split_once('/') {
+        None => match t.parse::<IpAddr>() {
+            Ok(ip) => ipnet::IpNet::from(ip),
+            Err(_) if looks_like_an_address => return Err(format!("`{t}` is not an address")),
+            Err(_) => return Ok(None),
+        },
+        Some(_) => match t.parse::<ipnet::IpNet>() {
+            Ok(n) => {
+                if n.trunc() != n {
+                    return Err(format!(
+                        "`{t}` has host bits set: write {} for the network or {} for one host",
+                        n.trunc(),
+                        n.addr()
+                    ));
+                }
+                n
+            }
+            Err(_) if looks_like_an_address => {
+                return Err(format!("`{t}` is not an address/prefix-length"));
+            }
+            Err(_) => return Ok(None),
+        },
+    };
+    Ok(Some(Client::Net(unmap(net))))
+}
+
+/// `::ffff:a.b.c.d/N` is the IPv4 prefix it maps: one spelling per set of clients.
+fn unmap(net: ipnet::IpNet) -> ipnet::IpNet {
+    match net {
+        ipnet::IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(ipnet::IpNet::V4)
+                .unwrap_or(net),
+            None => net,
+        },
+        _ => net,
+    }
+}
+
+/// Parses the part of a spec after `@`.
+pub fn parse_allow(spec: &str, text: &str, network: bool) -> Result<Vec<Client>, RuleError> {
+    let mut allow = Vec::new();
+    for entry in text.split(',') {
+        let c = Client::parse(spec, entry, network)?;
+        if !allow.contains(&c) {
+            allow.push(c);
+        }
+    }
+    Ok(allow)
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -260,9 +443,15 @@ pub enum RuleError {
     )]
     NetworkName { spec: String, name: String },
     #[error(
-        "`{spec}`: expected NAME:PORT[/PROTOCOL][=TARGET], e.g. `docker0:11434`, `virbr0:8080=127.0.0.1:80` or `docker0:53/udp=127.0.0.53:53`"
+        "`{spec}`: expected NAME:PORT[/PROTOCOL][=TARGET][@ALLOW,...], e.g. `docker0:11434`, `virbr0:8080=127.0.0.1:80`, `docker0:53/udp=127.0.0.53:53` or `virbr0:5432@192.168.122.10`"
     )]
     Syntax { spec: String },
+    #[error("`{spec}`: allow entry `{entry}`: {why}")]
+    Allow {
+        spec: String,
+        entry: String,
+        why: String,
+    },
     #[error(
         "`{spec}`: interface name `{name}` is not one lhb accepts (1 to 15 letters, digits, `_`, `.` or `-`; no wildcards, quotes or spaces)"
     )]
@@ -283,6 +472,8 @@ pub enum RuleError {
     Duplicate { rule: String },
     #[error("{count} rules: lhb serves at most {max} at a time")]
     TooMany { count: usize, max: u32 },
+    #[error("{count} allow entries over all rules: lhb holds at most {max}")]
+    TooManyAllowed { count: usize, max: u32 },
 }
 
 /// Parses `IFACE:PORT[=TARGET]` (`--expose-iface`).
@@ -302,9 +493,14 @@ pub fn parse_spec_for(spec: &str, iface: bool) -> Result<Rule, RuleError> {
 }
 
 fn parse_spec(spec: &str, network: bool) -> Result<Rule, RuleError> {
-    let (left, target) = match spec.split_once('=') {
-        Some((l, t)) => (l, Some(t)),
+    // `@` first: an allow entry may hold `=` and `:` (label:KEY=VALUE, an IPv6 prefix).
+    let (rule, allow) = match spec.split_once('@') {
+        Some((r, a)) => (r, Some(a)),
         None => (spec, None),
+    };
+    let (left, target) = match rule.split_once('=') {
+        Some((l, t)) => (l, Some(t)),
+        None => (rule, None),
     };
     let (name, port) = left.rsplit_once(':').ok_or_else(|| RuleError::Syntax {
         spec: spec.to_string(),
@@ -314,6 +510,9 @@ fn parse_spec(spec: &str, network: bool) -> Result<Rule, RuleError> {
     let target = target.map(|t| parse_target(spec, t)).transpose()?;
     let mut rule = Rule::new(source, port, target, None);
     rule.protocol = protocol;
+    if let Some(allow) = allow {
+        rule.allow = parse_allow(spec, allow, network)?;
+    }
     Ok(rule)
 }
 
@@ -439,6 +638,13 @@ pub fn check_unique(rules: &[Rule]) -> Result<(), RuleError> {
         return Err(RuleError::TooMany {
             count: rules.len(),
             max: lhb_common::MAX_RULES,
+        });
+    }
+    let allowed: usize = rules.iter().map(|r| r.allow.len()).sum();
+    if allowed > lhb_common::MAX_ALLOWED as usize {
+        return Err(RuleError::TooManyAllowed {
+            count: allowed,
+            max: lhb_common::MAX_ALLOWED,
         });
     }
     let mut seen = std::collections::BTreeSet::new();
@@ -607,6 +813,95 @@ mod tests {
         let u = parse_iface_spec("br0:53/udp").unwrap();
         let t = parse_iface_spec("br0:53").unwrap();
         assert!(check_unique(&[u, t]).is_err());
+    }
+
+    #[test]
+    fn an_interface_rule_may_name_its_clients() {
+        let r = parse_iface_spec(
+            "virbr0:5432=127.0.0.1:5433@192.168.122.10,192.168.122.64/26,fd00::/64",
+        )
+        .unwrap();
+        assert_eq!(r.target, v4(5433));
+        assert_eq!(
+            r.allow,
+            vec![
+                Client::Net("192.168.122.10/32".parse().unwrap()),
+                Client::Net("192.168.122.64/26".parse().unwrap()),
+                Client::Net("fd00::/64".parse().unwrap()),
+            ]
+        );
+        assert_eq!(
+            r.to_string(),
+            "virbr0:5432 -> 127.0.0.1:5433 for 192.168.122.10,192.168.122.64/26,fd00::/64"
+        );
+        // Without a target, with a protocol; duplicates kept once; a mapped prefix is
+        // the IPv4 one.
+        let u = parse_iface_spec("br0:53/udp@10.0.0.2,10.0.0.2,::ffff:10.1.0.0/112").unwrap();
+        assert_eq!((u.port, u.protocol, u.target), (53, Protocol::Udp, v4(53)));
+        assert_eq!(
+            u.to_string(),
+            "br0:53/udp -> 127.0.0.1:53 for 10.0.0.2,10.1.0.0/16"
+        );
+        // Same rule, same list: the same rule; another list: another rule.
+        assert_eq!(
+            parse_iface_spec("br0:80@10.0.0.2").unwrap(),
+            parse_iface_spec("br0:80@10.0.0.2").unwrap()
+        );
+        assert_ne!(
+            parse_iface_spec("br0:80@10.0.0.2").unwrap(),
+            parse_iface_spec("br0:80").unwrap()
+        );
+    }
+
+    #[test]
+    fn bad_allow_entries_say_which_and_why() {
+        for (spec, entry, why) in [
+            ("br0:80@", "", "empty entry"),
+            ("br0:80@10.0.0.2,", "", "empty entry"),
+            (
+                "br0:80@10.0.0.5/24",
+                "10.0.0.5/24",
+                "write 10.0.0.0/24 for the network or 10.0.0.5 for one host",
+            ),
+            ("br0:80@10.0.0.300", "10.0.0.300", "not an address"),
+            (
+                "br0:80@10.0.0.0/33",
+                "10.0.0.0/33",
+                "not an address/prefix-length",
+            ),
+            (
+                "br0:80@fd00::/129",
+                "fd00::/129",
+                "not an address/prefix-length",
+            ),
+            ("br0:80@web", "web", "an interface rule has no engine"),
+            (
+                "br0:80@label:a=b",
+                "label:a=b",
+                "an interface rule has no engine",
+            ),
+            ("br0:80@label:=b", "label:=b", "label:KEY=VALUE"),
+            ("br0:80@we b", "we b", "not a container name"),
+            ("br0:80@Proj/Web", "Proj/Web", "compose service"),
+        ] {
+            match parse_iface_spec(spec) {
+                Err(RuleError::Allow {
+                    entry: e, why: w, ..
+                }) => {
+                    assert_eq!(e, entry, "{spec}");
+                    assert!(w.contains(why), "{spec}: {w}");
+                }
+                other => panic!("{spec}: {other:?}"),
+            }
+        }
+        // Addresses are no identity on an engine's network.
+        let e = parse_network_spec("app:80@172.18.0.5").unwrap_err();
+        assert!(e.to_string().contains("not by address"), "{e}");
+        // Engine clients parse, and are refused until they cannot be forged.
+        for entry in ["n8n", "proj/web", "label:com.example.role=db"] {
+            let e = parse_network_spec(&format!("app:80@{entry}")).unwrap_err();
+            assert!(e.to_string().contains("not available yet"), "{entry}: {e}");
+        }
     }
 
     #[test]

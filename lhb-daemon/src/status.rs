@@ -145,6 +145,10 @@ pub struct RuleStatus {
     /// `command-line`, `config`, `runtime` (`lhb expose` without --persist) or `label`
     /// (a Docker network's `lhb.expose` label).
     pub origin: crate::rule::Origin,
+    /// Who may connect, as the rule's `allow` list writes it; empty: everyone on the
+    /// source.
+    #[serde(default)]
+    pub allow: Vec<String>,
     pub state: State,
     /// Why it waits, in words.
     pub reason: Option<String>,
@@ -180,6 +184,14 @@ pub struct Counters {
     /// SYNs for which the target had no listener (refused).
     pub kernel_no_listener: u64,
     pub kernel_errors: u64,
+    /// Connections from clients the rule's `allow` list does not admit, refused (RST
+    /// from the kernel path or the proxy; ICMP port unreachable per UDP datagram).
+    #[serde(default)]
+    pub kernel_refused: u64,
+    #[serde(default)]
+    pub proxy_refused: u64,
+    #[serde(default)]
+    pub udp_refused: u64,
     pub proxy_connections: u64,
     pub proxy_active: u64,
     pub proxy_bytes: u64,
@@ -319,6 +331,16 @@ impl Status {
             if let Some(why) = &r.reason {
                 let _ = writeln!(s, "  {}: {why}", r.name());
             }
+            if !r.allow.is_empty() {
+                let refused =
+                    r.counters.kernel_refused + r.counters.proxy_refused + r.counters.udp_refused;
+                let _ = writeln!(
+                    s,
+                    "  {}: only for {} ({refused} refused)",
+                    r.name(),
+                    r.allow.join(", ")
+                );
+            }
             for g in &r.gateways {
                 if let (Some(why), true) = (&g.why, g.path != DataPath::Kernel) {
                     let _ = writeln!(s, "  {} via {}: {why}", r.name(), g.address);
@@ -453,6 +475,24 @@ const PER_RULE: &[PerRule] = &[
         "counter",
         "Connections the kernel path refused because the target was not listening.",
         |c| c.kernel_no_listener,
+    ),
+    (
+        "lhb_kernel_refused_total",
+        "counter",
+        "Connections the kernel path refused (RST) because the rule's allow list does not admit the client.",
+        |c| c.kernel_refused,
+    ),
+    (
+        "lhb_proxy_refused_total",
+        "counter",
+        "Connections the proxy reset because the rule's allow list does not admit the client.",
+        |c| c.proxy_refused,
+    ),
+    (
+        "lhb_udp_refused_total",
+        "counter",
+        "Datagrams answered with ICMP port unreachable because the rule's allow list does not admit the client.",
+        |c| c.udp_refused,
     ),
     (
         "lhb_kernel_errors_total",

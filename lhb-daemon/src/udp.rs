@@ -38,7 +38,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{io::Interest, net::UdpSocket, task::JoinHandle, time::Instant};
 use tracing::{debug, warn};
 
-use crate::{proxy::ProxyKey, tasks::Tasks};
+use crate::{proxy::ProxyKey, scope::Scopes, tasks::Tasks};
 
 /// Where a forwarder socket's datagrams go, and which rule's counters they count on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +68,9 @@ pub struct UdpCounters {
     pub dropped: AtomicU64,
     /// The most flows this rule may hold at once (its share of the total).
     pub limit: AtomicU64,
+    /// Datagrams from a client a scoped rule does not admit: answered with ICMP port
+    /// unreachable, never passed on.
+    pub refused: AtomicU64,
 }
 
 /// The largest datagram: an IPv4 UDP payload can be 65,507 bytes, IPv6 (without
@@ -99,6 +102,8 @@ struct Shared {
     icmp_budget: Mutex<(u64, u32)>,
     /// The raw sockets could not be opened (no CAP_NET_RAW): said once.
     icmp_warned: std::sync::atomic::AtomicBool,
+    /// Who each scoped rule admits.
+    scopes: Scopes,
 }
 
 /// ICMP errors sent per second at most, over all flows.
@@ -121,6 +126,7 @@ impl Forwarder {
                 idle,
                 icmp_budget: Mutex::new((0, 0)),
                 icmp_warned: Default::default(),
+                scopes: Scopes::default(),
             }),
             counters: Default::default(),
             tasks,
@@ -186,8 +192,15 @@ impl Forwarder {
                 SocketAddr::V6(_) => None,
             },
             counters: self.counters_for(target.slot),
+            slot: target.slot,
             retired: Default::default(),
         }
+    }
+
+    /// Who each scoped rule admits from now on; a flow of a client no longer admitted
+    /// passes nothing more.
+    pub fn set_scopes(&self, scopes: std::collections::BTreeMap<u32, crate::scope::AllowSet>) {
+        self.shared.scopes.set(scopes);
     }
 
     /// Closes `key`'s socket. Its flows end with it: their answers could no longer be
@@ -306,6 +319,8 @@ struct Route {
     /// Bound before connecting; None: the kernel's choice (::1 for [::1]).
     source: Option<IpAddr>,
     counters: Arc<UdpCounters>,
+    /// The rule's counter slot, which names its scope.
+    slot: u32,
     /// Cancelled when the route is replaced: the flows opened under it end.
     retired: tokio_util::sync::CancellationToken,
 }
@@ -388,7 +403,7 @@ async fn receive_loop(s: Arc<Serving>) {
                     let peer = b.peer(i);
                     let flow = match (peer, flows.last()) {
                         (Some(p), Some(Some((q, f)))) if p == *q => Some((p, f.clone())),
-                        (Some(p), _) => flow_for(&s, p).map(|f| (p, f)),
+                        (Some(p), _) => flow_for(&s, p, b.len(i)).map(|f| (p, f)),
                         (None, _) => None,
                     };
                     flows.push(flow);
@@ -621,13 +636,23 @@ fn forward(
 
 /// The flow of `peer`, opened if the limits allow. Touched under the table's lock, so
 /// an idle flow closing at the same moment sees the datagram and stays.
-fn flow_for(s: &Arc<Serving>, peer: SocketAddr) -> Option<Arc<Flow>> {
+fn flow_for(s: &Arc<Serving>, peer: SocketAddr, len: usize) -> Option<Arc<Flow>> {
+    let route = s.route();
+    // Before the flow table: a client taken off the allow list passes nothing more,
+    // even on a flow it opened before.
+    if !s.shared.scopes.allows(route.slot, peer.ip()) {
+        let n = route.counters.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            warn!(socket = %s.label, "datagram from {peer} refused: not in this rule's allow list ({n} so far); it gets ICMP port unreachable");
+        }
+        unreachable(s, peer, len);
+        return None;
+    }
     let mut flows = lock(&s.flows);
     if let Some(f) = flows.get(&peer) {
         f.touch();
         return Some(f.clone());
     }
-    let route = s.route();
     let counters = &route.counters;
     let share = counters.limit.load(Ordering::Relaxed);
     let admitted = counters.active.load(Ordering::Relaxed) < share.max(1)
@@ -763,6 +788,12 @@ fn refused(s: &Serving, route: &Route, peer: SocketAddr, len: usize) {
     if n.is_power_of_two() {
         warn!(socket = %s.label, "{} refused a datagram from {peer}: nothing listening ({n} so far); the container gets ICMP port unreachable", route.target);
     }
+    unreachable(s, peer, len);
+}
+
+/// ICMP port unreachable to `peer` for its datagram of `len` bytes, within the
+/// forwarder's budget.
+fn unreachable(s: &Serving, peer: SocketAddr, len: usize) {
     let Some(icmp) = &s.icmp else { return };
     {
         let second = now_second();

@@ -8,7 +8,8 @@
 //!   `bpf_skc_lookup_tcp` and publishes it in the `LISTENERS` socket hash.
 //! - `lhb_sk_lookup`, attached to the network namespace, runs when TCP looks for a
 //!   listener for GATEWAY:PORT and hands it the published one with `bpf_sk_assign`,
-//!   but only for connections that entered through that rule's bridge.
+//!   but only for connections that entered through that rule's bridge and, for a rule
+//!   with an allow list, only for clients in `ALLOW` under the rule's slot.
 //!
 //! Why not `bpf_sk_assign` at TC directly: since 2025 the NAT LOCAL_IN hook drops any
 //! socket attached to a packet whose remote port differs from the socket's, which is
@@ -42,13 +43,14 @@ use aya_ebpf::{
         bpf_skc_lookup_tcp,
     },
     macros::{classifier, map, sk_lookup},
-    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{SkLookupContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use lhb_common::{
-    ADMITTED_TTL_NS, Admitted, Counters, EndpointKey, FAMILY_V4, FAMILY_V6, Flow, ListenerKey,
-    MAX_ADMITTED, MAX_ENDPOINTS, MAX_RULES, Steer, SynTicket, TICKET_TTL_NS,
+    ADMITTED_TTL_NS, ALLOW_KEY_BITS, Admitted, AllowAddr, Counters, EndpointKey, FAMILY_V4,
+    FAMILY_V6, FLAG_SCOPED, Flow, ListenerKey, MAX_ADMITTED, MAX_ALLOWED, MAX_ENDPOINTS, MAX_RULES,
+    Steer, SynTicket, TICKET_TTL_NS,
 };
 
 #[map(name = "LHB_ENDPOINTS")]
@@ -65,6 +67,9 @@ static SYN_TICKET: PerCpuArray<SynTicket> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "LHB_ADMITTED")]
 static ADMITTED: LruHashMap<Flow, Admitted> = LruHashMap::with_max_entries(MAX_ADMITTED, 0);
+
+#[map(name = "LHB_ALLOW")]
+static ALLOW: LpmTrie<AllowAddr, u8> = LpmTrie::with_max_entries(MAX_ALLOWED, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -441,7 +446,7 @@ fn assign_listener(ctx: &SkLookupContext) {
     // at a constant offset from the unmodified context pointer, and the compiler would
     // otherwise share one address computation between the IPv4 and IPv6 branches.
     let l = ctx.lookup;
-    let (protocol, family, ip4, ip6, local_port, ifindex) = unsafe {
+    let (protocol, family, ip4, ip6, local_port, ifindex, rip4, rip6) = unsafe {
         (
             read_volatile(&raw const (*l).protocol),
             read_volatile(&raw const (*l).family),
@@ -454,20 +459,30 @@ fn assign_listener(ctx: &SkLookupContext) {
             ],
             read_volatile(&raw const (*l).local_port),
             read_volatile(&raw const (*l).ingress_ifindex),
+            // For scoped rules: who is connecting.
+            read_volatile(&raw const (*l).remote_ip4),
+            [
+                read_volatile(&raw const (*l).remote_ip6[0]),
+                read_volatile(&raw const (*l).remote_ip6[1]),
+                read_volatile(&raw const (*l).remote_ip6[2]),
+                read_volatile(&raw const (*l).remote_ip6[3]),
+            ],
         )
     };
     if protocol != IPPROTO_TCP as u32 {
         return;
     }
-    let mut addr = [0u8; 16];
+    let (mut addr, mut remote) = ([0u8; 16], [0u8; 16]);
     let family = match family {
         AF_INET => {
             addr[..4].copy_from_slice(&ip4.to_ne_bytes());
+            remote[..4].copy_from_slice(&rip4.to_ne_bytes());
             FAMILY_V4
         }
         AF_INET6 => {
-            for (i, word) in ip6.iter().enumerate() {
-                addr[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+            for i in 0..4 {
+                addr[4 * i..4 * i + 4].copy_from_slice(&ip6[i].to_ne_bytes());
+                remote[4 * i..4 * i + 4].copy_from_slice(&rip6[i].to_ne_bytes());
             }
             FAMILY_V6
         }
@@ -475,6 +490,7 @@ fn assign_listener(ctx: &SkLookupContext) {
     };
     assign_endpoint(
         ctx,
+        &remote,
         &EndpointKey {
             // The interface the packet came in on: the rule's bridge and nothing else, so
             // a host that routes to the gateway address from elsewhere is never served.
@@ -581,6 +597,7 @@ fn assign_ticketed(ctx: &SkLookupContext) {
     };
     assign_endpoint(
         ctx,
+        &remote,
         &EndpointKey {
             ifindex,
             addr: local,
@@ -599,13 +616,20 @@ fn same_flow(a: &Flow, b: &Flow) -> bool {
     a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4]
 }
 
-/// Hands the connection to `key`'s published listener, if `key` is an endpoint.
+/// Hands the connection from `remote` (laid out as `key.addr`) to `key`'s published
+/// listener, if `key` is an endpoint and its rule admits `remote`.
 #[inline(always)]
-fn assign_endpoint(ctx: &SkLookupContext, key: &EndpointKey) {
+fn assign_endpoint(ctx: &SkLookupContext, remote: &[u8; 16], key: &EndpointKey) {
     let Some(rule) = (unsafe { ENDPOINTS.get(key) }) else {
         return;
     };
     let counters = COUNTERS.get_ptr_mut(rule.slot);
+    if rule.flags & FLAG_SCOPED != 0 && !admitted(rule.slot, key.family, remote) {
+        // Not assigned: nothing listens on GATEWAY:PORT itself, so TCP answers with a
+        // RST, and the service never sees the SYN.
+        count(counters, |c| c.refused += 1);
+        return;
+    }
     let lkey = ListenerKey::of(rule);
     let sk = unsafe { bpf_map_lookup_elem(listeners(), (&lkey as *const ListenerKey).cast()) };
     if sk.is_null() {
@@ -629,6 +653,25 @@ fn assign_endpoint(ctx: &SkLookupContext, key: &EndpointKey) {
         count(counters, |c| c.errors += 1);
         debug!(ctx, "bpf_sk_assign failed: {}", ret);
     }
+}
+
+/// Whether rule `slot` admits the client `remote` of `family`: the longest prefix of
+/// (slot, address) in [`ALLOW`] exists. The slot's 32 bits are part of every stored
+/// prefix, so only that rule's entries can match.
+#[inline(always)]
+fn admitted(slot: u32, family: u8, remote: &[u8; 16]) -> bool {
+    let mut data = AllowAddr {
+        slot: slot.to_be_bytes(),
+        addr: [0; 16],
+    };
+    if family == FAMILY_V4 {
+        data.addr[10] = 0xff;
+        data.addr[11] = 0xff;
+        data.addr[12..].copy_from_slice(&remote[..4]);
+    } else {
+        data.addr = *remote;
+    }
+    ALLOW.get(&Key::new(ALLOW_KEY_BITS, data)).is_some()
 }
 
 #[inline(always)]

@@ -60,6 +60,8 @@ pub fn http_get(addr: SocketAddr, timeout: Duration) -> Outcome {
 /// `peer=<the client's address>`, so a test can see which source address arrived.
 pub struct PeerEcho {
     pub addr: SocketAddr,
+    /// The client address of every connection it accepted.
+    seen: Arc<std::sync::Mutex<Vec<std::net::IpAddr>>>,
     listener: Arc<TcpListener>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -70,9 +72,14 @@ impl PeerEcho {
             Arc::new(TcpListener::bind(bind).with_context(|| format!("binding {bind}"))?);
         let addr = listener.local_addr()?;
         let l = listener.clone();
+        let seen: Arc<std::sync::Mutex<Vec<std::net::IpAddr>>> = Default::default();
+        let record = seen.clone();
         let thread = thread::spawn(move || {
             for conn in l.incoming() {
                 let Ok(mut c) = conn else { break };
+                if let (Ok(p), Ok(mut v)) = (c.peer_addr(), record.lock()) {
+                    v.push(p.ip());
+                }
                 thread::spawn(move || {
                     let peer = c.peer_addr().map(|p| p.to_string()).unwrap_or_default();
                     // Read the request before answering, so closing does not send a RST.
@@ -99,6 +106,7 @@ impl PeerEcho {
         });
         Ok(PeerEcho {
             addr,
+            seen,
             listener,
             thread: Some(thread),
         })
@@ -106,6 +114,11 @@ impl PeerEcho {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// The client addresses of the connections accepted so far, in order.
+    pub fn seen(&self) -> Vec<std::net::IpAddr> {
+        self.seen.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
     /// Closes the listening socket: from then on the service is down.

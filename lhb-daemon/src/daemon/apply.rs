@@ -35,6 +35,10 @@ impl Daemon {
     /// path's error; proxy binds that failed are in `proxy_errors`.
     pub(super) async fn apply(&mut self, wanted: &Plan) -> anyhow::Result<()> {
         let mut first_err: Option<anyhow::Error> = None;
+        // Scopes before sockets: a listener bound below serves under the new scope from
+        // its first connection.
+        self.proxy.set_scopes(wanted.scopes.clone());
+        self.udp.set_scopes(wanted.scopes.clone());
         if let Some(kernel) = self.kernel.as_mut()
             && let Err(e) = apply_kernel(kernel, &self.netlink, &mut self.applied, wanted).await
         {
@@ -249,9 +253,23 @@ async fn apply_kernel(
     applied: &mut Plan,
     wanted: &Plan,
 ) -> Result<(), crate::kernel::KernelPathError> {
+    // Before the endpoints: an endpoint turned scoped finds its set in place. A set
+    // written in part fails closed (a scoped endpoint admits only what is written), so
+    // the endpoints still follow.
+    let mut first_err = None;
+    if applied.scopes != wanted.scopes {
+        match kernel.set_scopes(&wanted.scopes) {
+            Ok(()) => applied.scopes = wanted.scopes.clone(),
+            Err(e) => {
+                first_err = Some(crate::kernel::KernelPathError::Load(format!(
+                    "writing the allow lists: {e:#}"
+                )));
+            }
+        }
+    }
     let d = reconcile::diff(applied, wanted);
     if d.is_empty() {
-        return Ok(());
+        return first_err.map_or(Ok(()), Err);
     }
     for key in &d.remove_endpoints {
         kernel.remove_endpoint(key);
@@ -262,7 +280,6 @@ async fn apply_kernel(
         applied.attach.remove(ifindex);
         info!(bridge = %name, ifindex, "detached");
     }
-    let mut first_err = None;
     for (ifindex, name) in &d.attach {
         match kernel.attach(*ifindex, name) {
             Ok(()) => {

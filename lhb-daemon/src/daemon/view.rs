@@ -28,6 +28,7 @@ pub(crate) fn rule_view(
         target: rule.target.to_string(),
         service: rule.service.clone(),
         origin,
+        allow: rule.allow.iter().map(|c| c.to_string()).collect(),
         ..Default::default()
     };
     match &rule.source {
@@ -239,6 +240,7 @@ impl Daemon {
                 r.counters.kernel_connections = c.connections;
                 r.counters.kernel_no_listener = c.no_listener;
                 r.counters.kernel_errors = c.errors;
+                r.counters.kernel_refused = c.refused;
             }
             let p = self.proxy.counters(slot);
             let get =
@@ -250,6 +252,7 @@ impl Daemon {
             r.counters.proxy_over_limit = get(&p.over_limit);
             r.counters.proxy_max_connections = get(&p.limit);
             r.counters.proxy_accept_errors = get(&p.accept_errors);
+            r.counters.proxy_refused = get(&p.refused);
             let u = self.udp.counters(slot);
             r.counters.udp_flows = get(&u.flows);
             r.counters.udp_active_flows = get(&u.active);
@@ -260,6 +263,7 @@ impl Daemon {
             r.counters.udp_over_limit = get(&u.over_limit);
             r.counters.udp_dropped = get(&u.dropped);
             r.counters.udp_max_flows = get(&u.limit);
+            r.counters.udp_refused = get(&u.refused);
             rules.push(r);
         }
         Status {

@@ -1,0 +1,321 @@
+//! Scoped rules (`@ALLOW` in a spec, `allow = [...]` in the config): on one bridge, a
+//! client in the rule's allow list reaches the service and one that is not is refused at
+//! once (a RST on the kernel path and the proxy, ICMP port unreachable over UDP), the
+//! service never sees it, `lhb status` counts the refusals, and a reload that changes the
+//! list moves the boundary on every path (both kernel variants, the proxy, the UDP
+//! forwarder).
+
+use std::{
+    net::{IpAddr, SocketAddr, UdpSocket},
+    thread,
+    time::{Duration, Instant},
+};
+
+use lhb_tests::{Lab, Lhb, Netns, Outcome, PeerEcho, TempDir, http_get, lhb_check, plug};
+
+const T: Duration = Duration::from_secs(3);
+
+/// A second client on the lab's bridge: 10.201.N.3 and fd00:201:N::3.
+struct Intruder {
+    ns: Netns,
+    _veth: lhb_tests::HostLink,
+}
+
+impl Intruder {
+    fn plug(lab: &Lab) -> Intruder {
+        let n = lab.n;
+        let ns = Netns::new(&format!("lhbt{n}i")).unwrap();
+        let veth = plug(
+            &ns,
+            &format!("lhbt{n}iv"),
+            Some(&lab.bridge_name()),
+            &[&format!("10.201.{n}.3/24"), &format!("fd00:201:{n}::3/64")],
+            &[&format!("10.201.{n}.1"), &format!("fd00:201:{n}::1")],
+        )
+        .unwrap();
+        Intruder { ns, _veth: veth }
+    }
+
+    fn ip(lab: &Lab) -> IpAddr {
+        IpAddr::from([10, 201, lab.n, 3])
+    }
+}
+
+fn get(ns: &Netns, ip: IpAddr, port: u16) -> (Outcome, Duration) {
+    let addr = SocketAddr::new(ip, port);
+    ns.run(move || {
+        let t = Instant::now();
+        (http_get(addr, T), t.elapsed())
+    })
+    .unwrap()
+}
+
+fn served(o: &Outcome) -> bool {
+    matches!(o, Outcome::Served(_))
+}
+
+/// Refused at once: a RST, at connect (the kernel path) or right after it (the proxy
+/// accepts first, then resets), never a timeout.
+fn refused_at_once(o: &Outcome, took: Duration) -> bool {
+    matches!(o, Outcome::Refused | Outcome::Reset) && took < Duration::from_secs(1)
+}
+
+fn counters(lhb: &Lhb) -> serde_json::Value {
+    lhb.status().unwrap()["rules"][0]["counters"].clone()
+}
+
+fn refused(lhb: &Lhb, path: &str) -> u64 {
+    counters(lhb)[format!("{path}_refused")]
+        .as_u64()
+        .unwrap_or_default()
+}
+
+fn write_rule(cfg: &std::path::Path, lab: &Lab, port: u16, allow: &[String]) {
+    let list: Vec<String> = allow.iter().map(|a| format!("\"{a}\"")).collect();
+    std::fs::write(
+        cfg,
+        format!(
+            "[[expose]]\ninterface = \"{}\"\nport = {port}\nallow = [{}]\n",
+            lab.bridge_name(),
+            list.join(", ")
+        ),
+    )
+    .unwrap();
+}
+
+fn reload(lhb: &Lhb) {
+    let (ok, out, err) = lhb_check(&["reload", "--control", &lhb.control()]).unwrap();
+    assert!(ok, "{out}{err}\n{}", lhb.log());
+}
+
+/// One path: `mode` with `env`; `path` names its counters and the gateway path status
+/// reports.
+fn only_the_allowed_client_gets_in(n: u8, mode: &str, env: &[(&str, &str)], path: &str) {
+    let lab = Lab::new(n).unwrap();
+    let intruder = Intruder::plug(&lab);
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let tmp = TempDir::new(&format!("scope-{n}")).unwrap();
+    let cfg = tmp.join("lhb.toml");
+    let (mine, theirs) = (lab.container_ip(), Intruder::ip(&lab));
+    write_rule(&cfg, &lab, svc.port(), &[mine.to_string()]);
+    let lhb = Lhb::start_env(&["--mode", mode, "--config", cfg.to_str().unwrap()], env).unwrap();
+    let st = lhb.status().unwrap();
+    let r = &st["rules"][0];
+    assert_eq!(r["allow"], serde_json::json!([mine.to_string()]), "{st}");
+    let v4 = r["gateways"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["address"] == lab.gateway().to_string())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(v4["path"], path, "{st}");
+    if !env.is_empty() {
+        assert_eq!(st["kernel_variant"]["name"], "syn-ticket", "{st}");
+    }
+
+    let (o, _) = get(&lab.container, lab.gateway(), svc.port());
+    assert!(served(&o), "the allowed container: {o:?}\n{}", lhb.log());
+    for _ in 0..3 {
+        let (o, took) = get(&intruder.ns, lab.gateway(), svc.port());
+        assert!(
+            refused_at_once(&o, took),
+            "another container on the bridge: {o:?} after {took:?}\n{}",
+            lhb.log()
+        );
+    }
+    // The service saw one connection, the allowed one's.
+    assert_eq!(svc.seen().len(), 1, "{:?}", svc.seen());
+    if path == "kernel" {
+        assert_eq!(svc.seen(), vec![mine]);
+    }
+    assert_eq!(refused(&lhb, path), 3, "{}", counters(&lhb));
+    let (ok, table, _) = lhb_check(&["status", "--control", &lhb.control()]).unwrap();
+    assert!(
+        ok && table.contains(&format!("only for {mine} (3 refused)")),
+        "{table}"
+    );
+
+    // The list changed by a reload: the boundary moves, on the same sockets and maps.
+    write_rule(&cfg, &lab, svc.port(), &[format!("{theirs}/32")]);
+    reload(&lhb);
+    let (o, took) = get(&lab.container, lab.gateway(), svc.port());
+    assert!(refused_at_once(&o, took), "taken off the list: {o:?}");
+    let (o, _) = get(&intruder.ns, lab.gateway(), svc.port());
+    assert!(served(&o), "put on the list: {o:?}\n{}", lhb.log());
+    // A prefix holding both, then no list at all: everyone on the bridge.
+    for allow in [vec![format!("10.201.{n}.0/30")], vec![]] {
+        write_rule(&cfg, &lab, svc.port(), &allow);
+        reload(&lhb);
+        for ns in [&lab.container, &intruder.ns] {
+            let (o, _) = get(ns, lab.gateway(), svc.port());
+            assert!(served(&o), "{allow:?} from {}: {o:?}", ns.name);
+        }
+    }
+    // Still nothing from outside the bridge.
+    let (o, _) = get(&lab.outside, lab.gateway(), svc.port());
+    assert!(!served(&o), "outside: {o:?}");
+    assert_eq!(svc.seen().len(), 6, "{:?}", svc.seen());
+}
+
+#[test]
+fn a_scoped_rule_admits_only_its_clients_in_kernel() {
+    only_the_allowed_client_gets_in(140, "kernel", &[], "kernel");
+}
+
+#[test]
+fn a_scoped_rule_admits_only_its_clients_on_the_ticket_variant() {
+    only_the_allowed_client_gets_in(141, "kernel", &[("LHB_KERNEL_VARIANT", "ticket")], "kernel");
+}
+
+#[test]
+fn a_scoped_rule_admits_only_its_clients_through_the_proxy() {
+    only_the_allowed_client_gets_in(142, "proxy", &[], "proxy");
+}
+
+/// IPv6 clients are scoped too, by their own prefixes (the IPv6 gateway is proxied for
+/// an IPv4 target in auto mode).
+#[test]
+fn ipv6_clients_are_scoped_by_their_prefixes() {
+    let lab = Lab::new(143).unwrap();
+    let intruder = Intruder::plug(&lab);
+    let svc = PeerEcho::start("[::1]:0").unwrap();
+    let spec = format!(
+        "{}:{}=[::1]:{}@{}",
+        lab.bridge_name(),
+        svc.port(),
+        svc.port(),
+        lab.container_ip6()
+    );
+    let lhb = Lhb::start(&["--mode", "kernel", "--expose-iface", &spec]).unwrap();
+    let (o, _) = get(&lab.container, lab.gateway6(), svc.port());
+    assert!(served(&o), "{o:?}\n{}", lhb.log());
+    let (o, took) = get(&intruder.ns, lab.gateway6(), svc.port());
+    assert!(refused_at_once(&o, took), "{o:?} after {took:?}");
+    // Its IPv4 address is not on the list either.
+    let (o, took) = get(&lab.container, lab.gateway(), svc.port());
+    assert!(!served(&o) && took < Duration::from_secs(1), "{o:?}");
+    assert_eq!(svc.seen(), vec![lab.container_ip6()]);
+}
+
+/// UDP: a datagram from a client not on the list is answered with ICMP port unreachable
+/// (the sender's socket reports "connection refused") and never reaches the service;
+/// taken off the list, a client's open flow passes nothing more.
+#[test]
+fn udp_answers_a_client_not_on_the_list_with_port_unreachable() {
+    let lab = Lab::new(144).unwrap();
+    let intruder = Intruder::plug(&lab);
+    let svc = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = svc.local_addr().unwrap().port();
+    svc.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let echo = thread::spawn(move || {
+        let mut seen = 0u32;
+        let mut buf = [0u8; 512];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok((n, from)) = svc.recv_from(&mut buf) {
+                if &buf[..n] == b"stop" {
+                    break;
+                }
+                seen += 1;
+                let _ = svc.send_to(&buf[..n], from);
+            }
+        }
+        seen
+    });
+    let tmp = TempDir::new("scope-udp").unwrap();
+    let cfg = tmp.join("lhb.toml");
+    let rule = |allow: IpAddr| {
+        format!(
+            "[[expose]]\ninterface = \"{}\"\nport = {port}\nprotocol = \"udp\"\nallow = [\"{allow}\"]\n",
+            lab.bridge_name()
+        )
+    };
+    std::fs::write(&cfg, rule(lab.container_ip())).unwrap();
+    let lhb = Lhb::start(&["--config", cfg.to_str().unwrap()]).unwrap();
+    let to = SocketAddr::new(lab.gateway(), port);
+    let open = |ns: &Netns| {
+        ns.run(move || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.connect(to).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            s
+        })
+        .unwrap()
+    };
+    let ask = |s: &UdpSocket| -> Result<(), String> {
+        s.send(b"ping").map_err(|e| e.to_string())?;
+        let mut b = [0u8; 8];
+        match s.recv(&mut b) {
+            Ok(4) => Ok(()),
+            Ok(n) => Err(format!("{n} bytes")),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err("refused".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let (mine, theirs) = (open(&lab.container), open(&intruder.ns));
+    assert_eq!(ask(&mine), Ok(()), "{}", lhb.log());
+    let t = Instant::now();
+    assert_eq!(ask(&theirs), Err("refused".into()), "{}", lhb.log());
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(refused(&lhb, "udp"), 1, "{}", counters(&lhb));
+
+    std::fs::write(&cfg, rule(Intruder::ip(&lab))).unwrap();
+    reload(&lhb);
+    assert_eq!(
+        ask(&mine),
+        Err("refused".into()),
+        "an open flow, taken off the list"
+    );
+    assert_eq!(ask(&theirs), Ok(()), "{}", lhb.log());
+    let stop = UdpSocket::bind("127.0.0.1:0").unwrap();
+    stop.send_to(b"stop", ("127.0.0.1", port)).unwrap();
+    assert_eq!(
+        echo.join().unwrap(),
+        2,
+        "the service saw only the allowed datagrams"
+    );
+}
+
+/// Bad lists are refused with the entry and the reason, and the running rules stay.
+#[test]
+fn a_bad_allow_list_is_refused_and_the_running_rule_stays() {
+    let lab = Lab::new(145).unwrap();
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let tmp = TempDir::new("scope-bad").unwrap();
+    let cfg = tmp.join("lhb.toml");
+    write_rule(&cfg, &lab, svc.port(), &[lab.container_ip().to_string()]);
+    let lhb = Lhb::start(&["--mode", "kernel", "--config", cfg.to_str().unwrap()]).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[expose]]\ninterface = \"{}\"\nport = {}\nallow = [\n  \"10.201.145.2/24\",\n]\n",
+            lab.bridge_name(),
+            svc.port()
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = lhb_check(&["reload", "--control", &lhb.control()]).unwrap();
+    assert!(!ok, "{out}{err}");
+    assert!(
+        err.contains(&format!("{}:5:", cfg.display()))
+            && err.contains("allow entry `10.201.145.2/24`")
+            && err.contains("write 10.201.145.0/24 for the network or 10.201.145.2 for one host"),
+        "{err}"
+    );
+    let (o, _) = get(&lab.container, lab.gateway(), svc.port());
+    assert!(served(&o), "{o:?}");
+    // On the command line: the spec and the reason, before anything starts.
+    let spec = format!("{}:80@web", lab.bridge_name());
+    let (ok, _, err) =
+        lhb_check(&["plan", "--config", "/dev/null", "--expose-iface", &spec]).unwrap();
+    assert!(
+        !ok && err.contains("an interface rule has no engine"),
+        "{err}"
+    );
+}
