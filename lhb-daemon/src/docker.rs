@@ -10,7 +10,9 @@ use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use bollard::{
     Docker,
-    query_parameters::{EventsOptions, ListNetworksOptions},
+    query_parameters::{
+        EventsOptions, InspectContainerOptions, ListContainersOptions, ListNetworksOptions,
+    },
 };
 use futures::StreamExt as _;
 use tokio::sync::watch;
@@ -26,6 +28,25 @@ pub struct DockerNetwork {
     pub gateways: Vec<IpAddr>,
     /// The network's labels lhb reads (`lhb.expose`), none other.
     pub labels: BTreeMap<String, String>,
+    /// The containers attached to it, for rules scoped to containers.
+    pub members: Vec<Member>,
+}
+
+/// A container on a network: what a rule's `allow` list can name it by, the addresses
+/// the engine gave its endpoint there, and the network namespace its end of the veth
+/// is in (how lhb finds the bridge port its frames enter by: see `reconcile::clients`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Member {
+    pub name: String,
+    /// Compose's `com.docker.compose.project` and `.service` labels.
+    pub project: Option<String>,
+    pub service: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub addrs: Vec<IpAddr>,
+    /// The namespace's id as this host's namespace knows it (netlink's NSID), the
+    /// same number its veth peers on the bridge report; None where it could not be
+    /// read (the container is then admitted nowhere).
+    pub netns: Option<i32>,
 }
 
 /// What the engine said last.
@@ -246,13 +267,28 @@ async fn session(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs().saturating_sub(1))
         .unwrap_or(0);
-    // Only what changes a bridge: a container joining or leaving a network (connect,
-    // disconnect: every container start and stop) changes none.
+    // What changes a bridge (a network created or destroyed) or who is on it (a
+    // container joining or leaving: every start and stop; a rename), for rules scoped
+    // to containers. The network's connect comes before the container's start, and its
+    // disconnect after the container died: the address is released after both.
     let filters = [
-        ("type".to_string(), vec!["network".to_string()]),
+        (
+            "type".to_string(),
+            vec!["network".to_string(), "container".to_string()],
+        ),
         (
             "event".to_string(),
-            vec!["create".to_string(), "destroy".to_string()],
+            [
+                "create",
+                "destroy",
+                "connect",
+                "disconnect",
+                "start",
+                "die",
+                "rename",
+            ]
+            .map(String::from)
+            .to_vec(),
         ),
     ]
     .into();
@@ -339,10 +375,96 @@ async fn list(docker: &Docker) -> Result<BTreeMap<String, DockerNetwork>, String
                 bridge: bridge_name(&id, &options),
                 gateways,
                 labels,
+                members: Vec::new(),
             },
         );
     }
+    members(docker, &mut out).await?;
     Ok(out)
+}
+
+/// Every running or starting container with an address on one of `nets`, as a
+/// [`Member`] of each such network.
+async fn members(
+    docker: &Docker,
+    nets: &mut BTreeMap<String, DockerNetwork>,
+) -> Result<(), String> {
+    // `all`: a container between its network's connect and its start is not running yet,
+    // and its endpoint is already up.
+    let containers = docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            ..Default::default()
+        }))
+        .await
+        .map_err(|e| e.to_string())?;
+    let nl = crate::netlink::Netlink::requests().ok();
+    for c in containers {
+        let (Some(id), Some(settings)) = (c.id, c.network_settings) else {
+            continue;
+        };
+        let endpoints: Vec<(String, Vec<IpAddr>)> = settings
+            .networks
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(net, ep)| {
+                let addrs: Vec<IpAddr> = [ep.ip_address, ep.global_ipv6_address]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| a.parse().ok())
+                    .collect();
+                (nets.contains_key(&net) && !addrs.is_empty()).then_some((net, addrs))
+            })
+            .collect();
+        if endpoints.is_empty() {
+            continue;
+        }
+        let name = c
+            .names
+            .unwrap_or_default()
+            .first()
+            .map(|n| n.trim_start_matches('/').to_string())
+            .unwrap_or_default();
+        let netns = match &nl {
+            Some(nl) => netns_of(docker, nl, &id).await,
+            None => None,
+        };
+        let labels: BTreeMap<String, String> = c.labels.unwrap_or_default().into_iter().collect();
+        for (net, addrs) in endpoints {
+            if let Some(n) = nets.get_mut(&net) {
+                n.members.push(Member {
+                    name: name.clone(),
+                    project: labels.get("com.docker.compose.project").cloned(),
+                    service: labels.get("com.docker.compose.service").cloned(),
+                    labels: labels.clone(),
+                    addrs,
+                    netns,
+                });
+            }
+        }
+    }
+    for n in nets.values_mut() {
+        n.members.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    Ok(())
+}
+
+/// The NSID of container `id`'s network namespace: its sandbox file (Docker's
+/// `SandboxKey`, a bind mount of the namespace) asked of netlink. A file rather than the
+/// pid: a pid can be reused, the sandbox is the container's own.
+async fn netns_of(docker: &Docker, nl: &crate::netlink::Netlink, id: &str) -> Option<i32> {
+    let c = docker
+        .inspect_container(id, None::<InspectContainerOptions>)
+        .await
+        .ok()?;
+    let key = c.network_settings?.sandbox_key.filter(|k| !k.is_empty())?;
+    match nl.nsid_of(std::path::Path::new(&key)).await {
+        Ok(id) => id,
+        Err(e) => {
+            debug!("container {id}: namespace {key}: {e:#}");
+            None
+        }
+    }
 }
 
 /// Docker's own naming: the `com.docker.network.bridge.name` option (docker0 for the
@@ -364,6 +486,7 @@ mod tests {
             bridge: bridge.into(),
             gateways: vec![],
             labels: Default::default(),
+            members: Vec::new(),
         }
     }
 

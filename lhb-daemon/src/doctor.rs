@@ -533,6 +533,7 @@ fn bridge_steps(
             bridge,
             link,
             gateways,
+            ..
         }) => {
             let list: Vec<String> = gateways.iter().map(IpAddr::to_string).collect();
             r.add(Level::Ok, format!("gateway: {}", list.join(", ")), None);
@@ -791,6 +792,7 @@ mod tests {
             addrs: vec![ip],
             prefixes: vec![(ip, 24)],
             uplinks: uplinks.iter().map(|u| u.to_string()).collect(),
+            ports: Vec::new(),
         }
     }
 
@@ -868,6 +870,7 @@ mod tests {
                 bridge: "br-1".into(),
                 gateways: vec!["172.18.0.1".parse().unwrap()],
                 labels: Default::default(),
+                members: Vec::new(),
             },
         );
         o.links.insert("br-1".into(), bridge(7, "172.18.0.1", &[]));

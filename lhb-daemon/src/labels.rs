@@ -247,6 +247,7 @@ mod tests {
                 bridge: format!("br-{name}"),
                 gateways: vec![],
                 labels: Default::default(),
+                members: Vec::new(),
             };
             if let Some(l) = label {
                 n.labels.insert(LABEL.to_string(), l.to_string());

@@ -10,6 +10,7 @@ pub mod docker;
 pub mod doctor;
 pub mod findings;
 pub mod firewall;
+pub mod guard;
 pub mod kernel;
 pub mod labels;
 pub mod netlink;

@@ -176,8 +176,10 @@ struct Serve {
     /// Expose PORT on Docker network NETWORK's gateway, forwarded to TARGET (PORT,
     /// 127.0.0.1:PORT or [::1]:PORT; default 127.0.0.1:<PORT>). TCP unless PORT is
     /// followed by /udp or /both (e.g. `bridge:53/both=127.0.0.53:53` for the host's
-    /// resolver). Repeatable.
-    #[arg(long = "expose", value_name = "NETWORK:PORT[/PROTOCOL][=TARGET]", value_parser = parse_network_rule)]
+    /// resolver). `@ALLOW,...` admits only those containers: names, compose services
+    /// (project/service) or label:KEY=VALUE (e.g. `app:11434@n8n,label:role=agent`),
+    /// each only through its own veth (Docker). Repeatable.
+    #[arg(long = "expose", value_name = "NETWORK:PORT[/PROTOCOL][=TARGET][@ALLOW,...]", value_parser = parse_network_rule)]
     expose: Vec<rule::Rule>,
     /// Expose PORT on bridge IFACE's gateway address(es) (any Linux bridge, no Docker
     /// needed), forwarded to TARGET as above. `@ALLOW,...` admits only those clients

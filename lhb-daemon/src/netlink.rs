@@ -19,11 +19,12 @@ use rtnetlink::{
         RouteNetlinkMessage,
         address::AddressAttribute,
         link::{InfoKind, LinkAttribute, LinkInfo},
+        nsid::{NsidAttribute, NsidMessage},
         tc::{TcAttribute, TcHandle},
     },
 };
 
-use crate::reconcile::{Link, Observed};
+use crate::reconcile::{Link, Observed, Port};
 
 pub struct Netlink {
     handle: Handle,
@@ -90,15 +91,20 @@ impl Netlink {
         let mut by_index: BTreeMap<u32, (String, Link)> = BTreeMap::new();
         // (bridge ifindex, "PORT (KIND)") for each bridge port that leads off the host.
         let mut uplinks: Vec<(u32, String)> = Vec::new();
+        // (bridge ifindex, port) for each veth on a bridge whose peer is in another
+        // namespace.
+        let mut peers: Vec<(u32, Port)> = Vec::new();
         let mut links = self.handle.link().get().execute();
         while let Some(msg) = links.try_next().await.map_err(nl_err)? {
             let mut name = None;
             let mut kind = None;
             let mut master = None;
+            let mut peer_netns = None;
             for attr in &msg.attributes {
                 match attr {
                     LinkAttribute::IfName(n) => name = Some(n.clone()),
                     LinkAttribute::Controller(m) => master = Some(*m),
+                    LinkAttribute::LinkNetNsId(id) if *id >= 0 => peer_netns = Some(*id),
                     LinkAttribute::LinkInfo(infos) => {
                         kind = infos.iter().find_map(|i| match i {
                             LinkInfo::Kind(k) => Some(k.clone()),
@@ -115,6 +121,9 @@ impl Netlink {
                 uplinks.push((m, format!("{name} ({what})")));
             }
             let ifindex = msg.header.index;
+            if let (Some(m), Some(netns), Some(InfoKind::Veth)) = (master, peer_netns, &kind) {
+                peers.push((m, Port { ifindex, netns }));
+            }
             by_index.insert(
                 ifindex,
                 (
@@ -125,6 +134,7 @@ impl Netlink {
                         addrs: Vec::new(),
                         prefixes: Vec::new(),
                         uplinks: Vec::new(),
+                        ports: Vec::new(),
                     },
                 ),
             );
@@ -134,6 +144,13 @@ impl Netlink {
                 && l.is_bridge
             {
                 l.uplinks.push(port);
+            }
+        }
+        for (master, port) in peers {
+            if let Some((_, l)) = by_index.get_mut(&master)
+                && l.is_bridge
+            {
+                l.ports.push(port);
             }
         }
         let mut addrs = self.handle.address().get().execute();
@@ -171,6 +188,38 @@ impl Netlink {
 }
 
 impl Netlink {
+    /// The NSID this namespace gives the network namespace bound at `path` (a
+    /// container's sandbox), None if it has none: then no veth here leads into it, as
+    /// the kernel gives an id to a namespace as soon as a link here reports a peer there.
+    pub async fn nsid_of(&self, path: &std::path::Path) -> anyhow::Result<Option<i32>> {
+        use std::os::fd::AsRawFd as _;
+        let ns =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut msg = NsidMessage::default();
+        msg.attributes = vec![NsidAttribute::Fd(ns.as_raw_fd() as u32)];
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetNsId(msg));
+        req.header.flags = rtnetlink::packet_core::NLM_F_REQUEST;
+        let mut answers = self.handle.clone().request(req).map_err(nl_err)?;
+        let mut id = None;
+        while let Some(a) = answers.next().await {
+            match a.payload {
+                NetlinkPayload::Error(e) => {
+                    return Err(anyhow::anyhow!("RTM_GETNSID: {e}"));
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNsId(m)) => {
+                    id = m.attributes.iter().find_map(|a| match a {
+                        NsidAttribute::Id(i) if *i >= 0 => Some(*i),
+                        _ => None,
+                    });
+                }
+                _ => {}
+            }
+        }
+        // Kept open until the answer came: the id is of the namespace the fd holds.
+        drop(ns);
+        Ok(id)
+    }
+
     /// Deletes the clsact qdisc of `ifindex` (and with it every filter lhb put there).
     /// Whether the clsact qdisc on `ifindex` holds any filter (ingress or egress):
     /// another tool's, once lhb's own is gone.

@@ -196,6 +196,7 @@ fn parse(body: &[u8]) -> Result<BTreeMap<String, DockerNetwork>, String> {
                     bridge: n.network_interface,
                     gateways,
                     labels,
+                    members: Vec::new(),
                 },
             )
         })

@@ -10,10 +10,12 @@ use std::{
     net::IpAddr,
 };
 
+use ipnet::IpNet;
+
 use crate::{
-    docker::DockerView,
+    docker::{DockerNetwork, DockerView, Member},
     proxy::{ProxyKey, ProxyTarget},
-    rule::{Rule, RuleKey, Source},
+    rule::{Client, Rule, RuleKey, Source},
     scope::AllowSet,
     udp::UdpTarget,
 };
@@ -72,6 +74,16 @@ pub struct Link {
     /// a veth (a container) or a tun/tap (a VM), e.g. a network card, bond, VLAN or
     /// tunnel. A service served on such a bridge is served to that whole network.
     pub uplinks: Vec<String>,
+    /// For a bridge: its veth ports whose other end is in another network namespace.
+    pub ports: Vec<Port>,
+}
+
+/// A bridge port leading into a container: the host-side veth, and the NSID of the
+/// namespace its peer is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Port {
+    pub ifindex: u32,
+    pub netns: i32,
 }
 
 /// Every interface of the host, by name, and what Docker says (`None`: --no-docker).
@@ -134,6 +146,12 @@ pub struct Plan {
     pub states: BTreeMap<RuleKey, RuleState>,
     /// The clients each scoped rule admits, by counter slot (every path checks these).
     pub scopes: BTreeMap<u32, AllowSet>,
+    /// The guard's bindings: (bridge port, address) for each address of each admitted
+    /// container, the only port a frame from that address may enter its bridge by
+    /// (`guard.rs`).
+    pub bindings: BTreeSet<(u32, IpAddr)>,
+    /// Slots whose scope names containers: admitted only while the guard is in place.
+    pub guarded: BTreeSet<u32>,
 }
 
 /// Why a rule with `proxy_protocol = true` is proxied even where the kernel path could
@@ -153,14 +171,24 @@ pub fn plan<'a>(
     // place.
     let mut claimed: BTreeMap<(u32, u16, bool), &Rule> = BTreeMap::new();
     for (rule, slot) in rules {
-        if let Some(set) = AllowSet::of(rule) {
+        let resolved = bridge_of(rule, observed);
+        if let Some(mut set) = AllowSet::of(rule) {
+            if rule.allow.iter().any(|c| !matches!(c, Client::Net(_))) {
+                plan.guarded.insert(slot);
+                if let Ok(r) = &resolved {
+                    for (port, ip) in clients(rule, r) {
+                        set.add(IpNet::from(ip));
+                        plan.bindings.insert((port, ip));
+                    }
+                }
+            }
             plan.scopes.insert(slot, set);
         }
         let transports: Vec<bool> = [(rule.protocol.tcp(), false), (rule.protocol.udp(), true)]
             .into_iter()
             .filter_map(|(on, udp)| on.then_some(udp))
             .collect();
-        let state = match bridge_of(rule, observed) {
+        let state = match resolved {
             Err(why) => RuleState::Waiting(why.to_string()),
             Ok(Resolved {
                 bridge: name, link, ..
@@ -183,6 +211,7 @@ pub fn plan<'a>(
                 bridge: name,
                 link,
                 gateways,
+                ..
             }) => {
                 for &u in &transports {
                     claimed.insert((link.ifindex, rule.port, u), rule);
@@ -391,13 +420,63 @@ pub struct Resolved<'a> {
     pub bridge: &'a str,
     pub link: &'a Link,
     pub gateways: Vec<IpAddr>,
+    /// The engine's network, for a network rule.
+    pub network: Option<&'a DockerNetwork>,
+}
+
+/// The containers a scoped network rule's `allow` list names, as (bridge port,
+/// address) for each address the engine gave each of them on the rule's network. A
+/// container is admitted only through the port its own namespace's veth is on: the
+/// NSID its sandbox has here equals the one the host-side veth reports for its peer.
+/// One whose port cannot be found (its namespace unreadable, the veth not seen yet) is
+/// admitted nowhere.
+pub fn clients(rule: &Rule, r: &Resolved<'_>) -> Vec<(u32, IpAddr)> {
+    let Some(net) = r.network else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for m in &net.members {
+        if !rule.allow.iter().any(|c| names(c, m)) {
+            continue;
+        }
+        let Some(port) = m
+            .netns
+            .and_then(|id| r.link.ports.iter().find(|p| p.netns == id))
+        else {
+            continue;
+        };
+        for &ip in &m.addrs {
+            out.push((port.ifindex, ip));
+        }
+    }
+    out
+}
+
+/// Whether allow entry `c` names container `m`.
+pub fn names(c: &Client, m: &Member) -> bool {
+    match c {
+        Client::Net(_) => false,
+        Client::Container(name) => m.name == *name,
+        Client::Service { project, service } => {
+            m.project.as_deref() == Some(project) && m.service.as_deref() == Some(service)
+        }
+        Client::Label { key, value } => m.labels.get(key) == Some(value),
+    }
 }
 
 /// The rule's bridge, or why there is none to serve on.
-pub fn bridge_of<'a>(rule: &Rule, observed: &'a Observed) -> Result<Resolved<'a>, BridgeProblem> {
-    let (name, wanted, host_gateway): (&str, Option<&[IpAddr]>, Option<IpAddr>) = match &rule.source
-    {
-        Source::Interface(name) => (name, None, None),
+pub fn bridge_of<'a>(
+    rule: &'a Rule,
+    observed: &'a Observed,
+) -> Result<Resolved<'a>, BridgeProblem> {
+    type Named<'n> = (
+        &'n str,
+        Option<&'n [IpAddr]>,
+        Option<IpAddr>,
+        Option<&'n DockerNetwork>,
+    );
+    let (name, wanted, host_gateway, network): Named<'a> = match &rule.source {
+        Source::Interface(name) => (name, None, None, None),
         Source::Network(net) => {
             let Some(docker) = &observed.docker else {
                 return Err(BridgeProblem::NoDocker {
@@ -433,7 +512,12 @@ pub fn bridge_of<'a>(rule: &Rule, observed: &'a Observed) -> Result<Resolved<'a>
                 crate::docker::Engine::Docker => host_gateway(docker, observed),
                 crate::docker::Engine::Podman => None,
             };
-            (n.bridge.as_str(), Some(n.gateways.as_slice()), host)
+            (
+                n.bridge.as_str(),
+                Some(n.gateways.as_slice()),
+                host,
+                Some(n),
+            )
         }
     };
     let (name, link) =
@@ -481,6 +565,7 @@ pub fn bridge_of<'a>(rule: &Rule, observed: &'a Observed) -> Result<Resolved<'a>
         bridge: name,
         link,
         gateways,
+        network,
     })
 }
 
@@ -581,6 +666,7 @@ mod tests {
             addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
             prefixes: Vec::new(),
             uplinks: Vec::new(),
+            ports: Vec::new(),
         }
     }
 
@@ -607,6 +693,7 @@ mod tests {
                     bridge: bridge.to_string(),
                     gateways: gws.iter().map(|g| g.parse().unwrap()).collect(),
                     labels: Default::default(),
+                    members: Vec::new(),
                 },
             );
         }
@@ -836,6 +923,66 @@ mod tests {
                 (3, ip("172.30.0.1"))
             ]
         );
+    }
+
+    #[test]
+    fn a_rule_scoped_to_containers_admits_the_named_ones_through_their_own_port() {
+        let (r, s) = net_rules(&["app:80@n8n,label:role=db", "app:81"]);
+        let mut bridge = link(3, &["10.9.0.1"]);
+        bridge.ports = vec![
+            Port {
+                ifindex: 50,
+                netns: 7,
+            },
+            Port {
+                ifindex: 51,
+                netns: 8,
+            },
+        ];
+        let mut o = with_networks(
+            observed(&[("br-x", bridge)]),
+            &[("app", "br-x", &["10.9.0.1"])],
+        );
+        let member = |name: &str, netns: Option<i32>, ip: &str, label: Option<&str>| Member {
+            name: name.into(),
+            labels: label
+                .map(|v| [("role".to_string(), v.to_string())].into())
+                .unwrap_or_default(),
+            addrs: vec![ip.parse().unwrap()],
+            netns,
+            ..Default::default()
+        };
+        o.docker
+            .as_mut()
+            .unwrap()
+            .networks
+            .get_mut("app")
+            .unwrap()
+            .members = vec![
+            member("n8n", Some(7), "10.9.0.5", None),
+            // Named by its label, on port 51.
+            member("pg", Some(8), "10.9.0.6", Some("db")),
+            // Named, but no port of this bridge leads into its namespace.
+            member("ghost", Some(9), "10.9.0.7", Some("db")),
+            // Not named.
+            member("other", Some(8), "10.9.0.8", Some("web")),
+        ];
+        let p = plan(&r, &s, &o, KERNEL);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            p.scopes[&0].nets(),
+            &[
+                "10.9.0.5/32".parse::<IpNet>().unwrap(),
+                "10.9.0.6/32".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            p.bindings,
+            [(50, ip("10.9.0.5")), (51, ip("10.9.0.6"))].into()
+        );
+        assert_eq!(p.guarded, [0].into());
+        assert!(!p.scopes.contains_key(&1), "a rule without allow is open");
+        assert!(p.endpoints.values().any(|st| st.slot == 0 && st.scoped));
     }
 
     #[test]

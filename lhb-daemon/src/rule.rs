@@ -354,9 +354,7 @@ impl Client {
             (_, false) => Err(bad(
                 "an interface rule has no engine to name its clients: allow addresses or prefixes (e.g. 192.168.122.10 or 192.168.122.0/28)".into(),
             )),
-            (_, true) => Err(bad(
-                "scoping a network rule to containers is not available yet: lhb cannot yet tie a container to its address on the bridge (any container can send with another's address); expose it on a network of its own instead".into(),
-            )),
+            (_, true) => Ok(client),
         }
     }
 }
@@ -897,11 +895,26 @@ mod tests {
         // Addresses are no identity on an engine's network.
         let e = parse_network_spec("app:80@172.18.0.5").unwrap_err();
         assert!(e.to_string().contains("not by address"), "{e}");
-        // Engine clients parse, and are refused until they cannot be forged.
-        for entry in ["n8n", "proj/web", "label:com.example.role=db"] {
-            let e = parse_network_spec(&format!("app:80@{entry}")).unwrap_err();
-            assert!(e.to_string().contains("not available yet"), "{entry}: {e}");
-        }
+        // Engine clients are a network rule's own.
+        let r = parse_network_spec("app:80@n8n,proj/web,label:com.example.role=db").unwrap();
+        assert_eq!(
+            r.allow,
+            vec![
+                Client::Container("n8n".into()),
+                Client::Service {
+                    project: "proj".into(),
+                    service: "web".into()
+                },
+                Client::Label {
+                    key: "com.example.role".into(),
+                    value: "db".into()
+                },
+            ]
+        );
+        assert!(
+            r.to_string()
+                .contains("for n8n,proj/web,label:com.example.role=db")
+        );
     }
 
     #[test]

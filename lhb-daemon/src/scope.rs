@@ -33,7 +33,7 @@ impl AllowSet {
             .iter()
             .filter_map(|c| match c {
                 Client::Net(n) => Some(*n),
-                // Engine clients are refused when the rule is made; nothing to resolve.
+                // Containers: the reconciler adds their addresses (`reconcile::clients`).
                 _ => None,
             })
             .collect();
@@ -44,6 +44,13 @@ impl AllowSet {
         nets.sort();
         nets.dedup();
         AllowSet { nets }
+    }
+
+    /// Admits `net` too (a container the engine names, resolved by the reconciler).
+    pub fn add(&mut self, net: IpNet) {
+        if let Err(at) = self.nets.binary_search(&net) {
+            self.nets.insert(at, net);
+        }
     }
 
     pub fn nets(&self) -> &[IpNet] {

@@ -64,6 +64,7 @@ fn verify_rule(rule: &Rule, observed: &Observed, r: &mut Findings) -> anyhow::Re
             bridge,
             link,
             gateways,
+            ..
         }) => {
             if !link.uplinks.is_empty() {
                 r.add(

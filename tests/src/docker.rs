@@ -426,3 +426,59 @@ impl Drop for Compose {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A container of the test image (`sleep`ing), removed when dropped.
+pub struct Container {
+    pub name: String,
+}
+
+impl Container {
+    /// `docker run -d --name NAME --network NETWORK EXTRA... IMAGE sleep 3600`.
+    pub fn run(name: &str, network: &str, extra: &[&str]) -> anyhow::Result<Container> {
+        assert!(name.starts_with(PREFIX));
+        docker_ok(&["rm", "-f", name]);
+        let mut args = vec!["run", "-d", "--name", name, "--network", network];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[IMAGE, "sleep", "3600"]);
+        run("docker", &args)?;
+        Ok(Container {
+            name: name.to_string(),
+        })
+    }
+
+    pub fn exec(&self, cmd: &[&str]) -> anyhow::Result<Output> {
+        Command::new("docker")
+            .args(["exec", &self.name])
+            .args(cmd)
+            .stdin(Stdio::null())
+            .output()
+            .context("docker exec")
+    }
+
+    /// The body, or the error wget gave (`refused`, `reset`; nothing after 4 s). Bounded
+    /// by busybox's `timeout`: busybox-static's `wget -T` crashes (SIGSEGV).
+    pub fn wget(&self, url: &str) -> anyhow::Result<String> {
+        let out = self.exec(&["busybox", "timeout", "4", "wget", "-q", "-O", "-", url])?;
+        if !out.status.success() {
+            bail!(
+                "wget {url} from {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `docker inspect --format FORMAT`.
+    pub fn inspect(&self, format: &str) -> anyhow::Result<String> {
+        Ok(run("docker", &["inspect", "--format", format, &self.name])?
+            .trim()
+            .to_string())
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        docker_ok(&["rm", "-f", &self.name]);
+    }
+}

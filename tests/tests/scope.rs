@@ -319,3 +319,148 @@ fn a_bad_allow_list_is_refused_and_the_running_rule_stays() {
         "{err}"
     );
 }
+
+/// A network rule scoped to containers, with the real engine: the container named and
+/// one with the label named are served (the service sees their own addresses), one on
+/// the same network that is not named is refused at once and never seen; a container
+/// that takes an admitted container's IP and MAC (as any container with CAP_NET_RAW
+/// can, here with NET_ADMIN and `ip`) gets no connection; and when the admitted
+/// container is gone, another given its address is refused. On the kernel path and on
+/// the proxy.
+#[test]
+fn a_network_rule_scoped_to_containers_admits_them_alone_and_cannot_be_forged() {
+    use lhb_tests::docker::{self, Container, DockerNet};
+    if !docker::required("a_network_rule_scoped_to_containers...") {
+        return;
+    }
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let p = svc.port();
+    let net = DockerNet::create("lhbt-s1", "10.230.150.0/24").unwrap();
+    let gw = net.gateway().unwrap();
+    let url = format!("http://{gw}:{p}/");
+    let allowed_ip = "10.230.150.10";
+    let allowed = Container::run("lhbt-s1-allowed", &net.name, &["--ip", allowed_ip]).unwrap();
+    let other = Container::run("lhbt-s1-other", &net.name, &["--ip", "10.230.150.11"]).unwrap();
+    let mac = allowed
+        .inspect("{{range .NetworkSettings.Networks}}{{.MacAddress}}{{end}}")
+        .unwrap();
+    let spec = format!("lhbt-s1:{p}@lhbt-s1-allowed,label:lhbt.role=client");
+    for mode in ["kernel", "proxy"] {
+        let lhb = Lhb::start(&["--mode", mode, "--expose", &spec]).unwrap();
+        let body = allowed
+            .wget(&url)
+            .unwrap_or_else(|e| panic!("{mode}: {e}\n{}", lhb.log()));
+        let want = if mode == "kernel" {
+            format!("peer={allowed_ip}")
+        } else {
+            // The proxy's connection to the service comes from the bridge's loopback
+            // source; the service cannot see the container.
+            "peer=127.128.".to_string()
+        };
+        assert!(body.starts_with(&want), "{mode}: {body}");
+        let seen = svc.seen().len();
+        let e = other.wget(&url).unwrap_err().to_string();
+        assert!(at_once(&e), "{mode}: not named: {e}");
+        assert_eq!(
+            svc.seen().len(),
+            seen,
+            "{mode}: the service saw a refused container"
+        );
+
+        // Started after lhb: admitted when the engine says it is there. The gap between
+        // `docker run` returning and the first connection served is what a user sees.
+        let t0 = Instant::now();
+        let labelled = Container::run(
+            &format!("lhbt-s1-label-{mode}"),
+            &net.name,
+            &["--label", "lhbt.role=client"],
+        )
+        .unwrap();
+        let started = t0.elapsed();
+        let gap = lhb_tests::wait_until(Duration::from_secs(5), || labelled.wget(&url).is_ok())
+            .unwrap_or_else(|| panic!("{mode}: labelled container never served\n{}", lhb.log()));
+        eprintln!("{mode}: docker run took {started:?}; served {gap:?} after it returned");
+
+        // The forger: another container on the bridge with the admitted one's IP and MAC.
+        let forger = Container::run(
+            &format!("lhbt-s1-forger-{mode}"),
+            &net.name,
+            &["--cap-add", "NET_ADMIN"],
+        )
+        .unwrap();
+        let out = forger
+            .exec(&[
+                "sh",
+                "-c",
+                &format!(
+                    "ip addr flush dev eth0 && ip link set eth0 down && ip link set eth0 address {mac} && ip link set eth0 up && ip addr add {allowed_ip}/24 dev eth0 && ip -o addr show dev eth0"
+                ),
+            ])
+            .unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains(allowed_ip),
+            "{mode}: forging failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let seen = svc.seen().len();
+        let e = forger.wget(&url).unwrap_err().to_string();
+        assert!(!e.contains("peer="), "{mode}: forged: {e}");
+        assert_eq!(svc.seen().len(), seen, "{mode}: the service saw the forger");
+        drop(forger);
+        // The forger moved the admitted container's MAC in the bridge's table: its next
+        // frame moves it back.
+        let _ = allowed.exec(&[
+            "busybox", "arping", "-c", "1", "-U", "-I", "eth0", allowed_ip,
+        ]);
+        let served = lhb_tests::wait_until(Duration::from_secs(5), || allowed.wget(&url).is_ok());
+        assert!(
+            served.is_some(),
+            "{mode}: the admitted container after the forger"
+        );
+        let st = lhb.status().unwrap();
+        let rule = &st["rules"][0];
+        assert_eq!(rule["state"], "serving", "{st:#}");
+        drop(labelled);
+    }
+
+    // The admitted container gone, its address handed to another: refused.
+    let lhb = Lhb::start(&["--mode", "kernel", "--expose", &spec]).unwrap();
+    assert!(allowed.wget(&url).is_ok(), "{}", lhb.log());
+    // Its guard removed by someone else (a reload that flushes the ruleset): back at once.
+    let guard = || {
+        std::process::Command::new("nft")
+            .args(["list", "table", "bridge", "lhb"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    assert!(guard(), "no guard table while serving");
+    lhb_tests::run("nft", &["delete", "table", "bridge", "lhb"]).unwrap();
+    let back = lhb_tests::wait_until(Duration::from_secs(2), guard);
+    assert!(back.is_some(), "the guard was not healed\n{}", lhb.log());
+    eprintln!("guard table written again {back:?} after it was deleted");
+    drop(allowed);
+    let heir = Container::run("lhbt-s1-heir", &net.name, &["--ip", allowed_ip]).unwrap();
+    let seen = svc.seen().len();
+    // Until lhb has the engine's word that the admitted container left, the heir's
+    // frames are the forger's (its address from another port) and dropped; then it is
+    // refused like any container not named. Never served.
+    let refused = lhb_tests::wait_until(Duration::from_secs(10), || match heir.wget(&url) {
+        Ok(body) => panic!("the heir of an admitted address was served: {body}"),
+        Err(e) => at_once(&e.to_string()),
+    });
+    assert!(
+        refused.is_some(),
+        "the heir never refused at once\n{}",
+        lhb.log()
+    );
+    assert_eq!(svc.seen().len(), seen, "the service saw the heir");
+    drop(lhb);
+    assert!(!guard(), "the guard table outlived lhb");
+    drop(other);
+}
+
+/// busybox wget's words for a RST: at connect (kernel path) or after the proxy's accept.
+fn at_once(e: &str) -> bool {
+    e.contains("refused") || e.contains("reset")
+}

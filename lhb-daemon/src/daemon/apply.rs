@@ -28,6 +28,16 @@ impl Daemon {
         if let Some(k) = self.kernel.as_mut() {
             k.shutdown(&self.netlink, keep).await;
         }
+        // Also with --keep-on-exit: the kept kernel path then admits no container until
+        // the next start has its guard in place (fail closed).
+        if let Some(k) = self.kernel.as_mut()
+            && keep
+            && !self.guard.held().is_empty()
+            && let Err(e) = k.set_scopes(&closed(&self.applied.scopes, &self.applied.guarded))
+        {
+            error!("closing the container scopes of the kept kernel path: {e:#}");
+        }
+        self.guard.remove().await;
     }
 
     /// Brings both data paths from what is applied to `wanted`. A failed attachment or
@@ -35,6 +45,28 @@ impl Daemon {
     /// path's error; proxy binds that failed are in `proxy_errors`.
     pub(super) async fn apply(&mut self, wanted: &Plan) -> anyhow::Result<()> {
         let mut first_err: Option<anyhow::Error> = None;
+        // The guard grows before any path admits an address it protects, and shrinks
+        // only after they stopped admitting one (below). Without it, the rules scoped to
+        // containers admit nobody: an address alone can be forged.
+        let grown: crate::guard::Bindings =
+            self.guard.held().union(&wanted.bindings).copied().collect();
+        let guarded = match self.guard.set(&grown).await {
+            Ok(()) => true,
+            Err(e) => {
+                first_err = Some(e.context("the guard of container-scoped rules"));
+                false
+            }
+        };
+        let closed_plan;
+        let wanted = if guarded || wanted.guarded.is_empty() {
+            wanted
+        } else {
+            closed_plan = Plan {
+                scopes: closed(&wanted.scopes, &wanted.guarded),
+                ..wanted.clone()
+            };
+            &closed_plan
+        };
         // Scopes before sockets: a listener bound below serves under the new scope from
         // its first connection.
         self.proxy.set_scopes(wanted.scopes.clone());
@@ -42,7 +74,7 @@ impl Daemon {
         if let Some(kernel) = self.kernel.as_mut()
             && let Err(e) = apply_kernel(kernel, &self.netlink, &mut self.applied, wanted).await
         {
-            first_err = Some(e.into());
+            first_err.get_or_insert(e.into());
         }
         let gone: Vec<_> = self
             .applied
@@ -89,6 +121,11 @@ impl Daemon {
             fw.want(openings(&self.applied));
         }
         self.applied.states = wanted.states.clone();
+        self.applied.guarded = wanted.guarded.clone();
+        if guarded && let Err(e) = self.guard.set(&wanted.bindings).await {
+            first_err.get_or_insert(e.context("the guard of container-scoped rules"));
+        }
+        self.applied.bindings = self.guard.held().clone();
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
@@ -164,6 +201,24 @@ impl Daemon {
             .collect();
         self.proxy.set_limits(&limits);
     }
+}
+
+/// `scopes` with the sets of the `guarded` slots emptied: those rules admit nobody.
+fn closed(
+    scopes: &std::collections::BTreeMap<u32, crate::scope::AllowSet>,
+    guarded: &BTreeSet<u32>,
+) -> std::collections::BTreeMap<u32, crate::scope::AllowSet> {
+    scopes
+        .iter()
+        .map(|(slot, set)| {
+            let set = if guarded.contains(slot) {
+                crate::scope::AllowSet::default()
+            } else {
+                set.clone()
+            };
+            (*slot, set)
+        })
+        .collect()
 }
 
 fn udp_seen_as(ifindex: u32, target: &crate::udp::UdpTarget) -> String {

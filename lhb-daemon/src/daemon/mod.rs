@@ -141,6 +141,8 @@ struct Daemon {
     kernel: Option<KernelPath>,
     proxy: Proxy,
     udp: crate::udp::Forwarder,
+    /// The nftables bridge table that makes container scopes unforgeable.
+    guard: crate::guard::Guard,
     /// Follows the applied plan on its own (see FirewallTask); None until the first
     /// plan is applied and the firewall matches it.
     firewall: Option<FirewallTask>,
@@ -186,6 +188,8 @@ enum Event {
     Podman(bool),
     Retry,
     Watchdog,
+    /// The nftables ruleset changed.
+    Ruleset,
 }
 
 /// Where the loop's inputs come from.
@@ -196,6 +200,8 @@ struct Inputs {
     links: Events,
     control: tokio::sync::mpsc::Receiver<control::Call>,
     watchdog: Option<tokio::time::Interval>,
+    /// nf_tables ruleset changes (any table's): the guard's table may have gone.
+    ruleset: Option<tokio::sync::mpsc::Receiver<()>>,
 }
 
 impl Inputs {
@@ -214,6 +220,19 @@ impl Inputs {
         let podman_changed = async {
             match podman {
                 Some(rx) => rx.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        let ruleset = async {
+            match self.ruleset.as_mut() {
+                Some(rx) => match rx.recv().await {
+                    Some(()) => {
+                        // A reload is a burst of changes: one check after it.
+                        tokio::time::sleep(SETTLE).await;
+                        while rx.try_recv().is_ok() {}
+                    }
+                    None => std::future::pending().await,
+                },
                 None => std::future::pending().await,
             }
         };
@@ -244,6 +263,7 @@ impl Inputs {
             alive = podman_changed => Event::Podman(alive),
             _ = tokio::time::sleep(retry.delay), if retry.pending => Event::Retry,
             _ = watchdog => Event::Watchdog,
+            () = ruleset => Event::Ruleset,
         }
     }
 }
@@ -364,6 +384,25 @@ impl Daemon {
             Event::Watchdog => {
                 // Sent from the loop itself: a stuck loop stops the pings.
                 self.notifier.send("WATCHDOG=1");
+                return Ok(Flow::Continue);
+            }
+            Event::Ruleset => {
+                match self.guard.heal().await {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        warn!(
+                            "the guard's table (bridge {}) was changed or removed by someone else; written again",
+                            crate::guard::TABLE
+                        );
+                    }
+                    Err(e) => {
+                        // Applied again below: without the table, the rules scoped to
+                        // containers are closed until it can be written.
+                        error!("the guard's table (bridge {}): {e:#}", crate::guard::TABLE);
+                        let failed = self.reconcile().await;
+                        self.retry.after(failed);
+                    }
+                }
                 return Ok(Flow::Continue);
             }
         }

@@ -116,6 +116,7 @@ pub(super) async fn start(
         proxy,
         udp: crate::udp::Forwarder::new(budget.udp_flows, opts.udp_idle, tasks.clone()),
         udp_errors: Default::default(),
+        guard: Default::default(),
         tasks: tasks.clone(),
         firewall: None,
         netlink,
@@ -140,6 +141,7 @@ pub(super) async fn start(
         links,
         control: ctl_rx,
         watchdog,
+        ruleset: ruleset_changes(),
     };
     info!(
         "ready: serving {} of {} rule(s); control socket {}",
@@ -361,4 +363,19 @@ fn raise_nofile_limit() -> u64 {
     }
     // None: unlimited.
     lim.current.unwrap_or(u64::MAX)
+}
+
+/// nf_tables' change notifications, for the guard; None (with a warning) where they
+/// cannot be had: the guard is then healed only by the next reconcile.
+fn ruleset_changes() -> Option<tokio::sync::mpsc::Receiver<()>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    match crate::firewall::subscribe_changes(tx) {
+        Ok(()) => Some(rx),
+        Err(e) => {
+            warn!(
+                "no nftables change notifications ({e}): the guard of container-scoped rules is checked only when lhb reconciles"
+            );
+            None
+        }
+    }
 }

@@ -14,6 +14,8 @@ mod firewalld;
 mod iptables;
 mod nft;
 
+pub use changes::subscribe as subscribe_changes;
+
 use std::{collections::BTreeSet, fmt, net::IpAddr, process::Command};
 
 use anyhow::Context as _;
