@@ -47,6 +47,13 @@ pub const ALLOW_KEY_BITS: u32 = 160;
 /// [`ALLOW_MAP`] under the rule's slot is not assigned (the kernel answers with a RST).
 pub const FLAG_SCOPED: u8 = 1;
 
+/// Name of the per-CPU LRU hash of who connected through each rule ([`ClientKey`] ->
+/// [`ClientSeen`]), written on every SYN the socket lookup decides.
+pub const CLIENTS_MAP: &str = "LHB_CLIENTS";
+/// Its capacity: clients over all rules. Past it the least recently seen client of a
+/// CPU is forgotten, so the map's memory is fixed whatever the containers do.
+pub const MAX_CLIENTS: u32 = 4096;
+
 /// Capacity of the endpoint map: one entry per (bridge, gateway address, port).
 pub const MAX_ENDPOINTS: u32 = 8192;
 /// Number of counter slots: one per rule the daemon serves at a time.
@@ -193,6 +200,42 @@ impl Counters {
     }
 }
 
+/// A client of one rule: the rule's counter slot and the client's address as IPv6 (an
+/// IPv4 address mapped, `::ffff:a.b.c.d`), as in [`AllowAddr`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    pub slot: u32,
+    pub addr: [u8; 16],
+}
+
+/// What one client did through one rule, on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientSeen {
+    /// Connections assigned to the rule's listener.
+    pub connections: u64,
+    /// SYNs the rule's `allow` list refused.
+    pub refused: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last SYN.
+    pub last_ns: u64,
+}
+
+impl ClientSeen {
+    pub fn add(&mut self, other: &ClientSeen) {
+        self.connections += other.connections;
+        self.refused += other.refused;
+        self.last_ns = self.last_ns.max(other.last_ns);
+    }
+}
+
+#[cfg(feature = "user")]
+impl ClientKey {
+    pub fn ip(&self) -> core::net::IpAddr {
+        core::net::Ipv6Addr::from(self.addr).to_canonical()
+    }
+}
+
 /// The address's family and its bytes in network order (IPv4 in the first 4 bytes).
 #[cfg(feature = "user")]
 fn ip_bytes(ip: core::net::IpAddr) -> (u8, [u8; 16]) {
@@ -271,4 +314,8 @@ mod user {
     unsafe impl aya::Pod for super::Admitted {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AllowAddr {}
+    // SAFETY: as above (20 bytes, no padding).
+    unsafe impl aya::Pod for super::ClientKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ClientSeen {}
 }

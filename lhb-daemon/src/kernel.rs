@@ -21,7 +21,7 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues},
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{
         ProgramError, SchedClassifier, SkLookup, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -30,8 +30,9 @@ use aya::{
     util::KernelVersion,
 };
 use lhb_common::{
-    ALLOW_MAP, AllowAddr, COUNTERS_MAP, Counters, ENDPOINTS_MAP, EndpointKey, INGRESS_PROGRAM,
-    INGRESS_TICKET_PROGRAM, MAX_RULES, SK_LOOKUP_PROGRAM, SK_LOOKUP_TICKET_PROGRAM, Steer,
+    ALLOW_MAP, AllowAddr, CLIENTS_MAP, COUNTERS_MAP, ClientKey, ClientSeen, Counters,
+    ENDPOINTS_MAP, EndpointKey, INGRESS_PROGRAM, INGRESS_TICKET_PROGRAM, MAX_RULES,
+    SK_LOOKUP_PROGRAM, SK_LOOKUP_TICKET_PROGRAM, Steer,
 };
 use thiserror::Error;
 
@@ -238,6 +239,7 @@ pub struct KernelPath {
     endpoints: HashMap<MapData, EndpointKey, Steer>,
     counters: PerCpuArray<MapData, Counters>,
     allow: LpmTrie<MapData, AllowAddr, u8>,
+    clients: PerCpuHashMap<MapData, ClientKey, ClientSeen>,
     /// What `allow` holds: (slot, prefix).
     allowed: std::collections::BTreeSet<(u32, ipnet::IpNet)>,
     attached: BTreeMap<u32, Attachment>,
@@ -314,6 +316,9 @@ impl KernelPath {
         let allow = take_map(&mut ebpf, ALLOW_MAP)?;
         let allow = LpmTrie::try_from(allow)
             .map_err(|e| KernelPathError::Load(format!("{ALLOW_MAP}: {e}")))?;
+        let clients = take_map(&mut ebpf, CLIENTS_MAP)?;
+        let clients = PerCpuHashMap::try_from(clients)
+            .map_err(|e| KernelPathError::Load(format!("{CLIENTS_MAP}: {e}")))?;
         let lookup: &mut SkLookup = program(&mut ebpf, variant.programs().1)?;
         // The program serves the namespace lhb runs in.
         let netns = std::fs::File::open("/proc/self/ns/net")
@@ -347,6 +352,7 @@ impl KernelPath {
             endpoints,
             counters,
             allow,
+            clients,
             allowed: Default::default(),
             attached: BTreeMap::new(),
             mode: AttachMode::for_running_kernel(),
@@ -587,7 +593,7 @@ impl KernelPath {
         Ok(sum)
     }
 
-    /// Zeroes a slot before a new rule uses it.
+    /// Zeroes a slot, and forgets its clients, before a new rule uses it.
     pub fn reset_counters(&mut self, slot: u32) -> anyhow::Result<()> {
         if slot >= MAX_RULES {
             anyhow::bail!("counter slot {slot} out of range (at most {MAX_RULES} rules)");
@@ -595,7 +601,36 @@ impl KernelPath {
         let n = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         let zero = PerCpuValues::try_from(vec![Counters::default(); n])?;
         self.counters.set(slot, zero, 0)?;
+        let old: Vec<ClientKey> = self
+            .clients
+            .keys()
+            .flatten()
+            .filter(|k| k.slot == slot)
+            .collect();
+        for k in old {
+            match self.clients.remove(&k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => anyhow::bail!("forgetting slot {slot}'s clients in {CLIENTS_MAP}: {e}"),
+            }
+        }
         Ok(())
+    }
+
+    /// Who connected through each rule (the programs count every SYN they decide),
+    /// summed over CPUs: (slot, client address, what it did, last seen as
+    /// CLOCK_MONOTONIC nanoseconds).
+    pub fn clients(&self) -> Vec<(u32, std::net::IpAddr, ClientSeen)> {
+        self.clients
+            .iter()
+            .flatten()
+            .map(|(k, per_cpu)| {
+                let mut sum = ClientSeen::default();
+                for c in per_cpu.iter() {
+                    sum.add(c);
+                }
+                (k.slot, k.ip(), sum)
+            })
+            .collect()
     }
 
     /// Detaches from every bridge (and removes the clsact qdiscs lhb created).

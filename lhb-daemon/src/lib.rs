@@ -3,6 +3,7 @@
 
 pub mod caps;
 pub mod check;
+pub mod clients;
 pub mod config;
 pub mod control;
 pub mod daemon;

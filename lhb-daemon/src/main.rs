@@ -75,9 +75,13 @@ enum Command {
     /// Show the running daemon's rules: source, bridge, gateways, target, data path and
     /// why, firewall rules, counters, last error.
     Status {
-        /// The full state as JSON (schema in the README).
+        /// The full state as JSON (schema in the README; it always has the clients).
         #[arg(long)]
         json: bool,
+        /// Under each rule, who connected through it: container (or address),
+        /// connections, refusals, last seen, on every data path.
+        #[arg(long)]
+        clients: bool,
         #[arg(long, value_name = "PATH", default_value = control::DEFAULT_CONTROL)]
         control: PathBuf,
     },
@@ -476,16 +480,19 @@ async fn dispatch(command: Command) -> anyhow::Result<bool> {
         .map(|()| true),
         Command::Plan { serve, json } => plan::run(serve.options()?, json).await,
         Command::Verify(a) => verify::run(a.into()).await,
-        Command::Status { json, control } => control::call(&control, &control::Request::Status)
-            .and_then(|r| {
-                let st = answer(r)?.status.context("the daemon sent no status")?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&st)?);
-                } else {
-                    print!("{}", st.table());
-                }
-                Ok(true)
-            }),
+        Command::Status {
+            json,
+            clients,
+            control,
+        } => control::call(&control, &control::Request::Status).and_then(|r| {
+            let st = answer(r)?.status.context("the daemon sent no status")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print!("{}", st.table(clients));
+            }
+            Ok(true)
+        }),
         Command::Expose {
             rule,
             service,

@@ -40,7 +40,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{scope::Scopes, tasks::Tasks};
+use crate::{clients::Clients, scope::Scopes, tasks::Tasks};
 use rustix::{
     net::{RecvFlags, SendFlags},
     pipe::{PipeFlags, SpliceFlags},
@@ -129,6 +129,7 @@ pub struct Proxy {
     pipes: Arc<PipePool>,
     tasks: Tasks,
     scopes: Scopes,
+    clients: Clients,
 }
 
 /// Bytes one splice call may move; also the pipe's size.
@@ -189,7 +190,12 @@ impl Drop for ProxyRuntime {
 }
 
 impl Proxy {
-    pub fn new(max_connections: usize, backlog: i32, tasks: Tasks) -> io::Result<Proxy> {
+    pub fn new(
+        max_connections: usize,
+        backlog: i32,
+        tasks: Tasks,
+        clients: Clients,
+    ) -> io::Result<Proxy> {
         Ok(Proxy {
             runtime: ProxyRuntime::start()?,
             listeners: BTreeMap::new(),
@@ -200,6 +206,7 @@ impl Proxy {
             pipes: Arc::new(PipePool::default()),
             tasks,
             scopes: Scopes::default(),
+            clients,
         })
     }
 
@@ -229,6 +236,7 @@ impl Proxy {
                 listener,
                 Admission {
                     scopes: self.scopes.clone(),
+                    clients: self.clients.clone(),
                     slot: target.slot,
                 },
                 upstream,
@@ -337,9 +345,10 @@ struct Upstream {
     proxy_protocol: bool,
 }
 
-/// Whose connections a listener takes: its rule's scope.
+/// Whose connections a listener takes (its rule's scope), and who came.
 struct Admission {
     scopes: Scopes,
+    clients: Clients,
     slot: u32,
 }
 
@@ -377,11 +386,10 @@ async fn accept_loop(
             }
         };
         // Before any limit: a client the rule does not admit takes no share of it.
+        // The daemon logs refused clients, rate-limited, from the client table.
         if !admission.scopes.allows(admission.slot, peer.ip()) {
-            let n = counters.refused.fetch_add(1, Ordering::Relaxed);
-            if n.is_power_of_two() || n == 0 {
-                warn!(listener = %label, "refusing {peer}: not in this rule's allow list ({} refused so far)", n + 1);
-            }
+            counters.refused.fetch_add(1, Ordering::Relaxed);
+            admission.clients.refused(admission.slot, peer.ip());
             reset(&client);
             continue;
         }
@@ -415,6 +423,7 @@ async fn accept_loop(
             reset(&client);
             continue;
         };
+        admission.clients.connected(admission.slot, peer.ip());
         let counters = counters.clone();
         let pipes = pipes.clone();
         conns.spawn(async move {

@@ -158,9 +158,41 @@ pub struct RuleStatus {
     /// The firewall accept rules held for it.
     pub firewall: Vec<String>,
     pub counters: Counters,
+    /// Who connected through it, on every path, most recently seen first (at most
+    /// [`crate::clients::MAX_CLIENTS`] over all rules: the least recently seen are
+    /// forgotten first).
+    #[serde(default)]
+    pub clients: Vec<ClientStatus>,
     /// The last error applying it (attach, bind), if the last attempt failed.
     pub last_error: Option<String>,
 }
+
+/// One client of one rule.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ClientStatus {
+    pub address: String,
+    /// The container that has this address on the rule's bridge now, if an engine
+    /// names one.
+    pub container: Option<String>,
+    /// Connections (TCP) and flows (UDP) served.
+    pub connections: u64,
+    /// Connections and datagrams the rule's `allow` list refused.
+    pub refused: u64,
+    /// When it was last seen, seconds since the Unix epoch.
+    pub last_seen: u64,
+}
+
+impl ClientStatus {
+    /// The container's name, or the address where no engine names it.
+    pub fn name(&self) -> &str {
+        self.container.as_deref().unwrap_or(&self.address)
+    }
+}
+
+/// At most this many clients get series of their own in the metrics (the most
+/// recently seen first), so a rule open to a large network cannot blow up a
+/// Prometheus server; `lhb_clients_not_exported` counts the rest.
+pub const MAX_CLIENT_SERIES: usize = 256;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct GatewayStatus {
@@ -245,8 +277,8 @@ impl RuleStatus {
 }
 
 impl Status {
-    /// The human view of `lhb status`.
-    pub fn table(&self) -> String {
+    /// The human view of `lhb status`; with `clients`, each rule's clients under it.
+    pub fn table(&self, clients: bool) -> String {
         let mut s = String::new();
         let kernel = match (&self.kernel_attach, &self.kernel_unavailable) {
             (Some(a), _) => match &self.kernel_variant {
@@ -360,6 +392,9 @@ impl Status {
             if let Some(e) = &r.last_error {
                 let _ = writeln!(s, "  {}: last error: {e}", r.name());
             }
+            if clients {
+                client_rows(&mut s, r);
+            }
         }
         if !self.label_refused.is_empty() {
             let _ = writeln!(s, "\nlabel entries NOT served:");
@@ -368,6 +403,19 @@ impl Status {
             }
         }
         s
+    }
+
+    /// The clients that get metric series: (rule, client), most recently seen first.
+    fn client_series(&self) -> (Vec<(&RuleStatus, &ClientStatus)>, usize) {
+        let mut all: Vec<_> = self
+            .rules
+            .iter()
+            .flat_map(|r| r.clients.iter().map(move |c| (r, c)))
+            .collect();
+        all.sort_by_key(|(_, c)| std::cmp::Reverse(c.last_seen));
+        let omitted = all.len().saturating_sub(MAX_CLIENT_SERIES);
+        all.truncate(MAX_CLIENT_SERIES);
+        (all, omitted)
     }
 
     /// Prometheus text exposition format (version 0.0.4).
@@ -408,6 +456,32 @@ impl Status {
             "gauge",
             "1 per gateway endpoint served, by bridge, gateway, port and data path.",
             self.rules.iter().flat_map(RuleStatus::attached),
+        );
+        let (series, omitted) = self.client_series();
+        let label = |r: &RuleStatus, c: &ClientStatus| {
+            r.labels(&format!(
+                ",client=\"{}\",address=\"{}\"",
+                escape(c.container.as_deref().unwrap_or("")),
+                c.address
+            ))
+        };
+        m.family(
+            "lhb_client_connections_total",
+            "counter",
+            "Connections (UDP: flows) served, by rule and client (container name where known, and address); the most recently seen clients only, see lhb_clients_not_exported.",
+            series.iter().map(|(r, c)| (label(r, c), c.connections)),
+        );
+        m.family(
+            "lhb_client_refused_total",
+            "counter",
+            "Connections and datagrams the rule's allow list refused, by rule and client.",
+            series.iter().map(|(r, c)| (label(r, c), c.refused)),
+        );
+        m.family(
+            "lhb_clients_not_exported",
+            "gauge",
+            "Clients lhb tracks but gives no series of their own (over the bound of 256).",
+            [(String::new(), omitted as u64)],
         );
         self.daemon_families(&mut m);
         m.0
@@ -614,6 +688,31 @@ impl RuleStatus {
                 (l, u64::from(g.path != DataPath::None && g.error.is_none()))
             })
             .collect()
+    }
+}
+
+/// A rule's clients under its row in `lhb status --clients`.
+fn client_rows(s: &mut String, r: &RuleStatus) {
+    if r.clients.is_empty() {
+        let _ = writeln!(s, "  {}: no client yet", r.name());
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "  {:<32} {:<26} {:>8} {:>8}  LAST SEEN",
+        "CLIENT", "ADDRESS", "CONNS", "REFUSED"
+    );
+    let now = unix_now();
+    for c in &r.clients {
+        let _ = writeln!(
+            s,
+            "  {:<32} {:<26} {:>8} {:>8}  {}s ago",
+            c.container.as_deref().unwrap_or("-"),
+            c.address,
+            c.connections,
+            c.refused,
+            now.saturating_sub(c.last_seen)
+        );
     }
 }
 

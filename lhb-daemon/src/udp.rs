@@ -38,7 +38,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{io::Interest, net::UdpSocket, task::JoinHandle, time::Instant};
 use tracing::{debug, warn};
 
-use crate::{proxy::ProxyKey, scope::Scopes, tasks::Tasks};
+use crate::{clients::Clients, proxy::ProxyKey, scope::Scopes, tasks::Tasks};
 
 /// Where a forwarder socket's datagrams go, and which rule's counters they count on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +104,8 @@ struct Shared {
     icmp_warned: std::sync::atomic::AtomicBool,
     /// Who each scoped rule admits.
     scopes: Scopes,
+    /// Who came: a flow opened counts as a connection.
+    clients: Clients,
 }
 
 /// ICMP errors sent per second at most, over all flows.
@@ -117,7 +119,7 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    pub fn new(max_flows: usize, idle: Duration, tasks: Tasks) -> Forwarder {
+    pub fn new(max_flows: usize, idle: Duration, tasks: Tasks, clients: Clients) -> Forwarder {
         Forwarder {
             sockets: BTreeMap::new(),
             shared: Arc::new(Shared {
@@ -127,6 +129,7 @@ impl Forwarder {
                 icmp_budget: Mutex::new((0, 0)),
                 icmp_warned: Default::default(),
                 scopes: Scopes::default(),
+                clients,
             }),
             counters: Default::default(),
             tasks,
@@ -640,11 +643,10 @@ fn flow_for(s: &Arc<Serving>, peer: SocketAddr, len: usize) -> Option<Arc<Flow>>
     let route = s.route();
     // Before the flow table: a client taken off the allow list passes nothing more,
     // even on a flow it opened before.
+    // The daemon logs refused clients, rate-limited, from the client table.
     if !s.shared.scopes.allows(route.slot, peer.ip()) {
-        let n = route.counters.refused.fetch_add(1, Ordering::Relaxed) + 1;
-        if n.is_power_of_two() {
-            warn!(socket = %s.label, "datagram from {peer} refused: not in this rule's allow list ({n} so far); it gets ICMP port unreachable");
-        }
+        route.counters.refused.fetch_add(1, Ordering::Relaxed);
+        s.shared.clients.refused(route.slot, peer.ip());
         unreachable(s, peer, len);
         return None;
     }
@@ -688,6 +690,7 @@ fn flow_for(s: &Arc<Serving>, peer: SocketAddr, len: usize) -> Option<Arc<Flow>>
     };
     counters.flows.fetch_add(1, Ordering::Relaxed);
     counters.active.fetch_add(1, Ordering::Relaxed);
+    s.shared.clients.connected(route.slot, peer.ip());
     let flow = Arc::new(Flow {
         sock,
         route: route.clone(),

@@ -43,14 +43,14 @@ use aya_ebpf::{
         bpf_skc_lookup_tcp,
     },
     macros::{classifier, map, sk_lookup},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{SkLookupContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use lhb_common::{
-    ADMITTED_TTL_NS, ALLOW_KEY_BITS, Admitted, AllowAddr, Counters, EndpointKey, FAMILY_V4,
-    FAMILY_V6, FLAG_SCOPED, Flow, ListenerKey, MAX_ADMITTED, MAX_ALLOWED, MAX_ENDPOINTS, MAX_RULES,
-    Steer, SynTicket, TICKET_TTL_NS,
+    ADMITTED_TTL_NS, ALLOW_KEY_BITS, Admitted, AllowAddr, ClientKey, ClientSeen, Counters,
+    EndpointKey, FAMILY_V4, FAMILY_V6, FLAG_SCOPED, Flow, ListenerKey, MAX_ADMITTED, MAX_ALLOWED,
+    MAX_CLIENTS, MAX_ENDPOINTS, MAX_RULES, Steer, SynTicket, TICKET_TTL_NS,
 };
 
 #[map(name = "LHB_ENDPOINTS")]
@@ -70,6 +70,10 @@ static ADMITTED: LruHashMap<Flow, Admitted> = LruHashMap::with_max_entries(MAX_A
 
 #[map(name = "LHB_ALLOW")]
 static ALLOW: LpmTrie<AllowAddr, u8> = LpmTrie::with_max_entries(MAX_ALLOWED, 0);
+
+#[map(name = "LHB_CLIENTS")]
+static CLIENTS: LruPerCpuHashMap<ClientKey, ClientSeen> =
+    LruPerCpuHashMap::with_max_entries(MAX_CLIENTS, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -624,10 +628,15 @@ fn assign_endpoint(ctx: &SkLookupContext, remote: &[u8; 16], key: &EndpointKey) 
         return;
     };
     let counters = COUNTERS.get_ptr_mut(rule.slot);
-    if rule.flags & FLAG_SCOPED != 0 && !admitted(rule.slot, key.family, remote) {
+    let client = ClientKey {
+        slot: rule.slot,
+        addr: as_v6(key.family, remote),
+    };
+    if rule.flags & FLAG_SCOPED != 0 && !admitted(&client) {
         // Not assigned: nothing listens on GATEWAY:PORT itself, so TCP answers with a
         // RST, and the service never sees the SYN.
         count(counters, |c| c.refused += 1);
+        seen(&client, false);
         return;
     }
     let lkey = ListenerKey::of(rule);
@@ -649,29 +658,62 @@ fn assign_endpoint(ctx: &SkLookupContext, remote: &[u8; 16], key: &EndpointKey) 
     unsafe { bpf_sk_release(sk) };
     if ret == 0 {
         count(counters, |c| c.connections += 1);
+        seen(&client, true);
     } else {
         count(counters, |c| c.errors += 1);
         debug!(ctx, "bpf_sk_assign failed: {}", ret);
     }
 }
 
-/// Whether rule `slot` admits the client `remote` of `family`: the longest prefix of
-/// (slot, address) in [`ALLOW`] exists. The slot's 32 bits are part of every stored
-/// prefix, so only that rule's entries can match.
+/// `remote` (laid out as an endpoint key's address) as IPv6, IPv4 mapped.
 #[inline(always)]
-fn admitted(slot: u32, family: u8, remote: &[u8; 16]) -> bool {
-    let mut data = AllowAddr {
-        slot: slot.to_be_bytes(),
-        addr: [0; 16],
-    };
+fn as_v6(family: u8, remote: &[u8; 16]) -> [u8; 16] {
     if family == FAMILY_V4 {
-        data.addr[10] = 0xff;
-        data.addr[11] = 0xff;
-        data.addr[12..].copy_from_slice(&remote[..4]);
+        let mut a = [0u8; 16];
+        a[10] = 0xff;
+        a[11] = 0xff;
+        a[12..].copy_from_slice(&remote[..4]);
+        a
     } else {
-        data.addr = *remote;
+        *remote
     }
+}
+
+/// Whether the client's rule admits it: the longest prefix of (slot, address) in
+/// [`ALLOW`] exists. The slot's 32 bits are part of every stored prefix, so only that
+/// rule's entries can match.
+#[inline(always)]
+fn admitted(client: &ClientKey) -> bool {
+    let data = AllowAddr {
+        slot: client.slot.to_be_bytes(),
+        addr: client.addr,
+    };
     ALLOW.get(&Key::new(ALLOW_KEY_BITS, data)).is_some()
+}
+
+/// Counts a client's connection (or refusal) in [`CLIENTS`], on this CPU: no lock, no
+/// sharing, so the count costs a hash lookup per SYN and nothing per packet.
+#[inline(always)]
+fn seen(client: &ClientKey, connected: bool) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(c) = CLIENTS.get_ptr_mut(client) {
+        let c = unsafe { &mut *c };
+        if connected {
+            c.connections += 1;
+        } else {
+            c.refused += 1;
+        }
+        c.last_ns = now;
+        return;
+    }
+    let first = ClientSeen {
+        connections: u64::from(connected),
+        refused: u64::from(!connected),
+        last_ns: now,
+    };
+    // ANY: if another CPU's first SYN from this client created the entry meanwhile, a
+    // program's update of a per-CPU entry writes only this CPU's value.
+    let _ = CLIENTS.insert(client, &first, BPF_ANY as u64);
 }
 
 #[inline(always)]

@@ -176,6 +176,24 @@ impl Lhb {
         Ok(serde_json::from_str(&json)?)
     }
 
+    /// Its metrics (the body of `GET /metrics` on its metrics socket).
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::os::unix::net::UnixStream::connect(self.metrics_socket())?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lhb\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    /// `rules[rule].clients`' entry for `address` in `lhb status --json`.
+    pub fn client(&self, rule: usize, address: &str) -> anyhow::Result<Option<serde_json::Value>> {
+        let st = self.status()?;
+        Ok(st["rules"][rule]["clients"]
+            .as_array()
+            .and_then(|cl| cl.iter().find(|c| c["address"] == address).cloned()))
+    }
+
     /// SIGTERM, then the exit status (SIGKILL after 10 s).
     pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
         // SAFETY: signalling our own child.

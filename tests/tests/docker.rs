@@ -351,15 +351,7 @@ networks:
     );
     let (_, text, _) = lhb_check(&["status", "--control", &lhb.control()]).unwrap();
     assert!(text.contains("label entries NOT served:"), "{text}");
-    let metrics = {
-        use std::io::{Read as _, Write as _};
-        let mut s = std::os::unix::net::UnixStream::connect(lhb.metrics_socket()).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: lhb\r\n\r\n")
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    };
+    let metrics = lhb.metrics().unwrap();
     let sample = format!(
         "lhb_rule_serving{{rule=\"{net}:{p}\",service=\"port-{p}\",origin=\"label\",protocol=\"tcp\"}} 1"
     );

@@ -135,6 +135,37 @@ fn only_the_allowed_client_gets_in(n: u8, mode: &str, env: &[(&str, &str)], path
         ok && table.contains(&format!("only for {mine} (3 refused)")),
         "{table}"
     );
+    // Who connected, counted where the decision was made (the programs, the proxy).
+    let c = lhb.client(0, &mine.to_string()).unwrap();
+    let c = c.unwrap_or_else(|| panic!("{path}: no client {mine}: {}", lhb.status().unwrap()));
+    assert_eq!(
+        (&c["connections"], &c["refused"]),
+        (&1.into(), &0.into()),
+        "{c}"
+    );
+    let c = lhb
+        .client(0, &theirs.to_string())
+        .unwrap()
+        .expect("the refused client");
+    assert_eq!(
+        (&c["connections"], &c["refused"]),
+        (&0.into(), &3.into()),
+        "{c}"
+    );
+    let (ok, table, _) = lhb_check(&["status", "--clients", "--control", &lhb.control()]).unwrap();
+    let row = table.lines().find(|l| l.contains(&format!(" {theirs} ")));
+    assert!(
+        ok && row.is_some_and(|l| l.split_whitespace().nth(2) == Some("0")
+            && l.split_whitespace().nth(3) == Some("3")),
+        "{table}"
+    );
+    // One log line for the three refusals, naming the client (no engine: its address).
+    let logged = lhb_tests::wait_until(Duration::from_secs(12), || {
+        lhb.log().lines().any(|l| {
+            l.contains(&format!("refused {theirs} (no container")) && l.contains("3 connection(s)")
+        })
+    });
+    assert!(logged.is_some(), "{}", lhb.log());
 
     // The list changed by a reload: the boundary moves, on the same sockets and maps.
     write_rule(&cfg, &lab, svc.port(), &[format!("{theirs}/32")]);
@@ -264,6 +295,24 @@ fn udp_answers_a_client_not_on_the_list_with_port_unreachable() {
         t.elapsed()
     );
     assert_eq!(refused(&lhb, "udp"), 1, "{}", counters(&lhb));
+    let c = lhb
+        .client(0, &lab.container_ip().to_string())
+        .unwrap()
+        .expect("the flow's client");
+    assert_eq!(
+        (&c["connections"], &c["refused"]),
+        (&1.into(), &0.into()),
+        "{c}"
+    );
+    let c = lhb
+        .client(0, &Intruder::ip(&lab).to_string())
+        .unwrap()
+        .expect("the refused client");
+    assert_eq!(
+        (&c["connections"], &c["refused"]),
+        (&0.into(), &1.into()),
+        "{c}"
+    );
 
     std::fs::write(&cfg, rule(Intruder::ip(&lab))).unwrap();
     reload(&lhb);
@@ -420,6 +469,36 @@ fn a_network_rule_scoped_to_containers_admits_them_alone_and_cannot_be_forged() 
         let st = lhb.status().unwrap();
         let rule = &st["rules"][0];
         assert_eq!(rule["state"], "serving", "{st:#}");
+        // Who connected, by container name: the admitted one served, the other (and the
+        // forger, whose frames never got past the guard) refused or unseen.
+        let c = lhb
+            .client(0, allowed_ip)
+            .unwrap()
+            .expect("the admitted container");
+        assert_eq!(c["container"], "lhbt-s1-allowed", "{mode}: {c}");
+        assert!(c["connections"].as_u64() >= Some(2), "{mode}: {c}");
+        assert_eq!(c["refused"], 0, "{mode}: {c}");
+        let c = lhb
+            .client(0, "10.230.150.11")
+            .unwrap()
+            .expect("the refused container");
+        assert_eq!(c["container"], "lhbt-s1-other", "{mode}: {c}");
+        assert_eq!(
+            (&c["connections"], &c["refused"]),
+            (&0.into(), &1.into()),
+            "{mode}: {c}"
+        );
+        let m = lhb.metrics().unwrap();
+        let sample = m.lines().find(|l| {
+            l.starts_with("lhb_client_refused_total{")
+                && l.contains("client=\"lhbt-s1-other\",address=\"10.230.150.11\"")
+        });
+        assert!(sample.is_some_and(|l| l.ends_with(" 1")), "{mode}: {m}");
+        let logged = lhb_tests::wait_until(Duration::from_secs(12), || {
+            lhb.log()
+                .contains("refused container lhbt-s1-other (10.230.150.11): 1 connection(s)")
+        });
+        assert!(logged.is_some(), "{mode}: {}", lhb.log());
         drop(labelled);
     }
 

@@ -141,6 +141,11 @@ struct Daemon {
     kernel: Option<KernelPath>,
     proxy: Proxy,
     udp: crate::udp::Forwarder,
+    /// Who connected through the proxy and the UDP forwarder (the kernel path counts
+    /// its own, in its map).
+    clients: crate::clients::Clients,
+    /// Each refused client's refusals when they were last logged.
+    refusals_logged: std::collections::HashMap<(u32, std::net::IpAddr), u64>,
     /// The nftables bridge table that makes container scopes unforgeable.
     guard: crate::guard::Guard,
     /// Follows the applied plan on its own (see FirewallTask); None until the first
@@ -190,6 +195,8 @@ enum Event {
     Watchdog,
     /// The nftables ruleset changed.
     Ruleset,
+    /// Time to log the clients refused since the last time.
+    Refusals,
 }
 
 /// Where the loop's inputs come from.
@@ -202,6 +209,7 @@ struct Inputs {
     watchdog: Option<tokio::time::Interval>,
     /// nf_tables ruleset changes (any table's): the guard's table may have gone.
     ruleset: Option<tokio::sync::mpsc::Receiver<()>>,
+    refusals: tokio::time::Interval,
 }
 
 impl Inputs {
@@ -264,6 +272,7 @@ impl Inputs {
             _ = tokio::time::sleep(retry.delay), if retry.pending => Event::Retry,
             _ = watchdog => Event::Watchdog,
             () = ruleset => Event::Ruleset,
+            _ = self.refusals.tick() => Event::Refusals,
         }
     }
 }
@@ -384,6 +393,10 @@ impl Daemon {
             Event::Watchdog => {
                 // Sent from the loop itself: a stuck loop stops the pings.
                 self.notifier.send("WATCHDOG=1");
+                return Ok(Flow::Continue);
+            }
+            Event::Refusals => {
+                self.log_refusals();
                 return Ok(Flow::Continue);
             }
             Event::Ruleset => {
@@ -536,6 +549,9 @@ impl Daemon {
     /// duplicate, too many rules) changes nothing.
     fn recombine(&mut self) -> anyhow::Result<()> {
         let fresh = self.rules.recombine()?;
+        for &s in &fresh {
+            self.clients.forget(s);
+        }
         if let Some(k) = self.kernel.as_mut() {
             for s in fresh {
                 k.reset_counters(s)?;

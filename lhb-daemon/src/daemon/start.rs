@@ -88,8 +88,14 @@ pub(super) async fn start(
     let (sockets, ctl_rx) = Sockets::bind(opts, metrics_addr, tasks).await?;
     let budget = budget(opts.max_connections, opts.udp_max_flows);
     // Before the kernel path: a thread that cannot start leaves nothing attached.
-    let proxy = Proxy::new(budget.connections, PROXY_BACKLOG, tasks.clone())
-        .context("starting the proxy's thread")?;
+    let clients = crate::clients::Clients::default();
+    let proxy = Proxy::new(
+        budget.connections,
+        PROXY_BACKLOG,
+        tasks.clone(),
+        clients.clone(),
+    )
+    .context("starting the proxy's thread")?;
     let (kernel, kernel_unavailable) = kernel_path(mode, &opts.serve.pin_dir)?;
     let firewall = Firewall::new(firewall_mode);
     let mut d = Daemon {
@@ -114,7 +120,14 @@ pub(super) async fn start(
         },
         kernel,
         proxy,
-        udp: crate::udp::Forwarder::new(budget.udp_flows, opts.udp_idle, tasks.clone()),
+        udp: crate::udp::Forwarder::new(
+            budget.udp_flows,
+            opts.udp_idle,
+            tasks.clone(),
+            clients.clone(),
+        ),
+        clients,
+        refusals_logged: Default::default(),
         udp_errors: Default::default(),
         guard: Default::default(),
         tasks: tasks.clone(),
@@ -142,6 +155,7 @@ pub(super) async fn start(
         control: ctl_rx,
         watchdog,
         ruleset: ruleset_changes(),
+        refusals: tokio::time::interval(view::REFUSALS_EVERY),
     };
     info!(
         "ready: serving {} of {} rule(s); control socket {}",
@@ -240,6 +254,9 @@ impl Daemon {
             info!("firewall: none managed");
         } else {
             info!("firewall: managing {}", backends.join(", "));
+        }
+        for &slot in fresh {
+            self.clients.forget(slot);
         }
         if let Some(k) = self.kernel.as_mut() {
             for &slot in fresh {

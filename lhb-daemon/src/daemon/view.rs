@@ -1,7 +1,7 @@
 //! What the daemon shows: `lhb status` (and the metrics made from it), STATUS= for
 //! systemd, a log line per rule whose state changed, and the final counters.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use tracing::{debug, info, warn};
 
@@ -198,10 +198,109 @@ impl Daemon {
         }
     }
 
+    /// Who connected through each rule on every path, by (slot, address): the kernel
+    /// programs' map and the proxy's and UDP forwarder's table, merged.
+    fn client_table(&self) -> BTreeMap<(u32, IpAddr), status::ClientStatus> {
+        let now = std::time::SystemTime::now();
+        let unix = |ago: Duration| status::unix_time(now - ago);
+        let mut t: BTreeMap<(u32, IpAddr), status::ClientStatus> = BTreeMap::new();
+        let mut add = |slot: u32, ip: IpAddr, conns: u64, refused: u64, last: u64| {
+            let c = t.entry((slot, ip)).or_insert_with(|| status::ClientStatus {
+                address: ip.to_string(),
+                ..Default::default()
+            });
+            c.connections += conns;
+            c.refused += refused;
+            c.last_seen = c.last_seen.max(last);
+        };
+        if let Some(k) = &self.kernel {
+            let mono = monotonic_ns();
+            for (slot, ip, c) in k.clients() {
+                let ago = Duration::from_nanos(mono.saturating_sub(c.last_ns));
+                add(slot, ip, c.connections, c.refused, unix(ago));
+            }
+        }
+        for (slot, ip, c) in self.clients.snapshot() {
+            add(slot, ip, c.connections, c.refused, unix(c.last.elapsed()));
+        }
+        t
+    }
+
+    /// The container that has `ip` on `bridge` now, as an engine says.
+    fn container_at(&self, bridge: &str, ip: IpAddr) -> Option<String> {
+        let docker = self.docker.as_ref().map(|d| d.borrow());
+        let podman = self.podman.as_ref().map(|p| p.rx.borrow());
+        let nets = docker
+            .iter()
+            .flat_map(|v| v.networks.values())
+            .chain(podman.iter().flat_map(|v| v.networks.values()));
+        for n in nets.filter(|n| n.bridge == bridge) {
+            if let Some(m) = n.members.iter().find(|m| m.addrs.contains(&ip)) {
+                return Some(m.name.clone());
+            }
+        }
+        None
+    }
+
+    /// One line per client refused since the last call, at most [`REFUSAL_LINES`] per
+    /// call (every [`REFUSALS_EVERY`]): a container knocking a thousand times a
+    /// second makes one line per period, not a thousand.
+    pub(super) fn log_refusals(&mut self) {
+        // Only scoped rules refuse anyone.
+        if self.rules.iter().all(|a| a.rule.allow.is_empty()) {
+            self.refusals_logged.clear();
+            return;
+        }
+        let table = self.client_table();
+        let mut logged = std::collections::HashMap::new();
+        let (mut lines, mut more) = (0, 0);
+        for (&(slot, ip), c) in table.iter().filter(|(_, c)| c.refused > 0) {
+            let before = self.refusals_logged.get(&(slot, ip)).copied();
+            logged.insert((slot, ip), c.refused);
+            // Fewer than before: the kernel's LRU forgot it and it came back.
+            let new = match before {
+                Some(b) if b <= c.refused => c.refused - b,
+                _ => c.refused,
+            };
+            if new == 0 {
+                continue;
+            }
+            if lines == REFUSAL_LINES {
+                more += 1;
+                continue;
+            }
+            lines += 1;
+            let Some(a) = self.rules.iter().find(|a| a.slot == slot) else {
+                continue;
+            };
+            let bridge = match self.applied.states.get(&a.rule.key()) {
+                Some(RuleState::Serving { bridge, .. }) => Some(bridge.clone()),
+                _ => None,
+            };
+            let who = match bridge.and_then(|b| self.container_at(&b, ip)) {
+                Some(name) => format!("container {name} ({ip})"),
+                None => format!("{ip} (no container has this address on the bridge)"),
+            };
+            let allow: Vec<String> = a.rule.allow.iter().map(|c| c.to_string()).collect();
+            warn!(
+                rule = %a.rule.key(),
+                "refused {who}: {new} connection(s) or datagram(s) since the last report; the rule allows only {}; `lhb doctor` says what to write",
+                allow.join(", ")
+            );
+        }
+        if more > 0 {
+            warn!(
+                "and {more} other client(s) refused since the last report; `lhb status --clients` lists them"
+            );
+        }
+        self.refusals_logged = logged;
+    }
+
     pub(super) fn status(&self) -> Status {
         let fw = self.firewall_chains.borrow().clone();
         let chains = &fw.chains;
         let mut rules = Vec::new();
+        let clients = self.client_table();
         for a in self.rules.iter() {
             let (rule, slot) = (&a.rule, a.slot);
             let state = self.applied.states.get(&rule.key());
@@ -264,6 +363,18 @@ impl Daemon {
             r.counters.udp_dropped = get(&u.dropped);
             r.counters.udp_max_flows = get(&u.limit);
             r.counters.udp_refused = get(&u.refused);
+            let bridge = r.bridge.clone();
+            r.clients = clients
+                .range((slot, IpAddr::from([0u8; 4]))..)
+                .take_while(|((s, _), _)| *s == slot)
+                .map(|(&(_, ip), c)| {
+                    let mut c = c.clone();
+                    c.container = bridge.as_deref().and_then(|b| self.container_at(b, ip));
+                    c
+                })
+                .collect();
+            r.clients
+                .sort_by_key(|c| std::cmp::Reverse((c.last_seen, c.connections + c.refused)));
             rules.push(r);
         }
         Status {
@@ -352,4 +463,15 @@ impl Daemon {
                    target_errors = ?p.target_errors, over_limit = ?p.over_limit, "final proxy counters");
         }
     }
+}
+
+/// How often refused clients are logged: one line per client per period at most.
+pub(super) const REFUSALS_EVERY: Duration = Duration::from_secs(10);
+/// Lines per period at most; the rest are counted in one more.
+const REFUSAL_LINES: usize = 16;
+
+/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns` (and of `Instant`).
+fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    (t.tv_sec as u64) * 1_000_000_000 + t.tv_nsec as u64
 }
