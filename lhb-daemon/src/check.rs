@@ -296,12 +296,22 @@ impl ProbeNs {
     /// A namespace plugged into `bridge` like a container, with a free address next to
     /// each of `gateways` (address and prefix length).
     pub fn on_bridge(bridge: &str, gateways: &[(IpAddr, u8)]) -> anyhow::Result<ProbeNs> {
-        let mut ns = ProbeNs::create('b')?;
-        ip(&["link", "set", &ns.host_veth, "master", bridge, "up"])?;
         let used = neighbours(bridge);
+        let mut at = Vec::new();
         for &(gw, plen) in gateways {
             let addr = free_address(gw, plen, &used)
                 .with_context(|| format!("no free address for a probe next to {gw}/{plen}"))?;
+            at.push((addr, plen, gw));
+        }
+        ProbeNs::at(bridge, &at)
+    }
+
+    /// A namespace plugged into `bridge` like a container, with the given (address,
+    /// prefix length, gateway) triples.
+    pub fn at(bridge: &str, addrs: &[(IpAddr, u8, IpAddr)]) -> anyhow::Result<ProbeNs> {
+        let mut ns = ProbeNs::create('b')?;
+        ip(&["link", "set", &ns.host_veth, "master", bridge, "up"])?;
+        for &(addr, plen, _) in addrs {
             let cidr = format!("{addr}/{plen}");
             if addr.is_ipv6() {
                 ns.ip(&["addr", "add", &cidr, "dev", "eth0", "nodad"])?;
@@ -313,11 +323,34 @@ impl ProbeNs {
         ns.ip(&["link", "set", "eth0", "up"])?;
         // Like a container: everything via the bridge's address, so that gateways not on
         // this bridge (Docker's host-gateway) are reachable too.
-        for &(gw, _) in gateways {
+        for &(_, _, gw) in addrs {
             let family = if gw.is_ipv6() { "-6" } else { "-4" };
             ns.ip(&[family, "route", "add", "default", "via", &gw.to_string()])?;
         }
         Ok(ns)
+    }
+
+    /// A free address for a probe inside one of `allowed`'s prefixes and inside the
+    /// bridge's own prefix `own` (address, length), from the top down, skipping the
+    /// addresses in use on `bridge` and its own: a client the list admits that is not
+    /// there now. Never an address the list names alone: that is one client's, which
+    /// may be up without being in the neighbour table yet.
+    pub fn admitted_address(
+        bridge: &str,
+        own: (IpAddr, u8),
+        allowed: &[ipnet::IpNet],
+    ) -> Option<IpAddr> {
+        let subnet = ipnet::IpNet::new(own.0, own.1).ok()?.trunc();
+        let used = neighbours(bridge);
+        allowed
+            .iter()
+            .filter(|n| {
+                subnet.contains(&n.network())
+                    && n.prefix_len() >= subnet.prefix_len()
+                    && n.prefix_len() < n.max_prefix_len()
+            })
+            .flat_map(|n| n.hosts().rev().take(64))
+            .find(|a| *a != own.0 && !used.contains(a))
     }
 
     /// A namespace on `bridge` that can reach each of `gateways`: one address per
@@ -434,6 +467,23 @@ impl ProbeNs {
             })
             .collect()
     }
+}
+
+/// Connects to `to` from inside the network namespace at `ns` (a container's sandbox).
+pub fn connect_from(ns: &str, to: SocketAddr, timeout: Duration) -> Outcome {
+    let path = ns.to_string();
+    // setns() changes only the calling thread's namespace: a thread of its own.
+    std::thread::spawn(move || connect_in(Path::new(&path), to, timeout))
+        .join()
+        .unwrap_or_else(|_| Outcome::Other("probe thread panicked".into()))
+}
+
+/// Sends `payload` to `to` from inside the network namespace at `ns`.
+pub fn ask_from(ns: &str, to: SocketAddr, payload: &[u8], timeout: Duration) -> Datagram {
+    let (path, payload) = (ns.to_string(), payload.to_vec());
+    std::thread::spawn(move || ask_in(Path::new(&path), to, &payload, timeout))
+        .join()
+        .unwrap_or_else(|_| Datagram::Other("probe thread panicked".into()))
 }
 
 fn connect_in(ns: &Path, to: SocketAddr, timeout: Duration) -> Outcome {

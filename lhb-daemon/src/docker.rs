@@ -47,6 +47,9 @@ pub struct Member {
     /// same number its veth peers on the bridge report; None where it could not be
     /// read (the container is then admitted nowhere).
     pub netns: Option<i32>,
+    /// Its sandbox file (Docker's `SandboxKey`, a bind mount of its network namespace):
+    /// where `lhb verify` connects from as this container.
+    pub sandbox: Option<String>,
 }
 
 /// What the engine said last.
@@ -425,9 +428,10 @@ async fn members(
             .first()
             .map(|n| n.trim_start_matches('/').to_string())
             .unwrap_or_default();
-        let netns = match &nl {
-            Some(nl) => netns_of(docker, nl, &id).await,
-            None => None,
+        let sandbox = sandbox_of(docker, &id).await;
+        let netns = match (&nl, &sandbox) {
+            (Some(nl), Some(key)) => netns_of(nl, &id, key).await,
+            _ => None,
         };
         let labels: BTreeMap<String, String> = c.labels.unwrap_or_default().into_iter().collect();
         for (net, addrs) in endpoints {
@@ -439,6 +443,7 @@ async fn members(
                     labels: labels.clone(),
                     addrs,
                     netns,
+                    sandbox: sandbox.clone(),
                 });
             }
         }
@@ -449,16 +454,20 @@ async fn members(
     Ok(())
 }
 
-/// The NSID of container `id`'s network namespace: its sandbox file (Docker's
-/// `SandboxKey`, a bind mount of the namespace) asked of netlink. A file rather than the
-/// pid: a pid can be reused, the sandbox is the container's own.
-async fn netns_of(docker: &Docker, nl: &crate::netlink::Netlink, id: &str) -> Option<i32> {
+/// Container `id`'s sandbox file (Docker's `SandboxKey`, a bind mount of its network
+/// namespace). A file rather than the pid: a pid can be reused, the sandbox is the
+/// container's own.
+async fn sandbox_of(docker: &Docker, id: &str) -> Option<String> {
     let c = docker
         .inspect_container(id, None::<InspectContainerOptions>)
         .await
         .ok()?;
-    let key = c.network_settings?.sandbox_key.filter(|k| !k.is_empty())?;
-    match nl.nsid_of(std::path::Path::new(&key)).await {
+    c.network_settings?.sandbox_key.filter(|k| !k.is_empty())
+}
+
+/// The NSID of the network namespace at `key` (container `id`'s), asked of netlink.
+async fn netns_of(nl: &crate::netlink::Netlink, id: &str, key: &str) -> Option<i32> {
+    match nl.nsid_of(std::path::Path::new(key)).await {
         Ok(id) => id,
         Err(e) => {
             debug!("container {id}: namespace {key}: {e:#}");

@@ -185,6 +185,7 @@ fn udp_steps(
             (to, probe.ask_udp(to, &payload, PROBE_TIMEOUT))
         })
         .collect();
+    let outsider = outsider(rule, &probe.addrs);
     drop(probe);
     let one_way = payload.is_empty();
     let dropped = outcomes.iter().any(|(_, d)| match d {
@@ -202,6 +203,11 @@ fn udp_steps(
         r,
     );
     for (to, d) in outcomes {
+        if outsider(to.ip()) && matches!(d, Datagram::Answered | Datagram::Refused) {
+            let served = d == Datagram::Answered;
+            scoped_probe(bridge, to, "/udp", &d.describe(), served, !served, r);
+            continue;
+        }
         let fix = match &d {
             Datagram::Answered => None,
             Datagram::Silent if one_way => None,
@@ -348,6 +354,7 @@ fn probe_steps(
             (to, probe.connect(to, PROBE_TIMEOUT))
         })
         .collect();
+    let outsider = outsider(rule, &probe.addrs);
     drop(probe);
     // Dropped (no answer), or rejected with an ICMP error (firewalld's
     // admin-prohibited arrives as "no route to host").
@@ -365,6 +372,20 @@ fn probe_steps(
         r,
     );
     for (to, o) in outcomes {
+        if outsider(to.ip()) {
+            scoped_probe(
+                bridge,
+                to,
+                "",
+                &o.describe(),
+                o == Outcome::Served,
+                matches!(o, Outcome::Refused | Outcome::Reset),
+                r,
+            );
+            if o != Outcome::TimedOut && !matches!(o, Outcome::Other(_)) {
+                continue;
+            }
+        }
         let fix = probe_fix(&o, to, target, !blockers.is_empty(), bridge, daemons);
         let level = if fix.is_none() {
             Level::Ok
@@ -378,6 +399,52 @@ fn probe_steps(
         );
     }
     Ok(())
+}
+
+/// For a scoped rule: whether the probe that went to a gateway of this family is a
+/// client the allow list does not admit (always, for a list of containers: a probe
+/// namespace is none of them), so its refusal is the rule working.
+fn outsider(rule: &Rule, probe: &[IpAddr]) -> impl Fn(IpAddr) -> bool + use<> {
+    let scope = crate::scope::AllowSet::of(rule);
+    let probe = probe.to_vec();
+    move |gw: IpAddr| {
+        scope.as_ref().is_some_and(|s| {
+            probe
+                .iter()
+                .find(|a| a.is_ipv4() == gw.is_ipv4())
+                .is_some_and(|a| !s.allows(*a))
+        })
+    }
+}
+
+/// The live probe's line for a scoped rule whose probe the list does not admit.
+fn scoped_probe(
+    bridge: &str,
+    to: SocketAddr,
+    proto: &str,
+    described: &str,
+    served: bool,
+    refused: bool,
+    r: &mut Findings,
+) {
+    let what = format!(
+        "probe: a namespace on {bridge}, not on the allow list -> {to}{proto}: {described}"
+    );
+    if refused {
+        r.add(
+            Level::Ok,
+            format!(
+                "{what}, as the allow list wants (`lhb verify` also connects as a client it admits)"
+            ),
+            None,
+        );
+    } else if served {
+        r.add(
+            Level::Fail,
+            what,
+            Some("a client the allow list does not admit was served: is the running rule the one checked here (`lhb status` shows its allow list)?".into()),
+        );
+    }
 }
 
 /// The chains that may drop `transport` to `port` on each gateway of `bridge` and hold
@@ -529,15 +596,11 @@ fn bridge_steps(
         link_step(rule, name, observed.links.get(name), r);
     }
     match resolved {
-        Ok(reconcile::Resolved {
-            bridge,
-            link,
-            gateways,
-            ..
-        }) => {
-            let list: Vec<String> = gateways.iter().map(IpAddr::to_string).collect();
+        Ok(res) => {
+            let list: Vec<String> = res.gateways.iter().map(IpAddr::to_string).collect();
             r.add(Level::Ok, format!("gateway: {}", list.join(", ")), None);
-            Some((bridge.to_string(), link.ifindex, gateways))
+            scope_steps(rule, &res, observed, r);
+            Some((res.bridge.to_string(), res.link.ifindex, res.gateways))
         }
         Err(why) => {
             // An uplink was reported above, with its fix.
@@ -546,6 +609,127 @@ fn bridge_steps(
             }
             None
         }
+    }
+}
+
+/// Containers named in one finding at most; the rest are counted.
+const NAMED_AT_MOST: usize = 12;
+
+/// Step 2b, for a scoped rule: whom its allow list admits and how firmly, each entry
+/// that names nobody, and each container on the network it refuses with what to write
+/// to admit it. Pure: from what was observed.
+fn scope_steps(rule: &Rule, res: &reconcile::Resolved<'_>, observed: &Observed, r: &mut Findings) {
+    if rule.allow.is_empty() {
+        return;
+    }
+    let list = rule
+        .allow
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let Some(net) = res.network else {
+        r.add(
+            Level::Note,
+            format!(
+                "allow: only {list}, by address: anything on {} that sends with one of these addresses gets in (no engine names this bridge's ports, so lhb cannot tie an address to a port)",
+                res.bridge
+            ),
+            None,
+        );
+        return;
+    };
+    let podman = matches!(&rule.source, Source::Network(n)
+        if observed.docker.as_ref().is_some_and(|d| matches!(d.find(n), crate::docker::Lookup::Found(crate::docker::Engine::Podman, _))));
+    if podman {
+        r.add(
+            Level::Warn,
+            format!("allow: {list} names containers, and lhb does not follow Podman's containers yet: this rule admits nobody"),
+            Some("scope it with an interface rule on the network's bridge and addresses (`interface = \"...\"`, `allow = [\"ADDR\"]`), or leave out `allow`".into()),
+        );
+        return;
+    }
+    let veth = |m: &crate::docker::Member| {
+        m.netns
+            .and_then(|id| res.link.ports.iter().find(|p| p.netns == id))
+    };
+    for c in &rule.allow {
+        let named: Vec<_> = net
+            .members
+            .iter()
+            .filter(|m| reconcile::names(c, m))
+            .collect();
+        if named.is_empty() {
+            let on: Vec<&str> = net.members.iter().map(|m| m.name.as_str()).collect();
+            r.add(
+                Level::Warn,
+                format!("allow entry `{c}` names no container on the network now"),
+                Some(if on.is_empty() {
+                    "no container is on the network: it is admitted when one it names starts".into()
+                } else {
+                    format!(
+                        "the containers on it are {}: write a name, a compose service (PROJECT/SERVICE) or label:KEY=VALUE one of them has (or start the one it names)",
+                        on.join(", ")
+                    )
+                }),
+            );
+        }
+    }
+    let (admitted, refused): (Vec<_>, Vec<_>) = net
+        .members
+        .iter()
+        .partition(|m| rule.allow.iter().any(|c| reconcile::names(c, m)));
+    for m in &admitted {
+        let addrs: Vec<String> = m.addrs.iter().map(IpAddr::to_string).collect();
+        match veth(m) {
+            Some(p) => r.add(
+                Level::Ok,
+                format!(
+                    "allow: admits container {} ({}), only through its own port on {} (ifindex {})",
+                    m.name,
+                    addrs.join(", "),
+                    res.bridge,
+                    p.ifindex
+                ),
+                None,
+            ),
+            None => r.add(
+                Level::Warn,
+                format!(
+                    "allow: names container {} ({}), but its port on {} is not found: it is admitted nowhere",
+                    m.name,
+                    addrs.join(", "),
+                    res.bridge
+                ),
+                Some("lhb ties a container to its veth through its namespace; if it stays so after the container restarted, see lhb's log".into()),
+            ),
+        }
+    }
+    for m in refused.iter().take(NAMED_AT_MOST) {
+        let addrs: Vec<String> = m.addrs.iter().map(IpAddr::to_string).collect();
+        let by = match (&m.project, &m.service) {
+            (Some(p), Some(s)) => format!("\"{}\" or \"{p}/{s}\"", m.name),
+            _ => format!("\"{}\"", m.name),
+        };
+        r.add(
+            Level::Note,
+            format!(
+                "allow: refuses container {} ({}): the list ({list}) names neither it, nor its compose service, nor a label it has",
+                m.name,
+                addrs.join(", ")
+            ),
+            Some(format!("to admit it, add {by} to the rule's allow list, then `lhb reload`")),
+        );
+    }
+    if refused.len() > NAMED_AT_MOST {
+        r.add(
+            Level::Note,
+            format!(
+                "allow: refuses {} more container(s) on the network",
+                refused.len() - NAMED_AT_MOST
+            ),
+            None,
+        );
     }
 }
 

@@ -4,7 +4,10 @@
 //! any address the host has; and nothing may listen on the port (or the target's port)
 //! on a wildcard address or on an address not tied to its bridge. A rule's UDP side is
 //! probed with a datagram (a DNS query where the target is port 53, else an empty one)
-//! and the same three checks.
+//! and the same three checks. A scoped rule (`allow`) turns the bridge probe around: the
+//! probe is a client the list does not admit and must be refused; an admitted client
+//! (a named container, from inside its own namespace; for an interface rule, a probe at
+//! a free address the list admits) must connect.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -59,12 +62,12 @@ pub async fn run(t: Target) -> anyhow::Result<bool> {
 }
 
 fn verify_rule(rule: &Rule, observed: &Observed, r: &mut Findings) -> anyhow::Result<()> {
-    let (bridge, gateways) = match reconcile::bridge_of(rule, observed) {
+    let (bridge, gateways, network) = match reconcile::bridge_of(rule, observed) {
         Ok(reconcile::Resolved {
             bridge,
             link,
             gateways,
-            ..
+            network,
         }) => {
             if !link.uplinks.is_empty() {
                 r.add(
@@ -76,7 +79,7 @@ fn verify_rule(rule: &Rule, observed: &Observed, r: &mut Findings) -> anyhow::Re
                     None,
                 );
             }
-            (bridge.to_string(), gateways)
+            (bridge.to_string(), gateways, network)
         }
         Err(why) => {
             r.check(
@@ -104,10 +107,31 @@ fn verify_rule(rule: &Rule, observed: &Observed, r: &mut Findings) -> anyhow::Re
             .map(|a| a.to_string())
             .unwrap_or_else(|| "a probe".into())
     };
+    let scope = crate::scope::AllowSet::of(rule);
+    // A network rule's list names containers: a probe namespace is none of them.
+    let admitted = |a: &str| {
+        scope
+            .as_ref()
+            .is_none_or(|s| a.parse().is_ok_and(|ip| s.allows(ip)))
+    };
     if rule.protocol.tcp() {
         for &gw in &gateways {
             let to = SocketAddr::new(gw, rule.port);
             let o = probe.connect(to, BRIDGE_TIMEOUT);
+            if !admitted(&from(gw)) {
+                // The proxy accepts before it can check, then resets.
+                let held = matches!(o, Outcome::Refused | Outcome::Reset);
+                r.check(
+                    held,
+                    format!(
+                        "from the bridge, a client the allow list does not admit: {} on {bridge} -> {to}: {}{}",
+                        from(gw),
+                        o.describe(),
+                        if held { ", as it must be" } else { "" }
+                    ),
+                );
+                continue;
+            }
             let line = format!(
                 "from the bridge: {} on {bridge} -> {to}: {}",
                 from(gw),
@@ -130,27 +154,200 @@ fn verify_rule(rule: &Rule, observed: &Observed, r: &mut Findings) -> anyhow::Re
         for &gw in &gateways {
             let to = SocketAddr::new(gw, rule.port);
             let d = probe.ask_udp(to, &payload, BRIDGE_TIMEOUT);
+            if !admitted(&from(gw)) {
+                let held = d == Datagram::Refused;
+                r.check(
+                    held,
+                    format!(
+                        "from the bridge, a client the allow list does not admit: {} on {bridge} -> {to}/udp: {}{}",
+                        from(gw),
+                        d.describe(),
+                        if held { ", as it must be" } else { "" }
+                    ),
+                );
+                continue;
+            }
             let line = format!(
                 "from the bridge: {} on {bridge} -> {to}/udp: {}",
                 from(gw),
                 d.describe()
             );
-            match d {
-                Datagram::Answered => r.check(true, line),
-                // A DNS service answers every query; a one-way one never does.
-                Datagram::Silent if payload.is_empty() => r.check(
-                    true,
-                    format!(
-                        "{line} (a one-way service answers nothing; a refusal would have come back)"
-                    ),
+            udp_served(d, &payload, line, r);
+        }
+    }
+    if let Some(scope) = &scope {
+        let probed: Vec<IpAddr> = probe.addrs.clone();
+        drop(probe);
+        match network {
+            Some(net) => check_admitted_containers(rule, net, &gateways, r),
+            None => check_admitted_address(rule, &bridge, own, scope, &probed, &gateways, r)?,
+        }
+    } else {
+        drop(probe);
+    }
+    check_outside(rule, observed, &gateways, r)?;
+    check_listeners(rule, observed, r)
+}
+
+/// A datagram's outcome from a client that must be served.
+fn udp_served(d: Datagram, payload: &[u8], line: String, r: &mut Findings) {
+    match d {
+        Datagram::Answered => r.check(true, line),
+        // A DNS service answers every query; a one-way one never does.
+        Datagram::Silent if payload.is_empty() => r.check(
+            true,
+            format!("{line} (a one-way service answers nothing; a refusal would have come back)"),
+        ),
+        _ => r.check(false, line),
+    }
+}
+
+/// Containers the allow list admits, at most this many, connect from their own
+/// namespaces.
+const ADMITTED_PROBES: usize = 3;
+
+/// A network rule's admitted side: from inside each named container (its sandbox), as
+/// the container itself, to every gateway of its address families.
+fn check_admitted_containers(
+    rule: &Rule,
+    net: &crate::docker::DockerNetwork,
+    gateways: &[IpAddr],
+    r: &mut Findings,
+) {
+    let named: Vec<_> = net
+        .members
+        .iter()
+        .filter(|m| rule.allow.iter().any(|c| reconcile::names(c, m)))
+        .collect();
+    if named.is_empty() {
+        r.add(
+            Level::Skip,
+            format!(
+                "no container on the network is named by the allow list now ({}): the admitted side was not checked",
+                rule.allow.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+            Some("start one of them, or see `lhb doctor` for the names on the network".into()),
+        );
+        return;
+    }
+    let payload = check::udp_probe_payload(rule);
+    for m in named.iter().take(ADMITTED_PROBES) {
+        let Some(sandbox) = &m.sandbox else {
+            r.add(
+                Level::Skip,
+                format!(
+                    "container {}: its namespace is not known; not probed",
+                    m.name
                 ),
-                _ => r.check(false, line),
+                None,
+            );
+            continue;
+        };
+        for &gw in gateways
+            .iter()
+            .filter(|g| m.addrs.iter().any(|a| a.is_ipv4() == g.is_ipv4()))
+        {
+            let to = SocketAddr::new(gw, rule.port);
+            if rule.protocol.tcp() {
+                let o = check::connect_from(sandbox, to, BRIDGE_TIMEOUT);
+                r.check(
+                    o == Outcome::Served,
+                    format!(
+                        "from an admitted container: {} -> {to}: {}",
+                        m.name,
+                        o.describe()
+                    ),
+                );
+            }
+            if rule.protocol.udp() {
+                let d = check::ask_from(sandbox, to, &payload, BRIDGE_TIMEOUT);
+                let line = format!(
+                    "from an admitted container: {} -> {to}/udp: {}",
+                    m.name,
+                    d.describe()
+                );
+                udp_served(d, &payload, line, r);
             }
         }
     }
-    drop(probe);
-    check_outside(rule, observed, &gateways, r)?;
-    check_listeners(rule, observed, r)
+    if named.len() > ADMITTED_PROBES {
+        r.add(
+            Level::Note,
+            format!(
+                "{} more admitted container(s) not probed",
+                named.len() - ADMITTED_PROBES
+            ),
+            None,
+        );
+    }
+}
+
+/// An interface rule's admitted side: a probe at a free address the list admits, next
+/// to each gateway family the first probe was refused on.
+fn check_admitted_address(
+    rule: &Rule,
+    bridge: &str,
+    own: &[(IpAddr, u8)],
+    scope: &crate::scope::AllowSet,
+    probed: &[IpAddr],
+    gateways: &[IpAddr],
+    r: &mut Findings,
+) -> anyhow::Result<()> {
+    let mut at = Vec::new();
+    for &(a, plen) in own {
+        let Some(&gw) = gateways.iter().find(|g| g.is_ipv4() == a.is_ipv4()) else {
+            continue;
+        };
+        if probed
+            .iter()
+            .any(|p| p.is_ipv4() == a.is_ipv4() && scope.allows(*p))
+            || at
+                .iter()
+                .any(|(x, _, _): &(IpAddr, u8, IpAddr)| x.is_ipv4() == a.is_ipv4())
+        {
+            // Already admitted and checked above, or this family has its probe.
+            continue;
+        }
+        match ProbeNs::admitted_address(bridge, (a, plen), scope.nets()) {
+            Some(addr) => at.push((addr, plen, gw)),
+            None => r.add(
+                Level::Skip,
+                format!(
+                    "no free address on {bridge} the allow list admits next to {a}/{plen} (the list names single addresses there, or prefixes whose free addresses are all taken, or none on the bridge's subnet): the admitted side was not checked"
+                ),
+                None,
+            ),
+        }
+    }
+    if at.is_empty() {
+        return Ok(());
+    }
+    let probe = ProbeNs::at(bridge, &at)?;
+    let payload = check::udp_probe_payload(rule);
+    for &(addr, _, _) in &at {
+        for &gw in gateways.iter().filter(|g| g.is_ipv4() == addr.is_ipv4()) {
+            let to = SocketAddr::new(gw, rule.port);
+            if rule.protocol.tcp() {
+                let o = probe.connect(to, BRIDGE_TIMEOUT);
+                r.check(
+                    o == Outcome::Served,
+                    format!(
+                        "from the bridge, a client the allow list admits: {addr} on {bridge} -> {to}: {}",
+                        o.describe()
+                    ),
+                );
+            }
+            if rule.protocol.udp() {
+                let d = probe.ask_udp(to, &payload, BRIDGE_TIMEOUT);
+                let line = format!(
+                    "from the bridge, a client the allow list admits: {addr} on {bridge} -> {to}/udp: {}",
+                    d.describe()
+                );
+                udp_served(d, &payload, line, r);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Outside the bridge, the port must not answer on any host address. The rule's

@@ -350,3 +350,60 @@ fn verify_and_doctor_check_a_udp_rule() {
         "{out}"
     );
 }
+
+/// A scoped rule: verify checks both sides (a probe the list does not admit is refused,
+/// one at a free address it admits connects), and doctor calls the refusal the rule
+/// working and says the boundary is an address check on a bridge no engine names.
+#[test]
+fn verify_and_doctor_understand_an_allow_list() {
+    let _g = shared();
+    for (n, mode) in [(146, "auto"), (147, "proxy")] {
+        let lab = Lab::new(n).unwrap();
+        let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+        // .254 (the first probe's address, from the top) is not admitted; .94 (the top
+        // of the /27) is.
+        let s = format!(
+            "{}:{}@{},10.201.{n}.64/27",
+            lab.bridge_name(),
+            svc.port(),
+            lab.container_ip()
+        );
+        let lhb = Lhb::start(&["--mode", mode, "--expose-iface", &s]).unwrap();
+        let (ok, out, err) = lhb_check(&["verify", "--iface", &s]).unwrap();
+        assert!(ok, "{mode}: verify failed:\n{out}{err}\n{}", lhb.log());
+        let gw = SocketAddr::new(lab.gateway(), svc.port());
+        for line in [
+            format!(
+                "PASS  from the bridge, a client the allow list does not admit: 10.201.{n}.254 on {} -> {gw}: ",
+                lab.bridge_name()
+            ),
+            format!(
+                "PASS  from the bridge, a client the allow list admits: 10.201.{n}.94 on {} -> {gw}: connected",
+                lab.bridge_name()
+            ),
+            format!("PASS  from outside the bridge -> {gw}: refused"),
+        ] {
+            assert!(out.contains(&line), "{mode}: no `{line}` in:\n{out}");
+        }
+        assert!(fails(&out).is_empty(), "{out}");
+        // The service saw the admitted probe only (the proxy's own source in proxy mode).
+        assert_eq!(svc.seen().len(), 1, "{mode}: {:?}", svc.seen());
+
+        let (ok, out, err) = lhb_check(&["doctor", "--iface", &s]).unwrap();
+        assert!(ok, "{mode}: doctor failed:\n{out}{err}");
+        for line in [
+            format!(
+                "OK    probe: a namespace on {}, not on the allow list -> {gw}: ",
+                lab.bridge_name()
+            ),
+            format!(
+                "NOTE  allow: only {}, 10.201.{n}.64/27, by address: anything on {}",
+                lab.container_ip(),
+                lab.bridge_name()
+            ),
+            "no problem found".to_string(),
+        ] {
+            assert!(out.contains(&line), "{mode}: no `{line}` in:\n{out}");
+        }
+    }
+}

@@ -505,6 +505,30 @@ fn a_network_rule_scoped_to_containers_admits_them_alone_and_cannot_be_forged() 
     // The admitted container gone, its address handed to another: refused.
     let lhb = Lhb::start(&["--mode", "kernel", "--expose", &spec]).unwrap();
     assert!(allowed.wget(&url).is_ok(), "{}", lhb.log());
+    // verify connects as the admitted container (from its own namespace) and as a
+    // probe the list does not name; doctor says whom the list admits and refuses.
+    let (ok, out, err) = lhb_check(&["verify", &spec]).unwrap();
+    for line in [
+        "PASS  from the bridge, a client the allow list does not admit: 10.230.150.".to_string(),
+        format!("PASS  from an admitted container: lhbt-s1-allowed -> {gw}:{p}: connected"),
+    ] {
+        assert!(
+            ok && out.contains(&line),
+            "no `{line}` in:\n{out}{err}\n{}",
+            lhb.log()
+        );
+    }
+    let (ok, out, err) = lhb_check(&["doctor", &spec]).unwrap();
+    for line in [
+        "OK    allow: admits container lhbt-s1-allowed (10.230.150.10), only through its own port on ",
+        "NOTE  allow: refuses container lhbt-s1-other (10.230.150.11): the list (lhbt-s1-allowed, label:lhbt.role=client) names neither",
+        "      fix: to admit it, add \"lhbt-s1-other\" to the rule's allow list, then `lhb reload`",
+        ", not on the allow list -> ",
+        // The labelled containers of the loop above are gone.
+        "WARN  allow entry `label:lhbt.role=client` names no container on the network now",
+    ] {
+        assert!(ok && out.contains(line), "no `{line}` in:\n{out}{err}");
+    }
     // Its guard removed by someone else (a reload that flushes the ruleset): back at once.
     let guard = || {
         std::process::Command::new("nft")
