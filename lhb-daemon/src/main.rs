@@ -425,6 +425,11 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
+        // A log line that cannot be written is lost, not a reason to stop serving: by
+        // default tracing-subscriber reports it with eprintln!, which panics when
+        // stderr is a closed pipe (a log reader gone, journald restarted), and the
+        // daemon died with its work half done.
+        .log_internal_errors(false)
         .init();
 }
 

@@ -27,6 +27,8 @@ pub fn lhb_bin() -> PathBuf {
 pub struct Lhb {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// Set: the log reader stops at the next line and closes its end of the pipe.
+    deaf: Arc<std::sync::atomic::AtomicBool>,
     // Dropped after the child is stopped (Drop below runs first).
     private: Private,
 }
@@ -111,11 +113,15 @@ impl Lhb {
             .with_context(|| format!("starting {}", bin.display()))?;
         let stderr = child.stderr.take().context("no stderr")?;
         let log = Arc::new(Mutex::new(Vec::new()));
+        let deaf = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
-        let l = log.clone();
+        let (l, d) = (log.clone(), deaf.clone());
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                if d.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
                 if line.contains("ready:") {
                     let _ = tx.send(());
                 }
@@ -128,6 +134,7 @@ impl Lhb {
             Lhb {
                 child,
                 log,
+                deaf,
                 private,
             },
             rx,
@@ -167,6 +174,17 @@ impl Lhb {
 
     pub fn log(&self) -> String {
         self.log.lock().map(|v| v.join("\n")).unwrap_or_default()
+    }
+
+    /// From the next log line on, nobody reads the daemon's stderr: its pipe's read end
+    /// is closed, as when a log reader goes away.
+    pub fn deafen(&self) {
+        self.deaf.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the process still runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// `lhb status --json` of this daemon.

@@ -706,3 +706,48 @@ fn version_names_the_commit_and_completions_cover_every_subcommand() {
         }
     }
 }
+
+/// Its log reader gone (stderr a closed pipe: a `| head`, a journald restart): lines
+/// are lost, the daemon is not. It keeps serving, takes requests that log, and still
+/// cleans up on SIGTERM.
+#[test]
+fn a_closed_log_pipe_does_not_stop_the_daemon() {
+    let lab = Lab::new(148).unwrap();
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let (p, q, r) = (
+        svc.port(),
+        free_port("127.0.0.1").unwrap(),
+        free_port("127.0.0.1").unwrap(),
+    );
+    let mut lhb = Lhb::start(&["--expose-iface", &format!("{}:{p}", lab.bridge_name())]).unwrap();
+    let pins = lhb.pin_dir();
+    lhb.deafen();
+    // Each logs a line: the first ends the reader, the next ones meet a closed pipe.
+    for spec in [
+        format!("{}:{q}", lab.bridge_name()),
+        format!("{}:{r}", lab.bridge_name()),
+    ] {
+        let (ok, out, err) =
+            lhb_check(&["expose", "--iface", &spec, "--control", &lhb.control()]).unwrap();
+        assert!(ok, "{out}{err}");
+    }
+    let (ok, _, err) = lhb_check(&[
+        "unexpose",
+        "--iface",
+        &format!("{}:{q}", lab.bridge_name()),
+        "--control",
+        &lhb.control(),
+    ])
+    .unwrap();
+    assert!(ok, "{err}");
+    assert!(lhb.alive(), "lhb died writing to a closed pipe");
+    assert!(matches!(get(&lab, p), Outcome::Served(_)));
+    let st = lhb.status().unwrap();
+    assert_eq!(st["rules"].as_array().map(Vec::len), Some(2), "{st}");
+    let status = lhb.stop().unwrap();
+    assert!(status.success(), "{status}");
+    let left: Vec<_> = std::fs::read_dir(&pins)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "pins left: {left:?}");
+}
