@@ -567,3 +567,134 @@ fn a_network_rule_scoped_to_containers_admits_them_alone_and_cannot_be_forged() 
 fn at_once(e: &str) -> bool {
     e.contains("refused") || e.contains("reset")
 }
+
+/// A compose service named in the list (`PROJECT/SERVICE`), over TCP and UDP: the
+/// service's container reaches the web service and the host's resolver, its neighbour
+/// in the same project gets a refusal on both, and `lhb status` names them.
+#[test]
+fn a_compose_service_is_admitted_over_tcp_and_udp_and_its_neighbour_is_not() {
+    use lhb_tests::docker;
+    if !docker::required("a_compose_service_is_admitted...") {
+        return;
+    }
+    let tmp = TempDir::new("scope-compose").unwrap();
+    let mut dnsmasq = std::process::Command::new("dnsmasq")
+        .args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--listen-address=127.0.0.154",
+            "--port=15354",
+            "--bind-interfaces",
+            "--address=/x.example/10.1.2.3",
+            "--user=root",
+        ])
+        .arg(format!("--pid-file={}", tmp.join("pid").display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("dnsmasq (Debian package dnsmasq-base; `cargo xtask setup` installs it)");
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _dnsmasq = Kill(&mut dnsmasq);
+    let svc = PeerEcho::start("127.0.0.1:0").unwrap();
+    let p = svc.port();
+    let yaml = format!(
+        r#"version: "3.8"
+services:
+  agent:
+    image: {image}
+    command: ["sleep", "3600"]
+  web:
+    image: {image}
+    command: ["sleep", "3600"]
+networks:
+  default:
+    ipam:
+      config: [{{subnet: 10.230.151.0/24}}]
+"#,
+        image = docker::IMAGE
+    );
+    let compose = docker::Compose::new("lhbt-s2", &yaml).unwrap();
+    let net = "lhbt-s2_default";
+    let lhb = Lhb::start(&[
+        "--expose",
+        &format!("{net}:{p}@lhbt-s2/agent"),
+        "--expose",
+        &format!("{net}:53/udp=127.0.0.154:15354@lhbt-s2/agent"),
+    ])
+    .unwrap();
+    compose.up().unwrap();
+    let gw = docker::gateway_of(net).unwrap();
+    let url = format!("http://{gw}:{p}/");
+    let served = lhb_tests::wait_until(Duration::from_secs(5), || {
+        compose.wget("agent", &url).is_ok()
+    });
+    assert!(
+        served.is_some(),
+        "the named service never served\n{}",
+        lhb.log()
+    );
+    let seen = svc.seen().len();
+    let e = compose.wget("web", &url).unwrap_err().to_string();
+    assert!(at_once(&e), "its neighbour: {e}");
+    assert_eq!(svc.seen().len(), seen, "the service saw the neighbour");
+
+    let lookup = |service: &str| {
+        compose
+            .command(&[
+                "exec",
+                "-T",
+                service,
+                "busybox",
+                "timeout",
+                "4",
+                "busybox",
+                "nslookup",
+                "x.example",
+                &gw.to_string(),
+            ])
+            .output()
+            .map(|o| {
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            })
+            .unwrap()
+    };
+    let a = lookup("agent");
+    assert!(a.contains("10.1.2.3"), "agent: {a}\n{}", lhb.log());
+    let w = lookup("web");
+    assert!(
+        !w.contains("10.1.2.3"),
+        "web resolved through a rule that does not name it: {w}"
+    );
+
+    let st = lhb.status().unwrap();
+    for (i, refusals) in [(0, "kernel_refused"), (1, "udp_refused")] {
+        let r = &st["rules"][i];
+        assert_eq!(r["state"], "serving", "{st:#}");
+        assert!(r["counters"][refusals].as_u64() >= Some(1), "{st:#}");
+        let clients = r["clients"].as_array().unwrap();
+        let by = |svc: &str| {
+            clients
+                .iter()
+                .find(|c| c["container"].as_str().is_some_and(|n| n.contains(svc)))
+                .unwrap_or_else(|| panic!("no {svc} among {clients:?}"))
+        };
+        assert!(
+            by("agent")["connections"].as_u64() >= Some(1),
+            "{clients:?}"
+        );
+        assert_eq!(by("agent")["refused"], 0, "{clients:?}");
+        assert_eq!(by("web")["connections"], 0, "{clients:?}");
+        assert!(by("web")["refused"].as_u64() >= Some(1), "{clients:?}");
+    }
+}

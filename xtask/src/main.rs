@@ -56,6 +56,11 @@ enum Cmd {
         /// Only these paths (comma-separated: direct,kernel,proxy,socat,tokio).
         #[arg(long, value_delimiter = ',')]
         paths: Vec<String>,
+        /// lhb's rules admit only the bench's client (an allow list of its address):
+        /// what the allow check costs (the kernel path's trie lookup per SYN, the
+        /// proxy's check per connection), against a run without it.
+        #[arg(long)]
+        scoped: bool,
     },
     /// Inject faults at random (seeded) intervals for N minutes while clients on several
     /// bridges connect over both data paths: bridges and Docker networks re-created,
@@ -105,10 +110,14 @@ fn main() -> ExitCode {
             .and_then(|()| require_root("the demo"))
             .and_then(|()| build())
             .and_then(|()| demo::run()),
-        Cmd::Bench { quick, paths } => setup::run()
+        Cmd::Bench {
+            quick,
+            paths,
+            scoped,
+        } => setup::run()
             .and_then(|()| require_root("the benchmark"))
             .and_then(|()| build_release())
-            .and_then(|()| bench::run(quick, &paths)),
+            .and_then(|()| bench::run(quick, &paths, scoped)),
         Cmd::Soak { minutes, seed } => setup::run()
             .and_then(|()| require_root("the soak"))
             .and_then(|()| build())

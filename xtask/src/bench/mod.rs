@@ -115,7 +115,7 @@ struct Knobs {
     udp_secs: u32,
 }
 
-pub fn run(quick: bool, only: &[String]) -> anyhow::Result<()> {
+pub fn run(quick: bool, only: &[String], scoped: bool) -> anyhow::Result<()> {
     let selected: Vec<Path> = if only.is_empty() {
         DEFAULT_PATHS.to_vec()
     } else {
@@ -151,7 +151,7 @@ pub fn run(quick: bool, only: &[String]) -> anyhow::Result<()> {
     };
     let started = Instant::now();
     eprintln!("bench: setting up (namespaces, servers, lhb, socat, HAProxy, PostgreSQL)");
-    let rig = Rig::build(&selected)?;
+    let rig = Rig::build(&selected, scoped)?;
     let udp = udp::UdpRig::build(&rig.lab, &selected)?;
     eprintln!("bench: set up in {:.1}s", started.elapsed().as_secs_f64());
     let mut out = Results {

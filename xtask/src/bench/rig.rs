@@ -36,7 +36,7 @@ pub(super) struct Rig {
 }
 
 impl Rig {
-    pub fn build(selected: &[Path]) -> anyhow::Result<Rig> {
+    pub fn build(selected: &[Path], scoped: bool) -> anyhow::Result<Rig> {
         let lab = Lab::new(201)?;
         let gw = lab.gateway();
         // bind(port 0) can hand out a port it handed out a moment ago, once released:
@@ -85,8 +85,9 @@ impl Rig {
         );
         let pg = Postgres::start(gw, pg_port)?;
         let br = lab.bridge_name();
-        let kernel = start_lhb("kernel", &br, of(Path::Kernel), &lo_ports)?;
-        let proxy = start_lhb("proxy", &br, of(Path::Proxy), &lo_ports)?;
+        let allow = scoped.then(|| lab.container_ip());
+        let kernel = start_lhb("kernel", &br, of(Path::Kernel), &lo_ports, allow)?;
+        let proxy = start_lhb("proxy", &br, of(Path::Proxy), &lo_ports, allow)?;
         let so = of(Path::Socat);
         let socats = [
             socat(gw, so.conn.port(), lo_ports.conn.port())?,
@@ -192,7 +193,15 @@ pub(super) fn release() -> anyhow::Result<std::path::PathBuf> {
 }
 
 /// lhb in `mode` serving each of `at`'s ports on `br` to the same server of `lo`.
-fn start_lhb(mode: &str, br: &str, at: &Ports, lo: &Ports) -> anyhow::Result<Lhb> {
+/// An lhb serving the bench's ports on `br`; with `allow`, every rule admits only that
+/// client (`cargo xtask bench --scoped`).
+fn start_lhb(
+    mode: &str,
+    br: &str,
+    at: &Ports,
+    lo: &Ports,
+    allow: Option<std::net::IpAddr>,
+) -> anyhow::Result<Lhb> {
     let mut args = vec![
         "--mode".to_string(),
         mode.to_string(),
@@ -206,7 +215,8 @@ fn start_lhb(mode: &str, br: &str, at: &Ports, lo: &Ports) -> anyhow::Result<Lhb
         (at.pg, lo.pg),
     ] {
         args.push("--expose-iface".into());
-        args.push(format!("{br}:{}={}", at.port(), to.port()));
+        let scope = allow.map(|a| format!("@{a}")).unwrap_or_default();
+        args.push(format!("{br}:{}={}{scope}", at.port(), to.port()));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Lhb::start_bin(&release()?, &args)
