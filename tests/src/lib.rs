@@ -91,3 +91,41 @@ pub fn skip_or_fail(name: &str, test: &str, missing: &str, untested: &str) -> bo
     }
     panic!("{test} needs {missing}; set LHB_ALLOW_SKIP={name} to skip it explicitly");
 }
+
+/// A dnsmasq on loopback answering `x.example` with 10.1.2.3 (nothing else: no
+/// upstream, no hosts file), killed on drop, also when the test fails.
+pub struct Dnsmasq {
+    child: std::process::Child,
+    _dir: TempDir,
+}
+
+impl Dnsmasq {
+    /// Listening on `addr` (a loopback address and port of the test's own).
+    pub fn start(addr: std::net::SocketAddr) -> anyhow::Result<Dnsmasq> {
+        let dir = TempDir::new(&format!("dnsmasq-{}", addr.port()))?;
+        let child = std::process::Command::new("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--address=/x.example/10.1.2.3",
+                "--user=root",
+            ])
+            .arg(format!("--listen-address={}", addr.ip()))
+            .arg(format!("--port={}", addr.port()))
+            .arg(format!("--pid-file={}", dir.join("pid").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("dnsmasq (Debian package dnsmasq-base; `cargo xtask setup` installs it)")?;
+        Ok(Dnsmasq { child, _dir: dir })
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

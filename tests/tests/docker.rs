@@ -550,31 +550,7 @@ fn containers_resolve_through_the_hosts_resolver_with_dns_gateway() {
     if !docker::required("containers_resolve_through_the_hosts_resolver...") {
         return;
     }
-    let tmp = lhb_tests::TempDir::new("docker-dns").unwrap();
-    let mut dnsmasq = std::process::Command::new("dnsmasq")
-        .args([
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--listen-address=127.0.0.153",
-            "--port=15353",
-            "--bind-interfaces",
-            "--address=/x.example/10.1.2.3",
-            "--user=root",
-        ])
-        .arg(format!("--pid-file={}", tmp.join("pid").display()))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("dnsmasq (Debian package dnsmasq-base; `cargo xtask setup` installs it)");
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _dnsmasq = Kill(&mut dnsmasq);
+    let _dnsmasq = lhb_tests::Dnsmasq::start("127.0.0.153:15353".parse().unwrap()).unwrap();
     let net = DockerNet::create("lhbt-d9", "10.230.9.0/24").unwrap();
     let lhb = Lhb::start(&["--expose", "lhbt-d9:53/udp=127.0.0.153:15353"]).unwrap();
     let lookup = |extra: &[&str], server: Option<String>| -> String {

@@ -577,31 +577,7 @@ fn a_compose_service_is_admitted_over_tcp_and_udp_and_its_neighbour_is_not() {
     if !docker::required("a_compose_service_is_admitted...") {
         return;
     }
-    let tmp = TempDir::new("scope-compose").unwrap();
-    let mut dnsmasq = std::process::Command::new("dnsmasq")
-        .args([
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--listen-address=127.0.0.154",
-            "--port=15354",
-            "--bind-interfaces",
-            "--address=/x.example/10.1.2.3",
-            "--user=root",
-        ])
-        .arg(format!("--pid-file={}", tmp.join("pid").display()))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("dnsmasq (Debian package dnsmasq-base; `cargo xtask setup` installs it)");
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _dnsmasq = Kill(&mut dnsmasq);
+    let _dnsmasq = lhb_tests::Dnsmasq::start("127.0.0.154:15354".parse().unwrap()).unwrap();
     let svc = PeerEcho::start("127.0.0.1:0").unwrap();
     let p = svc.port();
     let yaml = format!(
