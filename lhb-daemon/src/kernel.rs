@@ -117,23 +117,21 @@ pub fn choose_variant(
     modern: Option<LoadOutcome>,
     ticket: impl FnOnce() -> LoadOutcome,
 ) -> Result<Variant, KernelPathError> {
-    match modern {
-        Some(LoadOutcome::Loaded) => Ok(Variant::Ifindex),
-        Some(LoadOutcome::Failed(e)) => Err(e),
-        Some(LoadOutcome::Refused(why)) => match ticket() {
-            LoadOutcome::Loaded => Ok(Variant::Ticket),
-            LoadOutcome::Refused(also) => Err(KernelPathError::Load(format!(
-                "the verifier refused both socket-lookup programs: {why}\n{also}"
-            ))),
-            LoadOutcome::Failed(e) => Err(e),
-        },
-        None => match ticket() {
-            LoadOutcome::Loaded => Ok(Variant::Ticket),
-            LoadOutcome::Refused(why) => Err(KernelPathError::Load(format!(
-                "the verifier refused the socket-lookup program: {why}"
-            ))),
-            LoadOutcome::Failed(e) => Err(e),
-        },
+    let why = match modern {
+        Some(LoadOutcome::Loaded) => return Ok(Variant::Ifindex),
+        Some(LoadOutcome::Failed(e)) => return Err(e),
+        Some(LoadOutcome::Refused(why)) => Some(why),
+        None => None,
+    };
+    match ticket() {
+        LoadOutcome::Loaded => Ok(Variant::Ticket),
+        LoadOutcome::Failed(e) => Err(e),
+        LoadOutcome::Refused(also) => Err(KernelPathError::Load(match why {
+            Some(why) => {
+                format!("the verifier refused both socket-lookup programs: {why}\n{also}")
+            }
+            None => format!("the verifier refused the socket-lookup program: {also}"),
+        })),
     }
 }
 
