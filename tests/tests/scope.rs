@@ -15,6 +15,13 @@ use lhb_tests::{Lab, Lhb, Netns, Outcome, PeerEcho, TempDir, http_get, lhb_check
 
 const T: Duration = Duration::from_secs(3);
 
+/// Held by the tests whose daemons write the guard of container-scoped rules: every
+/// lhb writes the same table (`bridge lhb`), so two at once replace each other's and,
+/// until each heals, one's containers are unguarded (a known limitation, found when the
+/// compose test ran beside the forgery test: the forger was served once). One such
+/// daemon at a time until the table is per daemon.
+static GUARD_TABLE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A second client on the lab's bridge: 10.201.N.3 and fd00:201:N::3.
 struct Intruder {
     ns: Netns,
@@ -382,6 +389,7 @@ fn a_network_rule_scoped_to_containers_admits_them_alone_and_cannot_be_forged() 
     if !docker::required("a_network_rule_scoped_to_containers...") {
         return;
     }
+    let _table = GUARD_TABLE.lock().unwrap_or_else(|p| p.into_inner());
     let svc = PeerEcho::start("127.0.0.1:0").unwrap();
     let p = svc.port();
     let net = DockerNet::create("lhbt-s1", "10.230.150.0/24").unwrap();
@@ -452,7 +460,14 @@ fn a_network_rule_scoped_to_containers_admits_them_alone_and_cannot_be_forged() 
             String::from_utf8_lossy(&out.stderr)
         );
         let seen = svc.seen().len();
-        let e = forger.wget(&url).unwrap_err().to_string();
+        let e = match forger.wget(&url) {
+            Ok(body) => panic!(
+                "{mode}: the forger was served: {body}\nguard: {}\n{}",
+                lhb_tests::run("nft", &["list", "table", "bridge", "lhb"]).unwrap_or_default(),
+                lhb.log()
+            ),
+            Err(e) => e.to_string(),
+        };
         assert!(!e.contains("peer="), "{mode}: forged: {e}");
         assert_eq!(svc.seen().len(), seen, "{mode}: the service saw the forger");
         drop(forger);
@@ -577,6 +592,7 @@ fn a_compose_service_is_admitted_over_tcp_and_udp_and_its_neighbour_is_not() {
     if !docker::required("a_compose_service_is_admitted...") {
         return;
     }
+    let _table = GUARD_TABLE.lock().unwrap_or_else(|p| p.into_inner());
     let _dnsmasq = lhb_tests::Dnsmasq::start("127.0.0.154:15354".parse().unwrap()).unwrap();
     let svc = PeerEcho::start("127.0.0.1:0").unwrap();
     let p = svc.port();
