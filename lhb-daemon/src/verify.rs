@@ -385,7 +385,27 @@ fn check_outside(
     }
     if rule.protocol.udp() {
         let payload = check::udp_probe_payload(rule);
-        let o = outside.ask_udp_all(&targets, &payload, OUTSIDE_TIMEOUT);
+        // The gateways first, then the rest: the host answers every probe with an ICMP
+        // port unreachable to the one probe address, and the kernel allows a peer a
+        // burst of six before it rate-limits them (icmp_ratelimit), so on a host with
+        // many addresses a gateway asked in the same burst could go unanswered and read
+        // as silent (found on a host with 11 addresses).
+        let (first, rest): (Vec<SocketAddr>, Vec<SocketAddr>) =
+            targets.iter().partition(|t| gateways.contains(&t.ip()));
+        let mut answers: std::collections::HashMap<SocketAddr, Datagram> = first
+            .iter()
+            .copied()
+            .zip(outside.ask_udp_all(&first, &payload, OUTSIDE_TIMEOUT))
+            .collect();
+        answers.extend(rest.iter().copied().zip(outside.ask_udp_all(
+            &rest,
+            &payload,
+            OUTSIDE_TIMEOUT,
+        )));
+        let o: Vec<Datagram> = targets
+            .iter()
+            .map(|t| answers.remove(t).unwrap_or(Datagram::Silent))
+            .collect();
         outcomes.push((
             "/udp",
             o.iter()
