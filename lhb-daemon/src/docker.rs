@@ -47,10 +47,35 @@ pub struct Member {
     /// same number its veth peers on the bridge report; None where it could not be
     /// read (the container is then admitted nowhere).
     pub netns: Option<i32>,
+    /// The namespace `netns` names, held open while this view is in use.
+    pub netns_held: Option<NetnsHold>,
     /// Its sandbox file (Docker's `SandboxKey`, a bind mount of its network namespace):
     /// where `lhb verify` connects from as this container.
     pub sandbox: Option<String>,
 }
+
+/// A container's network namespace, held open. The kernel frees a namespace's NSID
+/// when the namespace goes and gives the lowest free id to the next one: without the
+/// hold, a container started where a stopped one was (the address it had, given again
+/// by IPAM) could get the NSID that a view not yet relisted still has for the stopped
+/// one, and be admitted through its own port as that container. Held, the id cannot
+/// pass to anyone while a view names it.
+///
+/// Equal to any other hold: two views that give a member the same NSID name the same
+/// namespace (the older view's hold keeps the id from passing on), so the hold is not
+/// what tells views apart.
+#[derive(Clone, Debug)]
+pub struct NetnsHold {
+    _ns: std::sync::Arc<std::fs::File>,
+}
+
+impl PartialEq for NetnsHold {
+    fn eq(&self, _: &NetnsHold) -> bool {
+        true
+    }
+}
+
+impl Eq for NetnsHold {}
 
 /// What the engine said last.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -245,7 +270,7 @@ pub fn watch(tasks: &crate::tasks::Tasks, socket: Option<String>) -> watch::Rece
 
 /// A client of the engine at `socket` (None: DOCKER_HOST, else the standard socket),
 /// speaking the engine's API version.
-async fn connect(socket: Option<&str>) -> Result<Docker, String> {
+pub(crate) async fn connect(socket: Option<&str>) -> Result<Docker, String> {
     let docker = match socket {
         Some(s) => Docker::connect_with_unix(s, 120, bollard::API_DEFAULT_VERSION),
         None => Docker::connect_with_local_defaults(),
@@ -270,11 +295,30 @@ async fn session(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs().saturating_sub(1))
         .unwrap_or(0);
-    // What changes a bridge (a network created or destroyed) or who is on it (a
-    // container joining or leaving: every start and stop; a rename), for rules scoped
-    // to containers. The network's connect comes before the container's start, and its
-    // disconnect after the container died: the address is released after both.
-    let filters = [
+    let mut events = docker.events(Some(EventsOptions {
+        since: Some(since.to_string()),
+        filters: Some(event_filters()),
+        ..Default::default()
+    }));
+    publish(tx, list(&docker).await?);
+    if !*was_up {
+        info!("Docker engine connected");
+    }
+    *was_up = true;
+    while let Some(ev) = events.next().await {
+        let ev = ev.map_err(|e| e.to_string())?;
+        debug!(action = ?ev.action, "Docker network event");
+        publish(tx, list(&docker).await?);
+    }
+    Ok(())
+}
+
+/// What changes a bridge (a network created or destroyed) or who is on it (a
+/// container joining or leaving: every start and stop; a rename), for rules scoped
+/// to containers. The network's connect comes before the container's start, and its
+/// disconnect after the container died: the address is released after both.
+pub(crate) fn event_filters() -> std::collections::HashMap<String, Vec<String>> {
+    [
         (
             "type".to_string(),
             vec!["network".to_string(), "container".to_string()],
@@ -294,23 +338,7 @@ async fn session(
             .to_vec(),
         ),
     ]
-    .into();
-    let mut events = docker.events(Some(EventsOptions {
-        since: Some(since.to_string()),
-        filters: Some(filters),
-        ..Default::default()
-    }));
-    publish(tx, list(&docker).await?);
-    if !*was_up {
-        info!("Docker engine connected");
-    }
-    *was_up = true;
-    while let Some(ev) = events.next().await {
-        let ev = ev.map_err(|e| e.to_string())?;
-        debug!(action = ?ev.action, "Docker network event");
-        publish(tx, list(&docker).await?);
-    }
-    Ok(())
+    .into()
 }
 
 /// The engine's networks once, for the one-shot commands (doctor, verify).
@@ -387,8 +415,10 @@ async fn list(docker: &Docker) -> Result<BTreeMap<String, DockerNetwork>, String
 }
 
 /// Every running or starting container with an address on one of `nets`, as a
-/// [`Member`] of each such network.
-async fn members(
+/// [`Member`] of each such network. Also Podman's, through its Docker-compatible API:
+/// it lists containers with their addresses and inspects them with their `SandboxKey`
+/// as Docker does.
+pub(crate) async fn members(
     docker: &Docker,
     nets: &mut BTreeMap<String, DockerNetwork>,
 ) -> Result<(), String> {
@@ -429,9 +459,18 @@ async fn members(
             .map(|n| n.trim_start_matches('/').to_string())
             .unwrap_or_default();
         let sandbox = sandbox_of(docker, &id).await;
-        let netns = match (&nl, &sandbox) {
+        let held = match (&nl, &sandbox) {
             (Some(nl), Some(key)) => netns_of(nl, &id, key).await,
             _ => None,
+        };
+        let (netns, netns_held) = match held {
+            Some((nsid, file)) => (
+                Some(nsid),
+                Some(NetnsHold {
+                    _ns: std::sync::Arc::new(file),
+                }),
+            ),
+            None => (None, None),
         };
         let labels: BTreeMap<String, String> = c.labels.unwrap_or_default().into_iter().collect();
         for (net, addrs) in endpoints {
@@ -443,6 +482,7 @@ async fn members(
                     labels: labels.clone(),
                     addrs,
                     netns,
+                    netns_held: netns_held.clone(),
                     sandbox: sandbox.clone(),
                 });
             }
@@ -466,7 +506,11 @@ async fn sandbox_of(docker: &Docker, id: &str) -> Option<String> {
 }
 
 /// The NSID of the network namespace at `key` (container `id`'s), asked of netlink.
-async fn netns_of(nl: &crate::netlink::Netlink, id: &str, key: &str) -> Option<i32> {
+async fn netns_of(
+    nl: &crate::netlink::Netlink,
+    id: &str,
+    key: &str,
+) -> Option<(i32, std::fs::File)> {
     match nl.nsid_of(std::path::Path::new(key)).await {
         Ok(id) => id,
         Err(e) => {

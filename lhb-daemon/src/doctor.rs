@@ -599,7 +599,7 @@ fn bridge_steps(
         Ok(res) => {
             let list: Vec<String> = res.gateways.iter().map(IpAddr::to_string).collect();
             r.add(Level::Ok, format!("gateway: {}", list.join(", ")), None);
-            scope_steps(rule, &res, observed, r);
+            scope_steps(rule, &res, r);
             Some((res.bridge.to_string(), res.link.ifindex, res.gateways))
         }
         Err(why) => {
@@ -618,7 +618,7 @@ const NAMED_AT_MOST: usize = 12;
 /// Step 2b, for a scoped rule: whom its allow list admits and how firmly, each entry
 /// that names nobody, and each container on the network it refuses with what to write
 /// to admit it. Pure: from what was observed.
-fn scope_steps(rule: &Rule, res: &reconcile::Resolved<'_>, observed: &Observed, r: &mut Findings) {
+fn scope_steps(rule: &Rule, res: &reconcile::Resolved<'_>, r: &mut Findings) {
     if rule.allow.is_empty() {
         return;
     }
@@ -639,16 +639,6 @@ fn scope_steps(rule: &Rule, res: &reconcile::Resolved<'_>, observed: &Observed, 
         );
         return;
     };
-    let podman = matches!(&rule.source, Source::Network(n)
-        if observed.docker.as_ref().is_some_and(|d| matches!(d.find(n), crate::docker::Lookup::Found(crate::docker::Engine::Podman, _))));
-    if podman {
-        r.add(
-            Level::Warn,
-            format!("allow: {list} names containers, and lhb does not follow Podman's containers yet: this rule admits nobody"),
-            Some("scope it with an interface rule on the network's bridge and addresses (`interface = \"...\"`, `allow = [\"ADDR\"]`), or leave out `allow`".into()),
-        );
-        return;
-    }
     let veth = |m: &crate::docker::Member| {
         m.netns
             .and_then(|id| res.link.ports.iter().find(|p| p.netns == id))

@@ -16,35 +16,84 @@
 //! nothing of anyone else's touched), in nft's own language: the bridge table's sets
 //! of concatenations are a few lines of it and many more of the JSON schema the
 //! firewall backends use.
+//!
+//! One table per daemon, named after its control socket ([`table_for`]): two lhb on
+//! one host (a test beside a service, one per tenant) must not replace each other's
+//! guard, and a daemon started again with the same socket finds, replaces or removes
+//! the table its crashed predecessor left.
 
-use std::{collections::BTreeSet, fmt::Write as _, net::IpAddr};
+use std::{collections::BTreeSet, fmt::Write as _, net::IpAddr, path::Path};
 
 use anyhow::Context as _;
 
-/// The table's name, in the bridge family.
-pub const TABLE: &str = "lhb";
+/// The table of the daemon whose control socket is `control` (bridge family): `lhb` for
+/// the default socket, else `lhb_` and a hash of the socket's path. A hash, not the path
+/// itself: nft names are short identifiers, and a path has characters they cannot hold.
+pub fn table_for(control: &Path) -> String {
+    if control == Path::new(crate::control::DEFAULT_CONTROL) {
+        return "lhb".into();
+    }
+    // FNV-1a, written out: the name must stay the same across lhb versions (a new
+    // binary cleans the old one's table), which std's hasher does not promise, and
+    // eight lines do not call for a crate.
+    // Absolute first: `--control run/x.sock` from / and `/run/x.sock` are one socket.
+    let path = std::path::absolute(control).unwrap_or_else(|_| control.to_path_buf());
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in path.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("lhb_{h:016x}")
+}
 
 /// The bindings in force: (bridge port ifindex, address).
 pub type Bindings = BTreeSet<(u32, IpAddr)>;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Guard {
+    table: String,
     /// What the table holds (empty: no table).
     held: Bindings,
+    /// False until the first write: a table of this name may be a crashed daemon's,
+    /// holding anything, so the first `set` writes even an empty `want`.
+    known: bool,
 }
 
 impl Guard {
+    pub fn new(table: String) -> Guard {
+        Guard {
+            table,
+            held: Bindings::new(),
+            known: false,
+        }
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
     pub fn held(&self) -> &Bindings {
         &self.held
     }
 
     /// Makes the table hold exactly `want` (none: the table goes).
     pub async fn set(&mut self, want: &Bindings) -> anyhow::Result<()> {
-        if *want == self.held {
+        if self.known && *want == self.held {
             return Ok(());
         }
-        nft(&script(want)).await?;
+        if !self.known && want.is_empty() {
+            // Removing what a crashed predecessor may have left. Where that fails (no
+            // nft, no nf_tables in the kernel) no table can have been left either, and
+            // a daemon without scoped rules must not need nft.
+            if let Err(e) = nft(&script(&self.table, want)).await {
+                tracing::debug!("guard: no table bridge {} to remove: {e:#}", self.table);
+            }
+            self.known = true;
+            return Ok(());
+        }
+        nft(&script(&self.table, want)).await?;
         self.held = want.clone();
+        self.known = true;
         Ok(())
     }
 
@@ -55,7 +104,7 @@ impl Guard {
         if self.held.is_empty() || self.intact().await? {
             return Ok(false);
         }
-        if let Err(e) = nft(&script(&self.held)).await {
+        if let Err(e) = nft(&script(&self.table, &self.held)).await {
             // Not held: the next `set` writes it whole, and until then the daemon
             // closes what it guards.
             self.held.clear();
@@ -69,15 +118,15 @@ impl Guard {
         if self.held.is_empty() {
             return;
         }
-        if let Err(e) = nft(&script(&Bindings::new())).await {
-            tracing::warn!("guard: removing table bridge {TABLE}: {e:#}");
+        if let Err(e) = nft(&script(&self.table, &Bindings::new())).await {
+            tracing::warn!("guard: removing table bridge {}: {e:#}", self.table);
         }
         self.held.clear();
     }
 
     async fn intact(&self) -> anyhow::Result<bool> {
         let out = tokio::process::Command::new("nft")
-            .args(["-j", "list", "table", "bridge", TABLE])
+            .args(["-j", "list", "table", "bridge", &self.table])
             .output()
             .await
             .context("running nft")?;
@@ -119,11 +168,11 @@ impl Guard {
     }
 }
 
-/// The transaction that replaces table bridge lhb with one holding `b`; with `b`
+/// The transaction that replaces bridge table `table` with one holding `b`; with `b`
 /// empty, one that removes it. `table` first: deleting a table that does not exist
 /// would fail the whole transaction.
-pub fn script(b: &Bindings) -> String {
-    let mut s = format!("table bridge {TABLE}\ndelete table bridge {TABLE}\n");
+pub fn script(table: &str, b: &Bindings) -> String {
+    let mut s = format!("table bridge {table}\ndelete table bridge {table}\n");
     if b.is_empty() {
         return s;
     }
@@ -148,7 +197,7 @@ pub fn script(b: &Bindings) -> String {
             format!(" elements = {{ {} }};", e.join(", "))
         }
     };
-    let _ = writeln!(s, "table bridge {TABLE} {{");
+    let _ = writeln!(s, "table bridge {table} {{");
     for (v, ty) in [("4", "ipv4_addr"), ("6", "ipv6_addr")] {
         let v4 = v == "4";
         let _ = writeln!(
@@ -205,7 +254,7 @@ mod tests {
             (14, "10.0.0.3".parse().unwrap()),
         ]
         .into();
-        let s = script(&b);
+        let s = script("lhb", &b);
         assert!(
             s.starts_with("table bridge lhb\ndelete table bridge lhb\n"),
             "{s}"
@@ -223,8 +272,21 @@ mod tests {
             "{s}"
         );
         assert_eq!(
-            script(&Bindings::new()),
-            "table bridge lhb\ndelete table bridge lhb\n"
+            script("lhb_0a", &Bindings::new()),
+            "table bridge lhb_0a\ndelete table bridge lhb_0a\n"
         );
+    }
+
+    #[test]
+    fn each_control_socket_has_its_own_table() {
+        assert_eq!(table_for(Path::new("/run/lhb/lhb.sock")), "lhb");
+        let a = table_for(Path::new("/tmp/a/lhb.sock"));
+        let b = table_for(Path::new("/tmp/b/lhb.sock"));
+        assert_ne!(a, b);
+        assert_eq!(a, table_for(Path::new("/tmp/a/lhb.sock")));
+        // Fixed across versions (FNV-1a-64 of the path, checked by hand): a new binary
+        // finds the table an old one left.
+        assert_eq!(a, "lhb_b3b864360944f54c");
+        assert!(a.len() <= 32 && a.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_'));
     }
 }

@@ -189,9 +189,14 @@ impl Netlink {
 
 impl Netlink {
     /// The NSID this namespace gives the network namespace bound at `path` (a
-    /// container's sandbox), None if it has none: then no veth here leads into it, as
-    /// the kernel gives an id to a namespace as soon as a link here reports a peer there.
-    pub async fn nsid_of(&self, path: &std::path::Path) -> anyhow::Result<Option<i32>> {
+    /// container's sandbox), with the namespace held open; None if it has none: then no
+    /// veth here leads into it, as the kernel gives an id to a namespace as soon as a
+    /// link here reports a peer there. The id is the namespace's only while it lives:
+    /// the caller keeps the file for as long as it relies on the id.
+    pub async fn nsid_of(
+        &self,
+        path: &std::path::Path,
+    ) -> anyhow::Result<Option<(i32, std::fs::File)>> {
         use std::os::fd::AsRawFd as _;
         let ns =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -215,9 +220,7 @@ impl Netlink {
                 _ => {}
             }
         }
-        // Kept open until the answer came: the id is of the namespace the fd holds.
-        drop(ns);
-        Ok(id)
+        Ok(id.map(|id| (id, ns)))
     }
 
     /// Deletes the clsact qdisc of `ifindex` (and with it every filter lhb put there).

@@ -9,6 +9,12 @@
 //! whenever a link comes or goes (the daemon pokes [`PodmanWatch::relist`] on netlink
 //! link events), and every [`RELIST_EVERY`] in case a network changed without one.
 //!
+//! Its containers (for rules scoped to containers) come from its Docker-compatible API,
+//! through bollard and the same code as Docker's: the list has each container's
+//! addresses, the inspection its `SandboxKey` (`/run/netns/netns-...`). Podman does send
+//! container events there (start, die, ...): each one, like a link event, makes lhb
+//! list again, so a container started is admitted at its start, not at the next relist.
+//!
 //! bollard speaks only the Docker API, so the one libpod request lhb needs is a plain
 //! HTTP/1.0 GET over the socket (no keep-alive, no chunked body to decode).
 
@@ -87,11 +93,13 @@ pub fn watch(tasks: &crate::tasks::Tasks, path: PathBuf) -> PodmanWatch {
     });
     let relist = Arc::new(Notify::new());
     let poke = relist.clone();
+    tasks.spawn(follow_events(path.clone(), relist.clone()));
     tasks.spawn(async move {
         let mut backoff = BACKOFF_MIN;
         let mut was_up = false;
+        let mut compat = None;
         loop {
-            match list(&path).await {
+            match list(&path, &mut compat).await {
                 Ok(networks) => {
                     if !was_up {
                         info!("Podman connected ({})", path.display());
@@ -130,13 +138,56 @@ pub fn watch(tasks: &crate::tasks::Tasks, path: PathBuf) -> PodmanWatch {
     PodmanWatch { rx, relist }
 }
 
+/// Pokes `relist` at every container or network event from Podman's Docker-compatible
+/// API; and once at every (re)connection, for the events missed while it was not
+/// following.
+async fn follow_events(path: PathBuf, relist: Arc<Notify>) {
+    use futures::StreamExt as _;
+    let socket = path.display().to_string();
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        match crate::docker::connect(Some(&socket)).await {
+            Ok(d) => {
+                let mut events = d.events(Some(bollard::query_parameters::EventsOptions {
+                    filters: Some(filters()),
+                    ..Default::default()
+                }));
+                relist.notify_one();
+                while let Some(ev) = events.next().await {
+                    match ev {
+                        Ok(ev) => {
+                            debug!(action = ?ev.action, "Podman event");
+                            backoff = BACKOFF_MIN;
+                            relist.notify_one();
+                        }
+                        Err(e) => {
+                            debug!("Podman events ({socket}): {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => debug!("Podman events ({socket}): {e}"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Docker's, and `remove`: Podman's word for Docker's `destroy`.
+fn filters() -> std::collections::HashMap<String, Vec<String>> {
+    let mut f = crate::docker::event_filters();
+    f.entry("event".into()).or_default().push("remove".into());
+    f
+}
+
 /// Podman's networks once, for the one-shot commands.
 pub async fn snapshot(path: &Path) -> PodmanView {
     let mut v = PodmanView {
         socket: path.display().to_string(),
         ..Default::default()
     };
-    match list(path).await {
+    match list(path, &mut None).await {
         Ok(networks) => {
             v.available = true;
             v.networks = networks;
@@ -165,7 +216,14 @@ struct LibpodSubnet {
     gateway: Option<String>,
 }
 
-async fn list(path: &Path) -> Result<BTreeMap<String, DockerNetwork>, String> {
+/// The networks, and their containers through `compat`, a client of Podman's
+/// Docker-compatible API made at the first call and kept while it works: Podman takes
+/// 0.3-0.4 s to answer the version request a new client negotiates with (measured,
+/// Podman 4.3), which would delay each new container's admission by as much.
+async fn list(
+    path: &Path,
+    compat: &mut Option<bollard::Docker>,
+) -> Result<BTreeMap<String, DockerNetwork>, String> {
     let (status, body) = get(path, "/v4.0.0/libpod/networks/json").await?;
     if status != 200 {
         return Err(format!(
@@ -173,7 +231,14 @@ async fn list(path: &Path) -> Result<BTreeMap<String, DockerNetwork>, String> {
             String::from_utf8_lossy(&body[..body.len().min(200)]).trim()
         ));
     }
-    parse(&body)
+    let mut networks = parse(&body)?;
+    let docker = match compat.take() {
+        Some(d) => d,
+        None => crate::docker::connect(Some(&path.display().to_string())).await?,
+    };
+    crate::docker::members(&docker, &mut networks).await?;
+    *compat = Some(docker);
+    Ok(networks)
 }
 
 fn parse(body: &[u8]) -> Result<BTreeMap<String, DockerNetwork>, String> {

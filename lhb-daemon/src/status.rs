@@ -42,7 +42,19 @@ pub struct Status {
     /// Label entries not served, with the reason.
     #[serde(default)]
     pub label_refused: Vec<crate::labels::Refusal>,
+    /// The nftables table that ties admitted containers' addresses to their bridge
+    /// ports (`guard.rs`); null from a daemon older than the field.
+    #[serde(default)]
+    pub guard: Option<GuardStatus>,
     pub rules: Vec<RuleStatus>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct GuardStatus {
+    /// Its name in the bridge family, this daemon's own (after its control socket).
+    pub table: String,
+    /// (bridge port, address) pairs it holds; 0: no table.
+    pub bindings: usize,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -328,6 +340,13 @@ impl Status {
             "lhb {} (pid {}), mode {}, {kernel}\n{docker}; {fw}; config {}",
             self.version, self.pid, self.mode, self.config
         );
+        if let Some(g) = self.guard.as_ref().filter(|g| g.bindings > 0) {
+            let _ = writeln!(
+                s,
+                "guard: table bridge {} ties {} admitted address(es) to their containers' bridge ports",
+                g.table, g.bindings
+            );
+        }
         if let Some(e) = &self.reload_error {
             let _ = writeln!(s, "config reload FAILED (running rules kept): {e}");
         }

@@ -15,13 +15,6 @@ use lhb_tests::{Lab, Lhb, Netns, Outcome, PeerEcho, TempDir, http_get, lhb_check
 
 const T: Duration = Duration::from_secs(3);
 
-/// Held by the tests whose daemons write the guard of container-scoped rules: every
-/// lhb writes the same table (`bridge lhb`), so two at once replace each other's and,
-/// until each heals, one's containers are unguarded (a known limitation, found when the
-/// compose test ran beside the forgery test: the forger was served once). One such
-/// daemon at a time until the table is per daemon.
-static GUARD_TABLE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 /// A second client on the lab's bridge: 10.201.N.3 and fd00:201:N::3.
 struct Intruder {
     ns: Netns,
@@ -46,6 +39,14 @@ impl Intruder {
     fn ip(lab: &Lab) -> IpAddr {
         IpAddr::from([10, 201, lab.n, 3])
     }
+}
+
+/// The daemon's own guard table (each lhb has one, named after its control socket).
+fn guard_table(lhb: &Lhb) -> String {
+    let st = lhb.status().unwrap();
+    let t = st["guard"]["table"].as_str().unwrap_or_default();
+    assert!(t.starts_with("lhb_"), "a test daemon's guard table: {st:#}");
+    t.to_string()
 }
 
 fn get(ns: &Netns, ip: IpAddr, port: u16) -> (Outcome, Duration) {
@@ -389,7 +390,6 @@ fn a_network_rule_scoped_to_containers_admits_them_alone_and_cannot_be_forged() 
     if !docker::required("a_network_rule_scoped_to_containers...") {
         return;
     }
-    let _table = GUARD_TABLE.lock().unwrap_or_else(|p| p.into_inner());
     let svc = PeerEcho::start("127.0.0.1:0").unwrap();
     let p = svc.port();
     let net = DockerNet::create("lhbt-s1", "10.230.150.0/24").unwrap();
@@ -463,7 +463,8 @@ fn a_network_rule_scoped_to_containers_admits_them_alone_and_cannot_be_forged() 
         let e = match forger.wget(&url) {
             Ok(body) => panic!(
                 "{mode}: the forger was served: {body}\nguard: {}\n{}",
-                lhb_tests::run("nft", &["list", "table", "bridge", "lhb"]).unwrap_or_default(),
+                lhb_tests::run("nft", &["list", "table", "bridge", &guard_table(&lhb)])
+                    .unwrap_or_default(),
                 lhb.log()
             ),
             Err(e) => e.to_string(),
@@ -545,15 +546,16 @@ fn a_network_rule_scoped_to_containers_admits_them_alone_and_cannot_be_forged() 
         assert!(ok && out.contains(line), "no `{line}` in:\n{out}{err}");
     }
     // Its guard removed by someone else (a reload that flushes the ruleset): back at once.
+    let table = guard_table(&lhb);
     let guard = || {
         std::process::Command::new("nft")
-            .args(["list", "table", "bridge", "lhb"])
+            .args(["list", "table", "bridge", &table])
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false)
     };
     assert!(guard(), "no guard table while serving");
-    lhb_tests::run("nft", &["delete", "table", "bridge", "lhb"]).unwrap();
+    lhb_tests::run("nft", &["delete", "table", "bridge", &table]).unwrap();
     let back = lhb_tests::wait_until(Duration::from_secs(2), guard);
     assert!(back.is_some(), "the guard was not healed\n{}", lhb.log());
     eprintln!("guard table written again {back:?} after it was deleted");
@@ -592,7 +594,6 @@ fn a_compose_service_is_admitted_over_tcp_and_udp_and_its_neighbour_is_not() {
     if !docker::required("a_compose_service_is_admitted...") {
         return;
     }
-    let _table = GUARD_TABLE.lock().unwrap_or_else(|p| p.into_inner());
     let _dnsmasq = lhb_tests::Dnsmasq::start("127.0.0.154:15354".parse().unwrap()).unwrap();
     let svc = PeerEcho::start("127.0.0.1:0").unwrap();
     let p = svc.port();
@@ -689,4 +690,191 @@ networks:
         assert_eq!(by("web")["connections"], 0, "{clients:?}");
         assert!(by("web")["refused"].as_u64() >= Some(1), "{clients:?}");
     }
+}
+
+/// Rootful Podman (netavark) in a namespace that plays the host: a Podman network rule
+/// scoped to containers admits the one named and refuses its neighbour at once; a named
+/// container started after lhb is admitted at Podman's start event (the gap measured); a
+/// container that takes the admitted one's IP and MAC gets nothing; another container
+/// given the admitted address after it left is refused, never served. And the guard is
+/// the daemon's own: killed, its table stays (the kept data path stays closed to
+/// forgers), and the next start on the same control socket removes it.
+#[test]
+fn a_podman_network_rule_scoped_to_containers_admits_them_alone() {
+    use lhb_tests::docker;
+    if !docker::required("a_podman_network_rule_scoped...")
+        || !lhb_tests::podman::required("a_podman_network_rule_scoped...")
+    {
+        return;
+    }
+    let lab = lhb_tests::HostLab::new(149).unwrap();
+    let pod = lhb_tests::podman::Podman::start(&lab.host.name).unwrap();
+    let net = "lhbt-pod149";
+    pod.podman(&[
+        "network",
+        "create",
+        "--disable-dns",
+        "--subnet",
+        "10.232.149.0/24",
+        net,
+    ])
+    .unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let mut a = vec!["run", "-d", "--name", name, "--network", net];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&[docker::IMAGE, "sleep", "3600"]);
+        pod.podman(&a).unwrap();
+    };
+    let allowed_ip = "10.232.149.10";
+    run("pa149", &["--ip", allowed_ip]);
+    run("po149", &["--ip", "10.232.149.11"]);
+    let svc = lab
+        .host
+        .run(|| PeerEcho::start("127.0.0.1:0").unwrap())
+        .unwrap();
+    let p = svc.port();
+    let url = format!("http://10.232.149.1:{p}/");
+    let get = |name: &str| {
+        pod.podman(&[
+            "exec", name, "busybox", "timeout", "4", "wget", "-q", "-O", "-", &url,
+        ])
+    };
+    let engine = format!("unix://{}", pod.socket.display());
+    let spec = format!("podman:{net}:{p}@pa149,pl149");
+    let mut lhb = lab.lhb(&["--engine", &engine, "--expose", &spec]).unwrap();
+    let body = get("pa149").unwrap_or_else(|e| panic!("{e}\n{}", lhb.log()));
+    assert!(body.starts_with(&format!("peer={allowed_ip}:")), "{body}");
+    let seen = svc.seen().len();
+    let e = get("po149").unwrap_err().to_string();
+    assert!(at_once(&e), "not named: {e}");
+    assert_eq!(
+        svc.seen().len(),
+        seen,
+        "the service saw a refused container"
+    );
+    let c = lhb.client(0, "10.232.149.11").unwrap().expect("refused");
+    assert_eq!(
+        (&c["container"], &c["refused"]),
+        (&"po149".into(), &1.into()),
+        "{c}"
+    );
+
+    // Started after lhb: admitted at Podman's start event.
+    let t0 = Instant::now();
+    run("pl149", &[]);
+    let started = t0.elapsed();
+    let mut attempts = 0;
+    let gap = lhb_tests::wait_until(Duration::from_secs(5), || {
+        attempts += 1;
+        get("pl149").is_ok()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "a named container started later never served\n{}",
+            lhb.log()
+        )
+    });
+    eprintln!(
+        "MEASURED: podman run took {started:?}; served {gap:?} after it returned, at attempt {attempts}"
+    );
+
+    // The forger: another container with the admitted one's IP and MAC.
+    let mac = pod
+        .podman(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.MacAddress}}{{end}}",
+            "pa149",
+        ])
+        .unwrap();
+    run("pf149", &["--cap-add", "NET_ADMIN"]);
+    pod.podman(&[
+        "exec",
+        "pf149",
+        "sh",
+        "-c",
+        &format!(
+            "ip addr flush dev eth0 && ip link set eth0 down && ip link set eth0 address {mac} && ip link set eth0 up && ip addr add {allowed_ip}/24 dev eth0"
+        ),
+    ])
+    .unwrap();
+    let seen = svc.seen().len();
+    if let Ok(body) = get("pf149") {
+        panic!(
+            "the forger was served: {body}\nguard: {}\n{}",
+            lhb_tests::run(
+                "ip",
+                &["netns", "exec", &lab.host.name, "nft", "list", "ruleset"]
+            )
+            .unwrap_or_default(),
+            lhb.log()
+        );
+    }
+    assert_eq!(svc.seen().len(), seen, "the service saw the forger");
+    pod.podman(&["rm", "-f", "-t", "0", "pf149"]).unwrap();
+
+    // The admitted container gone, its address given to one not named: refused (its
+    // frames dropped as forged until lhb relisted), never served.
+    pod.podman(&["rm", "-f", "-t", "0", "pa149"]).unwrap();
+    run("ph149", &["--ip", allowed_ip]);
+    let refused = lhb_tests::wait_until(Duration::from_secs(10), || match get("ph149") {
+        Ok(body) => panic!(
+            "the heir of an admitted address was served: {body}\n{}\n{}",
+            lhb_tests::run("ip", &["-n", &lab.host.name, "-d", "link"]).unwrap_or_default(),
+            lhb.log()
+        ),
+        Err(e) => at_once(&e.to_string()),
+    });
+    assert!(
+        refused.is_some(),
+        "the heir never refused at once\n{}",
+        lhb.log()
+    );
+    assert_eq!(svc.seen().len(), seen, "the service saw the heir");
+
+    // The guard's table is this daemon's; a crash leaves it, the next start on the
+    // same control socket removes it.
+    let table = guard_table(&lhb);
+    let listed = || {
+        lhb_tests::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &lab.host.name,
+                "nft",
+                "list",
+                "table",
+                "bridge",
+                &table,
+            ],
+        )
+        .is_ok()
+    };
+    assert!(listed(), "no guard table while serving");
+    let (control, pins) = (lhb.control(), lhb.pin_dir());
+    lhb.kill9();
+    assert!(
+        listed(),
+        "the guard of a crashed daemon's kept data path went with it"
+    );
+    // Its rule now unscoped: this daemon needs no table of its own.
+    let next = lab
+        .lhb(&[
+            "--engine",
+            &engine,
+            "--expose",
+            &format!("podman:{net}:{p}"),
+            "--control",
+            &control,
+            "--pin-dir",
+            pins.to_str().unwrap(),
+        ])
+        .unwrap();
+    assert_eq!(guard_table(&next), table, "the same socket, another table");
+    assert!(
+        !listed(),
+        "the next start left the crashed daemon's table\n{}",
+        next.log()
+    );
 }

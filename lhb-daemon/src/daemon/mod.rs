@@ -405,13 +405,13 @@ impl Daemon {
                     Ok(true) => {
                         warn!(
                             "the guard's table (bridge {}) was changed or removed by someone else; written again",
-                            crate::guard::TABLE
+                            self.guard.table()
                         );
                     }
                     Err(e) => {
                         // Applied again below: without the table, the rules scoped to
                         // containers are closed until it can be written.
-                        error!("the guard's table (bridge {}): {e:#}", crate::guard::TABLE);
+                        error!("the guard's table (bridge {}): {e:#}", self.guard.table());
                         let failed = self.reconcile().await;
                         self.retry.after(failed);
                     }

@@ -129,7 +129,7 @@ pub(super) async fn start(
         clients,
         refusals_logged: Default::default(),
         udp_errors: Default::default(),
-        guard: Default::default(),
+        guard: crate::guard::Guard::new(crate::guard::table_for(&opts.serve.control)),
         tasks: tasks.clone(),
         firewall: None,
         netlink,

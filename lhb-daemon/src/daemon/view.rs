@@ -418,6 +418,10 @@ impl Daemon {
             reload_error: self.reload_error.clone(),
             label_allow: self.label_allow.iter().map(|e| e.to_string()).collect(),
             label_refused: self.label_refused.clone(),
+            guard: Some(status::GuardStatus {
+                table: self.guard.table().into(),
+                bindings: self.guard.held().len(),
+            }),
             requests: status::RequestCounters {
                 bad: control::BAD_REQUESTS.load(std::sync::atomic::Ordering::Relaxed),
                 busy: control::BUSY_REQUESTS.load(std::sync::atomic::Ordering::Relaxed),
