@@ -2,7 +2,7 @@
 //! panic, and every rule it accepts keeps the rules' invariants.
 #![no_main]
 
-use lhb_daemon::{config, rule};
+use lhb_daemon::{model::config, model::rule};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {

@@ -3,7 +3,7 @@
 //! bound and ends the way the protocol says.
 #![no_main]
 
-use lhb_daemon::control::{self, MAX_CONTROL_REQUEST, Request};
+use lhb_daemon::api::control::{self, MAX_CONTROL_REQUEST, Request};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

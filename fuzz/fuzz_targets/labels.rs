@@ -3,7 +3,7 @@
 //! the administrator allowed, once, and the refusals account for the rest.
 #![no_main]
 
-use lhb_daemon::labels::{self, Entry};
+use lhb_daemon::model::labels::{self, Entry};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {

@@ -5,7 +5,7 @@
 //! prefixes without host bits.
 #![no_main]
 
-use lhb_daemon::rule;
+use lhb_daemon::model::rule;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|spec: &str| {

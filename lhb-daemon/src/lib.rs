@@ -1,30 +1,27 @@
 //! lhb's daemon and tools as a library: the `lhb` binary (main.rs) is its command line,
 //! and the fuzz targets (fuzz/) call the parsers directly.
+//!
+//! The folders are layers, lowest first; a module imports from its own layer and the
+//! ones above it in this list, never from one below:
+//!
+//! - [`model`]: rules, the config file, settings, labels, scopes: what a user writes.
+//! - [`host`]: the host's interfaces: netlink, capabilities, sd_notify, the unit, tasks.
+//! - [`engines`]: what Docker and Podman say (networks, containers).
+//! - [`reconcile`]: desired rules x observed host -> a plan; no I/O.
+//! - [`firewall`]: the accepts lhb holds in the host's firewall.
+//! - [`datapath`]: what carries traffic: the kernel path, the proxy, the UDP forwarder,
+//!   the guard of container scopes, the clients seen.
+//! - [`api`]: the control socket and the status it answers with.
+//! - [`daemon`]: `lhb run`: start-up, the event loop, applying plans.
+//! - [`diagnose`]: `lhb plan`, `verify`, `doctor`: the start-up steps of `daemon`, read
+//!   only, and probes.
 
-pub mod caps;
-pub mod check;
-pub mod clients;
-pub mod config;
-pub mod control;
+pub mod api;
 pub mod daemon;
-pub mod docker;
-pub mod doctor;
-pub mod findings;
+pub mod datapath;
+pub mod diagnose;
+pub mod engines;
 pub mod firewall;
-pub mod guard;
-pub mod kernel;
-pub mod labels;
-pub mod netlink;
-pub mod notify;
-pub mod persist;
-pub mod plan;
-pub mod podman;
-pub mod proxy;
+pub mod host;
+pub mod model;
 pub mod reconcile;
-pub mod rule;
-pub mod scope;
-pub mod status;
-pub mod tasks;
-pub mod udp;
-pub mod unit;
-pub mod verify;

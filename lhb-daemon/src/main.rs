@@ -6,7 +6,8 @@
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use lhb_daemon::{
-    check, control, daemon, doctor, firewall, labels, plan, reconcile, rule, unit, verify,
+    api::control, daemon, diagnose::check, diagnose::doctor, diagnose::plan, diagnose::verify,
+    firewall, host::unit, model::labels, model::rule, reconcile,
 };
 
 use anyhow::Context as _;
@@ -54,7 +55,7 @@ enum Command {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
         udp_max_flows: Option<u64>,
         /// Seconds after which a UDP flow that passed no datagram either way is closed.
-        #[arg(long, value_name = "SECONDS", default_value_t = lhb_daemon::udp::DEFAULT_IDLE.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        #[arg(long, value_name = "SECONDS", default_value_t = lhb_daemon::datapath::udp::DEFAULT_IDLE.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
         udp_idle_timeout: u64,
         /// On SIGTERM/SIGINT leave the kernel path and the firewall rules serving; the
         /// next start takes them over. Without it a clean exit removes everything.

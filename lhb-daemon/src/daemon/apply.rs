@@ -8,12 +8,12 @@ use tracing::{error, info};
 
 use super::{Daemon, StartError};
 use crate::{
+    datapath::kernel::KernelPath,
+    datapath::proxy,
     firewall::{Opening, Transport},
-    kernel::KernelPath,
-    netlink::Netlink,
-    proxy,
+    host::netlink::Netlink,
+    model::rule::{Rule, Source},
     reconcile::{self, BridgeProblem, Observed, Plan, RuleState},
-    rule::{Rule, Source},
 };
 
 impl Daemon {
@@ -48,7 +48,7 @@ impl Daemon {
         // The guard grows before any path admits an address it protects, and shrinks
         // only after they stopped admitting one (below). Without it, the rules scoped to
         // containers admit nobody: an address alone can be forged.
-        let grown: crate::guard::Bindings =
+        let grown: crate::datapath::guard::Bindings =
             self.guard.held().union(&wanted.bindings).copied().collect();
         let guarded = match self.guard.set(&grown).await {
             Ok(()) => true,
@@ -205,14 +205,14 @@ impl Daemon {
 
 /// `scopes` with the sets of the `guarded` slots emptied: those rules admit nobody.
 fn closed(
-    scopes: &std::collections::BTreeMap<u32, crate::scope::AllowSet>,
+    scopes: &std::collections::BTreeMap<u32, crate::model::scope::AllowSet>,
     guarded: &BTreeSet<u32>,
-) -> std::collections::BTreeMap<u32, crate::scope::AllowSet> {
+) -> std::collections::BTreeMap<u32, crate::model::scope::AllowSet> {
     scopes
         .iter()
         .map(|(slot, set)| {
             let set = if guarded.contains(slot) {
-                crate::scope::AllowSet::default()
+                crate::model::scope::AllowSet::default()
             } else {
                 set.clone()
             };
@@ -221,7 +221,7 @@ fn closed(
         .collect()
 }
 
-fn udp_seen_as(ifindex: u32, target: &crate::udp::UdpTarget) -> String {
+fn udp_seen_as(ifindex: u32, target: &crate::datapath::udp::UdpTarget) -> String {
     match target.target {
         std::net::SocketAddr::V4(_) => proxy::loopback_source(ifindex).to_string(),
         std::net::SocketAddr::V6(_) => "::1".to_string(),
@@ -307,7 +307,7 @@ async fn apply_kernel(
     netlink: &Netlink,
     applied: &mut Plan,
     wanted: &Plan,
-) -> Result<(), crate::kernel::KernelPathError> {
+) -> Result<(), crate::datapath::kernel::KernelPathError> {
     // Before the endpoints: an endpoint turned scoped finds its set in place. A set
     // written in part fails closed (a scoped endpoint admits only what is written), so
     // the endpoints still follow.
@@ -316,7 +316,7 @@ async fn apply_kernel(
         match kernel.set_scopes(&wanted.scopes) {
             Ok(()) => applied.scopes = wanted.scopes.clone(),
             Err(e) => {
-                first_err = Some(crate::kernel::KernelPathError::Load(format!(
+                first_err = Some(crate::datapath::kernel::KernelPathError::Load(format!(
                     "writing the allow lists: {e:#}"
                 )));
             }
@@ -355,7 +355,7 @@ async fn apply_kernel(
                 applied.endpoints.insert(*key, *steer);
             }
             Err(e) => {
-                first_err.get_or_insert(crate::kernel::KernelPathError::Load(format!(
+                first_err.get_or_insert(crate::datapath::kernel::KernelPathError::Load(format!(
                     "writing an endpoint to the map: {e:#}"
                 )));
             }

@@ -27,20 +27,21 @@ use tokio::{signal::unix::Signal, sync::watch};
 use tracing::{error, info, warn};
 
 pub(crate) use apply::{openings, preflight};
-pub(crate) use rules::{Slots, combine, label_rules};
+pub(crate) use rules::{Slots, combine};
 pub(crate) use start::first_docker_view;
 pub(crate) use view::rule_view;
 
 use crate::{
-    config, control,
-    docker::DockerView,
+    api::control,
+    datapath::kernel::KernelPath,
+    datapath::proxy::{GatewayKey, Proxy},
+    engines::DockerView,
     firewall::{FirewallMode, FirewallTask},
-    kernel::KernelPath,
-    netlink::{Events, Netlink},
-    notify::Notifier,
-    proxy::{Proxy, ProxyKey},
+    host::netlink::{Events, Netlink},
+    host::notify::Notifier,
+    model::config,
+    model::rule::Rule,
     reconcile::{self, Mode, Observed, Paths, Plan},
-    rule::Rule,
 };
 
 /// Events arriving in a burst (a bridge and its address, a veth and its port) are
@@ -58,7 +59,7 @@ pub struct ServeOptions {
     /// Rules from --expose and --expose-iface.
     pub cli_rules: Vec<Rule>,
     /// --label-allow entries (added to the config's `label_allow`).
-    pub label_allow: Vec<crate::labels::Entry>,
+    pub label_allow: Vec<crate::model::labels::Entry>,
     pub config: PathBuf,
     pub no_docker: bool,
     /// --engine sockets (added to the config's `engine`).
@@ -123,16 +124,16 @@ struct Daemon {
     /// The config file's `engine` list at start (a change takes effect at the next).
     file_engines: Vec<String>,
     /// --label-allow.
-    label_allow_cli: Vec<crate::labels::Entry>,
+    label_allow_cli: Vec<crate::model::labels::Entry>,
     /// --label-allow and the config's `label_allow`: what labels may ask for.
-    label_allow: Vec<crate::labels::Entry>,
+    label_allow: Vec<crate::model::labels::Entry>,
     /// Label entries not served now, and why (each logged when it first appears).
-    label_refused: Vec<crate::labels::Refusal>,
+    label_refused: Vec<crate::model::labels::Refusal>,
     /// Proxy listeners that could not be bound (another program holds the address),
     /// retried with backoff; the rest of the rules are served meanwhile.
-    proxy_errors: BTreeMap<ProxyKey, String>,
+    proxy_errors: BTreeMap<GatewayKey, String>,
     /// UDP forwarder sockets that could not be bound, retried the same way.
-    udp_errors: BTreeMap<ProxyKey, String>,
+    udp_errors: BTreeMap<GatewayKey, String>,
     kernel_unavailable: Option<String>,
     firewall_backends: Vec<String>,
     firewall_chains: crate::firewall::HeldChains,
@@ -140,14 +141,14 @@ struct Daemon {
     /// None where the kernel path is not used (--mode proxy, or it could not load).
     kernel: Option<KernelPath>,
     proxy: Proxy,
-    udp: crate::udp::Forwarder,
+    udp: crate::datapath::udp::Forwarder,
     /// Who connected through the proxy and the UDP forwarder (the kernel path counts
     /// its own, in its map).
-    clients: crate::clients::Clients,
+    clients: crate::datapath::clients::Clients,
     /// Each refused client's refusals when they were last logged.
     refusals_logged: std::collections::HashMap<(u32, std::net::IpAddr), u64>,
     /// The nftables bridge table that makes container scopes unforgeable.
-    guard: crate::guard::Guard,
+    guard: crate::datapath::guard::Guard,
     /// Follows the applied plan on its own (see FirewallTask); None until the first
     /// plan is applied and the firewall matches it.
     firewall: Option<FirewallTask>,
@@ -155,9 +156,9 @@ struct Daemon {
     netlink: Netlink,
     applied: Plan,
     docker: Option<watch::Receiver<DockerView>>,
-    podman: Option<crate::podman::PodmanWatch>,
+    podman: Option<crate::engines::podman::PodmanWatch>,
     retry: Retry,
-    tasks: crate::tasks::Tasks,
+    tasks: crate::host::tasks::Tasks,
 }
 
 /// Something failed to apply (an attachment, a proxy bind): tried again after `delay`,
@@ -216,7 +217,7 @@ impl Inputs {
     async fn next(
         &mut self,
         docker: Option<&mut watch::Receiver<DockerView>>,
-        podman: Option<&mut watch::Receiver<crate::podman::PodmanView>>,
+        podman: Option<&mut watch::Receiver<crate::engines::PodmanView>>,
         retry: &Retry,
     ) -> Event {
         let docker_changed = async {
@@ -277,22 +278,6 @@ impl Inputs {
     }
 }
 
-/// Docker's view with Podman's networks in it; None when neither engine is read.
-pub(crate) fn engine_view(
-    docker: Option<DockerView>,
-    podman: Option<crate::podman::PodmanView>,
-) -> Option<DockerView> {
-    if docker.is_none() && podman.is_none() {
-        return None;
-    }
-    let mut v = docker.unwrap_or_else(|| DockerView {
-        problem: Some("no Docker engine is configured (`engine`)".into()),
-        ..Default::default()
-    });
-    v.podman = podman;
-    Some(v)
-}
-
 /// What the loop does after an event.
 enum Flow {
     Continue,
@@ -304,13 +289,13 @@ const TASKS_GRACE: Duration = Duration::from_secs(2);
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // Every exit, a failed start included, ends the tasks the same way.
-    let tasks = crate::tasks::Tasks::new();
+    let tasks = crate::host::tasks::Tasks::new();
     let result = serve(&opts, &tasks).await;
     tasks.stop(TASKS_GRACE).await;
     result
 }
 
-async fn serve(opts: &RunOptions, tasks: &crate::tasks::Tasks) -> anyhow::Result<()> {
+async fn serve(opts: &RunOptions, tasks: &crate::host::tasks::Tasks) -> anyhow::Result<()> {
     let (mut d, mut inputs, _sockets) = start::start(opts, tasks).await?;
     let result = loop {
         let ev = inputs
@@ -425,14 +410,17 @@ impl Daemon {
     }
 
     async fn observe(&self) -> anyhow::Result<Observed> {
-        let mut observed = self.netlink.snapshot().await?;
+        let mut observed = reconcile::Observed {
+            links: self.netlink.snapshot().await?,
+            docker: None,
+        };
         observed.docker = self.engine_view();
         Ok(observed)
     }
 
     /// What the engines said last, as one view; None when lhb reads no engine.
     fn engine_view(&self) -> Option<DockerView> {
-        engine_view(
+        crate::engines::view(
             self.docker.as_ref().map(|d| d.borrow().clone()),
             self.podman.as_ref().map(|p| p.rx.borrow().clone()),
         )
@@ -493,7 +481,8 @@ impl Daemon {
                 self.rules.restore(saved);
                 return Err(e);
             }
-            self.label_allow = crate::labels::merge_allowed(&self.label_allow_cli, &f.label_allow);
+            self.label_allow =
+                crate::model::labels::merge_allowed(&self.label_allow_cli, &f.label_allow);
             self.follow_labels();
             Ok(self.rules.len())
         })();
@@ -521,7 +510,7 @@ impl Daemon {
     /// logs each refused entry once, when it first appears.
     fn follow_labels(&mut self) {
         let (wanted, mut refused) = match self.engine_view() {
-            Some(v) => crate::labels::rules(&v, &self.label_allow),
+            Some(v) => crate::reconcile::labels::rules(&v, &self.label_allow),
             None => Default::default(),
         };
         if self.rules.set_labels(wanted) {
@@ -532,7 +521,7 @@ impl Daemon {
             }
         }
         for key in self.rules.labels_over_limit() {
-            refused.push(crate::labels::Refusal {
+            refused.push(crate::model::labels::Refusal {
                 network: key.source.name().to_string(),
                 entry: key.port.to_string(),
                 reason: format!("the rule table is full ({} rules)", lhb_common::MAX_RULES),

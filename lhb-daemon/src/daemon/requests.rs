@@ -5,8 +5,10 @@ use anyhow::bail;
 
 use super::Daemon;
 use crate::{
-    config, control, persist,
-    rule::{self, Origin},
+    api::control,
+    model::config,
+    model::persist,
+    model::rule::{self, Origin},
 };
 
 /// The answer to an expose/unexpose, and whether the reconciliation after it failed.
@@ -147,7 +149,7 @@ impl Daemon {
         if origin == Origin::Label {
             bail!(
                 "{key} comes from the {} label of network {}: remove the label (or the network), or its entry from label_allow and `lhb reload`",
-                crate::labels::LABEL,
+                crate::model::labels::LABEL,
                 key.source.name()
             );
         }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::rule::{self, Origin, Rule, RuleKey};
+use crate::model::rule::{self, Origin, Rule, RuleKey};
 
 /// Command-line rules first, then the file's; the same source and port only once.
 pub(crate) fn combine(cli: &[Rule], file: Vec<Rule>) -> Result<Vec<Rule>, rule::RuleError> {
@@ -12,24 +12,6 @@ pub(crate) fn combine(cli: &[Rule], file: Vec<Rule>) -> Result<Vec<Rule>, rule::
     all.extend(file);
     rule::check_unique(&all)?;
     Ok(all)
-}
-
-/// The label rules to serve beside the administrator's `rules`: those whose network
-/// and port no rule of the administrator's names (that rule wins), as far as the rule
-/// table has room; and the keys of those left out for room.
-pub(crate) fn label_rules(rules: &[Rule], labels: &[Rule]) -> (Vec<Rule>, Vec<RuleKey>) {
-    let taken: BTreeSet<RuleKey> = rules.iter().map(Rule::key).collect();
-    let room = (lhb_common::MAX_RULES as usize).saturating_sub(rules.len());
-    let mut take = Vec::new();
-    let mut over = Vec::new();
-    for r in labels.iter().filter(|r| !taken.contains(&r.key())) {
-        if take.len() < room {
-            take.push(r.clone());
-        } else {
-            over.push(r.key());
-        }
-    }
-    (take, over)
 }
 
 /// Counter slots: a rule keeps its slot (and counters) across reloads.
@@ -206,7 +188,7 @@ impl RuleSet {
             .collect();
         let mut rules: Vec<Rule> = tagged.iter().map(|(r, _)| r.clone()).collect();
         rule::check_unique(&rules)?;
-        let (labels, over) = label_rules(&rules, &self.labels);
+        let (labels, over) = crate::model::labels::label_rules(&rules, &self.labels);
         rules.extend(labels.iter().cloned());
         tagged.extend(labels.into_iter().map(|r| (r, Origin::Label)));
         self.labels_over_limit = over;
@@ -253,15 +235,5 @@ mod tests {
         set.recombine().unwrap();
         assert!(set.get(&rule("web:443").key()).is_none());
         assert_eq!(set.len(), 2);
-    }
-
-    #[test]
-    fn label_rules_beyond_the_rule_table_are_left_out_not_an_error() {
-        let max = lhb_common::MAX_RULES as usize;
-        let mine: Vec<Rule> = (1..max).map(|p| rule(&format!("a:{p}"))).collect();
-        let labels = vec![rule("b:1"), rule("b:2"), rule("a:1")];
-        let (take, over) = label_rules(&mine, &labels);
-        assert_eq!(take, vec![rule("b:1")]);
-        assert_eq!(over, vec![rule("b:2").key()]);
     }
 }

@@ -16,15 +16,20 @@ use super::{
     view,
 };
 use crate::{
-    caps, config, control,
-    docker::{self, DockerView},
+    api::control,
+    datapath::kernel::KernelPath,
+    datapath::proxy::{FD_RESERVE, FDS_PER_CONNECTION, Proxy},
+    engines::{
+        DockerView,
+        docker::{self},
+    },
     firewall::{Firewall, FirewallTask},
-    kernel::KernelPath,
-    netlink::Netlink,
-    notify::Notifier,
-    proxy::{FD_RESERVE, FDS_PER_CONNECTION, Proxy},
+    host::caps,
+    host::netlink::Netlink,
+    host::notify::Notifier,
+    host::tasks::Tasks,
+    model::config,
     reconcile::{self, Mode, Paths, Plan},
-    tasks::Tasks,
 };
 
 /// The control and metrics sockets, removed when this is dropped: at every exit, early
@@ -52,7 +57,8 @@ pub(super) async fn start(
     let firewall_mode = opts.serve.firewall.or(cfg.firewall).unwrap_or_default();
     let metrics_addr = cfg.metrics.clone();
     let (rules, fresh) = RuleSet::new(opts.serve.cli_rules.clone(), cfg.rules)?;
-    let label_allow = crate::labels::merge_allowed(&opts.serve.label_allow, &cfg.label_allow);
+    let label_allow =
+        crate::model::labels::merge_allowed(&opts.serve.label_allow, &cfg.label_allow);
     if rules.is_empty() && label_allow.is_empty() {
         // A config file of the administrator's with no entry yet (the package's, for
         // one) is a daemon waiting for rules: it must not fail at every boot. With no
@@ -88,7 +94,7 @@ pub(super) async fn start(
     let (sockets, ctl_rx) = Sockets::bind(opts, metrics_addr, tasks).await?;
     let budget = budget(opts.max_connections, opts.udp_max_flows);
     // Before the kernel path: a thread that cannot start leaves nothing attached.
-    let clients = crate::clients::Clients::default();
+    let clients = crate::datapath::clients::Clients::default();
     let proxy = Proxy::new(
         budget.connections,
         PROXY_BACKLOG,
@@ -120,7 +126,7 @@ pub(super) async fn start(
         },
         kernel,
         proxy,
-        udp: crate::udp::Forwarder::new(
+        udp: crate::datapath::udp::Forwarder::new(
             budget.udp_flows,
             opts.udp_idle,
             tasks.clone(),
@@ -129,7 +135,9 @@ pub(super) async fn start(
         clients,
         refusals_logged: Default::default(),
         udp_errors: Default::default(),
-        guard: crate::guard::Guard::new(crate::guard::table_for(&opts.serve.control)),
+        guard: crate::datapath::guard::Guard::new(crate::datapath::guard::table_for(
+            &opts.serve.control,
+        )),
         tasks: tasks.clone(),
         firewall: None,
         netlink,
@@ -192,8 +200,11 @@ impl Sockets {
 }
 
 /// Podman's view, followed from now on; said once if it does not answer.
-async fn podman_watch(tasks: &Tasks, path: std::path::PathBuf) -> crate::podman::PodmanWatch {
-    let mut w = crate::podman::watch(tasks, path);
+async fn podman_watch(
+    tasks: &Tasks,
+    path: std::path::PathBuf,
+) -> crate::engines::podman::PodmanWatch {
+    let mut w = crate::engines::podman::watch(tasks, path);
     let view = first_view(&mut w.rx, |v| v.available || v.problem.is_some()).await;
     if !view.available {
         warn!(
@@ -245,7 +256,10 @@ impl Daemon {
     /// Preflight, the first plan applied, the firewall synced to it: an error here is a
     /// failed start (the caller undoes everything).
     async fn serve_first(&mut self, mut firewall: Firewall, fresh: &[u32]) -> anyhow::Result<()> {
-        let mut observed = self.netlink.snapshot().await?;
+        let mut observed = reconcile::Observed {
+            links: self.netlink.snapshot().await?,
+            docker: None,
+        };
         observed.docker = self.engine_view();
         let wanted = reconcile::plan(self.rules.planned(), &observed, self.paths);
         apply::preflight(self.rules.iter().map(|a| &a.rule), &observed, &wanted)?;
@@ -341,7 +355,7 @@ fn budget(asked: Option<usize>, asked_flows: Option<usize>) -> Budget {
             flow_room
         }
         Some(n) => n,
-        None => crate::udp::DEFAULT_MAX_FLOWS.min(flow_room),
+        None => crate::datapath::udp::DEFAULT_MAX_FLOWS.min(flow_room),
     };
     let left = free.saturating_sub(udp_flows as u64);
     let budget = (left / FDS_PER_CONNECTION).max(1) as usize;

@@ -7,11 +7,11 @@ use tracing::{debug, info, warn};
 
 use super::{Daemon, rules::RuleSet};
 use crate::{
-    control,
-    proxy::{self, ProxyKey},
+    api::control,
+    api::status::{self, DataPath, State, Status},
+    datapath::proxy::{self, GatewayKey},
+    model::rule::{Origin, Rule, RuleKey, Source},
     reconcile::{Plan, RuleState},
-    rule::{Origin, Rule, RuleKey, Source},
-    status::{self, DataPath, State, Status},
 };
 
 /// A rule as `lhb status` shows it, from where it stands; counters, firewall rules
@@ -20,7 +20,7 @@ pub(crate) fn rule_view(
     rule: &Rule,
     origin: Origin,
     state: Option<&RuleState>,
-    proxies: &BTreeMap<ProxyKey, proxy::ProxyTarget>,
+    proxies: &BTreeMap<GatewayKey, proxy::ProxyTarget>,
 ) -> status::RuleStatus {
     let mut r = status::RuleStatus {
         port: rule.port,
@@ -61,7 +61,7 @@ pub(crate) fn rule_view(
             }));
             r.gateways.extend(proxied.iter().map(|(a, why)| {
                 let mut g = gw(a, DataPath::Proxy, Some(why));
-                let key = ProxyKey {
+                let key = GatewayKey {
                     bridge: bridge.clone(),
                     ifindex: *ifindex,
                     gateway: *a,
@@ -312,7 +312,7 @@ impl Daemon {
                         DataPath::Udp => &self.udp_errors,
                         _ => continue,
                     };
-                    let key = g.address.parse().ok().map(|gateway| ProxyKey {
+                    let key = g.address.parse().ok().map(|gateway| GatewayKey {
                         bridge: bridge.clone(),
                         ifindex: r.ifindex.unwrap_or_default(),
                         gateway,

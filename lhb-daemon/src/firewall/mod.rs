@@ -21,30 +21,7 @@ use std::{collections::BTreeSet, fmt, net::IpAddr, process::Command};
 use anyhow::Context as _;
 use tracing::{info, warn};
 
-/// `--firewall` and `firewall =`.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    Default,
-    clap::ValueEnum,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum FirewallMode {
-    /// Whatever filters input on this host: firewalld if it runs, the iptables
-    /// variants in use, and native nftables base chains (not firewalld's own).
-    #[default]
-    Auto,
-    /// firewalld alone, over D-Bus: runtime rich rules in the bridge's zone.
-    Firewalld,
-    Nftables,
-    Iptables,
-    None,
-}
+pub use crate::model::config::FirewallMode;
 
 /// Traffic lhb must let in: TCP or UDP to `gateway:port` arriving on `iface`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -124,7 +101,7 @@ impl fmt::Display for Opening {
 /// found under a rule (a Docker network's bridge), whose name lhb did not choose.
 fn check_iface(o: &Opening) -> anyhow::Result<()> {
     anyhow::ensure!(
-        crate::rule::valid_ifname(&o.iface),
+        crate::model::rule::valid_ifname(&o.iface),
         "bridge name {:?} has characters lhb will not put into a firewall rule (only letters, digits, `_`, `.` and `-`)",
         o.iface
     );
@@ -563,7 +540,7 @@ impl FirewallTask {
     pub fn spawn(
         mut fw: Firewall,
         current: BTreeSet<Opening>,
-        tasks: &crate::tasks::Tasks,
+        tasks: &crate::host::tasks::Tasks,
     ) -> FirewallTask {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut wanted = current;

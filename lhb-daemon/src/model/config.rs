@@ -10,21 +10,107 @@ use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
 
-use crate::{
-    reconcile::Mode,
-    rule::{self, Rule, RuleError},
-};
+use crate::model::rule::{self, Rule, RuleError};
+
+/// The control socket when none is given (`--control`).
+pub const DEFAULT_CONTROL: &str = "/run/lhb/lhb.sock";
+
+/// `--mode` and `mode =`: which data path serves the rules. One definition for the
+/// command line (clap), the config file and `lhb status` (serde).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The kernel path where it can serve, the proxy elsewhere.
+    #[default]
+    Auto,
+    Kernel,
+    Proxy,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Auto => "auto",
+            Mode::Kernel => "kernel",
+            Mode::Proxy => "proxy",
+        })
+    }
+}
+
+/// `--firewall` and `firewall =`.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum FirewallMode {
+    /// Whatever filters input on this host: firewalld if it runs, the iptables
+    /// variants in use, and native nftables base chains (not firewalld's own).
+    #[default]
+    Auto,
+    /// firewalld alone, over D-Bus: runtime rich rules in the bridge's zone.
+    Firewalld,
+    Nftables,
+    Iptables,
+    None,
+}
+
+/// Where the metrics are served: `unix:PATH` or a loopback `ADDR:PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MetricsAddr {
+    Unix(std::path::PathBuf),
+    Tcp(std::net::SocketAddr),
+    Off,
+}
+
+pub fn parse_metrics(s: &str) -> Result<MetricsAddr, String> {
+    if s == "none" || s == "off" {
+        return Ok(MetricsAddr::Off);
+    }
+    if let Some(p) = s.strip_prefix("unix:") {
+        if !p.starts_with('/') {
+            return Err(format!("metrics `{s}`: the socket path must be absolute"));
+        }
+        return Ok(MetricsAddr::Unix(p.into()));
+    }
+    let addr: std::net::SocketAddr = s.parse().map_err(|_| {
+        format!("metrics `{s}` is not `unix:/PATH`, a loopback `ADDR:PORT` (e.g. 127.0.0.1:9464) or `none`")
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "metrics `{s}`: only a loopback address (127.0.0.1, [::1]) is allowed; lhb exposes nothing elsewhere"
+        ));
+    }
+    Ok(MetricsAddr::Tcp(addr))
+}
 
 /// What a config file holds.
 #[derive(Debug, Default)]
 pub struct Config {
     pub rules: Vec<Rule>,
     pub mode: Option<Mode>,
-    pub firewall: Option<crate::firewall::FirewallMode>,
+    pub firewall: Option<FirewallMode>,
     /// `metrics =`: where the Prometheus endpoint is served.
-    pub metrics: Option<crate::control::MetricsAddr>,
+    pub metrics: Option<MetricsAddr>,
     /// `label_allow =`: what a Docker network's `lhb.expose` label may ask for.
-    pub label_allow: Vec<crate::labels::Entry>,
+    pub label_allow: Vec<crate::model::labels::Entry>,
     /// `engine =`: the Docker and Podman API sockets to read (`unix://PATH`).
     pub engine: Vec<String>,
 }
@@ -45,7 +131,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct File {
     mode: Option<Mode>,
-    firewall: Option<crate::firewall::FirewallMode>,
+    firewall: Option<FirewallMode>,
     metrics: Option<Spanned<String>>,
     #[serde(default)]
     label_allow: Vec<Spanned<String>>,
@@ -104,13 +190,11 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
     let (mode, firewall) = (parsed.mode, parsed.firewall);
     let metrics = parsed
         .metrics
-        .map(|m| {
-            crate::control::parse_metrics(m.get_ref()).map_err(|why| invalid(Some(m.span()), why))
-        })
+        .map(|m| parse_metrics(m.get_ref()).map_err(|why| invalid(Some(m.span()), why)))
         .transpose()?;
     let mut label_allow = Vec::new();
     for entry in parsed.label_allow {
-        let e = crate::labels::Entry::parse(entry.get_ref())
+        let e = crate::model::labels::Entry::parse(entry.get_ref())
             .map_err(|err| invalid(Some(entry.span()), format!("label_allow: {err}")))?;
         if !label_allow.contains(&e) {
             label_allow.push(e);
@@ -261,7 +345,7 @@ mod tests {
     /// it, uncommented, is a valid rule (so the comments cannot rot).
     #[test]
     fn the_packaged_config_holds_no_rule_and_valid_examples() {
-        let text = include_str!("../debian/lhb.toml");
+        let text = include_str!("../../debian/lhb.toml");
         let shipped = parse("lhb.toml", text).unwrap();
         assert!(shipped.rules.is_empty() && shipped.mode.is_none());
         let examples: String = text
@@ -280,7 +364,7 @@ mod tests {
     }
 
     use super::*;
-    use crate::rule::Source;
+    use crate::model::rule::Source;
 
     fn err(text: &str) -> String {
         parse("lhb.toml", text).unwrap_err().to_string()
@@ -327,7 +411,7 @@ port = 11434
         .unwrap();
         assert_eq!(
             c.rules[0],
-            crate::rule::parse_iface_spec("virbr0:5432@192.168.122.10,fd00::/64").unwrap()
+            crate::model::rule::parse_iface_spec("virbr0:5432@192.168.122.10,fd00::/64").unwrap()
         );
     }
 
@@ -338,8 +422,8 @@ port = 11434
             "[[expose]]\ninterface = \"br0\"\nport = 53\nprotocol = \"both\"\ntarget = \"127.0.0.53:53\"\n\n[[expose]]\ninterface = \"br0\"\nport = 8125\nprotocol = \"udp\"\n",
         )
         .unwrap();
-        assert_eq!(c.rules[0].protocol, crate::rule::Protocol::Both);
-        assert_eq!(c.rules[1].protocol, crate::rule::Protocol::Udp);
+        assert_eq!(c.rules[0].protocol, crate::model::rule::Protocol::Both);
+        assert_eq!(c.rules[1].protocol, crate::model::rule::Protocol::Udp);
         assert_eq!(c.rules[1].target, "127.0.0.1:8125".parse().unwrap());
     }
 

@@ -15,10 +15,10 @@ use std::{
 };
 
 use crate::{
-    check::{self, Datagram, Outcome, ProbeNs, Target},
-    findings::{Findings, Level},
+    diagnose::check::{self, Datagram, Outcome, ProbeNs, Target},
+    diagnose::findings::{Findings, Level},
+    model::rule::Rule,
     reconcile::{self, Observed},
-    rule::Rule,
 };
 
 const BRIDGE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -107,7 +107,7 @@ fn verify_rule(rule: &Rule, observed: &Observed, r: &mut Findings) -> anyhow::Re
             .map(|a| a.to_string())
             .unwrap_or_else(|| "a probe".into())
     };
-    let scope = crate::scope::AllowSet::of(rule);
+    let scope = crate::model::scope::AllowSet::of(rule);
     // A network rule's list names containers: a probe namespace is none of them.
     let admitted = |a: &str| {
         scope
@@ -210,7 +210,7 @@ const ADMITTED_PROBES: usize = 3;
 /// the container itself, to every gateway of its address families.
 fn check_admitted_containers(
     rule: &Rule,
-    net: &crate::docker::DockerNetwork,
+    net: &crate::engines::DockerNetwork,
     gateways: &[IpAddr],
     r: &mut Findings,
 ) {
@@ -288,7 +288,7 @@ fn check_admitted_address(
     rule: &Rule,
     bridge: &str,
     own: &[(IpAddr, u8)],
-    scope: &crate::scope::AllowSet,
+    scope: &crate::model::scope::AllowSet,
     probed: &[IpAddr],
     gateways: &[IpAddr],
     r: &mut Findings,

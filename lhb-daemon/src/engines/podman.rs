@@ -33,7 +33,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::docker::DockerNetwork;
+use super::{DockerNetwork, PodmanView, compat};
 
 /// Podman's system socket (`podman.socket`).
 pub const DEFAULT_SOCKET: &str = "/run/podman/podman.sock";
@@ -45,18 +45,6 @@ const MAX_ANSWER: usize = 16 << 20;
 pub const RELIST_EVERY: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-/// What Podman said last.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PodmanView {
-    /// The socket, for messages.
-    pub socket: String,
-    /// False until Podman answered once, and while it does not answer.
-    pub available: bool,
-    pub problem: Option<String>,
-    /// By network name; the last known list while Podman does not answer.
-    pub networks: BTreeMap<String, DockerNetwork>,
-}
 
 /// The task following Podman, and the way to make it list again.
 pub struct PodmanWatch {
@@ -86,7 +74,7 @@ pub async fn is_podman(path: &Path) -> Result<bool, String> {
 }
 
 /// Starts following the Podman socket at `path`.
-pub fn watch(tasks: &crate::tasks::Tasks, path: PathBuf) -> PodmanWatch {
+pub fn watch(tasks: &crate::host::tasks::Tasks, path: PathBuf) -> PodmanWatch {
     let (tx, rx) = watch::channel(PodmanView {
         socket: path.display().to_string(),
         ..Default::default()
@@ -146,7 +134,7 @@ async fn follow_events(path: PathBuf, relist: Arc<Notify>) {
     let socket = path.display().to_string();
     let mut backoff = BACKOFF_MIN;
     loop {
-        match crate::docker::connect(Some(&socket)).await {
+        match compat::connect(Some(&socket)).await {
             Ok(d) => {
                 let mut events = d.events(Some(bollard::query_parameters::EventsOptions {
                     filters: Some(filters()),
@@ -176,7 +164,7 @@ async fn follow_events(path: PathBuf, relist: Arc<Notify>) {
 
 /// Docker's, and `remove`: Podman's word for Docker's `destroy`.
 fn filters() -> std::collections::HashMap<String, Vec<String>> {
-    let mut f = crate::docker::event_filters();
+    let mut f = compat::event_filters();
     f.entry("event".into()).or_default().push("remove".into());
     f
 }
@@ -234,9 +222,9 @@ async fn list(
     let mut networks = parse(&body)?;
     let docker = match compat.take() {
         Some(d) => d,
-        None => crate::docker::connect(Some(&path.display().to_string())).await?,
+        None => compat::connect(Some(&path.display().to_string())).await?,
     };
-    crate::docker::members(&docker, &mut networks).await?;
+    compat::members(&docker, &mut networks).await?;
     *compat = Some(docker);
     Ok(networks)
 }
@@ -253,7 +241,7 @@ fn parse(body: &[u8]) -> Result<BTreeMap<String, DockerNetwork>, String> {
                 .into_iter()
                 .filter_map(|s| s.gateway?.parse::<IpAddr>().ok())
                 .collect();
-            let labels = crate::labels::ours(n.labels.unwrap_or_default());
+            let labels = crate::model::labels::ours(n.labels.unwrap_or_default());
             (
                 n.name,
                 DockerNetwork {

@@ -10,7 +10,7 @@
 //! the one the SYN was sent to; UDP has no accepted socket.
 //!
 //! Each container address and port is a flow: a socket connected from the bridge's
-//! loopback source ([`crate::proxy::loopback_source`], never 127.0.0.1) to the target,
+//! loopback source ([`crate::datapath::proxy::loopback_source`], never 127.0.0.1) to the target,
 //! so the service's answers come back on that socket alone and go to that container,
 //! sent from the gateway socket (source GATEWAY:PORT, what the container asked). A flow
 //! idle for the idle timeout is closed. Flows are bounded per rule and in total; a
@@ -38,14 +38,12 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{io::Interest, net::UdpSocket, task::JoinHandle, time::Instant};
 use tracing::{debug, warn};
 
-use crate::{clients::Clients, proxy::ProxyKey, scope::Scopes, tasks::Tasks};
+use crate::{
+    datapath::clients::Clients, datapath::proxy::GatewayKey, host::tasks::Tasks,
+    model::scope::Scopes,
+};
 
-/// Where a forwarder socket's datagrams go, and which rule's counters they count on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct UdpTarget {
-    pub target: SocketAddr,
-    pub slot: u32,
-}
+pub use crate::reconcile::UdpTarget;
 
 /// Forwarder activity, per rule slot.
 #[derive(Debug, Default)]
@@ -112,7 +110,7 @@ struct Shared {
 const ICMP_PER_SECOND: u32 = 100;
 
 pub struct Forwarder {
-    sockets: BTreeMap<ProxyKey, Bound>,
+    sockets: BTreeMap<GatewayKey, Bound>,
     shared: Arc<Shared>,
     counters: Arc<Mutex<BTreeMap<u32, Arc<UdpCounters>>>>,
     tasks: Tasks,
@@ -140,7 +138,7 @@ impl Forwarder {
     /// `key` is kept and only led elsewhere: closing it and binding again would race
     /// with its task's end (the address is held until then, and lhb's socket takes no
     /// SO_REUSEADDR, so that no other program can share it).
-    pub fn bind(&mut self, key: &ProxyKey, target: UdpTarget) -> io::Result<()> {
+    pub fn bind(&mut self, key: &GatewayKey, target: UdpTarget) -> io::Result<()> {
         if let Some(current) = self.sockets.get(key).map(|b| b.target) {
             if current != target {
                 let route = self.route(key, target);
@@ -187,11 +185,13 @@ impl Forwarder {
         Ok(())
     }
 
-    fn route(&self, key: &ProxyKey, target: UdpTarget) -> Route {
+    fn route(&self, key: &GatewayKey, target: UdpTarget) -> Route {
         Route {
             target: target.target,
             source: match target.target {
-                SocketAddr::V4(_) => Some(IpAddr::V4(crate::proxy::loopback_source(key.ifindex))),
+                SocketAddr::V4(_) => Some(IpAddr::V4(crate::datapath::proxy::loopback_source(
+                    key.ifindex,
+                ))),
                 SocketAddr::V6(_) => None,
             },
             counters: self.counters_for(target.slot),
@@ -202,13 +202,16 @@ impl Forwarder {
 
     /// Who each scoped rule admits from now on; a flow of a client no longer admitted
     /// passes nothing more.
-    pub fn set_scopes(&self, scopes: std::collections::BTreeMap<u32, crate::scope::AllowSet>) {
+    pub fn set_scopes(
+        &self,
+        scopes: std::collections::BTreeMap<u32, crate::model::scope::AllowSet>,
+    ) {
         self.shared.scopes.set(scopes);
     }
 
     /// Closes `key`'s socket. Its flows end with it: their answers could no longer be
     /// sent from the address the containers asked.
-    pub fn close(&mut self, key: &ProxyKey) {
+    pub fn close(&mut self, key: &GatewayKey) {
         if let Some(b) = self.sockets.remove(key) {
             b.task.abort();
         }
@@ -237,7 +240,7 @@ impl Forwarder {
     }
 
     pub fn shutdown(&mut self) {
-        let keys: Vec<ProxyKey> = self.sockets.keys().cloned().collect();
+        let keys: Vec<GatewayKey> = self.sockets.keys().cloned().collect();
         for k in keys {
             self.close(&k);
         }
@@ -251,7 +254,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The gateway socket: only the bridge's datagrams reach it.
-fn bind(key: &ProxyKey) -> io::Result<UdpSocket> {
+fn bind(key: &GatewayKey) -> io::Result<UdpSocket> {
     let addr = SocketAddr::new(key.gateway, key.port);
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if key.gateway.is_ipv6() {
@@ -829,7 +832,7 @@ struct Icmp {
 }
 
 impl Icmp {
-    fn open(key: &ProxyKey) -> io::Result<Icmp> {
+    fn open(key: &GatewayKey) -> io::Result<Icmp> {
         let v6 = key.gateway.is_ipv6();
         let (domain, proto) = if v6 {
             (Domain::IPV6, Protocol::ICMPV6)

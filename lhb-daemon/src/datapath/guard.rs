@@ -6,7 +6,7 @@
 //! whose input hook (frames the bridge delivers to the host itself, before IP, the
 //! socket lookup, the proxy and the UDP forwarder see them) drops any frame from that
 //! address that did not enter by that container's own veth. The data paths then check
-//! the address ([`crate::scope`]) knowing it cannot have been forged.
+//! the address ([`crate::model::scope`]) knowing it cannot have been forged.
 //!
 //! Only addresses of admitted containers are claimed: every other frame passes
 //! untouched, and a container that is not admitted reaches the data path with its own
@@ -30,7 +30,7 @@ use anyhow::Context as _;
 /// the default socket, else `lhb_` and a hash of the socket's path. A hash, not the path
 /// itself: nft names are short identifiers, and a path has characters they cannot hold.
 pub fn table_for(control: &Path) -> String {
-    if control == Path::new(crate::control::DEFAULT_CONTROL) {
+    if control == Path::new(crate::model::config::DEFAULT_CONTROL) {
         return "lhb".into();
     }
     // FNV-1a, written out: the name must stay the same across lhb versions (a new

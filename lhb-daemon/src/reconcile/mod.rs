@@ -13,44 +13,14 @@ use std::{
 use ipnet::IpNet;
 
 use crate::{
-    docker::{DockerNetwork, DockerView, Member},
-    proxy::{ProxyKey, ProxyTarget},
-    rule::{Client, Rule, RuleKey, Source},
-    scope::AllowSet,
-    udp::UdpTarget,
+    engines::{DockerNetwork, DockerView, Member},
+    model::rule::{Client, Rule, RuleKey, Source},
+    model::scope::AllowSet,
 };
 
-/// `--mode` and `mode =`: which data path serves the rules. One definition for the
-/// command line (clap), the config file and `lhb status` (serde).
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    Default,
-    clap::ValueEnum,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// The kernel path where it can serve, the proxy elsewhere.
-    #[default]
-    Auto,
-    Kernel,
-    Proxy,
-}
+pub use crate::model::config::Mode;
 
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Mode::Auto => "auto",
-            Mode::Kernel => "kernel",
-            Mode::Proxy => "proxy",
-        })
-    }
-}
+pub mod labels;
 
 /// What the data paths can do on this host right now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,30 +30,32 @@ pub struct Paths {
     pub kernel: bool,
 }
 
-/// A network interface as netlink reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Link {
+pub use crate::host::netlink::{Link, Port};
+
+/// A gateway socket: where a proxy listener or a UDP forwarder socket sits.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GatewayKey {
+    pub bridge: String,
+    /// A re-created bridge (new ifindex) needs a new socket bound to it.
     pub ifindex: u32,
-    pub is_bridge: bool,
-    /// Addresses a container on this link can use as its gateway (no IPv6 link-local).
-    pub addrs: Vec<IpAddr>,
-    /// The same addresses with their prefix lengths: where `lhb verify` and `lhb
-    /// doctor` place a probe next to the gateway.
-    pub prefixes: Vec<(IpAddr, u8)>,
-    /// For a bridge: its ports that lead off this host, as "NAME (KIND)": anything but
-    /// a veth (a container) or a tun/tap (a VM), e.g. a network card, bond, VLAN or
-    /// tunnel. A service served on such a bridge is served to that whole network.
-    pub uplinks: Vec<String>,
-    /// For a bridge: its veth ports whose other end is in another network namespace.
-    pub ports: Vec<Port>,
+    pub gateway: IpAddr,
+    pub port: u16,
 }
 
-/// A bridge port leading into a container: the host-side veth, and the NSID of the
-/// namespace its peer is in.
+/// Where its connections go, and which rule's counters they count on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Port {
-    pub ifindex: u32,
-    pub netns: i32,
+pub struct ProxyTarget {
+    pub target: std::net::SocketAddr,
+    pub slot: u32,
+    /// Start each connection with a PROXY protocol v2 header.
+    pub proxy_protocol: bool,
+}
+
+/// Where a forwarder socket's datagrams go, and which rule's counters they count on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpTarget {
+    pub target: std::net::SocketAddr,
+    pub slot: u32,
 }
 
 /// Every interface of the host, by name, and what Docker says (`None`: --no-docker).
@@ -139,9 +111,9 @@ pub struct Plan {
     pub attach: BTreeMap<u32, String>,
     pub endpoints: BTreeMap<Endpoint, Steering>,
     /// Proxy listeners.
-    pub proxies: BTreeMap<ProxyKey, ProxyTarget>,
+    pub proxies: BTreeMap<GatewayKey, ProxyTarget>,
     /// UDP forwarder sockets.
-    pub udp: BTreeMap<ProxyKey, UdpTarget>,
+    pub udp: BTreeMap<GatewayKey, UdpTarget>,
     /// Where each rule stands.
     pub states: BTreeMap<RuleKey, RuleState>,
     /// The clients each scoped rule admits, by counter slot (every path checks these).
@@ -221,7 +193,7 @@ pub fn plan<'a>(
                 let mut forwarded = Vec::new();
                 let mut skipped = Vec::new();
                 for gw in gateways {
-                    let key = ProxyKey {
+                    let key = GatewayKey {
                         bridge: name.to_string(),
                         ifindex: link.ifindex,
                         gateway: gw,
@@ -326,7 +298,7 @@ pub enum BridgeProblem {
         network: String,
     },
     EngineUnreachable {
-        engine: crate::docker::Engine,
+        engine: crate::engines::Engine,
         problem: String,
     },
     NoSuchNetwork {
@@ -377,7 +349,7 @@ impl std::fmt::Display for BridgeProblem {
                 )
             }
             BridgeProblem::NoSuchNetwork { network } => {
-                let (engine, name) = crate::docker::engine_of(network);
+                let (engine, name) = crate::engines::engine_of(network);
                 let engine = engine.map_or("Docker".to_string(), |e| e.to_string());
                 write!(f, "{engine} network {name} does not exist (yet)")
             }
@@ -484,16 +456,16 @@ pub fn bridge_of<'a>(
                 });
             };
             let (engine, n) = match docker.find(net) {
-                crate::docker::Lookup::Found(e, n) => (e, n),
-                crate::docker::Lookup::Missing {
+                crate::engines::Lookup::Found(e, n) => (e, n),
+                crate::engines::Lookup::Missing {
                     unreachable: Some((engine, problem)),
                 } => return Err(BridgeProblem::EngineUnreachable { engine, problem }),
-                crate::docker::Lookup::Missing { unreachable: None } => {
+                crate::engines::Lookup::Missing { unreachable: None } => {
                     return Err(BridgeProblem::NoSuchNetwork {
                         network: net.clone(),
                     });
                 }
-                crate::docker::Lookup::Ambiguous { docker, podman } => {
+                crate::engines::Lookup::Ambiguous { docker, podman } => {
                     return Err(BridgeProblem::Ambiguous {
                         network: net.clone(),
                         docker_bridge: docker.bridge.clone(),
@@ -509,8 +481,8 @@ pub fn bridge_of<'a>(
             }
             // docker0's address (`host-gateway`) serves Docker's networks only.
             let host = match engine {
-                crate::docker::Engine::Docker => host_gateway(docker, observed),
-                crate::docker::Engine::Podman => None,
+                crate::engines::Engine::Docker => host_gateway(docker, observed),
+                crate::engines::Engine::Podman => None,
             };
             (
                 n.bridge.as_str(),
@@ -652,7 +624,7 @@ mod tests {
     }
 
     use super::*;
-    use crate::{docker::DockerNetwork, rule::parse_iface_spec};
+    use crate::{engines::DockerNetwork, model::rule::parse_iface_spec};
 
     const KERNEL: Paths = Paths {
         mode: Mode::Kernel,
@@ -703,7 +675,7 @@ mod tests {
     fn net_rules(specs: &[&str]) -> (Vec<Rule>, Vec<u32>) {
         let r: Vec<_> = specs
             .iter()
-            .map(|s| crate::rule::parse_network_spec(s).unwrap())
+            .map(|s| crate::model::rule::parse_network_spec(s).unwrap())
             .collect();
         let slots = (0..r.len() as u32).collect();
         (r, slots)
@@ -764,9 +736,9 @@ mod tests {
             )
         };
         let both = [
-            crate::rule::parse_network_spec("app:53").unwrap(),
+            crate::model::rule::parse_network_spec("app:53").unwrap(),
             parse_iface_spec("br0:53/udp").unwrap(),
-            crate::rule::parse_network_spec("alias:53/udp").unwrap(),
+            crate::model::rule::parse_network_spec("alias:53/udp").unwrap(),
         ];
         let p = plan(&both[..], &[0, 1, 2], &net, KERNEL);
         assert!(matches!(nth(&p, &both, 0), RuleState::Serving { .. }));
@@ -1199,7 +1171,7 @@ mod tests {
 
     #[test]
     fn a_network_rule_and_an_interface_rule_on_one_bridge_and_port_collide() {
-        let mut n = crate::rule::parse_network_spec("app:80").unwrap();
+        let mut n = crate::model::rule::parse_network_spec("app:80").unwrap();
         n.given = "--expose app:80".into();
         let mut i = parse_iface_spec("br-app:80=81").unwrap();
         i.given = "/etc/lhb/lhb.toml:7".into();

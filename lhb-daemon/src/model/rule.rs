@@ -553,7 +553,7 @@ pub fn source(spec: &str, name: &str, network: bool) -> Result<Source, RuleError
 /// Docker's (and Podman's) rule for network names, after an optional `docker:` or
 /// `podman:` saying which engine's network it is.
 fn valid_network_name(name: &str) -> bool {
-    let (_, name) = crate::docker::engine_of(name);
+    let (_, name) = engine_of(name);
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
@@ -654,6 +654,34 @@ pub fn check_unique(rules: &[Rule]) -> Result<(), RuleError> {
         }
     }
     Ok(())
+}
+
+/// Which engine a network is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Docker,
+    Podman,
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Engine::Docker => "Docker",
+            Engine::Podman => "Podman",
+        })
+    }
+}
+
+/// `docker:NAME` / `podman:NAME`: the engine a rule's network name asks for, and the
+/// name.
+pub fn engine_of(name: &str) -> (Option<Engine>, &str) {
+    if let Some(n) = name.strip_prefix("docker:") {
+        (Some(Engine::Docker), n)
+    } else if let Some(n) = name.strip_prefix("podman:") {
+        (Some(Engine::Podman), n)
+    } else {
+        (None, name)
+    }
 }
 
 #[cfg(test)]

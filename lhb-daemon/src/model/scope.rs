@@ -12,7 +12,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::rule::{Client, Rule};
+use crate::model::rule::{Client, Rule};
 
 /// The prefixes one scoped rule admits. Empty admits nobody: a rule whose clients
 /// are not known (yet) refuses everyone rather than falling back to everyone.
@@ -96,7 +96,7 @@ impl Scopes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rule::parse_iface_spec;
+    use crate::model::rule::parse_iface_spec;
 
     #[test]
     fn a_set_admits_its_prefixes_and_nothing_else() {

@@ -10,12 +10,12 @@ use std::{
 };
 
 use crate::{
-    check::{self, Datagram, Outcome, ProbeNs, Target},
-    findings::{Findings, Level},
+    datapath::kernel,
+    diagnose::check::{self, Datagram, Outcome, ProbeNs, Target},
+    diagnose::findings::{Findings, Level},
     firewall::{Firewall, FirewallMode, Opening, Transport},
-    kernel,
+    model::rule::{Rule, Source},
     reconcile::{self, Observed},
-    rule::{Rule, Source},
 };
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -56,18 +56,18 @@ pub async fn run(t: Target) -> anyhow::Result<bool> {
 
 /// A label entry refused is a warning with its fix: the network's owner asked for it,
 /// so either the label or `label_allow` is wrong.
-pub(crate) fn label_steps(refused: &[crate::labels::Refusal], r: &mut Findings) {
+pub(crate) fn label_steps(refused: &[crate::model::labels::Refusal], r: &mut Findings) {
     for f in refused {
         let fix = if f.reason.contains("label_allow") {
             format!(
                 "if the network {} may reach it, add the entry to label_allow in the config (then `lhb reload`); otherwise remove it from the network's {} label",
                 f.network,
-                crate::labels::LABEL
+                crate::model::labels::LABEL
             )
         } else {
             format!(
                 "correct the network's {} label (entries PORT[=TARGET], comma-separated)",
-                crate::labels::LABEL
+                crate::model::labels::LABEL
             )
         };
         r.add(Level::Warn, f.to_string(), Some(fix));
@@ -405,7 +405,7 @@ fn probe_steps(
 /// client the allow list does not admit (always, for a list of containers: a probe
 /// namespace is none of them), so its refusal is the rule working.
 fn outsider(rule: &Rule, probe: &[IpAddr]) -> impl Fn(IpAddr) -> bool + use<> {
-    let scope = crate::scope::AllowSet::of(rule);
+    let scope = crate::model::scope::AllowSet::of(rule);
     let probe = probe.to_vec();
     move |gw: IpAddr| {
         scope.as_ref().is_some_and(|s| {
@@ -588,7 +588,7 @@ fn bridge_steps(
     let bridge_name = match &rule.source {
         Source::Interface(i) => Some(i.clone()),
         Source::Network(n) => observed.docker.as_ref().and_then(|d| match d.find(n) {
-            crate::docker::Lookup::Found(_, n) => Some(n.bridge.clone()),
+            crate::engines::Lookup::Found(_, n) => Some(n.bridge.clone()),
             _ => None,
         }),
     };
@@ -639,7 +639,7 @@ fn scope_steps(rule: &Rule, res: &reconcile::Resolved<'_>, r: &mut Findings) {
         );
         return;
     };
-    let veth = |m: &crate::docker::Member| {
+    let veth = |m: &crate::engines::Member| {
         m.netns
             .and_then(|id| res.link.ports.iter().find(|p| p.netns == id))
     };
@@ -725,7 +725,7 @@ fn scope_steps(rule: &Rule, res: &reconcile::Resolved<'_>, r: &mut Findings) {
 
 /// Step 1: the engines and the network (network rules only).
 fn docker_step(rule: &Rule, observed: &Observed, r: &mut Findings) {
-    use crate::docker::{Engine, Lookup, engine_of};
+    use crate::engines::{Engine, Lookup, engine_of};
     let net = match &rule.source {
         Source::Network(net) => net,
         Source::Interface(_) => {
@@ -772,7 +772,7 @@ fn docker_step(rule: &Rule, observed: &Observed, r: &mut Findings) {
                 "Podman: lhb reads no Podman socket".to_string(),
                 Some(format!(
                     "start Podman's API socket ({}) or name it with `engine = [\"unix:///PATH\"]` / --engine",
-                    crate::podman::DEFAULT_SOCKET
+                    crate::engines::podman::DEFAULT_SOCKET
                 )),
             ),
             None => {}
@@ -953,9 +953,9 @@ fn check_daemon(daemons: &[u32], r: &mut Findings) {
 mod tests {
     use super::*;
     use crate::{
-        docker::{DockerNetwork, DockerView},
+        engines::{DockerNetwork, DockerView},
+        model::rule::{parse_iface_spec, parse_network_spec},
         reconcile::Link,
-        rule::{parse_iface_spec, parse_network_spec},
     };
 
     fn bridge(ifindex: u32, addr: &str, uplinks: &[&str]) -> Link {

@@ -19,8 +19,8 @@ use anyhow::{Context as _, bail};
 use toml_edit::{ArrayOfTables, DocumentMut, Item, Table, value};
 
 use crate::{
-    config,
-    rule::{Rule, Source},
+    model::config,
+    model::rule::{Rule, Source},
 };
 
 fn read(path: &Path) -> anyhow::Result<DocumentMut> {
@@ -73,7 +73,7 @@ pub fn add(path: &Path, rule: &Rule) -> anyhow::Result<()> {
         t["service"] = value(rule.service.as_str());
     }
     t["port"] = value(i64::from(rule.port));
-    if rule.protocol != crate::rule::Protocol::Tcp {
+    if rule.protocol != crate::model::rule::Protocol::Tcp {
         t["protocol"] = value(rule.protocol.to_string());
     }
     let default_target = std::net::SocketAddr::from(([127, 0, 0, 1], rule.port));
@@ -202,8 +202,8 @@ mod tests {
         assert!(add(&path, &rule).is_err(), "a duplicate is refused");
         // The protocol is written when it is not TCP, and reads back the same.
         let mut dns = Rule::new(Source::Interface("br0".into()), 53, None, None);
-        dns.protocol = crate::rule::Protocol::Both;
-        dns.allow = crate::rule::parse_allow("x", "10.0.0.2,fd00::/64", false).unwrap();
+        dns.protocol = crate::model::rule::Protocol::Both;
+        dns.allow = crate::model::rule::parse_allow("x", "10.0.0.2,fd00::/64", false).unwrap();
         add(&path, &dns).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("protocol = \"both\""), "{text}");

@@ -3,7 +3,7 @@
 //! JSON response per connection. Also the metrics endpoint (Prometheus text over HTTP, on
 //! a Unix socket or a loopback TCP address), which asks the daemon the same way.
 
-use crate::tasks::Tasks;
+use crate::host::tasks::Tasks;
 use std::os::unix::fs::FileTypeExt as _;
 use std::sync::{
     Arc,
@@ -11,7 +11,6 @@ use std::sync::{
 };
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     time::Duration,
@@ -28,9 +27,9 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::status::Status;
+use crate::api::status::Status;
 
-pub const DEFAULT_CONTROL: &str = "/run/lhb/lhb.sock";
+pub use crate::model::config::{DEFAULT_CONTROL, MetricsAddr, parse_metrics};
 
 /// The metrics socket of a daemon whose control socket is `control`: `metrics.sock`
 /// beside the default `lhb.sock`, else `NAME-metrics.sock` beside `NAME.sock`, so two
@@ -285,35 +284,6 @@ async fn ask(tx: &mpsc::Sender<Call>, req: Request) -> Response {
     }
     rrx.await
         .unwrap_or_else(|_| Response::error("the daemon is shutting down"))
-}
-
-/// Where the metrics are served: `unix:PATH` or a loopback `ADDR:PORT`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum MetricsAddr {
-    Unix(PathBuf),
-    Tcp(SocketAddr),
-    Off,
-}
-
-pub fn parse_metrics(s: &str) -> Result<MetricsAddr, String> {
-    if s == "none" || s == "off" {
-        return Ok(MetricsAddr::Off);
-    }
-    if let Some(p) = s.strip_prefix("unix:") {
-        if !p.starts_with('/') {
-            return Err(format!("metrics `{s}`: the socket path must be absolute"));
-        }
-        return Ok(MetricsAddr::Unix(p.into()));
-    }
-    let addr: SocketAddr = s.parse().map_err(|_| {
-        format!("metrics `{s}` is not `unix:/PATH`, a loopback `ADDR:PORT` (e.g. 127.0.0.1:9464) or `none`")
-    })?;
-    if !addr.ip().is_loopback() {
-        return Err(format!(
-            "metrics `{s}`: only a loopback address (127.0.0.1, [::1]) is allowed; lhb exposes nothing elsewhere"
-        ));
-    }
-    Ok(MetricsAddr::Tcp(addr))
 }
 
 /// Serves `GET /metrics` at `addr`; each scrape asks the daemon for a fresh status.

@@ -9,10 +9,9 @@
 
 use std::{fmt, net::SocketAddr};
 
-use crate::{
-    docker::DockerView,
-    rule::{self, Rule, RuleError},
-};
+use std::collections::BTreeSet;
+
+use crate::model::rule::{self, Rule, RuleError, RuleKey};
 
 /// The Docker network label lhb reads.
 pub const LABEL: &str = "lhb.expose";
@@ -91,38 +90,22 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// What the labels of the engines' networks ask for: the rules to serve (Docker's
-/// networks, then Podman's, each in name order) and the entries refused. `allowed`
-/// empty: labels are not read at all. A name on both engines is written
-/// `docker:NAME` / `podman:NAME` in the rules it gives, so each serves its own network.
-pub fn rules(view: &DockerView, allowed: &[Entry]) -> (Vec<Rule>, Vec<Refusal>) {
-    let mut rules = Vec::new();
-    let mut refused = Vec::new();
-    if allowed.is_empty() {
-        return (rules, refused);
-    }
-    let empty = Default::default();
-    let podman = view.podman.as_ref().map_or(&empty, |p| &p.networks);
-    let engines = [
-        ("docker:", &view.networks, podman),
-        ("podman:", podman, &view.networks),
-    ];
-    for (prefix, networks, other) in engines {
-        for (network, net) in networks {
-            let Some(value) = net.labels.get(LABEL) else {
-                continue;
-            };
-            let name = if other.contains_key(network) {
-                format!("{prefix}{network}")
-            } else {
-                network.clone()
-            };
-            let (r, f) = network_rules(&name, value, allowed);
-            rules.extend(r);
-            refused.extend(f);
+/// The label rules to serve beside the administrator's `rules`: those whose network
+/// and port no rule of the administrator's names (that rule wins), as far as the rule
+/// table has room; and the keys of those left out for room.
+pub fn label_rules(rules: &[Rule], labels: &[Rule]) -> (Vec<Rule>, Vec<RuleKey>) {
+    let taken: BTreeSet<RuleKey> = rules.iter().map(Rule::key).collect();
+    let room = (lhb_common::MAX_RULES as usize).saturating_sub(rules.len());
+    let mut take = Vec::new();
+    let mut over = Vec::new();
+    for r in labels.iter().filter(|r| !taken.contains(&r.key())) {
+        if take.len() < room {
+            take.push(r.clone());
+        } else {
+            over.push(r.key());
         }
     }
-    (rules, refused)
+    (take, over)
 }
 
 /// The rules one network's label value asks for, and its entries refused.
@@ -230,31 +213,13 @@ pub fn merge_allowed(cli: &[Entry], file: &[Entry]) -> Vec<Entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::docker::DockerNetwork;
+
+    fn spec(s: &str) -> Rule {
+        rule::parse_network_spec(s).unwrap()
+    }
 
     fn allowed(list: &[&str]) -> Vec<Entry> {
         list.iter().map(|e| Entry::parse(e).unwrap()).collect()
-    }
-
-    fn view(nets: &[(&str, Option<&str>)]) -> DockerView {
-        let mut v = DockerView {
-            available: true,
-            ..Default::default()
-        };
-        for (name, label) in nets {
-            let mut n = DockerNetwork {
-                driver: "bridge".into(),
-                bridge: format!("br-{name}"),
-                gateways: vec![],
-                labels: Default::default(),
-                members: Vec::new(),
-            };
-            if let Some(l) = label {
-                n.labels.insert(LABEL.to_string(), l.to_string());
-            }
-            v.networks.insert(name.to_string(), n);
-        }
-        v
     }
 
     #[test]
@@ -272,63 +237,6 @@ mod tests {
         for bad in ["0", "70000", "x", "80=10.0.0.1:80", "80=", "=80", ""] {
             assert!(Entry::parse(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn only_entries_equal_to_an_allowed_one_are_served() {
-        let allow = allowed(&["11434", "5432=127.0.0.1:15432"]);
-        let v = view(&[
-            ("proj_default", Some("11434, 5432=15432,6379,5432")),
-            ("plain", None),
-        ]);
-        let (rules, refused) = rules(&v, &allow);
-        let got: Vec<String> = rules.iter().map(|r| r.to_string()).collect();
-        assert_eq!(
-            got,
-            [
-                "proj_default:11434 -> 127.0.0.1:11434",
-                "proj_default:5432 -> 127.0.0.1:15432"
-            ]
-        );
-        assert!(rules[0].given.contains("label lhb.expose"));
-        let why: Vec<(&str, &str)> = refused
-            .iter()
-            .map(|r| (r.entry.as_str(), r.reason.as_str()))
-            .collect();
-        assert_eq!(why.len(), 2, "{why:?}");
-        assert_eq!(why[0].0, "6379");
-        assert!(
-            why[0].1.contains("port 6379 is not in label_allow"),
-            "{why:?}"
-        );
-        assert_eq!(why[1].0, "5432");
-        assert!(
-            why[1].1.contains("target 127.0.0.1:5432 is not allowed")
-                && why[1].1.contains("5432=127.0.0.1:15432"),
-            "{why:?}"
-        );
-    }
-
-    #[test]
-    fn podman_networks_labels_count_too_and_a_shared_name_says_its_engine() {
-        let mut v = view(&[("web", Some("80")), ("api", Some("80"))]);
-        let mut p = crate::podman::PodmanView {
-            available: true,
-            ..Default::default()
-        };
-        for (name, label) in [("web", "80"), ("pod", "80")] {
-            let mut n = v.networks["web"].clone();
-            n.labels.insert(LABEL.into(), label.into());
-            p.networks.insert(name.into(), n);
-        }
-        v.podman = Some(p);
-        let (rules, refused) = rules(&v, &allowed(&["80"]));
-        assert!(refused.is_empty());
-        let names: Vec<String> = rules.iter().map(|r| r.key().to_string()).collect();
-        assert_eq!(
-            names,
-            ["api:80", "docker:web:80", "pod:80", "podman:web:80"]
-        );
     }
 
     #[test]
@@ -355,12 +263,6 @@ mod tests {
                 .reason
                 .starts_with("protocol both is not allowed")
         );
-    }
-
-    #[test]
-    fn without_allowed_entries_labels_are_not_read() {
-        let v = view(&[("p", Some("11434"))]);
-        assert_eq!(rules(&v, &[]), (vec![], vec![]));
     }
 
     #[test]
@@ -392,5 +294,15 @@ mod tests {
             &allowed(&["80=127.0.0.1:80", "82"]),
         );
         assert_eq!(m, allowed(&["80", "81", "82"]));
+    }
+
+    #[test]
+    fn label_rules_beyond_the_rule_table_are_left_out_not_an_error() {
+        let max = lhb_common::MAX_RULES as usize;
+        let mine: Vec<Rule> = (1..max).map(|p| spec(&format!("a:{p}"))).collect();
+        let labels = vec![spec("b:1"), spec("b:2"), spec("a:1")];
+        let (take, over) = label_rules(&mine, &labels);
+        assert_eq!(take, vec![spec("b:1")]);
+        assert_eq!(over, vec![spec("b:2").key()]);
     }
 }

@@ -15,15 +15,17 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    caps, config, control,
+    api::control,
+    api::status::{DockerStatus, GatewayStatus, RuleStatus},
     daemon::{self, Slots},
-    docker,
+    datapath::kernel::KernelPath,
+    engines::docker,
     firewall::{Firewall, FirewallMode},
-    kernel::KernelPath,
-    netlink::Netlink,
+    host::caps,
+    host::netlink::Netlink,
+    model::config,
+    model::rule::{Origin, Rule},
     reconcile::{self, Mode, Paths},
-    rule::{Origin, Rule},
-    status::{DockerStatus, GatewayStatus, RuleStatus},
 };
 
 /// The plan, as `lhb plan --json` prints it.
@@ -37,7 +39,7 @@ pub struct HostPlan {
     pub kernel_unavailable: Option<String>,
     /// The program variant the kernel would run, and why.
     #[serde(default)]
-    pub kernel_variant: Option<crate::status::KernelVariant>,
+    pub kernel_variant: Option<crate::api::status::KernelVariant>,
     /// Why `lhb run` would stop at start instead, changing nothing; null if it starts.
     pub fails: Option<String>,
     /// The pid of an lhb already answering on the control socket: a second `run` would
@@ -61,7 +63,7 @@ pub struct HostPlan {
     pub rules: Vec<RulePlan>,
     /// Docker network label entries that would not be served, and why.
     #[serde(default)]
-    pub label_refused: Vec<crate::labels::Refusal>,
+    pub label_refused: Vec<crate::model::labels::Refusal>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -103,7 +105,7 @@ pub struct RulePlan {
     pub target: String,
     pub service: String,
     pub origin: Origin,
-    pub state: crate::status::State,
+    pub state: crate::api::status::State,
     pub reason: Option<String>,
     pub bridge: Option<String>,
     pub ifindex: Option<u32>,
@@ -145,7 +147,7 @@ pub async fn compute(opts: daemon::ServeOptions) -> anyhow::Result<HostPlan> {
     let mode = opts.mode.or(cfg.mode).unwrap_or_default();
     let firewall_mode = opts.firewall.or(cfg.firewall).unwrap_or_default();
     let mut rules = daemon::combine(&opts.cli_rules, cfg.rules)?;
-    let label_allow = crate::labels::merge_allowed(&opts.label_allow, &cfg.label_allow);
+    let label_allow = crate::model::labels::merge_allowed(&opts.label_allow, &cfg.label_allow);
     let mut plan = HostPlan {
         config: opts.config.display().to_string(),
         mode,
@@ -170,7 +172,7 @@ pub async fn compute(opts: daemon::ServeOptions) -> anyhow::Result<HostPlan> {
 
     let (netlink, _events) = Netlink::connect()?;
     // The command exits once the plan is printed; the watcher ends with it.
-    let tasks = crate::tasks::Tasks::new();
+    let tasks = crate::host::tasks::Tasks::new();
     let engines = docker::engines(opts.no_docker, &opts.engines, &cfg.engine).await?;
     let mut docker = engines.docker.map(|socket| docker::watch(&tasks, socket));
     let view = match docker.as_mut() {
@@ -178,30 +180,33 @@ pub async fn compute(opts: daemon::ServeOptions) -> anyhow::Result<HostPlan> {
         None => None,
     };
     let podman = match &engines.podman {
-        Some(path) => Some(crate::podman::snapshot(path).await),
+        Some(path) => Some(crate::engines::podman::snapshot(path).await),
         None => None,
     };
-    let view = daemon::engine_view(view, podman);
+    let view = crate::engines::view(view, podman);
     plan.docker = view.as_ref().map(|v| DockerStatus {
         available: v.available,
         problem: v.problem.clone(),
     });
     let (asked, refused) = match &view {
-        Some(v) => crate::labels::rules(v, &label_allow),
+        Some(v) => crate::reconcile::labels::rules(v, &label_allow),
         None => Default::default(),
     };
-    let (labelled, over) = daemon::label_rules(&rules, &asked);
+    let (labelled, over) = crate::model::labels::label_rules(&rules, &asked);
     let labelled: BTreeSet<_> = labelled.iter().map(Rule::key).collect();
     rules.extend(asked.into_iter().filter(|r| labelled.contains(&r.key())));
     plan.label_refused = refused;
     plan.label_refused
-        .extend(over.iter().map(|k| crate::labels::Refusal {
+        .extend(over.iter().map(|k| crate::model::labels::Refusal {
             network: k.source.name().to_string(),
             entry: k.port.to_string(),
             reason: format!("the rule table is full ({} rules)", lhb_common::MAX_RULES),
         }));
     let (slots, _) = Slots::default().assign(&rules);
-    let mut observed = netlink.snapshot().await?;
+    let mut observed = reconcile::Observed {
+        links: netlink.snapshot().await?,
+        docker: None,
+    };
     observed.docker = view;
 
     let kernel = match mode {
@@ -337,7 +342,7 @@ fn strings(set: &BTreeSet<crate::firewall::Opening>) -> Vec<String> {
 
 /// As `daemon::load_kernel_path` decides, without attaching: capabilities, then the
 /// programs through the verifier.
-fn probe_kernel() -> anyhow::Result<(&'static str, crate::status::KernelVariant)> {
+fn probe_kernel() -> anyhow::Result<(&'static str, crate::api::status::KernelVariant)> {
     let eff = caps::effective().context("reading this process's capabilities")?;
     let missing = caps::missing_for_kernel_path(eff);
     if !missing.is_empty() {
@@ -346,9 +351,9 @@ fn probe_kernel() -> anyhow::Result<(&'static str, crate::status::KernelVariant)
     let (attach, variant) = KernelPath::probe()?;
     Ok((
         attach.as_str(),
-        crate::status::KernelVariant {
+        crate::api::status::KernelVariant {
             name: variant.as_str().into(),
-            why: variant.why(crate::kernel::ticket_forced()).into(),
+            why: variant.why(crate::datapath::kernel::ticket_forced()).into(),
         },
     ))
 }

@@ -40,7 +40,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{clients::Clients, scope::Scopes, tasks::Tasks};
+use crate::{datapath::clients::Clients, host::tasks::Tasks, model::scope::Scopes};
 use rustix::{
     net::{RecvFlags, SendFlags},
     pipe::{PipeFlags, SpliceFlags},
@@ -54,24 +54,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-/// Where a listener sits.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ProxyKey {
-    pub bridge: String,
-    /// A re-created bridge (new ifindex) needs a new socket bound to it.
-    pub ifindex: u32,
-    pub gateway: IpAddr,
-    pub port: u16,
-}
-
-/// Where its connections go, and which rule's counters they count on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ProxyTarget {
-    pub target: SocketAddr,
-    pub slot: u32,
-    /// Start each connection with a PROXY protocol v2 header.
-    pub proxy_protocol: bool,
-}
+pub use crate::reconcile::{GatewayKey, ProxyTarget};
 
 /// The address the proxy connects from to reach an IPv4 target for bridge `ifindex`:
 /// 127.128.0.0 plus the ifindex (23 bits). The whole of 127.0.0.0/8 is local on Linux,
@@ -121,7 +104,7 @@ struct Listening {
 
 pub struct Proxy {
     runtime: ProxyRuntime,
-    listeners: BTreeMap<ProxyKey, Listening>,
+    listeners: BTreeMap<GatewayKey, Listening>,
     limit: Arc<Semaphore>,
     max_connections: usize,
     backlog: i32,
@@ -211,7 +194,7 @@ impl Proxy {
     }
 
     /// Listens for `key` and forwards to `target`.
-    pub fn listen(&mut self, key: &ProxyKey, target: ProxyTarget) -> io::Result<()> {
+    pub fn listen(&mut self, key: &GatewayKey, target: ProxyTarget) -> io::Result<()> {
         if self.listeners.get(key).map(|l| l.target) == Some(target) {
             return Ok(());
         }
@@ -254,7 +237,7 @@ impl Proxy {
     }
 
     /// Stops listening on `key`; connections already established carry on.
-    pub fn close(&mut self, key: &ProxyKey) {
+    pub fn close(&mut self, key: &GatewayKey) {
         if let Some(l) = self.listeners.remove(key) {
             l.task.abort();
         }
@@ -265,7 +248,7 @@ impl Proxy {
     }
 
     /// Who each scoped rule admits from now on (connections already carried stay).
-    pub fn set_scopes(&self, scopes: BTreeMap<u32, crate::scope::AllowSet>) {
+    pub fn set_scopes(&self, scopes: BTreeMap<u32, crate::model::scope::AllowSet>) {
         self.scopes.set(scopes);
     }
 
@@ -290,7 +273,7 @@ impl Proxy {
     }
 
     pub fn shutdown(&mut self) {
-        let keys: Vec<ProxyKey> = self.listeners.keys().cloned().collect();
+        let keys: Vec<GatewayKey> = self.listeners.keys().cloned().collect();
         for k in keys {
             self.close(&k);
         }
@@ -305,7 +288,7 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A listening socket on gateway:port that only the bridge's packets can reach. It is
 /// registered with the proxy's runtime by `accept_loop`, on that runtime's thread.
-fn bind(key: &ProxyKey, backlog: i32) -> io::Result<std::net::TcpListener> {
+fn bind(key: &GatewayKey, backlog: i32) -> io::Result<std::net::TcpListener> {
     let addr = SocketAddr::new(key.gateway, key.port);
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;

@@ -41,7 +41,7 @@ pub struct Status {
     pub label_allow: Vec<String>,
     /// Label entries not served, with the reason.
     #[serde(default)]
-    pub label_refused: Vec<crate::labels::Refusal>,
+    pub label_refused: Vec<crate::model::labels::Refusal>,
     /// The nftables table that ties admitted containers' addresses to their bridge
     /// ports (`guard.rs`); null from a daemon older than the field.
     #[serde(default)]
@@ -151,12 +151,12 @@ pub struct RuleStatus {
     pub port: u16,
     /// `tcp`, `udp` or `both`.
     #[serde(default)]
-    pub protocol: crate::rule::Protocol,
+    pub protocol: crate::model::rule::Protocol,
     pub target: String,
     pub service: String,
     /// `command-line`, `config`, `runtime` (`lhb expose` without --persist) or `label`
     /// (a Docker network's `lhb.expose` label).
-    pub origin: crate::rule::Origin,
+    pub origin: crate::model::rule::Origin,
     /// Who may connect, as the rule's `allow` list writes it; empty: everyone on the
     /// source.
     #[serde(default)]
@@ -171,7 +171,7 @@ pub struct RuleStatus {
     pub firewall: Vec<String>,
     pub counters: Counters,
     /// Who connected through it, on every path, most recently seen first (at most
-    /// [`crate::clients::MAX_CLIENTS`] over all rules: the least recently seen are
+    /// [`crate::datapath::clients::MAX_CLIENTS`] over all rules: the least recently seen are
     /// forgotten first).
     #[serde(default)]
     pub clients: Vec<ClientStatus>,
@@ -763,7 +763,7 @@ mod tests {
                 network: Some("app".into()),
                 port: 80,
                 service: "web\"x".into(),
-                origin: crate::rule::Origin::Label,
+                origin: crate::model::rule::Origin::Label,
                 state: State::Serving,
                 bridge: Some("br-1".into()),
                 gateways: vec![GatewayStatus {

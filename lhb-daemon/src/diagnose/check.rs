@@ -21,12 +21,15 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    config,
-    docker::{self, DockerView},
-    labels,
-    netlink::Netlink,
+    engines::{
+        DockerView,
+        docker::{self},
+    },
+    host::netlink::Netlink,
+    model::config,
+    model::labels,
+    model::rule::{self, Rule},
     reconcile::Observed,
-    rule::{self, Rule},
 };
 
 /// What to check: every rule of the config file (and of network labels), or the one
@@ -69,10 +72,10 @@ pub async fn rules(t: &Target) -> anyhow::Result<Checked> {
                 .is_some_and(|p| needs_docker(std::slice::from_ref(p))));
     let observed = observe(!docker, &cfg.engine).await?;
     let (asked, mut refused) = match &observed.docker {
-        Some(v) => labels::rules(v, &allowed),
+        Some(v) => crate::reconcile::labels::rules(v, &allowed),
         None => Default::default(),
     };
-    let (labelled, _) = crate::daemon::label_rules(&cfg.rules, &asked);
+    let (labelled, _) = crate::model::labels::label_rules(&cfg.rules, &asked);
     let mut all = cfg.rules;
     all.extend(labelled);
     let Some(parsed) = parsed else {
@@ -115,7 +118,10 @@ pub async fn rules(t: &Target) -> anyhow::Result<Checked> {
 
 /// Links and addresses now, and what the engines say (None: --no-docker).
 pub async fn observe(no_docker: bool, engines: &[String]) -> anyhow::Result<Observed> {
-    let mut observed = Netlink::requests()?.snapshot().await?;
+    let mut observed = crate::reconcile::Observed {
+        links: Netlink::requests()?.snapshot().await?,
+        docker: None,
+    };
     if !no_docker {
         let e = docker::engines(false, &[], engines).await?;
         let d = match &e.docker {
@@ -123,10 +129,10 @@ pub async fn observe(no_docker: bool, engines: &[String]) -> anyhow::Result<Obse
             None => None,
         };
         let p = match &e.podman {
-            Some(path) => Some(crate::podman::snapshot(path).await),
+            Some(path) => Some(crate::engines::podman::snapshot(path).await),
             None => None,
         };
-        observed.docker = crate::daemon::engine_view(d, p);
+        observed.docker = crate::engines::view(d, p);
     }
     Ok(observed)
 }

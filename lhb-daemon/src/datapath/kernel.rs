@@ -486,7 +486,7 @@ impl KernelPath {
 
     /// Detaches from `ifindex`. A bridge that was deleted took its attachment with it,
     /// so failures here are expected and only logged at debug level.
-    pub async fn detach(&mut self, ifindex: u32, netlink: &crate::netlink::Netlink) {
+    pub async fn detach(&mut self, ifindex: u32, netlink: &crate::host::netlink::Netlink) {
         let Some(a) = self.attached.remove(&ifindex) else {
             return;
         };
@@ -538,7 +538,7 @@ impl KernelPath {
     /// written, so an endpoint is never scoped before its set is in place.
     pub fn set_scopes(
         &mut self,
-        scopes: &BTreeMap<u32, crate::scope::AllowSet>,
+        scopes: &BTreeMap<u32, crate::model::scope::AllowSet>,
     ) -> anyhow::Result<()> {
         let wanted: std::collections::BTreeSet<(u32, ipnet::IpNet)> = scopes
             .iter()
@@ -634,7 +634,7 @@ impl KernelPath {
     /// Detaches from every bridge (and removes the clsact qdiscs lhb created).
     /// Detaches everything; with `keep`, leaves it all serving instead (pinned links and
     /// filters stay for the next start to take over).
-    pub async fn shutdown(&mut self, netlink: &crate::netlink::Netlink, keep: bool) {
+    pub async fn shutdown(&mut self, netlink: &crate::host::netlink::Netlink, keep: bool) {
         if keep {
             if self.pins.is_none() {
                 warn!(

@@ -24,10 +24,34 @@ use rtnetlink::{
     },
 };
 
-use crate::reconcile::{Link, Observed, Port};
-
 pub struct Netlink {
     handle: Handle,
+}
+
+/// A network interface as netlink reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub ifindex: u32,
+    pub is_bridge: bool,
+    /// Addresses a container on this link can use as its gateway (no IPv6 link-local).
+    pub addrs: Vec<IpAddr>,
+    /// The same addresses with their prefix lengths: where `lhb verify` and `lhb
+    /// doctor` place a probe next to the gateway.
+    pub prefixes: Vec<(IpAddr, u8)>,
+    /// For a bridge: its ports that lead off this host, as "NAME (KIND)": anything but
+    /// a veth (a container) or a tun/tap (a VM), e.g. a network card, bond, VLAN or
+    /// tunnel. A service served on such a bridge is served to that whole network.
+    pub uplinks: Vec<String>,
+    /// For a bridge: its veth ports whose other end is in another network namespace.
+    pub ports: Vec<Port>,
+}
+
+/// A bridge port leading into a container: the host-side veth, and the NSID of the
+/// namespace its peer is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Port {
+    pub ifindex: u32,
+    pub netns: i32,
 }
 
 /// Link and address change notifications.
@@ -87,7 +111,7 @@ impl Netlink {
     }
 
     /// Every link with its usable gateway addresses.
-    pub async fn snapshot(&self) -> anyhow::Result<Observed> {
+    pub async fn snapshot(&self) -> anyhow::Result<BTreeMap<String, Link>> {
         let mut by_index: BTreeMap<u32, (String, Link)> = BTreeMap::new();
         // (bridge ifindex, "PORT (KIND)") for each bridge port that leads off the host.
         let mut uplinks: Vec<(u32, String)> = Vec::new();
@@ -177,13 +201,13 @@ impl Netlink {
                 link.prefixes.push((ip, msg.header.prefix_len));
             }
         }
-        let mut observed = Observed::default();
+        let mut links = BTreeMap::new();
         for (_, (name, mut link)) in by_index {
             link.addrs.sort();
             link.prefixes.sort();
-            observed.links.insert(name, link);
+            links.insert(name, link);
         }
-        Ok(observed)
+        Ok(links)
     }
 }
 

@@ -1,0 +1,9 @@
+//! The host lhb runs on: netlink (links, addresses, their events, namespace ids), the
+//! capabilities it holds, sd_notify, the systemd unit it writes, and the tasks it owns.
+//! Imports only [`crate::model`].
+
+pub mod caps;
+pub mod netlink;
+pub mod notify;
+pub mod tasks;
+pub mod unit;
