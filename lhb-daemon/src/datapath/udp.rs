@@ -523,7 +523,8 @@ impl Batch {
                 fd,
                 self.msgs.as_mut_ptr(),
                 BATCH as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                // musl declares the flags unsigned, glibc signed.
+                libc::MSG_DONTWAIT as _,
                 std::ptr::null_mut(),
             )
         };
@@ -585,7 +586,8 @@ impl Batch {
                 fd,
                 self.out_msgs.as_mut_ptr(),
                 count as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                // musl declares the flags unsigned, glibc signed.
+                libc::MSG_DONTWAIT as _,
             )
         };
         if n < 0 {
