@@ -225,6 +225,22 @@ struct Attachment {
     own_clsact: bool,
 }
 
+/// The suffix of this run's pin names: the pid and the start time, not the pid alone.
+/// In a container lhb is PID 1 at every start, and a pid is reused anywhere: a run that
+/// took an earlier run's pins for its own never released them (found running the
+/// image: after `docker kill` and a new start, `docker stop` left the killed run's
+/// links attached). No `.`: bpffs refuses names with one.
+fn run_suffix() -> &'static str {
+    static SUFFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SUFFIX.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        format!("-{}-{nanos:x}", std::process::id())
+    })
+}
+
 /// Where this lhb pins its links, and the pins an earlier run left.
 struct Pins {
     dir: PathBuf,
@@ -267,7 +283,7 @@ impl Pins {
             ));
         }
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let me = format!("-{}", std::process::id());
+        let me = run_suffix();
         let earlier = std::fs::read_dir(dir)
             .map_err(|e| format!("reading {}: {e}", dir.display()))?
             .flatten()
@@ -275,7 +291,7 @@ impl Pins {
             .filter(|p| {
                 !p.file_name()
                     .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.ends_with(&me))
+                    .is_some_and(|n| n.ends_with(me))
             })
             .collect();
         Ok(Pins {
@@ -285,7 +301,7 @@ impl Pins {
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}-{}", std::process::id()))
+        self.dir.join(format!("{name}{}", run_suffix()))
     }
 }
 
