@@ -83,6 +83,10 @@ enum Command {
         /// connections, refusals, last seen, on every data path.
         #[arg(long)]
         clients: bool,
+        /// Exit 0 only if the daemon answers and serves every rule, else say which rule
+        /// waits and why and exit 1 (a container's or a monitor's health check).
+        #[arg(long, conflicts_with_all = ["json", "clients"])]
+        health: bool,
         #[arg(long, value_name = "PATH", default_value = control::DEFAULT_CONTROL)]
         control: PathBuf,
     },
@@ -489,9 +493,30 @@ async fn dispatch(command: Command) -> anyhow::Result<bool> {
         Command::Status {
             json,
             clients,
+            health,
             control,
         } => control::call(&control, &control::Request::Status).and_then(|r| {
             let st = answer(r)?.status.context("the daemon sent no status")?;
+            if health {
+                let waiting: Vec<String> = st
+                    .rules
+                    .iter()
+                    .filter(|r| r.state != lhb_daemon::api::status::State::Serving)
+                    .map(|r| {
+                        format!(
+                            "{}: waiting: {}",
+                            r.name(),
+                            r.reason.as_deref().unwrap_or("?")
+                        )
+                    })
+                    .collect();
+                if waiting.is_empty() {
+                    println!("serving {} rule(s)", st.rules.len());
+                } else {
+                    println!("{}", waiting.join("\n"));
+                }
+                return Ok(waiting.is_empty());
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {
