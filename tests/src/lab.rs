@@ -23,6 +23,17 @@ impl Netns {
         Ok(ns)
     }
 
+    /// A name for process `pid`'s network namespace (`ip netns attach`); dropping it
+    /// removes the name, not the namespace.
+    pub fn attach(name: &str, pid: u32) -> anyhow::Result<Netns> {
+        ip_quiet(&["netns", "del", name]);
+        ip(&["netns", "attach", name, &pid.to_string()])?;
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(Netns {
+            name: name.to_string(),
+        })
+    }
+
     /// Runs `f` on a thread that has entered this namespace: sockets it opens live there.
     pub fn run<T: Send + 'static>(
         &self,
@@ -293,7 +304,13 @@ pub struct HostLab {
 
 impl HostLab {
     pub fn new(n: u8) -> anyhow::Result<HostLab> {
-        let host = Netns::new(&format!("{PREFIX}{n}h"))?;
+        Self::around(n, Netns::new(&format!("{PREFIX}{n}h"))?)
+    }
+
+    /// The lab around `host` as the namespace that plays the host (e.g. a Docker
+    /// container's, given a name with [`Netns::attach`], so that another container can
+    /// join it with `--network container:...`).
+    pub fn around(n: u8, host: Netns) -> anyhow::Result<HostLab> {
         let container = Netns::new(&format!("{PREFIX}{n}c"))?;
         let outside = Netns::new(&format!("{PREFIX}{n}o"))?;
         let lab = HostLab {

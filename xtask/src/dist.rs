@@ -116,9 +116,9 @@ fn lintian(deb: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A static build for distributions without the package, measured to run the kernel
-/// path like the glibc one (the eBPF object is the same).
-fn tarball(out: &Path) -> anyhow::Result<PathBuf> {
+/// The static release build (x86_64-unknown-linux-musl), checked to need no interpreter
+/// and no shared library: the tarball's binary and the image's.
+pub fn musl_binary() -> anyhow::Result<PathBuf> {
     let s = Command::new("rustup")
         .args(["target", "add", MUSL])
         .status()
@@ -144,6 +144,14 @@ fn tarball(out: &Path) -> anyhow::Result<PathBuf> {
         "{} is not a static executable:\n{elf}",
         lhb.display()
     );
+    Ok(lhb)
+}
+
+/// A static build for distributions without the package, measured to run the kernel
+/// path like the glibc one (the eBPF object is the same).
+fn tarball(out: &Path) -> anyhow::Result<PathBuf> {
+    let lhb = musl_binary()?;
+    let target = target_dir()?;
     let version = env!("CARGO_PKG_VERSION");
     let name = format!("lhb-{version}");
     let stage = target.join(MUSL).join("release/dist").join(&name);

@@ -17,6 +17,7 @@ mod charts;
 mod demo;
 mod dist;
 mod fuzz;
+mod image;
 mod setup;
 mod soak;
 mod systemd;
@@ -87,6 +88,13 @@ enum Cmd {
         #[arg(long)]
         musl: bool,
     },
+    /// Build lhb's OCI image (the static lhb, nft, iptables in both variants, ip/ss/tc
+    /// from Debian 12's packages) and load it into the local engine as lhb:VERSION and
+    /// lhb:latest.
+    Image,
+    /// Build the image, then run it end to end with the real engine: as the README's
+    /// compose service, restarted, stopped, killed (tests/tests/image.rs).
+    TestImage,
     /// Run lhb's generated unit under a real systemd 252 booted as PID 1 in a runc
     /// container (readiness, hardening, firewall healing, --persist, kill -9, stops).
     TestSystemd,
@@ -125,6 +133,29 @@ fn main() -> ExitCode {
             .and_then(|()| leftovers()),
         Cmd::Fuzz { runs } => setup::run().and_then(|()| fuzz::run(runs)),
         Cmd::Dist { musl } => setup::run().and_then(|()| dist::run(musl)).map(drop),
+        Cmd::Image => setup::run()
+            .and_then(|()| require_root("the image build (chroot into the Debian root)"))
+            .and_then(|()| image::run()),
+        Cmd::TestImage => setup::run()
+            .and_then(|()| require_root("the image tests"))
+            .and_then(|()| image::run())
+            .and_then(|()| build())
+            .and_then(|()| {
+                let mut c = cargo();
+                c.args([
+                    "test",
+                    "-p",
+                    "lhb-tests",
+                    "--test",
+                    "image",
+                    "--",
+                    "--ignored",
+                ]);
+                c.env("LHB_BIN", workspace_root().join("target/debug/lhb"));
+                c.env("LHB_IMAGE", image::tag());
+                status(c, "the image tests")
+            })
+            .and_then(|()| leftovers()),
         Cmd::TestSystemd => setup::run()
             .and_then(|()| require_root("the systemd run"))
             .and_then(|()| systemd::run()),
@@ -214,14 +245,17 @@ fn test() -> anyhow::Result<()> {
     fuzz::run(runs)
 }
 
-/// Fails if a test left a namespace, a link or a Docker network behind (names start
-/// with lhbt), or `lhb verify` / `lhb doctor` left a probe (lhb-probe-*, lhbp*).
+/// Fails if a test left a namespace, a link, a Docker network or container behind (names start
+/// with lhbt), a daemon's guard table (lhb_*), or `lhb verify` / `lhb doctor` left a
+/// probe (lhb-probe-*, lhbp*).
 fn leftovers() -> anyhow::Result<()> {
     let netns = lhb_tests::run("ip", &["netns", "list"])?;
     let links = lhb_tests::run("ip", &["-br", "link", "show"])?;
     // Where no engine answers there are no Docker networks to leave behind.
     let networks =
         lhb_tests::run("docker", &["network", "ls", "--format", "{{.Name}}"]).unwrap_or_default();
+    let containers =
+        lhb_tests::run("docker", &["ps", "-a", "--format", "{{.Names}}"]).unwrap_or_default();
     let pins: String = std::fs::read_dir("/sys/fs/bpf")
         .map(|d| {
             d.flatten()
@@ -238,18 +272,29 @@ fn leftovers() -> anyhow::Result<()> {
         .lines()
         .chain(links.lines())
         .chain(networks.lines())
+        .chain(containers.lines())
         .chain(pins.lines().map(|l| l.trim_start_matches("/sys/fs/bpf/")))
         .filter(|l| {
             l.starts_with(lhb_tests::PREFIX) || l.starts_with("lhb-probe-") || l.starts_with("lhbp")
         })
         .collect();
     left.extend(processes.lines().filter(|l| !l.contains("pgrep")));
+    // The guard tables of test daemons (named lhb_HASH after their control sockets; the
+    // default socket's `lhb` is never a test's).
+    let tables = lhb_tests::run("nft", &["list", "tables", "bridge"]).unwrap_or_default();
+    left.extend(
+        tables
+            .lines()
+            .filter(|l| l.trim_start_matches("table bridge ").starts_with("lhb_")),
+    );
     if !left.is_empty() {
         bail!(
             "tests left network state behind (a guard did not clean up):\n{}",
             left.join("\n")
         );
     }
-    println!("no test namespace, link, Docker network or process left behind");
+    println!(
+        "no test namespace, link, Docker network or container, guard table or process left behind"
+    );
     Ok(())
 }

@@ -401,7 +401,7 @@ fn ensure_rootfs() -> anyhow::Result<PathBuf> {
 }
 
 /// The Debian mirror this machine's apt uses (deb822 or one-line sources).
-fn apt_mirror() -> String {
+pub(crate) fn apt_mirror() -> String {
     let files = [
         "/etc/apt/sources.list.d/debian.sources",
         "/etc/apt/sources.list",
