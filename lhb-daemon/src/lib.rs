@@ -12,9 +12,12 @@
 //! - [`datapath`]: what carries traffic: the kernel path, the proxy, the UDP forwarder,
 //!   the guard of container scopes, the clients seen.
 //! - [`api`]: the control socket and the status it answers with.
+//! - [`startup`]: what `lhb run` and `lhb plan` both start from: settings, the rule
+//!   set and its label rules, the engines' first answers, the kernel path's decision,
+//!   preflight.
 //! - [`daemon`]: `lhb run`: start-up, the event loop, applying plans.
-//! - [`diagnose`]: `lhb plan`, `verify`, `doctor`: the start-up steps of `daemon`, read
-//!   only, and probes.
+//! - [`diagnose`]: `lhb plan`, `verify`, `doctor`: the start-up steps of [`startup`],
+//!   read only, and probes.
 
 pub mod api;
 pub mod daemon;
@@ -25,3 +28,4 @@ pub mod firewall;
 pub mod host;
 pub mod model;
 pub mod reconcile;
+pub mod startup;

@@ -7,7 +7,7 @@ use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use lhb_daemon::{
     api::control, daemon, diagnose::check, diagnose::doctor, diagnose::plan, diagnose::verify,
-    firewall, host::unit, model::labels, model::rule, reconcile,
+    firewall, host::unit, model::labels, model::rule, reconcile, startup,
 };
 
 use anyhow::Context as _;
@@ -243,8 +243,8 @@ struct Serve {
 }
 
 impl Serve {
-    fn options(self) -> anyhow::Result<daemon::ServeOptions> {
-        Ok(daemon::ServeOptions {
+    fn options(self) -> anyhow::Result<startup::ServeOptions> {
+        Ok(startup::ServeOptions {
             cli_rules: self.cli_rules()?,
             label_allow: self.label_allow,
             engines: self.engines,

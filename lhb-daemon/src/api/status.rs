@@ -6,6 +6,15 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use crate::{
+    datapath::{
+        gateway::GatewayKey,
+        proxy::{self, ProxyTarget},
+    },
+    model::rule::{Origin, Rule, Source},
+    reconcile::RuleState,
+};
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     pub version: String,
@@ -750,6 +759,86 @@ pub fn unix_time(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default()
+}
+
+/// A rule as `lhb status` shows it, from where it stands; counters, firewall rules
+/// and errors are the running daemon's to add. `lhb plan` shows the same view.
+pub fn rule_view(
+    rule: &Rule,
+    origin: Origin,
+    state: Option<&RuleState>,
+    proxies: &std::collections::BTreeMap<GatewayKey, ProxyTarget>,
+) -> RuleStatus {
+    let mut r = RuleStatus {
+        port: rule.port,
+        protocol: rule.protocol,
+        target: rule.target.to_string(),
+        service: rule.service.clone(),
+        origin,
+        allow: rule.allow.iter().map(|c| c.to_string()).collect(),
+        ..Default::default()
+    };
+    match &rule.source {
+        Source::Network(n) => r.network = Some(n.clone()),
+        Source::Interface(n) => r.interface = Some(n.clone()),
+    }
+    match state {
+        Some(RuleState::Serving {
+            bridge,
+            ifindex,
+            gateways,
+            proxied,
+            forwarded,
+            skipped,
+        }) => {
+            r.state = State::Serving;
+            r.bridge = Some(bridge.clone());
+            r.ifindex = Some(*ifindex);
+            let gw = |a: &std::net::IpAddr, path: DataPath, why: Option<&str>| GatewayStatus {
+                address: a.to_string(),
+                path,
+                why: why.map(String::from),
+                ..Default::default()
+            };
+            r.gateways.extend(gateways.iter().map(|a| {
+                let mut g = gw(a, DataPath::Kernel, None);
+                g.client_seen_as = Some("the container's own address".into());
+                g
+            }));
+            r.gateways.extend(proxied.iter().map(|(a, why)| {
+                let mut g = gw(a, DataPath::Proxy, Some(why));
+                let key = GatewayKey {
+                    bridge: bridge.clone(),
+                    ifindex: *ifindex,
+                    gateway: *a,
+                    port: rule.port,
+                };
+                if let Some(t) = proxies.get(&key) {
+                    g.client_seen_as = Some(proxy::seen_as(*ifindex, t));
+                }
+                g
+            }));
+            r.gateways.extend(forwarded.iter().map(|a| {
+                let mut g = gw(a, DataPath::Udp, None);
+                g.client_seen_as = Some(crate::datapath::gateway::seen_as(*ifindex, rule.target));
+                g
+            }));
+            r.gateways.extend(
+                skipped
+                    .iter()
+                    .map(|(a, why)| gw(a, DataPath::None, Some(why))),
+            );
+        }
+        Some(RuleState::Waiting(why)) => {
+            r.state = State::Waiting;
+            r.reason = Some(why.clone());
+        }
+        None => {
+            r.state = State::Waiting;
+            r.reason = Some("not applied yet".into());
+        }
+    }
+    r
 }
 
 #[cfg(test)]

@@ -1,19 +1,19 @@
-//! Plans to drivers: the kernel path (attachments and endpoint map entries, by the
-//! difference between the applied plan and the wanted one), the proxy listeners, and the
-//! openings the firewall task must hold; and the way back to nothing.
+//! Plans to drivers: the guard of container scopes, the kernel path (attachments and
+//! endpoint map entries, by the difference between the applied plan and the wanted one),
+//! the gateway sockets of the proxy and the UDP forwarder (one way for both:
+//! [`GatewaySockets`]), and the openings the firewall task must hold; and the way back to
+//! nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tracing::{error, info};
 
-use super::{Daemon, StartError};
+use super::Daemon;
 use crate::{
+    datapath::gateway::{GatewayKey, GatewaySockets},
     datapath::kernel::KernelPath,
-    datapath::proxy,
-    firewall::{Opening, Transport},
     host::netlink::Netlink,
-    model::rule::{Rule, Source},
-    reconcile::{self, BridgeProblem, Observed, Plan, RuleState},
+    reconcile::{self, Plan},
 };
 
 impl Daemon {
@@ -76,49 +76,22 @@ impl Daemon {
         {
             first_err.get_or_insert(e.into());
         }
-        let gone: Vec<_> = self
-            .applied
-            .proxies
-            .iter()
-            .filter(|(k, t)| wanted.proxies.get(*k) != Some(*t))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in gone {
-            self.proxy.close(&key);
-            self.applied.proxies.remove(&key);
-            info!(bridge = %key.bridge, "proxy stopped listening on {}:{}", key.gateway, key.port);
-        }
-        self.proxy_errors
-            .retain(|k, _| wanted.proxies.contains_key(k));
-        for (key, target) in &wanted.proxies {
-            if self.applied.proxies.contains_key(key) {
-                continue;
-            }
-            match self.proxy.listen(key, *target) {
-                Ok(()) => {
-                    self.applied.proxies.insert(key.clone(), *target);
-                    self.proxy_errors.remove(key);
-                    info!(bridge = %key.bridge, "proxy listening on {}:{} (bound to {}) -> {}; the service sees clients as {}",
-                          key.gateway, key.port, key.bridge, target.target, proxy::seen_as(key.ifindex, target));
-                }
-                Err(e) => {
-                    // Never fatal: a local user who bound the port first must not be
-                    // able to stop lhb serving every other rule. Retried with backoff.
-                    let e = format!(
-                        "proxy for {}:{} on {}: {e} (`lhb doctor` names the process; retrying)",
-                        key.gateway, key.port, key.bridge
-                    );
-                    if self.proxy_errors.get(key) != Some(&e) {
-                        error!("{e}");
-                    }
-                    self.proxy_errors.insert(key.clone(), e);
-                }
-            }
-        }
-        self.apply_udp(wanted);
+        sync_sockets(
+            &mut self.proxy,
+            &mut self.applied.proxies,
+            &mut self.proxy_errors,
+            &wanted.proxies,
+        );
+        sync_sockets(
+            &mut self.udp,
+            &mut self.applied.udp,
+            &mut self.udp_errors,
+            &wanted.udp,
+        );
+        self.share_udp();
         self.share_proxy();
         if let Some(fw) = &self.firewall {
-            fw.want(openings(&self.applied));
+            fw.want(crate::firewall::openings(&self.applied));
         }
         self.applied.states = wanted.states.clone();
         self.applied.guarded = wanted.guarded.clone();
@@ -134,53 +107,8 @@ impl Daemon {
 }
 
 impl Daemon {
-    /// The UDP forwarder's sockets, from what is applied to `wanted`; a bind that fails
-    /// is left out of `applied` and retried, like a proxy listener.
-    fn apply_udp(&mut self, wanted: &Plan) {
-        // Only sockets no longer wanted close: one whose rule now leads elsewhere is
-        // kept and led there by `bind` (closing it and binding again would race with
-        // the old socket's release, and the address would read as taken).
-        let gone: Vec<_> = self
-            .applied
-            .udp
-            .keys()
-            .filter(|k| !wanted.udp.contains_key(*k))
-            .cloned()
-            .collect();
-        for key in gone {
-            self.udp.close(&key);
-            self.applied.udp.remove(&key);
-            info!(bridge = %key.bridge, "UDP forwarder closed {}:{}", key.gateway, key.port);
-        }
-        self.udp_errors.retain(|k, _| wanted.udp.contains_key(k));
-        for (key, target) in &wanted.udp {
-            let before = self.applied.udp.get(key).copied();
-            if before == Some(*target) {
-                continue;
-            }
-            match self.udp.bind(key, *target) {
-                Ok(()) if before.is_some() => {
-                    self.applied.udp.insert(key.clone(), *target);
-                    info!(bridge = %key.bridge, "UDP forwarder on {}:{} now -> {}", key.gateway, key.port, target.target);
-                }
-                Ok(()) => {
-                    self.applied.udp.insert(key.clone(), *target);
-                    self.udp_errors.remove(key);
-                    info!(bridge = %key.bridge, "UDP forwarder on {}:{} (bound to {}) -> {}; the service sees datagrams from {}",
-                          key.gateway, key.port, key.bridge, target.target, udp_seen_as(key.ifindex, target));
-                }
-                Err(e) => {
-                    let e = format!(
-                        "UDP forwarder for {}:{} on {}: {e} (`lhb doctor` names the process; retrying)",
-                        key.gateway, key.port, key.bridge
-                    );
-                    if self.udp_errors.get(key) != Some(&e) {
-                        error!("{e}");
-                    }
-                    self.udp_errors.insert(key.clone(), e);
-                }
-            }
-        }
+    /// Each forwarded rule's share of the forwarder's flows: an equal part of the total.
+    fn share_udp(&self) {
         let forwarded: BTreeSet<u32> = self.applied.udp.values().map(|t| t.slot).collect();
         let share = (self.udp.max_flows() / forwarded.len().max(1)).max(1);
         let limits = forwarded.iter().map(|&slot| (slot, share)).collect();
@@ -190,8 +118,7 @@ impl Daemon {
     /// Each proxied rule's share of the proxy's connections: its `max_connections`, or
     /// an equal part of the total.
     fn share_proxy(&self) {
-        let proxied: std::collections::BTreeSet<u32> =
-            self.applied.proxies.values().map(|t| t.slot).collect();
+        let proxied: BTreeSet<u32> = self.applied.proxies.values().map(|t| t.slot).collect();
         let share = (self.proxy.max_connections() / proxied.len().max(1)).max(1);
         let limits = self
             .rules
@@ -200,6 +127,65 @@ impl Daemon {
             .map(|a| (a.slot, a.rule.max_connections.unwrap_or(share)))
             .collect();
         self.proxy.set_limits(&limits);
+    }
+}
+
+/// Brings one user-space path's sockets from `applied` to `wanted`. Only sockets no
+/// longer wanted close: one whose rule now leads elsewhere is led there by `open` (the
+/// forwarder keeps its socket, as closing it and binding again would race with the old
+/// socket's release and read as taken; the proxy rebinds). A bind that fails is left out
+/// of `applied` and retried at the next apply, never fatal: a local user who bound the
+/// port first must not be able to stop lhb serving every other rule.
+fn sync_sockets<S: GatewaySockets>(
+    sockets: &mut S,
+    applied: &mut BTreeMap<GatewayKey, S::Target>,
+    errors: &mut BTreeMap<GatewayKey, String>,
+    wanted: &BTreeMap<GatewayKey, S::Target>,
+) {
+    let gone: Vec<_> = applied
+        .keys()
+        .filter(|k| !wanted.contains_key(*k))
+        .cloned()
+        .collect();
+    for key in gone {
+        sockets.close(&key);
+        applied.remove(&key);
+        info!(bridge = %key.bridge, "{} closed {}:{}", S::PATH, key.gateway, key.port);
+    }
+    errors.retain(|k, _| wanted.contains_key(k));
+    for (key, target) in wanted {
+        let before = applied.get(key).copied();
+        if before == Some(*target) {
+            continue;
+        }
+        match sockets.open(key, *target) {
+            Ok(()) => {
+                applied.insert(key.clone(), *target);
+                errors.remove(key);
+                if before.is_some() {
+                    info!(bridge = %key.bridge, "{} on {}:{} now -> {}; the service sees clients as {}",
+                          S::PATH, key.gateway, key.port, S::target(target), S::seen_as(key, target));
+                } else {
+                    info!(bridge = %key.bridge, "{} listening on {}:{} (bound to {}) -> {}; the service sees clients as {}",
+                          S::PATH, key.gateway, key.port, key.bridge, S::target(target), S::seen_as(key, target));
+                }
+            }
+            Err(e) => {
+                // The proxy closed its old listener before binding anew.
+                applied.remove(key);
+                let e = format!(
+                    "{} for {}:{} on {}: {e} (`lhb doctor` names the process; retrying)",
+                    S::PATH,
+                    key.gateway,
+                    key.port,
+                    key.bridge
+                );
+                if errors.get(key) != Some(&e) {
+                    error!("{e}");
+                }
+                errors.insert(key.clone(), e);
+            }
+        }
     }
 }
 
@@ -219,85 +205,6 @@ fn closed(
             (*slot, set)
         })
         .collect()
-}
-
-fn udp_seen_as(ifindex: u32, target: &crate::datapath::udp::UdpTarget) -> String {
-    match target.target {
-        std::net::SocketAddr::V4(_) => proxy::loopback_source(ifindex).to_string(),
-        std::net::SocketAddr::V6(_) => "::1".to_string(),
-    }
-}
-
-/// The traffic the firewall must let in for what is applied: every served gateway port,
-/// on its bridge.
-pub(crate) fn openings(plan: &Plan) -> BTreeSet<Opening> {
-    let kernel = plan.endpoints.keys().filter_map(|k| {
-        Some(Opening {
-            iface: plan.attach.get(&k.ifindex)?.clone(),
-            gateway: k.gateway,
-            port: k.port,
-            transport: Transport::Tcp,
-        })
-    });
-    let proxied = plan.proxies.keys().map(|k| Opening {
-        iface: k.bridge.clone(),
-        gateway: k.gateway,
-        port: k.port,
-        transport: Transport::Tcp,
-    });
-    let forwarded = plan.udp.keys().map(|k| Opening {
-        iface: k.bridge.clone(),
-        gateway: k.gateway,
-        port: k.port,
-        transport: Transport::Udp,
-    });
-    kernel.chain(proxied).chain(forwarded).collect()
-}
-
-/// Refuses, before anything is attached, interface rules that cannot work at all (not a
-/// bridge, no address) under `plan` (made from `observed`). A bridge that does not
-/// exist yet is waited for, as a Docker network is.
-pub(crate) fn preflight<'a>(
-    rules: impl IntoIterator<Item = &'a Rule>,
-    observed: &Observed,
-    plan: &Plan,
-) -> Result<(), StartError> {
-    for rule in rules {
-        let Source::Interface(iface) = &rule.source else {
-            continue;
-        };
-        let state = plan.states.get(&rule.key());
-        let r = rule.to_string();
-        match reconcile::bridge_of(rule, observed) {
-            // Waits, like a network rule: a bridge may come up after lhb (libvirt's
-            // virbr0 after boot). A typo shows at once as a warning, in `lhb status`
-            // and in `lhb doctor`. An uplink may be removed: the rule waits too, and the
-            // reason is logged and in `lhb status`.
-            Err(BridgeProblem::NoSuchInterface { .. } | BridgeProblem::Uplinks { .. }) => {
-                continue;
-            }
-            Err(BridgeProblem::NotABridge { .. }) => {
-                return Err(StartError::NotABridge {
-                    rule: r,
-                    iface: iface.clone(),
-                });
-            }
-            Err(BridgeProblem::NoAddress { .. }) => {
-                return Err(StartError::NoAddress {
-                    rule: r,
-                    iface: iface.clone(),
-                });
-            }
-            Err(_) | Ok(_) => {}
-        }
-        if let Some(RuleState::Waiting(reason)) = state {
-            return Err(StartError::Unservable {
-                rule: r,
-                reason: reason.clone(),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Brings the kernel path from `applied` to `wanted`. On an attach failure the bridge's

@@ -1,47 +1,42 @@
 //! `lhb run`: the long-running daemon.
 //!
-//! Flow: rules (command line + config file + runtime: [`rules::RuleSet`]) and what
-//! netlink and Docker report -> [`reconcile::plan`] -> the difference to what is applied
-//! goes to the drivers ([`apply`]: kernel path, proxy, firewall task). Start-up is
-//! [`start`]; then one loop turns every input (signal, control request, link or address
+//! Flow: rules (command line + config file + runtime + labels:
+//! [`crate::startup::RuleSet`]) and what netlink and the engines report ->
+//! [`reconcile::plan`] -> the difference to what is applied goes to the drivers
+//! ([`apply`]: kernel path, proxy, UDP forwarder, guard, firewall task). Start-up is
+//! [`start`], from [`crate::startup`]'s steps; then one loop turns every input (signal, control request, link or address
 //! event, Docker change, retry timer, watchdog tick) into an [`Event`] handled by
 //! [`Daemon::handle`]. Bridges that come, go, or come back with a new ifindex or
 //! address are followed without polling. SIGINT/SIGTERM detach everything before exit.
 //!
-//! - `rules.rs`: the rule set (origins, slots, reload/expose/unexpose bookkeeping);
 //! - `start.rs`: from options to a daemon that serves, undone on any early exit;
-//! - `apply.rs`: plan -> kernel path, proxy listeners, firewall; preflight; shutdown;
+//! - `apply.rs`: plan -> kernel path, gateway sockets, guard, firewall; shutdown;
 //! - `requests.rs`: the control socket's requests;
 //! - `view.rs`: `lhb status`, STATUS= and the state log lines.
 
 mod apply;
 mod requests;
-mod rules;
 mod start;
 mod view;
 
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, ops::ControlFlow, path::PathBuf, time::Duration};
 
-use thiserror::Error;
 use tokio::{signal::unix::Signal, sync::watch};
 use tracing::{error, info, warn};
 
-pub(crate) use apply::{openings, preflight};
-pub(crate) use rules::{Slots, combine};
-pub(crate) use start::first_docker_view;
-pub(crate) use view::rule_view;
+use crate::startup::ServeOptions;
 
 use crate::{
     api::control,
     datapath::kernel::KernelPath,
     datapath::proxy::{GatewayKey, Proxy},
-    engines::DockerView,
-    firewall::{FirewallMode, FirewallTask},
+    engines::EngineView,
+    firewall::FirewallTask,
     host::netlink::{Events, Netlink},
     host::notify::Notifier,
     model::config,
-    model::rule::Rule,
     reconcile::{self, Mode, Observed, Paths, Plan},
+    startup::RuleSet,
 };
 
 /// Events arriving in a burst (a bridge and its address, a veth and its port) are
@@ -51,28 +46,6 @@ const SETTLE: Duration = Duration::from_millis(15);
 const RETRY: Duration = Duration::from_secs(1);
 /// The longest wait between two retries of something that keeps failing.
 const RETRY_MAX: Duration = Duration::from_secs(10);
-/// How long the start waits for the Docker engine's first answer before going on.
-pub(crate) const DOCKER_FIRST_ANSWER: Duration = Duration::from_secs(3);
-
-/// What `lhb run` and `lhb plan` both start from.
-pub struct ServeOptions {
-    /// Rules from --expose and --expose-iface.
-    pub cli_rules: Vec<Rule>,
-    /// --label-allow entries (added to the config's `label_allow`).
-    pub label_allow: Vec<crate::model::labels::Entry>,
-    pub config: PathBuf,
-    pub no_docker: bool,
-    /// --engine sockets (added to the config's `engine`).
-    pub engines: Vec<String>,
-    /// --mode, if given (it wins over the file's `mode`).
-    pub mode: Option<Mode>,
-    /// --firewall, if given (it wins over the file's `firewall`).
-    pub firewall: Option<FirewallMode>,
-    /// The control socket (`lhb status`, `lhb expose`, `lhb unexpose`).
-    pub control: PathBuf,
-    /// Where the kernel path's links are pinned (bpffs).
-    pub pin_dir: PathBuf,
-}
 
 pub struct RunOptions {
     pub serve: ServeOptions,
@@ -89,31 +62,8 @@ pub struct RunOptions {
 /// Listen backlog of proxy sockets: connection bursts wait in the kernel, not refused.
 const PROXY_BACKLOG: i32 = 4096;
 
-#[derive(Debug, Error)]
-pub enum StartError {
-    #[error(
-        "no rule to serve: give --expose NETWORK:PORT[=TARGET] or --expose-iface IFACE:PORT[=TARGET] (e.g. `lhb run --expose bridge:11434`), or [[expose]] entries in {config}"
-    )]
-    NoRules { config: String },
-    #[error(
-        "missing capability {caps}: the kernel data path needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (run lhb as root, or grant them, e.g. AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON in its unit; `lhb unit print` has them)",
-        caps = .0.join(" and ")
-    )]
-    MissingCapabilities(Vec<&'static str>),
-    #[error(
-        "rule {rule}: interface {iface} is not a bridge; lhb serves containers on Linux bridges (docker0, br-*, virbr0, podman0, ...)"
-    )]
-    NotABridge { rule: String, iface: String },
-    #[error(
-        "rule {rule}: bridge {iface} has no IP address, so containers have no gateway to connect to (add one with `ip addr add ADDR/LEN dev {iface}`)"
-    )]
-    NoAddress { rule: String, iface: String },
-    #[error("rule {rule}: {reason}")]
-    Unservable { rule: String, reason: String },
-}
-
 struct Daemon {
-    rules: rules::RuleSet,
+    rules: RuleSet,
     config_path: PathBuf,
     reconcile_events: u64,
     last_error: Option<String>,
@@ -155,7 +105,7 @@ struct Daemon {
     paths: Paths,
     netlink: Netlink,
     applied: Plan,
-    docker: Option<watch::Receiver<DockerView>>,
+    docker: Option<watch::Receiver<EngineView>>,
     podman: Option<crate::engines::podman::PodmanWatch>,
     retry: Retry,
     tasks: crate::host::tasks::Tasks,
@@ -216,7 +166,7 @@ struct Inputs {
 impl Inputs {
     async fn next(
         &mut self,
-        docker: Option<&mut watch::Receiver<DockerView>>,
+        docker: Option<&mut watch::Receiver<EngineView>>,
         podman: Option<&mut watch::Receiver<crate::engines::PodmanView>>,
         retry: &Retry,
     ) -> Event {
@@ -278,12 +228,6 @@ impl Inputs {
     }
 }
 
-/// What the loop does after an event.
-enum Flow {
-    Continue,
-    Stop,
-}
-
 /// How long the daemon's tasks get to end once cancelled.
 const TASKS_GRACE: Duration = Duration::from_secs(2);
 
@@ -306,8 +250,8 @@ async fn serve(opts: &RunOptions, tasks: &crate::host::tasks::Tasks) -> anyhow::
             )
             .await;
         match d.handle(ev).await {
-            Ok(Flow::Continue) => {}
-            Ok(Flow::Stop) => break Ok(()),
+            Ok(ControlFlow::Continue(())) => {}
+            Ok(ControlFlow::Break(())) => break Ok(()),
             Err(e) => break Err(e),
         }
     };
@@ -327,16 +271,16 @@ async fn serve(opts: &RunOptions, tasks: &crate::host::tasks::Tasks) -> anyhow::
 }
 
 impl Daemon {
-    async fn handle(&mut self, ev: Event) -> anyhow::Result<Flow> {
+    async fn handle(&mut self, ev: Event) -> anyhow::Result<ControlFlow<()>> {
         match ev {
             Event::Stop(signal) => {
                 info!("{signal}: shutting down");
-                return Ok(Flow::Stop);
+                return Ok(ControlFlow::Break(()));
             }
             Event::Reload => {
                 self.reconcile_events += 1;
                 if self.reload().is_err() {
-                    return Ok(Flow::Continue);
+                    return Ok(ControlFlow::Continue(()));
                 }
             }
             Event::Control((req, reply)) => {
@@ -345,7 +289,7 @@ impl Daemon {
                 if let Some(f) = failed {
                     self.retry.pending = f;
                 }
-                return Ok(Flow::Continue);
+                return Ok(ControlFlow::Continue(()));
             }
             Event::LinksClosed => {
                 anyhow::bail!("the rtnetlink event socket closed; cannot follow bridges any more")
@@ -378,11 +322,11 @@ impl Daemon {
             Event::Watchdog => {
                 // Sent from the loop itself: a stuck loop stops the pings.
                 self.notifier.send("WATCHDOG=1");
-                return Ok(Flow::Continue);
+                return Ok(ControlFlow::Continue(()));
             }
             Event::Refusals => {
                 self.log_refusals();
-                return Ok(Flow::Continue);
+                return Ok(ControlFlow::Continue(()));
             }
             Event::Ruleset => {
                 match self.guard.heal().await {
@@ -401,12 +345,12 @@ impl Daemon {
                         self.retry.after(failed);
                     }
                 }
-                return Ok(Flow::Continue);
+                return Ok(ControlFlow::Continue(()));
             }
         }
         let failed = self.reconcile().await;
         self.retry.after(failed);
-        Ok(Flow::Continue)
+        Ok(ControlFlow::Continue(()))
     }
 
     async fn observe(&self) -> anyhow::Result<Observed> {
@@ -419,7 +363,7 @@ impl Daemon {
     }
 
     /// What the engines said last, as one view; None when lhb reads no engine.
-    fn engine_view(&self) -> Option<DockerView> {
+    fn engine_view(&self) -> Option<EngineView> {
         crate::engines::view(
             self.docker.as_ref().map(|d| d.borrow().clone()),
             self.podman.as_ref().map(|p| p.rx.borrow().clone()),
@@ -509,28 +453,21 @@ impl Daemon {
     /// Takes the rules Docker networks' labels ask for now (and `label_allow` allows);
     /// logs each refused entry once, when it first appears.
     fn follow_labels(&mut self) {
-        let (wanted, mut refused) = match self.engine_view() {
-            Some(v) => crate::reconcile::labels::rules(&v, &self.label_allow),
-            None => Default::default(),
-        };
-        if self.rules.set_labels(wanted) {
-            // Label rules never fail to combine (see RuleSet::recombine); an error here
-            // is one of the administrator's rules, which the last change already passed.
-            if let Err(e) = self.recombine() {
-                error!("taking the rules of network labels: {e:#}");
-            }
+        let view = self.engine_view();
+        let taken = self.rules.follow_labels(view.as_ref(), &self.label_allow);
+        if let Some(fresh) = taken.fresh
+            && let Err(e) = fresh.and_then(|f| self.took(f))
+        {
+            error!("taking the rules of network labels: {e:#}");
         }
-        for key in self.rules.labels_over_limit() {
-            refused.push(crate::model::labels::Refusal {
-                network: key.source.name().to_string(),
-                entry: key.port.to_string(),
-                reason: format!("the rule table is full ({} rules)", lhb_common::MAX_RULES),
-            });
-        }
-        for r in refused.iter().filter(|r| !self.label_refused.contains(r)) {
+        for r in taken
+            .refused
+            .iter()
+            .filter(|r| !self.label_refused.contains(r))
+        {
             warn!("{r}");
         }
-        self.label_refused = refused;
+        self.label_refused = taken.refused;
     }
 
     /// The active rules from the rule set's parts: new rules' counters start at zero,
@@ -538,6 +475,12 @@ impl Daemon {
     /// duplicate, too many rules) changes nothing.
     fn recombine(&mut self) -> anyhow::Result<()> {
         let fresh = self.rules.recombine()?;
+        self.took(fresh)
+    }
+
+    /// After a recombination: the `fresh` slots' counters start at zero, and every
+    /// rule's state is logged afresh.
+    fn took(&mut self, fresh: Vec<u32>) -> anyhow::Result<()> {
         for &s in &fresh {
             self.clients.forget(s);
         }

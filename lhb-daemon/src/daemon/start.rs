@@ -1,5 +1,5 @@
-//! From `RunOptions` to a daemon that serves: config and rules, the Docker engine's
-//! first answer, the control and metrics sockets, the kernel path, preflight, the first
+//! From `RunOptions` to a daemon that serves: [`crate::startup`]'s settings and rules,
+//! the engines' first answers, the control and metrics sockets, the kernel path, preflight, the first
 //! plan applied and the firewall synced, READY=1.
 //!
 //! Every early exit undoes what is in place, in one way each: the sockets are removed by
@@ -11,25 +11,21 @@ use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
-use super::{
-    Daemon, Inputs, PROXY_BACKLOG, RETRY, Retry, RunOptions, StartError, apply, rules::RuleSet,
-    view,
-};
+use super::{Daemon, Inputs, PROXY_BACKLOG, RETRY, Retry, RunOptions, view};
 use crate::{
     api::control,
     datapath::kernel::KernelPath,
     datapath::proxy::{FD_RESERVE, FDS_PER_CONNECTION, Proxy},
     engines::{
-        DockerView,
+        EngineView,
         docker::{self},
     },
     firewall::{Firewall, FirewallTask},
-    host::caps,
     host::netlink::Netlink,
     host::notify::Notifier,
     host::tasks::Tasks,
-    model::config,
-    reconcile::{self, Mode, Paths, Plan},
+    reconcile::{self, Paths, Plan},
+    startup::{self, Settings},
 };
 
 /// The control and metrics sockets, removed when this is dropped: at every exit, early
@@ -52,23 +48,18 @@ pub(super) async fn start(
     opts: &RunOptions,
     tasks: &Tasks,
 ) -> anyhow::Result<(Daemon, Inputs, Sockets)> {
-    let cfg = config::load(&opts.serve.config)?;
-    let mode = opts.serve.mode.or(cfg.mode).unwrap_or_default();
-    let firewall_mode = opts.serve.firewall.or(cfg.firewall).unwrap_or_default();
-    let metrics_addr = cfg.metrics.clone();
-    let (rules, fresh) = RuleSet::new(opts.serve.cli_rules.clone(), cfg.rules)?;
-    let label_allow =
-        crate::model::labels::merge_allowed(&opts.serve.label_allow, &cfg.label_allow);
-    if rules.is_empty() && label_allow.is_empty() {
-        // A config file of the administrator's with no entry yet (the package's, for
-        // one) is a daemon waiting for rules: it must not fail at every boot. With no
-        // file and no flag there is nothing to wait for: a mistake, said at once.
-        if !std::fs::metadata(&opts.serve.config).is_ok_and(|m| m.is_file()) {
-            return Err(StartError::NoRules {
-                config: opts.serve.config.display().to_string(),
-            }
-            .into());
-        }
+    let settings = Settings::resolve(&opts.serve)?;
+    let Settings {
+        mode,
+        firewall: firewall_mode,
+        metrics: metrics_addr,
+        file_engines,
+        label_allow,
+        rules,
+        fresh,
+        waiting_for_rules,
+    } = settings;
+    if waiting_for_rules {
         warn!(
             "{} has no [[expose]] entry: nothing is served until one is added (then `lhb reload`) or `lhb expose` adds a rule",
             opts.serve.config.display()
@@ -80,7 +71,7 @@ pub(super) async fn start(
     let sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
 
     let (netlink, links) = Netlink::connect()?;
-    let engines = docker::engines(opts.serve.no_docker, &opts.serve.engines, &cfg.engine).await?;
+    let engines = docker::engines(opts.serve.no_docker, &opts.serve.engines, &file_engines).await?;
     let docker = match engines.docker {
         Some(socket) => Some(docker_watch(tasks, socket).await),
         None => None,
@@ -102,7 +93,11 @@ pub(super) async fn start(
         clients.clone(),
     )
     .context("starting the proxy's thread")?;
-    let (kernel, kernel_unavailable) = kernel_path(mode, &opts.serve.pin_dir)?;
+    let (kernel, kernel_unavailable) =
+        startup::kernel_path(mode, || Ok(KernelPath::load(&opts.serve.pin_dir)?))?;
+    if let Some(why) = &kernel_unavailable {
+        warn!("kernel path unavailable: {why}; using the proxy for every rule");
+    }
     let firewall = Firewall::new(firewall_mode);
     let mut d = Daemon {
         rules,
@@ -113,7 +108,7 @@ pub(super) async fn start(
         cli_mode: opts.serve.mode,
         reload_error: None,
         label_allow_cli: opts.serve.label_allow.clone(),
-        file_engines: cfg.engine.clone(),
+        file_engines,
         label_allow,
         label_refused: Vec::new(),
         kernel_unavailable,
@@ -205,7 +200,7 @@ async fn podman_watch(
     path: std::path::PathBuf,
 ) -> crate::engines::podman::PodmanWatch {
     let mut w = crate::engines::podman::watch(tasks, path);
-    let view = first_view(&mut w.rx, |v| v.available || v.problem.is_some()).await;
+    let view = startup::first_view(&mut w.rx, |v| v.available || v.problem.is_some()).await;
     if !view.available {
         warn!(
             "Podman not reachable at {} ({}): its network rules wait for it",
@@ -220,36 +215,18 @@ async fn podman_watch(
 async fn docker_watch(
     tasks: &Tasks,
     socket: Option<String>,
-) -> tokio::sync::watch::Receiver<DockerView> {
+) -> tokio::sync::watch::Receiver<EngineView> {
     let mut rx = docker::watch(tasks, socket);
-    let view = first_docker_view(&mut rx).await;
+    let view = startup::first_engine_view(&mut rx).await;
     if !view.available {
-        let why = view.problem.unwrap_or_else(|| {
-            format!("no answer within {}s", super::DOCKER_FIRST_ANSWER.as_secs())
-        });
+        let why = view
+            .problem
+            .unwrap_or_else(|| format!("no answer within {}s", startup::FIRST_ANSWER.as_secs()));
         warn!(
             "Docker engine not reachable ({why}): network rules wait for it, interface rules work (--no-docker silences this)"
         );
     }
     rx
-}
-
-/// The kernel path `mode` asks for, and why it is not used where `auto` does without.
-fn kernel_path(
-    mode: Mode,
-    pin_dir: &std::path::Path,
-) -> anyhow::Result<(Option<KernelPath>, Option<String>)> {
-    Ok(match mode {
-        Mode::Proxy => (None, None),
-        Mode::Kernel => (Some(load_kernel_path(pin_dir)?), None),
-        Mode::Auto => match load_kernel_path(pin_dir) {
-            Ok(k) => (Some(k), None),
-            Err(e) => {
-                warn!("kernel path unavailable: {e:#}; using the proxy for every rule");
-                (None, Some(format!("{e:#}")))
-            }
-        },
-    })
 }
 
 impl Daemon {
@@ -262,7 +239,7 @@ impl Daemon {
         };
         observed.docker = self.engine_view();
         let wanted = reconcile::plan(self.rules.planned(), &observed, self.paths);
-        apply::preflight(self.rules.iter().map(|a| &a.rule), &observed, &wanted)?;
+        startup::preflight(self.rules.iter().map(|a| &a.rule), &observed, &wanted)?;
         let backends = firewall.backends();
         if backends.is_empty() {
             info!("firewall: none managed");
@@ -291,7 +268,7 @@ impl Daemon {
         // gateway is retried while the others serve.
         self.apply(&wanted).await?;
         // "Ready" means served, also through the host's firewall: the first sync is here.
-        let opened = apply::openings(&self.applied);
+        let opened = crate::firewall::openings(&self.applied);
         if let Err(e) = firewall.sync(&opened) {
             firewall.shutdown();
             return Err(e.context("firewall"));
@@ -304,34 +281,6 @@ impl Daemon {
         self.retry.pending = !self.proxy_errors.is_empty();
         Ok(())
     }
-}
-
-/// What the engine says within [`super::DOCKER_FIRST_ANSWER`] of the start; whether it
-/// answered or not, the view says what is known.
-pub(crate) async fn first_docker_view(
-    rx: &mut tokio::sync::watch::Receiver<DockerView>,
-) -> DockerView {
-    first_view(rx, |v| v.available || v.problem.is_some()).await
-}
-
-/// An engine watcher's view once `answered` holds, or after
-/// [`super::DOCKER_FIRST_ANSWER`], whichever comes first.
-async fn first_view<T: Clone>(
-    rx: &mut tokio::sync::watch::Receiver<T>,
-    answered: impl FnMut(&T) -> bool,
-) -> T {
-    let _ = tokio::time::timeout(super::DOCKER_FIRST_ANSWER, rx.wait_for(answered)).await;
-    rx.borrow().clone()
-}
-
-/// The kernel path, or why it cannot be used here.
-pub(crate) fn load_kernel_path(pin_dir: &std::path::Path) -> anyhow::Result<KernelPath> {
-    let eff = caps::effective().context("reading this process's capabilities")?;
-    let missing = caps::missing_for_kernel_path(eff);
-    if !missing.is_empty() {
-        return Err(StartError::MissingCapabilities(missing).into());
-    }
-    Ok(KernelPath::load(pin_dir)?)
 }
 
 /// How the open files are shared: UDP flows (one fd each) and proxied connections

@@ -5,98 +5,15 @@ use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use tracing::{debug, info, warn};
 
-use super::{Daemon, rules::RuleSet};
+use super::Daemon;
 use crate::{
     api::control,
-    api::status::{self, DataPath, State, Status},
-    datapath::proxy::{self, GatewayKey},
-    model::rule::{Origin, Rule, RuleKey, Source},
+    api::status::{self, DataPath, Status},
+    datapath::gateway::GatewayKey,
+    model::rule::RuleKey,
     reconcile::{Plan, RuleState},
+    startup::RuleSet,
 };
-
-/// A rule as `lhb status` shows it, from where it stands; counters, firewall rules
-/// and errors are the running daemon's to add. `lhb plan` shows the same view.
-pub(crate) fn rule_view(
-    rule: &Rule,
-    origin: Origin,
-    state: Option<&RuleState>,
-    proxies: &BTreeMap<GatewayKey, proxy::ProxyTarget>,
-) -> status::RuleStatus {
-    let mut r = status::RuleStatus {
-        port: rule.port,
-        protocol: rule.protocol,
-        target: rule.target.to_string(),
-        service: rule.service.clone(),
-        origin,
-        allow: rule.allow.iter().map(|c| c.to_string()).collect(),
-        ..Default::default()
-    };
-    match &rule.source {
-        Source::Network(n) => r.network = Some(n.clone()),
-        Source::Interface(n) => r.interface = Some(n.clone()),
-    }
-    match state {
-        Some(RuleState::Serving {
-            bridge,
-            ifindex,
-            gateways,
-            proxied,
-            forwarded,
-            skipped,
-        }) => {
-            r.state = State::Serving;
-            r.bridge = Some(bridge.clone());
-            r.ifindex = Some(*ifindex);
-            let gw =
-                |a: &std::net::IpAddr, path: DataPath, why: Option<&str>| status::GatewayStatus {
-                    address: a.to_string(),
-                    path,
-                    why: why.map(String::from),
-                    ..Default::default()
-                };
-            r.gateways.extend(gateways.iter().map(|a| {
-                let mut g = gw(a, DataPath::Kernel, None);
-                g.client_seen_as = Some("the container's own address".into());
-                g
-            }));
-            r.gateways.extend(proxied.iter().map(|(a, why)| {
-                let mut g = gw(a, DataPath::Proxy, Some(why));
-                let key = GatewayKey {
-                    bridge: bridge.clone(),
-                    ifindex: *ifindex,
-                    gateway: *a,
-                    port: rule.port,
-                };
-                if let Some(t) = proxies.get(&key) {
-                    g.client_seen_as = Some(proxy::seen_as(*ifindex, t));
-                }
-                g
-            }));
-            r.gateways.extend(forwarded.iter().map(|a| {
-                let mut g = gw(a, DataPath::Udp, None);
-                g.client_seen_as = Some(match rule.target {
-                    std::net::SocketAddr::V4(_) => proxy::loopback_source(*ifindex).to_string(),
-                    std::net::SocketAddr::V6(_) => "::1".to_string(),
-                });
-                g
-            }));
-            r.gateways.extend(
-                skipped
-                    .iter()
-                    .map(|(a, why)| gw(a, DataPath::None, Some(why))),
-            );
-        }
-        Some(RuleState::Waiting(why)) => {
-            r.state = State::Waiting;
-            r.reason = Some(why.clone());
-        }
-        None => {
-            r.state = State::Waiting;
-            r.reason = Some("not applied yet".into());
-        }
-    }
-    r
-}
 
 pub(super) fn serving(plan: &Plan) -> usize {
     plan.states
@@ -304,7 +221,7 @@ impl Daemon {
         for a in self.rules.iter() {
             let (rule, slot) = (&a.rule, a.slot);
             let state = self.applied.states.get(&rule.key());
-            let mut r = rule_view(rule, a.origin, state, &self.applied.proxies);
+            let mut r = status::rule_view(rule, a.origin, state, &self.applied.proxies);
             if let Some(RuleState::Serving { bridge, .. }) = state {
                 for g in r.gateways.iter_mut() {
                     let errors = match g.path {
@@ -321,10 +238,7 @@ impl Daemon {
                     g.error = key.and_then(|k| errors.get(&k).cloned());
                 }
                 for (o, c) in chains {
-                    let ours = match o.transport {
-                        crate::firewall::Transport::Tcp => rule.protocol.tcp(),
-                        crate::firewall::Transport::Udp => rule.protocol.udp(),
-                    };
+                    let ours = rule.protocol.carries(o.transport);
                     if &o.iface == bridge && o.port == rule.port && ours && !c.is_empty() {
                         r.firewall.push(format!("{o}: {}", c.join(", ")));
                     }

@@ -6,14 +6,10 @@
 //! the least recently seen one to make room, in constant time, so a flood of
 //! datagrams from ever new addresses costs a fixed amount of memory and no scan.
 
-use std::{
-    net::IpAddr,
-    num::NonZeroUsize,
-    sync::{Arc, Mutex},
-    time::Instant,
-};
+use std::{net::IpAddr, num::NonZeroUsize, sync::Arc, time::Instant};
 
 use lru::LruCache;
+use parking_lot::Mutex;
 
 /// As many as the kernel path's map holds.
 pub const MAX_CLIENTS: usize = lhb_common::MAX_CLIENTS as usize;
@@ -53,7 +49,7 @@ impl Clients {
 
     fn record(&self, slot: u32, ip: IpAddr, f: impl FnOnce(&mut Seen)) {
         let now = Instant::now();
-        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = self.0.lock();
         let s = t.get_or_insert_mut((slot, ip.to_canonical()), || Seen {
             connections: 0,
             refused: 0,
@@ -65,7 +61,7 @@ impl Clients {
 
     /// Forgets rule `slot`'s clients: a new rule takes the slot.
     pub fn forget(&self, slot: u32) {
-        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = self.0.lock();
         let gone: Vec<_> = t
             .iter()
             .filter(|((s, _), _)| *s == slot)
@@ -78,7 +74,7 @@ impl Clients {
 
     /// Every (slot, address, what it did), most recently seen first.
     pub fn snapshot(&self) -> Vec<(u32, IpAddr, Seen)> {
-        let t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let t = self.0.lock();
         t.iter().map(|(&(slot, ip), &s)| (slot, ip, s)).collect()
     }
 }

@@ -1,8 +1,8 @@
 //! The proxy data path, for where the kernel path cannot serve: a tokio listener per
 //! (bridge, gateway, port), bound to the gateway address AND to the bridge device
-//! (SO_BINDTODEVICE), so a packet for the gateway arriving on any other interface finds
-//! no socket and is refused. A socket bound to an address alone would be reachable from
-//! every interface that routes to it.
+//! ([`crate::datapath::gateway`]), so a packet for the gateway arriving on any other
+//! interface finds no socket and is refused. A socket bound to an address alone would be
+//! reachable from every interface that routes to it.
 //!
 //! Bytes move with splice(2) through one pipe per direction, never through user space.
 //! Pipes left empty by a finished connection are kept for the next ones ([`PipePool`]):
@@ -13,7 +13,8 @@
 //! connections is bounded, per rule and in total.
 //!
 //! The service must never take a container for a local process: connections to an
-//! IPv4 target come from a loopback address of the bridge's own ([`loopback_source`],
+//! IPv4 target come from a loopback address of the bridge's own
+//! ([`crate::datapath::gateway::loopback_source`],
 //! in 127.128.0.0/9), never 127.0.0.1, so `127.0.0.1/32 trust` rules and "localhost
 //! only" checks do not match them. IPv6 has one loopback address: a `[::1]` target sees
 //! `::1`. A rule with `proxy_protocol` sends a PROXY v2 header with the container's
@@ -40,12 +41,16 @@ use std::{
     time::Duration,
 };
 
-use crate::{datapath::clients::Clients, host::tasks::Tasks, model::scope::Scopes};
+use crate::{
+    datapath::{clients::Clients, gateway},
+    host::{self, tasks::Tasks},
+    model::scope::Scopes,
+};
 use rustix::{
     net::{RecvFlags, SendFlags},
     pipe::{PipeFlags, SpliceFlags},
 };
-use socket2::{Domain, Protocol, Socket, Type};
+
 use tokio::{
     io::Interest,
     net::{TcpListener, TcpStream},
@@ -56,21 +61,9 @@ use tracing::{debug, warn};
 
 pub use crate::reconcile::{GatewayKey, ProxyTarget};
 
-/// The address the proxy connects from to reach an IPv4 target for bridge `ifindex`:
-/// 127.128.0.0 plus the ifindex (23 bits). The whole of 127.0.0.0/8 is local on Linux,
-/// so no address needs adding; this half is clear of 127.0.0.1, 127.0.0.53
-/// (systemd-resolved) and 127.0.1.1 (Debian's hostname entry), and one address per
-/// bridge lets a service tell bridges apart.
-pub fn loopback_source(ifindex: u32) -> std::net::Ipv4Addr {
-    std::net::Ipv4Addr::from(0x7f80_0000 | (ifindex & 0x007f_ffff))
-}
-
 /// What the service sees as the client of a connection proxied for bridge `ifindex`.
 pub fn seen_as(ifindex: u32, target: &ProxyTarget) -> String {
-    let from = match target.target {
-        SocketAddr::V4(_) => loopback_source(ifindex).to_string(),
-        SocketAddr::V6(_) => "::1".to_string(),
-    };
+    let from = gateway::seen_as(ifindex, target.target);
     if target.proxy_protocol {
         format!("{from}, with the container's address in a PROXY v2 header")
     } else {
@@ -108,7 +101,7 @@ pub struct Proxy {
     limit: Arc<Semaphore>,
     max_connections: usize,
     backlog: i32,
-    counters: Arc<std::sync::Mutex<BTreeMap<u32, Arc<ProxyCounters>>>>,
+    counters: Arc<parking_lot::Mutex<BTreeMap<u32, Arc<ProxyCounters>>>>,
     pipes: Arc<PipePool>,
     tasks: Tasks,
     scopes: Scopes,
@@ -206,10 +199,7 @@ impl Proxy {
         let label = format!("{}:{}@{}", key.gateway, key.port, key.bridge);
         let upstream = Upstream {
             target: target.target,
-            source: match target.target {
-                SocketAddr::V4(_) => Some(IpAddr::V4(loopback_source(key.ifindex))),
-                SocketAddr::V6(_) => None,
-            },
+            source: gateway::upstream_source(key.ifindex, target.target),
             proxy_protocol: target.proxy_protocol,
         };
         let conns = self.tasks.clone();
@@ -244,7 +234,7 @@ impl Proxy {
     }
 
     fn counters_for(&self, slot: u32) -> Arc<ProxyCounters> {
-        lock(&self.counters).entry(slot).or_default().clone()
+        self.counters.lock().entry(slot).or_default().clone()
     }
 
     /// Who each scoped rule admits from now on (connections already carried stay).
@@ -280,42 +270,38 @@ impl Proxy {
     }
 }
 
-/// The data behind `m`, also if a thread panicked holding it: every value kept under
-/// these locks (counters, idle pipes) stays valid whatever an update was doing.
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+impl gateway::GatewaySockets for Proxy {
+    type Target = ProxyTarget;
+    const PATH: &'static str = "proxy";
+
+    fn open(&mut self, key: &GatewayKey, target: ProxyTarget) -> io::Result<()> {
+        self.listen(key, target)
+    }
+
+    fn close(&mut self, key: &GatewayKey) {
+        Proxy::close(self, key)
+    }
+
+    fn target(t: &ProxyTarget) -> SocketAddr {
+        t.target
+    }
+
+    fn seen_as(key: &GatewayKey, t: &ProxyTarget) -> String {
+        seen_as(key.ifindex, t)
+    }
 }
 
 /// A listening socket on gateway:port that only the bridge's packets can reach. It is
 /// registered with the proxy's runtime by `accept_loop`, on that runtime's thread.
 fn bind(key: &GatewayKey, backlog: i32) -> io::Result<std::net::TcpListener> {
-    let addr = SocketAddr::new(key.gateway, key.port);
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    sock.set_reuse_address(true)?;
-    // Accepted sockets inherit keepalive with its timers, and TCP_NODELAY: set once
-    // here, not per connection.
-    sock.set_tcp_keepalive(&keepalive())?;
-    sock.set_tcp_nodelay(true)?;
-    if key.gateway.is_ipv6() {
-        sock.set_only_v6(true)?;
-    }
-    sock.bind_device(Some(key.bridge.as_bytes()))
-        .map_err(|e| io::Error::new(e.kind(), format!("binding to device {}: {e}", key.bridge)))?;
-    sock.bind(&addr.into()).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            if e.kind() == io::ErrorKind::AddrInUse {
-                format!(
-                    "{addr} is already in use by another program on {}",
-                    key.bridge
-                )
-            } else {
-                format!("binding {addr}: {e}")
-            },
-        )
+    let sock = gateway::bind(key, gateway::Kind::Tcp, |sock| {
+        sock.set_reuse_address(true)?;
+        // Accepted sockets inherit keepalive with its timers, and TCP_NODELAY: set once
+        // here, not per connection.
+        sock.set_tcp_keepalive(&keepalive())?;
+        sock.set_tcp_nodelay(true)
     })?;
     sock.listen(backlog)?;
-    sock.set_nonblocking(true)?;
     Ok(sock.into())
 }
 
@@ -430,7 +416,12 @@ async fn connect(up: Upstream, client: &TcpStream) -> io::Result<TcpStream> {
     if let Some(src) = up.source {
         // The port is chosen at connect(), per destination, instead of reserving one
         // of this source's ports for every destination at bind().
-        bind_address_no_port(&sock)?;
+        host::sockopt::set(
+            &sock,
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            &1 as &libc::c_int,
+        )?;
         sock.bind(SocketAddr::new(src, 0))?;
     }
     // Before connect: the SYN and the first bytes go out as they will for the rest.
@@ -446,26 +437,6 @@ async fn connect(up: Upstream, client: &TcpStream) -> io::Result<TcpStream> {
         tokio::io::AsyncWriteExt::write_all(&mut s, &header).await?;
     }
     Ok(s)
-}
-
-/// IP_BIND_ADDRESS_NO_PORT: neither socket2, rustix nor tokio has it.
-fn bind_address_no_port(sock: &tokio::net::TcpSocket) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: a valid socket fd and a c_int option value of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 async fn serve(
@@ -631,12 +602,12 @@ struct Pipe {
 /// whose connection ended with bytes in it is closed instead.
 #[derive(Default)]
 struct PipePool {
-    free: std::sync::Mutex<Vec<Pipe>>,
+    free: parking_lot::Mutex<Vec<Pipe>>,
 }
 
 impl PipePool {
     fn take(&self) -> io::Result<Pipe> {
-        let pooled = lock(&self.free).pop();
+        let pooled = self.free.lock().pop();
         match pooled {
             Some(p) => Ok(p),
             None => Pipe::new(),
@@ -644,7 +615,7 @@ impl PipePool {
     }
 
     fn give_back(&self, pipe: Pipe) {
-        let mut free = lock(&self.free);
+        let mut free = self.free.lock();
         if free.len() < POOLED_PIPES {
             free.push(pipe);
         }

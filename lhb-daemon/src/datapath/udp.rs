@@ -10,7 +10,8 @@
 //! the one the SYN was sent to; UDP has no accepted socket.
 //!
 //! Each container address and port is a flow: a socket connected from the bridge's
-//! loopback source ([`crate::datapath::proxy::loopback_source`], never 127.0.0.1) to the target,
+//! loopback source ([`crate::datapath::gateway::loopback_source`], never 127.0.0.1) to the
+//! target,
 //! so the service's answers come back on that socket alone and go to that container,
 //! sent from the gateway socket (source GATEWAY:PORT, what the container asked). A flow
 //! idle for the idle timeout is closed. Flows are bounded per rule and in total; a
@@ -28,18 +29,23 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd as _,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
 
+use parking_lot::Mutex;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{io::Interest, net::UdpSocket, task::JoinHandle, time::Instant};
 use tracing::{debug, warn};
 
 use crate::{
-    datapath::clients::Clients, datapath::proxy::GatewayKey, host::tasks::Tasks,
+    datapath::{
+        clients::Clients,
+        gateway::{self, GatewayKey},
+    },
+    host::{sockopt, tasks::Tasks},
     model::scope::Scopes,
 };
 
@@ -166,7 +172,7 @@ impl Forwarder {
             icmp: icmp.map(Arc::new),
             gateway: key.gateway,
             port: key.port,
-            route: std::sync::RwLock::new(Arc::new(self.route(key, target))),
+            route: parking_lot::RwLock::new(Arc::new(self.route(key, target))),
             label: format!("{}:{}/udp@{}", key.gateway, key.port, key.bridge),
             shared: self.shared.clone(),
             flows: Default::default(),
@@ -188,12 +194,7 @@ impl Forwarder {
     fn route(&self, key: &GatewayKey, target: UdpTarget) -> Route {
         Route {
             target: target.target,
-            source: match target.target {
-                SocketAddr::V4(_) => Some(IpAddr::V4(crate::datapath::proxy::loopback_source(
-                    key.ifindex,
-                ))),
-                SocketAddr::V6(_) => None,
-            },
+            source: gateway::upstream_source(key.ifindex, target.target),
             counters: self.counters_for(target.slot),
             slot: target.slot,
             retired: Default::default(),
@@ -218,7 +219,7 @@ impl Forwarder {
     }
 
     fn counters_for(&self, slot: u32) -> Arc<UdpCounters> {
-        lock(&self.counters).entry(slot).or_default().clone()
+        self.counters.lock().entry(slot).or_default().clone()
     }
 
     /// The counters of a rule slot (zero if it never forwarded).
@@ -247,62 +248,46 @@ impl Forwarder {
     }
 }
 
-/// The data behind `m`, also if a thread panicked holding it: counters and the flow
-/// table stay valid whatever an update was doing.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+impl gateway::GatewaySockets for Forwarder {
+    type Target = UdpTarget;
+    const PATH: &'static str = "UDP forwarder";
+
+    fn open(&mut self, key: &GatewayKey, target: UdpTarget) -> io::Result<()> {
+        self.bind(key, target)
+    }
+
+    fn close(&mut self, key: &GatewayKey) {
+        Forwarder::close(self, key)
+    }
+
+    fn target(t: &UdpTarget) -> SocketAddr {
+        t.target
+    }
 }
 
 /// The gateway socket: only the bridge's datagrams reach it.
 fn bind(key: &GatewayKey) -> io::Result<UdpSocket> {
-    let addr = SocketAddr::new(key.gateway, key.port);
-    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if key.gateway.is_ipv6() {
-        sock.set_only_v6(true)?;
-    }
-    sock.bind_device(Some(key.bridge.as_bytes()))
-        .map_err(|e| io::Error::new(e.kind(), format!("binding to device {}: {e}", key.bridge)))?;
-    // A burst of datagrams from many containers waits here instead of being dropped.
-    // SO_RCVBUFFORCE (CAP_NET_ADMIN, which lhb has) goes past net.core.rmem_max, whose
-    // default (208 KiB) holds only about 150 small datagrams.
-    force_recv_buffer(&sock, RECV_BUFFER);
-    sock.bind(&addr.into()).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            if e.kind() == io::ErrorKind::AddrInUse {
-                format!(
-                    "{addr}/udp is already in use by another program on {}",
-                    key.bridge
-                )
-            } else {
-                format!("binding {addr}/udp: {e}")
-            },
+    let sock = gateway::bind(key, gateway::Kind::Udp, |sock| {
+        // A burst of datagrams from many containers waits here instead of being
+        // dropped. SO_RCVBUFFORCE (CAP_NET_ADMIN, which lhb has) goes past
+        // net.core.rmem_max, whose default (208 KiB) holds only about 150 small datagrams.
+        if sockopt::set(
+            sock,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &(RECV_BUFFER as libc::c_int),
         )
+        .is_err()
+        {
+            let _ = sock.set_recv_buffer_size(RECV_BUFFER);
+        }
+        Ok(())
     })?;
-    sock.set_nonblocking(true)?;
     UdpSocket::from_std(sock.into())
 }
 
 /// The gateway socket's receive buffer.
 const RECV_BUFFER: usize = 4 << 20;
-
-fn force_recv_buffer(sock: &Socket, size: usize) {
-    use std::os::fd::AsRawFd;
-    let v = size as libc::c_int;
-    // SAFETY: a valid fd and a pointer to an int.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        let _ = sock.set_recv_buffer_size(size);
-    }
-}
 
 /// One gateway socket and its flows.
 struct Serving {
@@ -310,7 +295,7 @@ struct Serving {
     icmp: Option<Arc<Icmp>>,
     gateway: IpAddr,
     port: u16,
-    route: std::sync::RwLock<Arc<Route>>,
+    route: parking_lot::RwLock<Arc<Route>>,
     label: String,
     shared: Arc<Shared>,
     flows: Mutex<HashMap<SocketAddr, Arc<Flow>>>,
@@ -333,22 +318,13 @@ struct Route {
 
 impl Serving {
     fn route(&self) -> Arc<Route> {
-        self.route
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.route.read().clone()
     }
 
     /// New datagrams go to `route`; the flows toward the old target end.
     fn retarget(&self, route: Route) {
-        let old = std::mem::replace(
-            &mut *self
-                .route
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-            Arc::new(route),
-        );
-        lock(&self.flows).clear();
+        let old = std::mem::replace(&mut *self.route.write(), Arc::new(route));
+        self.flows.lock().clear();
         old.retired.cancel();
     }
 }
@@ -366,7 +342,7 @@ struct Flow {
 
 impl Flow {
     fn touch(&self) {
-        *lock(&self.last) = Instant::now();
+        *self.last.lock() = Instant::now();
     }
 }
 
@@ -375,7 +351,7 @@ struct FlowGuard(Arc<Serving>);
 
 impl Drop for FlowGuard {
     fn drop(&mut self) {
-        lock(&self.0.flows).clear();
+        self.0.flows.lock().clear();
         self.0.closed.cancel();
     }
 }
@@ -655,7 +631,7 @@ fn flow_for(s: &Arc<Serving>, peer: SocketAddr, len: usize) -> Option<Arc<Flow>>
         unreachable(s, peer, len);
         return None;
     }
-    let mut flows = lock(&s.flows);
+    let mut flows = s.flows.lock();
     if let Some(f) = flows.get(&peer) {
         f.touch();
         return Some(f.clone());
@@ -744,13 +720,13 @@ async fn answers(s: Arc<Serving>, peer: SocketAddr, flow: Arc<Flow>) {
                     // container's next datagram opens a new one.
                     debug!(socket = %s.label, "flow of {peer}: {e}");
                     flow.route.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                    lock(&s.flows).retain(|_, f| !Arc::ptr_eq(f, &flow));
+                    s.flows.lock().retain(|_, f| !Arc::ptr_eq(f, &flow));
                     break;
                 }
             },
             () = &mut idle => {
-                let mut flows = lock(&s.flows);
-                let last = *lock(&flow.last);
+                let mut flows = s.flows.lock();
+                let last = *flow.last.lock();
                 if last.elapsed() >= s.shared.idle {
                     // Only this flow: the table may hold a newer one for the same peer.
                     if flows.get(&peer).is_some_and(|f| Arc::ptr_eq(f, &flow)) {
@@ -805,7 +781,7 @@ fn unreachable(s: &Serving, peer: SocketAddr, len: usize) {
     let Some(icmp) = &s.icmp else { return };
     {
         let second = now_second();
-        let mut b = lock(&s.shared.icmp_budget);
+        let mut b = s.shared.icmp_budget.lock();
         if b.1 != second {
             *b = (0, second);
         }
@@ -836,16 +812,7 @@ struct Icmp {
 impl Icmp {
     fn open(key: &GatewayKey) -> io::Result<Icmp> {
         let v6 = key.gateway.is_ipv6();
-        let (domain, proto) = if v6 {
-            (Domain::IPV6, Protocol::ICMPV6)
-        } else {
-            (Domain::IPV4, Protocol::ICMPV4)
-        };
-        let sock = Socket::new(domain, Type::RAW, Some(proto))?;
-        sock.bind_device(Some(key.bridge.as_bytes()))?;
-        sock.bind(&SocketAddr::new(key.gateway, 0).into())?;
-        sock.set_nonblocking(true)?;
-        block_all_input(&sock, v6)?;
+        let sock = gateway::bind(key, gateway::Kind::Icmp, |sock| block_all_input(sock, v6))?;
         Ok(Icmp { sock, v6 })
     }
 
@@ -870,22 +837,13 @@ impl Icmp {
 /// Lets no ICMP message queue on a send-only raw socket: every ICMP packet the host
 /// receives would otherwise be copied to it.
 fn block_all_input(sock: &Socket, v6: bool) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let (level, name, filter): (i32, i32, [u32; 8]) = if v6 {
-        // ICMP6_FILTER: a set bit blocks that type.
-        (libc::IPPROTO_ICMPV6, 1, [u32::MAX; 8])
+    // A set bit blocks that type. ICMP6_FILTER (IPPROTO_ICMPV6, 1): all 256 types;
+    // ICMP_FILTER (SOL_RAW, 1): types 0..31, one word.
+    if v6 {
+        sockopt::set(sock, libc::IPPROTO_ICMPV6, 1, &[u32::MAX; 8])
     } else {
-        // ICMP_FILTER (SOL_RAW, 1): a set bit blocks that type (types 0..31).
-        (libc::SOL_RAW, 1, [u32::MAX, 0, 0, 0, 0, 0, 0, 0])
-    };
-    let size = if v6 { 32 } else { 4 };
-    // SAFETY: a valid fd and a pointer to `size` readable bytes.
-    let rc =
-        unsafe { libc::setsockopt(sock.as_raw_fd(), level, name, filter.as_ptr().cast(), size) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
+        sockopt::set(sock, libc::SOL_RAW, 1, &u32::MAX)
     }
-    Ok(())
 }
 
 fn checksum(data: &[u8]) -> u16 {

@@ -22,7 +22,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     engines::{
-        DockerView,
+        EngineView,
         docker::{self},
     },
     host::netlink::Netlink,
@@ -765,7 +765,7 @@ pub fn running_daemons() -> Vec<u32> {
 }
 
 /// Whether the Docker view has the engine reachable.
-pub fn docker_problem(view: &DockerView) -> Option<String> {
+pub fn docker_problem(view: &EngineView) -> Option<String> {
     (!view.available).then(|| {
         view.problem
             .clone()

@@ -1,8 +1,8 @@
 //! `lhb doctor`: walks the chain a container's connection takes, one step per line, and
-//! says for each step that fails what is wrong and how to fix it: Docker engine, network,
-//! bridge, gateway address, target service, data path, firewall, and a live probe from a
-//! namespace on the bridge. It reads the system itself, so it works with or without a
-//! running daemon (and says which).
+//! says for each step that fails what is wrong and how to fix it: Docker engine,
+//! network, bridge, gateway address, target service (TCP and UDP), data path, firewall,
+//! and a live probe (a connection, a datagram) from a namespace on the bridge. It reads
+//! the system itself, so it works with or without a running daemon (and says which).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -953,7 +953,7 @@ fn check_daemon(daemons: &[u32], r: &mut Findings) {
 mod tests {
     use super::*;
     use crate::{
-        engines::{DockerNetwork, DockerView},
+        engines::{EngineView, Network},
         model::rule::{parse_iface_spec, parse_network_spec},
         reconcile::Link,
     };
@@ -1020,7 +1020,7 @@ mod tests {
     #[test]
     fn a_missing_docker_network_fails_with_how_to_create_it() {
         let mut o = Observed {
-            docker: Some(DockerView {
+            docker: Some(EngineView {
                 available: true,
                 ..Default::default()
             }),
@@ -1039,7 +1039,7 @@ mod tests {
         // Once it exists, with its bridge: served.
         o.docker.as_mut().unwrap().networks.insert(
             "app".into(),
-            DockerNetwork {
+            Network {
                 driver: "bridge".into(),
                 bridge: "br-1".into(),
                 gateways: vec!["172.18.0.1".parse().unwrap()],

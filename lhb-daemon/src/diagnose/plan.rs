@@ -1,31 +1,29 @@
 //! `lhb plan`: every change `lhb run` would make on this host with the same config and
-//! flags, right now, with nothing changed. It runs the daemon's own start-up steps
-//! (config merge, Docker's first answer, the netlink snapshot, preflight,
-//! `reconcile::plan`, the firewall backends' planned inserts) up to the point where
-//! `run` would start writing, and reports instead: program attachments, how each
-//! gateway is served and why, proxy listeners, firewall rules (the exact rule per
-//! backend and chain), pins taken over, and what waits and why.
+//! flags, right now, with nothing changed. It runs `run`'s own start-up steps
+//! ([`crate::startup`]: settings, rules and label rules, the engines' first answers, the
+//! kernel path's decision, the netlink snapshot, preflight, `reconcile::plan`, the
+//! firewall backends' planned inserts) up to the point where `run` would start writing,
+//! and reports instead: program attachments, how each gateway is served and why, proxy
+//! listeners and UDP sockets, firewall rules (the exact rule per backend and chain), pins
+//! taken over, and what waits and why.
 //!
 //! The kernel path is probed by loading both programs through the verifier and
 //! dropping them (nothing attached, nothing pinned).
 
 use std::collections::BTreeSet;
 
-use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use crate::{
     api::control,
-    api::status::{DockerStatus, GatewayStatus, RuleStatus},
-    daemon::{self, Slots},
+    api::status::{DockerStatus, GatewayStatus, RuleStatus, rule_view},
     datapath::kernel::KernelPath,
     engines::docker,
     firewall::{Firewall, FirewallMode},
-    host::caps,
     host::netlink::Netlink,
-    model::config,
-    model::rule::{Origin, Rule},
+    model::rule::Origin,
     reconcile::{self, Mode, Paths},
+    startup::{self, ServeOptions, Settings, StartError},
 };
 
 /// The plan, as `lhb plan --json` prints it.
@@ -130,7 +128,7 @@ impl From<RuleStatus> for RulePlan {
     }
 }
 
-pub async fn run(opts: daemon::ServeOptions, json: bool) -> anyhow::Result<bool> {
+pub async fn run(opts: ServeOptions, json: bool) -> anyhow::Result<bool> {
     let plan = compute(opts).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
@@ -140,43 +138,43 @@ pub async fn run(opts: daemon::ServeOptions, json: bool) -> anyhow::Result<bool>
     Ok(plan.fails.is_none())
 }
 
-/// The same steps as `daemon::run`, in the same order, each stopping where `run`
-/// would stop.
-pub async fn compute(opts: daemon::ServeOptions) -> anyhow::Result<HostPlan> {
-    let cfg = config::load(&opts.config)?;
-    let mode = opts.mode.or(cfg.mode).unwrap_or_default();
-    let firewall_mode = opts.firewall.or(cfg.firewall).unwrap_or_default();
-    let mut rules = daemon::combine(&opts.cli_rules, cfg.rules)?;
-    let label_allow = crate::model::labels::merge_allowed(&opts.label_allow, &cfg.label_allow);
+/// The same steps as `lhb run` ([`crate::startup`]'s), in the same order, each stopping
+/// where `run` would stop.
+pub async fn compute(opts: ServeOptions) -> anyhow::Result<HostPlan> {
     let mut plan = HostPlan {
         config: opts.config.display().to_string(),
-        mode,
         running: control::call(&opts.control, &control::Request::Status)
             .ok()
             .and_then(|r| r.status)
             .map(|s| s.pid),
         ..Default::default()
     };
-    if rules.is_empty()
-        && label_allow.is_empty()
-        && !std::fs::metadata(&opts.config).is_ok_and(|m| m.is_file())
-    {
-        plan.fails = Some(
-            daemon::StartError::NoRules {
-                config: plan.config.clone(),
-            }
-            .to_string(),
-        );
-        return Ok(plan);
-    }
+    let settings = match Settings::resolve(&opts) {
+        Ok(s) => s,
+        Err(e) if matches!(e.downcast_ref(), Some(StartError::NoRules { .. })) => {
+            plan.mode = opts.mode.unwrap_or_default();
+            plan.fails = Some(e.to_string());
+            return Ok(plan);
+        }
+        Err(e) => return Err(e),
+    };
+    let Settings {
+        mode,
+        firewall: firewall_mode,
+        file_engines,
+        label_allow,
+        mut rules,
+        ..
+    } = settings;
+    plan.mode = mode;
 
     let (netlink, _events) = Netlink::connect()?;
     // The command exits once the plan is printed; the watcher ends with it.
     let tasks = crate::host::tasks::Tasks::new();
-    let engines = docker::engines(opts.no_docker, &opts.engines, &cfg.engine).await?;
+    let engines = docker::engines(opts.no_docker, &opts.engines, &file_engines).await?;
     let mut docker = engines.docker.map(|socket| docker::watch(&tasks, socket));
     let view = match docker.as_mut() {
-        Some(rx) => Some(daemon::first_docker_view(rx).await),
+        Some(rx) => Some(startup::first_engine_view(rx).await),
         None => None,
     };
     let podman = match &engines.podman {
@@ -188,72 +186,45 @@ pub async fn compute(opts: daemon::ServeOptions) -> anyhow::Result<HostPlan> {
         available: v.available,
         problem: v.problem.clone(),
     });
-    let (asked, refused) = match &view {
-        Some(v) => crate::reconcile::labels::rules(v, &label_allow),
-        None => Default::default(),
-    };
-    let (labelled, over) = crate::model::labels::label_rules(&rules, &asked);
-    let labelled: BTreeSet<_> = labelled.iter().map(Rule::key).collect();
-    rules.extend(asked.into_iter().filter(|r| labelled.contains(&r.key())));
-    plan.label_refused = refused;
-    plan.label_refused
-        .extend(over.iter().map(|k| crate::model::labels::Refusal {
-            network: k.source.name().to_string(),
-            entry: k.port.to_string(),
-            reason: format!("the rule table is full ({} rules)", lhb_common::MAX_RULES),
-        }));
-    let (slots, _) = Slots::default().assign(&rules);
-    let mut observed = reconcile::Observed {
+    let taken = rules.follow_labels(view.as_ref(), &label_allow);
+    if let Some(fresh) = taken.fresh {
+        fresh?;
+    }
+    plan.label_refused = taken.refused;
+    let observed = reconcile::Observed {
         links: netlink.snapshot().await?,
-        docker: None,
+        docker: view,
     };
-    observed.docker = view;
 
-    let kernel = match mode {
-        Mode::Proxy => None,
-        Mode::Kernel | Mode::Auto => Some(probe_kernel()),
-    };
-    match kernel {
-        Some(Err(e)) if mode == Mode::Kernel => {
+    match startup::kernel_path(mode, probe_kernel) {
+        Err(e) => {
             plan.fails = Some(format!("{e:#}"));
             return Ok(plan);
         }
-        Some(Err(e)) => {
-            plan.kernel_unavailable = Some(format!("{e:#}"));
-        }
-        Some(Ok((attach, variant))) => {
+        Ok((_, Some(why))) => plan.kernel_unavailable = Some(why),
+        Ok((Some((attach, variant)), None)) => {
             plan.kernel_attach = Some(attach.into());
             plan.kernel_variant = Some(variant);
         }
-        None => {}
+        Ok((None, None)) => {}
     }
     let paths = Paths {
         mode,
         kernel: plan.kernel_attach.is_some(),
     };
-    let wanted = reconcile::plan(rules.iter().zip(slots.iter().copied()), &observed, paths);
-    if let Err(e) = daemon::preflight(&rules, &observed, &wanted) {
+    let wanted = reconcile::plan(rules.planned(), &observed, paths);
+    if let Err(e) = startup::preflight(rules.iter().map(|a| &a.rule), &observed, &wanted) {
         plan.fails = Some(e.to_string());
         return Ok(plan);
     }
 
     plan.data_path(&wanted, &opts.pin_dir, paths.kernel);
     plan.firewall = firewall_plan(firewall_mode, &wanted);
-    // At start there are no runtime rules.
-    let origin = |r: &Rule| {
-        if opts.cli_rules.iter().any(|c| c.key() == r.key()) {
-            Origin::CommandLine
-        } else if labelled.contains(&r.key()) {
-            Origin::Label
-        } else {
-            Origin::Config
-        }
-    };
     plan.rules = rules
         .iter()
-        .map(|r| {
-            let state = wanted.states.get(&r.key());
-            daemon::rule_view(r, origin(r), state, &wanted.proxies).into()
+        .map(|a| {
+            let state = wanted.states.get(&a.rule.key());
+            rule_view(&a.rule, a.origin, state, &wanted.proxies).into()
         })
         .collect();
     Ok(plan)
@@ -316,7 +287,7 @@ fn firewall_plan(mode: FirewallMode, wanted: &reconcile::Plan) -> FirewallPlan {
         backends: fw.backends(),
         ..Default::default()
     };
-    match fw.plan(&daemon::openings(wanted)) {
+    match fw.plan(&crate::firewall::openings(wanted)) {
         Ok(p) => {
             out.add = p
                 .inserts
@@ -340,14 +311,9 @@ fn strings(set: &BTreeSet<crate::firewall::Opening>) -> Vec<String> {
     set.iter().map(ToString::to_string).collect()
 }
 
-/// As `daemon::load_kernel_path` decides, without attaching: capabilities, then the
-/// programs through the verifier.
+/// The kernel path's programs through the verifier, nothing attached (what
+/// [`startup::kernel_path`] loads for `run`, after the same capability check).
 fn probe_kernel() -> anyhow::Result<(&'static str, crate::api::status::KernelVariant)> {
-    let eff = caps::effective().context("reading this process's capabilities")?;
-    let missing = caps::missing_for_kernel_path(eff);
-    if !missing.is_empty() {
-        return Err(daemon::StartError::MissingCapabilities(missing).into());
-    }
     let (attach, variant) = KernelPath::probe()?;
     Ok((
         attach.as_str(),

@@ -210,7 +210,7 @@ const ADMITTED_PROBES: usize = 3;
 /// the container itself, to every gateway of its address families.
 fn check_admitted_containers(
     rule: &Rule,
-    net: &crate::engines::DockerNetwork,
+    net: &crate::engines::Network,
     gateways: &[IpAddr],
     r: &mut Findings,
 ) {

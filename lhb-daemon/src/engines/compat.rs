@@ -10,7 +10,7 @@ use bollard::{
 };
 use tracing::debug;
 
-use super::{DockerNetwork, Member, NetnsHold};
+use super::{Member, NetnsHold, Network};
 
 /// A client of the engine at `socket` (None: DOCKER_HOST, else the standard socket),
 /// speaking the engine's API version.
@@ -61,7 +61,7 @@ pub(crate) fn event_filters() -> std::collections::HashMap<String, Vec<String>> 
 /// as Docker does.
 pub(crate) async fn members(
     docker: &Docker,
-    nets: &mut BTreeMap<String, DockerNetwork>,
+    nets: &mut BTreeMap<String, Network>,
 ) -> Result<(), String> {
     // `all`: a container between its network's connect and its start is not running yet,
     // and its endpoint is already up.

@@ -1,6 +1,6 @@
 //! Docker discovery: which Linux bridge and gateway addresses each Docker network has.
 //!
-//! A background task keeps a [`DockerView`] current: it lists the engine's networks,
+//! A background task keeps a [`EngineView`] current: it lists the engine's networks,
 //! follows the event stream (any network event -> list again), and when the engine goes
 //! away or restarts it reconnects with backoff and lists again. While the engine is
 //! unreachable the last known networks are kept: their bridges usually survive a
@@ -13,7 +13,7 @@ use bollard::{
     query_parameters::{EventsOptions, ListNetworksOptions},
 };
 
-use super::{DockerNetwork, DockerView, compat};
+use super::{EngineView, Network, compat};
 use futures::StreamExt as _;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -86,8 +86,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub fn watch(
     tasks: &crate::host::tasks::Tasks,
     socket: Option<String>,
-) -> watch::Receiver<DockerView> {
-    let (tx, rx) = watch::channel(DockerView::default());
+) -> watch::Receiver<EngineView> {
+    let (tx, rx) = watch::channel(EngineView::default());
     tasks.spawn(async move {
         let mut backoff = BACKOFF_MIN;
         let mut was_up = false;
@@ -116,7 +116,7 @@ pub fn watch(
 
 /// One connection to the engine: list, then list again on every network event.
 async fn session(
-    tx: &watch::Sender<DockerView>,
+    tx: &watch::Sender<EngineView>,
     was_up: &mut bool,
     socket: Option<&str>,
 ) -> Result<(), String> {
@@ -145,31 +145,31 @@ async fn session(
 }
 
 /// The engine's networks once, for the one-shot commands (doctor, verify).
-pub async fn snapshot(limit: Duration, socket: Option<&str>) -> DockerView {
+pub async fn snapshot(limit: Duration, socket: Option<&str>) -> EngineView {
     let once = async {
         let docker = compat::connect(socket).await?;
         list(&docker).await
     };
     match tokio::time::timeout(limit, once).await {
-        Ok(Ok(networks)) => DockerView {
+        Ok(Ok(networks)) => EngineView {
             available: true,
             networks,
             ..Default::default()
         },
-        Ok(Err(e)) => DockerView {
+        Ok(Err(e)) => EngineView {
             problem: Some(e),
             ..Default::default()
         },
-        Err(_) => DockerView {
+        Err(_) => EngineView {
             problem: Some(format!("no answer within {}s", limit.as_secs())),
             ..Default::default()
         },
     }
 }
 
-fn publish(tx: &watch::Sender<DockerView>, networks: BTreeMap<String, DockerNetwork>) {
+fn publish(tx: &watch::Sender<EngineView>, networks: BTreeMap<String, Network>) {
     tx.send_if_modified(|v| {
-        let new = DockerView {
+        let new = EngineView {
             available: true,
             networks,
             ..Default::default()
@@ -182,7 +182,7 @@ fn publish(tx: &watch::Sender<DockerView>, networks: BTreeMap<String, DockerNetw
     });
 }
 
-async fn list(docker: &Docker) -> Result<BTreeMap<String, DockerNetwork>, String> {
+async fn list(docker: &Docker) -> Result<BTreeMap<String, Network>, String> {
     let nets = docker
         .list_networks(None::<ListNetworksOptions>)
         .await
@@ -204,7 +204,7 @@ async fn list(docker: &Docker) -> Result<BTreeMap<String, DockerNetwork>, String
             .collect();
         out.insert(
             name,
-            DockerNetwork {
+            Network {
                 driver: n.driver.unwrap_or_default(),
                 bridge: bridge_name(&id, &options),
                 gateways,

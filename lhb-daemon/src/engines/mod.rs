@@ -12,7 +12,7 @@ pub use crate::model::rule::{Engine, engine_of};
 
 /// One Docker network, as far as lhb cares.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DockerNetwork {
+pub struct Network {
     pub driver: String,
     /// The Linux bridge carrying the network.
     pub bridge: String,
@@ -71,13 +71,13 @@ impl Eq for NetnsHold {}
 
 /// What the engine said last.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DockerView {
+pub struct EngineView {
     /// False until the engine answered once, and while it is unreachable.
     pub available: bool,
     /// Why it is unreachable, in words.
     pub problem: Option<String>,
     /// By network name; the last known list while the engine is unreachable.
-    pub networks: BTreeMap<String, DockerNetwork>,
+    pub networks: BTreeMap<String, Network>,
     /// Podman's networks, where lhb reads a Podman socket too.
     pub podman: Option<PodmanView>,
 }
@@ -85,19 +85,19 @@ pub struct DockerView {
 /// A network a rule names, looked up on the engines.
 #[derive(Debug)]
 pub enum Lookup<'a> {
-    Found(Engine, &'a DockerNetwork),
+    Found(Engine, &'a Network),
     /// On none of the engines asked; the problem of an engine that does not answer.
     Missing {
         unreachable: Option<(Engine, String)>,
     },
     /// The name is on both engines, and the rule did not say which.
     Ambiguous {
-        docker: &'a DockerNetwork,
-        podman: &'a DockerNetwork,
+        docker: &'a Network,
+        podman: &'a Network,
     },
 }
 
-impl DockerView {
+impl EngineView {
     /// The network `name` names (`NAME`, `docker:NAME` or `podman:NAME`).
     pub fn find(&self, name: &str) -> Lookup<'_> {
         let (engine, bare) = engine_of(name);
@@ -134,7 +134,7 @@ impl DockerView {
 
     /// The default `bridge` network, whose IPv4 gateway is what `host-gateway`
     /// (`--add-host host.docker.internal:host-gateway`) resolves to in every container.
-    pub fn default_bridge(&self) -> Option<&DockerNetwork> {
+    pub fn default_bridge(&self) -> Option<&Network> {
         self.networks.get("bridge")
     }
 }
@@ -148,15 +148,15 @@ pub struct PodmanView {
     pub available: bool,
     pub problem: Option<String>,
     /// By network name; the last known list while Podman does not answer.
-    pub networks: BTreeMap<String, DockerNetwork>,
+    pub networks: BTreeMap<String, Network>,
 }
 
 /// Docker's view with Podman's networks in it; None when neither engine is read.
-pub fn view(docker: Option<DockerView>, podman: Option<PodmanView>) -> Option<DockerView> {
+pub fn view(docker: Option<EngineView>, podman: Option<PodmanView>) -> Option<EngineView> {
     if docker.is_none() && podman.is_none() {
         return None;
     }
-    let mut v = docker.unwrap_or_else(|| DockerView {
+    let mut v = docker.unwrap_or_else(|| EngineView {
         problem: Some("no Docker engine is configured (`engine`)".into()),
         ..Default::default()
     });
@@ -168,8 +168,8 @@ pub fn view(docker: Option<DockerView>, podman: Option<PodmanView>) -> Option<Do
 mod tests {
     use super::*;
 
-    fn net(bridge: &str) -> DockerNetwork {
-        DockerNetwork {
+    fn net(bridge: &str) -> Network {
+        Network {
             driver: "bridge".into(),
             bridge: bridge.into(),
             gateways: vec![],
@@ -180,7 +180,7 @@ mod tests {
 
     #[test]
     fn a_name_on_both_engines_needs_the_engine_said() {
-        let mut v = DockerView {
+        let mut v = EngineView {
             available: true,
             ..Default::default()
         };

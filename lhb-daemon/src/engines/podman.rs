@@ -33,7 +33,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use super::{DockerNetwork, PodmanView, compat};
+use super::{Network, PodmanView, compat};
 
 /// Podman's system socket (`podman.socket`).
 pub const DEFAULT_SOCKET: &str = "/run/podman/podman.sock";
@@ -211,7 +211,7 @@ struct LibpodSubnet {
 async fn list(
     path: &Path,
     compat: &mut Option<bollard::Docker>,
-) -> Result<BTreeMap<String, DockerNetwork>, String> {
+) -> Result<BTreeMap<String, Network>, String> {
     let (status, body) = get(path, "/v4.0.0/libpod/networks/json").await?;
     if status != 200 {
         return Err(format!(
@@ -229,7 +229,7 @@ async fn list(
     Ok(networks)
 }
 
-fn parse(body: &[u8]) -> Result<BTreeMap<String, DockerNetwork>, String> {
+fn parse(body: &[u8]) -> Result<BTreeMap<String, Network>, String> {
     let nets: Vec<LibpodNetwork> =
         serde_json::from_slice(body).map_err(|e| format!("libpod networks: {e}"))?;
     Ok(nets
@@ -244,7 +244,7 @@ fn parse(body: &[u8]) -> Result<BTreeMap<String, DockerNetwork>, String> {
             let labels = crate::model::labels::ours(n.labels.unwrap_or_default());
             (
                 n.name,
-                DockerNetwork {
+                Network {
                     driver: n.driver,
                     bridge: n.network_interface,
                     gateways,

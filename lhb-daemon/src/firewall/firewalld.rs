@@ -5,6 +5,7 @@
 //! D-Bus, for a runtime rich rule in the zone that handles the bridge:
 //!
 //! `rule priority="-32000" family="ipv4" destination address="GW" port port="P" protocol="tcp" accept`
+//! (`protocol="udp"` for a UDP opening)
 //!
 //! Runtime only: nothing is written to firewalld's permanent configuration, so a crash
 //! leaves nothing that survives a reload or a reboot. firewalld creates zones and

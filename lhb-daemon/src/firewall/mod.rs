@@ -1,12 +1,14 @@
 //! Firewall integration: where the host's input filtering would drop the traffic lhb
 //! serves (UFW, an INPUT drop policy, a drop rule, an nftables base chain that drops),
-//! lhb adds an accept rule matching only the bridge interface, the gateway address, TCP
-//! and the port, tagged as lhb's, ahead of the drop; it removes exactly that rule when the
-//! rule goes and on exit. Nothing else in the ruleset is touched.
+//! lhb adds an accept rule matching only the bridge interface, the gateway address, the
+//! transport (TCP or UDP: an [`Opening`] each) and the port, tagged as lhb's, ahead of the
+//! drop; it removes exactly that rule when the rule goes and on exit. Nothing else in the
+//! ruleset is touched.
 //!
 //! One backend per firewall tool: `iptables` (the iptables binaries, nf_tables or legacy
-//! variant: what UFW and Docker use) and `nft` (native nftables base chains). An accept in
-//! one nftables base chain does not stop another base chain from dropping, so every input
+//! variant: what UFW and Docker use), `nft` (native nftables base chains, one JSON batch
+//! per opening) and `firewalld` (a runtime rich rule over D-Bus). An accept in one
+//! nftables base chain does not stop another base chain from dropping, so every input
 //! chain that would drop gets its own accept.
 
 mod changes;
@@ -22,6 +24,7 @@ use anyhow::Context as _;
 use tracing::{info, warn};
 
 pub use crate::model::config::FirewallMode;
+pub use crate::model::rule::Transport;
 
 /// Traffic lhb must let in: TCP or UDP to `gateway:port` arriving on `iface`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -32,22 +35,30 @@ pub struct Opening {
     pub transport: Transport,
 }
 
-/// The transport an opening lets in.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Transport {
-    #[default]
-    Tcp,
-    Udp,
-}
-
-impl Transport {
-    /// As iptables, nft and firewalld write it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::Tcp => "tcp",
-            Transport::Udp => "udp",
-        }
-    }
+/// The traffic the firewall must let in for what is applied: every served gateway port,
+/// on its bridge.
+pub fn openings(plan: &crate::reconcile::Plan) -> BTreeSet<Opening> {
+    let kernel = plan.endpoints.keys().filter_map(|k| {
+        Some(Opening {
+            iface: plan.attach.get(&k.ifindex)?.clone(),
+            gateway: k.gateway,
+            port: k.port,
+            transport: Transport::Tcp,
+        })
+    });
+    let proxied = plan.proxies.keys().map(|k| Opening {
+        iface: k.bridge.clone(),
+        gateway: k.gateway,
+        port: k.port,
+        transport: Transport::Tcp,
+    });
+    let forwarded = plan.udp.keys().map(|k| Opening {
+        iface: k.bridge.clone(),
+        gateway: k.gateway,
+        port: k.port,
+        transport: Transport::Udp,
+    });
+    kernel.chain(proxied).chain(forwarded).collect()
 }
 
 impl Opening {

@@ -83,6 +83,20 @@ impl Protocol {
         matches!(self, Protocol::Udp | Protocol::Both)
     }
 
+    /// The transports the rule serves, TCP first.
+    pub fn transports(self) -> impl Iterator<Item = Transport> {
+        [Transport::Tcp, Transport::Udp]
+            .into_iter()
+            .filter(move |&t| self.carries(t))
+    }
+
+    pub fn carries(self, t: Transport) -> bool {
+        match t {
+            Transport::Tcp => self.tcp(),
+            Transport::Udp => self.udp(),
+        }
+    }
+
     /// `tcp`, `udp` or `both`, as written after `PORT/`.
     pub fn parse(text: &str) -> Option<Protocol> {
         match text {
@@ -100,6 +114,25 @@ impl Protocol {
             Protocol::Tcp => "",
             Protocol::Udp => "/udp",
             Protocol::Both => "/both",
+        }
+    }
+}
+
+/// One transport: what a socket, a kernel slot or a firewall opening carries (a rule's
+/// [`Protocol`] may name both).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Transport {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    /// As iptables, nft and firewalld write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
         }
     }
 }

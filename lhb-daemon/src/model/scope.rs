@@ -4,13 +4,10 @@
 //! proxy and the UDP forwarder read it from one shared [`Scopes`] table, so the three
 //! paths can never disagree about who gets in.
 
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    sync::{Arc, RwLock},
-};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
+use parking_lot::RwLock;
 
 use crate::model::rule::{Client, Rule};
 
@@ -74,7 +71,7 @@ pub struct Scopes(Arc<RwLock<Arc<BTreeMap<u32, AllowSet>>>>);
 
 impl Scopes {
     pub fn set(&self, scopes: BTreeMap<u32, AllowSet>) {
-        let mut w = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.0.write();
         if **w != scopes {
             *w = Arc::new(scopes);
         }
@@ -82,13 +79,13 @@ impl Scopes {
 
     /// Whether `ip` may connect through rule `slot`: yes for a rule without scope.
     pub fn allows(&self, slot: u32, ip: IpAddr) -> bool {
-        let r = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let r = self.0.read();
         r.get(&slot).is_none_or(|set| set.allows(ip))
     }
 
     /// Whether rule `slot` is scoped.
     pub fn scoped(&self, slot: u32) -> bool {
-        let r = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let r = self.0.read();
         r.contains_key(&slot)
     }
 }

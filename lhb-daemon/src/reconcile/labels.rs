@@ -2,7 +2,7 @@
 //! lets them: the engines' view in, rules and refusals out.
 
 use crate::{
-    engines::DockerView,
+    engines::EngineView,
     model::labels::{Entry, LABEL, Refusal, network_rules},
     model::rule::Rule,
 };
@@ -11,7 +11,7 @@ use crate::{
 /// networks, then Podman's, each in name order) and the entries refused. `allowed`
 /// empty: labels are not read at all. A name on both engines is written
 /// `docker:NAME` / `podman:NAME` in the rules it gives, so each serves its own network.
-pub fn rules(view: &DockerView, allowed: &[Entry]) -> (Vec<Rule>, Vec<Refusal>) {
+pub fn rules(view: &EngineView, allowed: &[Entry]) -> (Vec<Rule>, Vec<Refusal>) {
     let mut rules = Vec::new();
     let mut refused = Vec::new();
     if allowed.is_empty() {
@@ -44,19 +44,19 @@ pub fn rules(view: &DockerView, allowed: &[Entry]) -> (Vec<Rule>, Vec<Refusal>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engines::DockerNetwork;
+    use crate::engines::Network;
 
     fn allowed(list: &[&str]) -> Vec<Entry> {
         list.iter().map(|e| Entry::parse(e).unwrap()).collect()
     }
 
-    fn view(nets: &[(&str, Option<&str>)]) -> DockerView {
-        let mut v = DockerView {
+    fn view(nets: &[(&str, Option<&str>)]) -> EngineView {
+        let mut v = EngineView {
             available: true,
             ..Default::default()
         };
         for (name, label) in nets {
-            let mut n = DockerNetwork {
+            let mut n = Network {
                 driver: "bridge".into(),
                 bridge: format!("br-{name}"),
                 gateways: vec![],

@@ -13,8 +13,8 @@ use std::{
 use ipnet::IpNet;
 
 use crate::{
-    engines::{DockerNetwork, DockerView, Member},
-    model::rule::{Client, Rule, RuleKey, Source},
+    engines::{EngineView, Member, Network},
+    model::rule::{Client, Rule, RuleKey, Source, Transport},
     model::scope::AllowSet,
 };
 
@@ -62,7 +62,7 @@ pub struct UdpTarget {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observed {
     pub links: BTreeMap<String, Link>,
-    pub docker: Option<DockerView>,
+    pub docker: Option<EngineView>,
 }
 
 /// Where one rule stands.
@@ -141,7 +141,7 @@ pub fn plan<'a>(
     // Which rule serves each (bridge, port, transport): a network rule and an interface
     // rule can name the same bridge, and the second must not silently take the first's
     // place.
-    let mut claimed: BTreeMap<(u32, u16, bool), &Rule> = BTreeMap::new();
+    let mut claimed: BTreeMap<(u32, u16, Transport), &Rule> = BTreeMap::new();
     for (rule, slot) in rules {
         let resolved = bridge_of(rule, observed);
         if let Some(mut set) = AllowSet::of(rule) {
@@ -156,10 +156,7 @@ pub fn plan<'a>(
             }
             plan.scopes.insert(slot, set);
         }
-        let transports: Vec<bool> = [(rule.protocol.tcp(), false), (rule.protocol.udp(), true)]
-            .into_iter()
-            .filter_map(|(on, udp)| on.then_some(udp))
-            .collect();
+        let transports: Vec<Transport> = rule.protocol.transports().collect();
         let state = match resolved {
             Err(why) => RuleState::Waiting(why.to_string()),
             Ok(Resolved {
@@ -271,7 +268,7 @@ fn given(r: &Rule) -> &str {
 
 /// docker0's IPv4 gateway: from IPAM when Docker reports it (older engines leave an
 /// automatic gateway out), else the address on the default bridge itself.
-fn host_gateway(docker: &DockerView, observed: &Observed) -> Option<IpAddr> {
+fn host_gateway(docker: &EngineView, observed: &Observed) -> Option<IpAddr> {
     let n = docker.default_bridge()?;
     n.gateways
         .iter()
@@ -393,7 +390,7 @@ pub struct Resolved<'a> {
     pub link: &'a Link,
     pub gateways: Vec<IpAddr>,
     /// The engine's network, for a network rule.
-    pub network: Option<&'a DockerNetwork>,
+    pub network: Option<&'a Network>,
 }
 
 /// The containers a scoped network rule's `allow` list names, as (bridge port,
@@ -445,7 +442,7 @@ pub fn bridge_of<'a>(
         &'n str,
         Option<&'n [IpAddr]>,
         Option<IpAddr>,
-        Option<&'n DockerNetwork>,
+        Option<&'n Network>,
     );
     let (name, wanted, host_gateway, network): Named<'a> = match &rule.source {
         Source::Interface(name) => (name, None, None, None),
@@ -624,7 +621,7 @@ mod tests {
     }
 
     use super::*;
-    use crate::{engines::DockerNetwork, model::rule::parse_iface_spec};
+    use crate::{engines::Network, model::rule::parse_iface_spec};
 
     const KERNEL: Paths = Paths {
         mode: Mode::Kernel,
@@ -648,7 +645,7 @@ mod tests {
                 .iter()
                 .map(|(n, l)| (n.to_string(), l.clone()))
                 .collect(),
-            docker: Some(DockerView {
+            docker: Some(EngineView {
                 available: true,
                 ..Default::default()
             }),
@@ -660,7 +657,7 @@ mod tests {
         for (name, bridge, gws) in nets {
             d.networks.insert(
                 name.to_string(),
-                DockerNetwork {
+                Network {
                     driver: "bridge".into(),
                     bridge: bridge.to_string(),
                     gateways: gws.iter().map(|g| g.parse().unwrap()).collect(),
@@ -966,7 +963,7 @@ mod tests {
         let o = observed(&[]);
         assert!(waiting(&plan(&r, &s, &o, KERNEL), &r, 0).contains("does not exist"));
         let mut o = observed(&[]);
-        o.docker = Some(DockerView {
+        o.docker = Some(EngineView {
             available: false,
             problem: Some("no socket".into()),
             ..Default::default()

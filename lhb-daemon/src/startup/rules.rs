@@ -1,22 +1,21 @@
-//! The rule set a daemon serves: command-line rules, the config file's, and those
-//! `lhb expose` added at runtime, less those `lhb unexpose` removed; each active rule
-//! with its counter slot and its origin, by key.
+//! The rule set a daemon serves (and `lhb plan` shows): command-line rules, the config
+//! file's, those `lhb expose` added at runtime, less those `lhb unexpose` removed, and
+//! those network labels ask for; each active rule with its counter slot and its origin,
+//! by key.
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::model::rule::{self, Origin, Rule, RuleKey};
-
-/// Command-line rules first, then the file's; the same source and port only once.
-pub(crate) fn combine(cli: &[Rule], file: Vec<Rule>) -> Result<Vec<Rule>, rule::RuleError> {
-    let mut all = cli.to_vec();
-    all.extend(file);
-    rule::check_unique(&all)?;
-    Ok(all)
-}
+use crate::{
+    engines::EngineView,
+    model::{
+        labels::{Entry, Refusal},
+        rule::{self, Origin, Rule, RuleKey},
+    },
+};
 
 /// Counter slots: a rule keeps its slot (and counters) across reloads.
 #[derive(Default)]
-pub(crate) struct Slots {
+pub struct Slots {
     by_rule: HashMap<RuleKey, u32>,
     free: Vec<u32>,
     next: u32,
@@ -24,7 +23,7 @@ pub(crate) struct Slots {
 
 impl Slots {
     /// Slots for `rules`, in order, and the ones that are new (to be zeroed).
-    pub(crate) fn assign(&mut self, rules: &[Rule]) -> (Vec<u32>, Vec<u32>) {
+    pub fn assign(&mut self, rules: &[Rule]) -> (Vec<u32>, Vec<u32>) {
         let keys: BTreeSet<RuleKey> = rules.iter().map(Rule::key).collect();
         self.by_rule.retain(|k, s| {
             let keep = keys.contains(k);
@@ -53,14 +52,23 @@ impl Slots {
 
 /// A rule being served (or waiting), with what the daemon keeps for it.
 #[derive(Clone, Debug)]
-pub(crate) struct ActiveRule {
+pub struct ActiveRule {
     pub rule: Rule,
     pub slot: u32,
     pub origin: Origin,
 }
 
+/// What taking the labels' rules did.
+pub struct Labelled {
+    /// None: the labels ask for what they asked before; else the recombination's new
+    /// slots, or its error.
+    pub fresh: Option<anyhow::Result<Vec<u32>>>,
+    /// Label entries not taken, and why.
+    pub refused: Vec<Refusal>,
+}
+
 #[derive(Default)]
-pub(crate) struct RuleSet {
+pub struct RuleSet {
     /// In order: command line, file, runtime. Where two rules claim one bridge and port
     /// the earlier is served, so the order is kept.
     active: Vec<ActiveRule>,
@@ -78,7 +86,7 @@ pub(crate) struct RuleSet {
 }
 
 /// What a change saved, to put back if it cannot be completed.
-pub(crate) struct Saved {
+pub struct Saved {
     file: Vec<Rule>,
     runtime: Vec<Rule>,
     removed: BTreeSet<RuleKey>,
@@ -144,6 +152,25 @@ impl RuleSet {
         }
         self.labels = labels;
         true
+    }
+
+    /// Takes the rules the engines' network labels ask for now (`view` None: no engine
+    /// is read) and that `allow` allows, recombining if they changed.
+    pub fn follow_labels(&mut self, view: Option<&EngineView>, allow: &[Entry]) -> Labelled {
+        let (asked, mut refused) = super::asked_by_labels(view, allow);
+        let fresh = if self.set_labels(asked) {
+            // Label rules never fail to combine (see `recombine`); an error here is one
+            // of the administrator's rules, which the last change already passed.
+            Some(self.recombine())
+        } else {
+            None
+        };
+        refused.extend(self.labels_over_limit.iter().map(|key| Refusal {
+            network: key.source.name().to_string(),
+            entry: key.port.to_string(),
+            reason: format!("the rule table is full ({} rules)", lhb_common::MAX_RULES),
+        }));
+        Labelled { fresh, refused }
     }
 
     /// Label rules left out at the last recombination because the rule table was full.
