@@ -92,40 +92,128 @@ pub fn skip_or_fail(name: &str, test: &str, missing: &str, untested: &str) -> bo
     panic!("{test} needs {missing}; set LHB_ALLOW_SKIP={name} to skip it explicitly");
 }
 
-/// A dnsmasq on loopback answering `x.example` with 10.1.2.3 (nothing else: no
-/// upstream, no hosts file), killed on drop, also when the test fails.
+/// A child process killed (and reaped) on drop, also when the test fails: every helper
+/// process of the tests, the demo and the benchmarks.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A dnsmasq answering one name (and its subdomains) with 10.1.2.3, nothing else (no
+/// upstream, no hosts file), killed on drop. [`Dnsmasq::start`] returns once it answers.
 pub struct Dnsmasq {
-    child: std::process::Child,
+    _child: KillOnDrop,
     _dir: TempDir,
 }
 
+/// How to start a [`Dnsmasq`]: [`Dnsmasq::on`], then the builder's methods.
+pub struct DnsmasqBuilder<'a> {
+    addr: std::net::SocketAddr,
+    name: &'a str,
+    netns: Option<&'a Netns>,
+    log: Option<&'a std::path::Path>,
+}
+
 impl Dnsmasq {
-    /// Listening on `addr` (a loopback address and port of the test's own).
+    /// On `addr` (a loopback address and port of the test's own), answering x.example.
     pub fn start(addr: std::net::SocketAddr) -> anyhow::Result<Dnsmasq> {
+        Dnsmasq::on(addr).start()
+    }
+
+    pub fn on(addr: std::net::SocketAddr) -> DnsmasqBuilder<'static> {
+        DnsmasqBuilder {
+            addr,
+            name: "x.example",
+            netns: None,
+            log: None,
+        }
+    }
+}
+
+impl<'a> DnsmasqBuilder<'a> {
+    /// The name it answers (default x.example).
+    pub fn answering(self, name: &'a str) -> Self {
+        DnsmasqBuilder { name, ..self }
+    }
+
+    /// Run in `ns` (a namespace playing the host) instead of this one.
+    pub fn in_netns(self, ns: &'a Netns) -> Self {
+        DnsmasqBuilder {
+            netns: Some(ns),
+            ..self
+        }
+    }
+
+    /// Log every query, with the client's address, to `log`.
+    pub fn log_queries(self, log: &'a std::path::Path) -> Self {
+        DnsmasqBuilder {
+            log: Some(log),
+            ..self
+        }
+    }
+
+    /// Started, and answering `ready.NAME` on its address (within 5 s).
+    pub fn start(self) -> anyhow::Result<Dnsmasq> {
+        let addr = self.addr;
         let dir = TempDir::new(&format!("dnsmasq-{}", addr.port()))?;
-        let child = std::process::Command::new("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--address=/x.example/10.1.2.3",
-                "--user=root",
-            ])
-            .arg(format!("--listen-address={}", addr.ip()))
-            .arg(format!("--port={}", addr.port()))
-            .arg(format!("--pid-file={}", dir.join("pid").display()))
+        let netns = self.netns;
+        let command = |program: &str| match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name, program]);
+                c
+            }
+            None => Command::new(program),
+        };
+        let mut c = command("dnsmasq");
+        c.args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--user=root",
+        ])
+        .arg(format!("--address=/{}/10.1.2.3", self.name))
+        .arg(format!("--listen-address={}", addr.ip()))
+        .arg(format!("--port={}", addr.port()))
+        .arg(format!("--pid-file={}", dir.join("pid").display()));
+        if let Some(log) = self.log {
+            c.arg("--log-queries")
+                .arg(format!("--log-facility={}", log.display()));
+        }
+        let child = c
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("dnsmasq (Debian package dnsmasq-base; `cargo xtask setup` installs it)")?;
-        Ok(Dnsmasq { child, _dir: dir })
-    }
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let d = Dnsmasq {
+            _child: KillOnDrop(child),
+            _dir: dir,
+        };
+        // Ready when it answers (a name of its own, so a test reading the query log can
+        // tell this query from the ones it makes).
+        let ready = format!("ready.{}", self.name);
+        let answered = wait_until(std::time::Duration::from_secs(5), || {
+            command("dig")
+                .args([
+                    &format!("@{}", addr.ip()),
+                    "-p",
+                    &addr.port().to_string(),
+                    &ready,
+                    "+short",
+                    "+time=1",
+                    "+tries=1",
+                ])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("10.1.2.3"))
+        });
+        if answered.is_none() {
+            bail!("dnsmasq did not answer on {addr} within 5 s");
+        }
+        Ok(d)
     }
 }

@@ -10,7 +10,7 @@ use std::{
     collections::BTreeMap,
     net::IpAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -21,7 +21,7 @@ use crate::*;
 /// A redis-server of the test's own, killed on drop, with a working directory of its
 /// own (removed with it) for whatever it writes.
 pub struct Redis {
-    child: Child,
+    _child: KillOnDrop,
     pub bind: IpAddr,
     pub port: u16,
     _dir: TempDir,
@@ -41,7 +41,7 @@ impl Redis {
             .spawn()
             .context("starting redis-server (installed by `cargo xtask setup`)")?;
         let r = Redis {
-            child,
+            _child: KillOnDrop(child),
             bind,
             port,
             _dir: dir,
@@ -59,13 +59,6 @@ impl Redis {
     pub fn loopback(extra: &[&str]) -> anyhow::Result<Redis> {
         let port = free_port("127.0.0.1")?;
         Redis::start([127, 0, 0, 1].into(), port, extra)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::{
     net::{SocketAddr, TcpListener},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -126,14 +126,7 @@ fn verify_fails_on_the_socat_recipe() {
     let svc = PeerEcho::start("127.0.0.1:0").unwrap();
     let port = svc.port();
     let gw = lab.gateway();
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _socat = Kill(
+    let _socat = lhb_tests::KillOnDrop(
         Command::new("socat")
             .args([
                 &format!("TCP-LISTEN:{port},bind={gw},fork,reuseaddr"),

@@ -9,7 +9,6 @@ use std::{
     fs::File,
     net::{SocketAddr, UdpSocket},
     os::fd::AsRawFd,
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -18,62 +17,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lhb_tests::{HostLab, Lhb, Netns, TempDir, lhb_check};
-
-/// A process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use lhb_tests::{Dnsmasq, HostLab, Lhb, Netns, TempDir, lhb_check};
 
 /// dnsmasq in `lab`'s host namespace on 127.0.0.53:53, answering x.example with
 /// 10.1.2.3 and logging each query (with the client's address) to `log`.
-fn dnsmasq(lab: &HostLab, log: &std::path::Path) -> Proc {
-    let child = Command::new("ip")
-        .args(["netns", "exec", &lab.host.name, "dnsmasq"])
-        .args([
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--listen-address=127.0.0.53",
-            "--bind-interfaces",
-            "--address=/x.example/10.1.2.3",
-            "--user=root",
-            "--pid-file=",
-            "--log-queries",
-        ])
-        .arg(format!("--log-facility={}", log.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dnsmasq (Debian package dnsmasq-base; `cargo xtask setup` installs it)");
-    let p = Proc(child);
-    // Ready when it answers on loopback (a name of its own, so the test can tell these
-    // queries from the container's in the log).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if dig_name(&lab.host, "127.0.0.53", "ready.x.example").contains("10.1.2.3") {
-            return p;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    panic!("dnsmasq did not answer on 127.0.0.53");
+fn dnsmasq(lab: &HostLab, log: &std::path::Path) -> Dnsmasq {
+    Dnsmasq::on("127.0.0.53:53".parse().unwrap())
+        .in_netns(&lab.host)
+        .log_queries(log)
+        .start()
+        .unwrap()
 }
 
 /// `dig @server x.example +short` from `ns`, one try of one second: stdout and stderr.
 fn dig(ns: &Netns, server: &str, extra: &[&str]) -> String {
-    dig_args(ns, server, "x.example", extra)
-}
-
-fn dig_name(ns: &Netns, server: &str, name: &str) -> String {
-    dig_args(ns, server, name, &[])
-}
-
-fn dig_args(ns: &Netns, server: &str, name: &str, extra: &[&str]) -> String {
+    let name = "x.example";
     let out = ns
         .command("dig")
         .args([&format!("@{server}"), name, "+short", "+time=1", "+tries=1"])

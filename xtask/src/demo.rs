@@ -138,32 +138,7 @@ fn dns_flow(lab: &Lab) -> anyhow::Result<()> {
              x.example; the rule `BRIDGE:53/both=127.0.0.153:15353` serves it at the gateway's
              port 53, over UDP (a forwarder bound to the gateway and the bridge) and TCP:",
     );
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _dnsmasq = Kill(
-        Command::new("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--user=root",
-                "--pid-file=",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.153",
-                "--port=15353",
-                "--address=/x.example/10.1.2.3",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("dnsmasq (dnsmasq-base; `cargo xtask setup` installs it)")?,
-    );
-    thread::sleep(Duration::from_millis(300));
+    let _dnsmasq = lhb_tests::Dnsmasq::start("127.0.0.153:15353".parse()?)?;
     let spec = format!("{}:53/both=127.0.0.153:15353", lab.bridge_name());
     let lhb = Lhb::start(&["--expose-iface", &spec])?;
     let gw = lab.gateway().to_string();

@@ -13,7 +13,6 @@
 //!   end-to-end tests on other kernels.
 
 mod bench;
-mod charts;
 mod demo;
 mod dist;
 mod fuzz;

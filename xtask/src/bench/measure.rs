@@ -4,7 +4,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -92,15 +92,8 @@ pub(super) fn iperf(
     streams: u32,
     write_len: Option<u32>,
 ) -> anyhow::Result<Measured> {
-    struct Server(Child);
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let port = server_port.to_string();
-    let _server = Server(
+    let _server = lhb_tests::KillOnDrop(
         Command::new("iperf3")
             .args(["-s", "-1", "-B", bind, "-p", &port])
             .stdout(Stdio::null())

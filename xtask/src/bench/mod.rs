@@ -28,6 +28,7 @@ use anyhow::{Context as _, bail};
 use lhb_tests::wait_until;
 
 mod bpf;
+mod charts;
 mod measure;
 mod report;
 mod rig;

@@ -211,7 +211,7 @@ pub(super) fn report(
         dir.join("results.json"),
         serde_json::to_string_pretty(&results)?,
     )?;
-    let charts = crate::charts::draw(&dir, samples_for_charts(samples, paths), paths_names(paths))?;
+    let charts = super::charts::draw(&dir, samples_for_charts(samples, paths), paths_names(paths))?;
     println!(
         "written to {}: results.md, results.json, {}",
         dir.display(),
@@ -241,11 +241,11 @@ pub(super) fn paths_names(paths: &[Path]) -> Vec<&'static str> {
 }
 
 /// Per chart group: its workloads with (path, median, min, max).
-pub(super) fn samples_for_charts(samples: &[Sample], paths: &[Path]) -> Vec<crate::charts::Group> {
-    let mut groups: Vec<crate::charts::Group> = Vec::new();
+pub(super) fn samples_for_charts(samples: &[Sample], paths: &[Path]) -> Vec<super::charts::Group> {
+    let mut groups: Vec<super::charts::Group> = Vec::new();
     for &w in Workload::ALL {
         let (unit, lower, group) = (w.unit(), w.lower_is_better(), w.chart());
-        let bars: Vec<crate::charts::Bar> = paths
+        let bars: Vec<super::charts::Bar> = paths
             .iter()
             .filter_map(|&p| stats(samples, w, p).map(|(m, lo, hi)| (p.name(), m, lo, hi)))
             .collect();
@@ -255,7 +255,7 @@ pub(super) fn samples_for_charts(samples: &[Sample], paths: &[Path]) -> Vec<crat
         let g = match groups.iter_mut().find(|g| g.name == group) {
             Some(g) => g,
             None => {
-                groups.push(crate::charts::Group {
+                groups.push(super::charts::Group {
                     name: group,
                     unit,
                     lower_is_better: lower,

@@ -6,7 +6,7 @@
 use std::{cell::RefCell, net::SocketAddr, time::Duration};
 
 use anyhow::Context as _;
-use lhb_tests::{Lab, Lhb, free_port, wait_until};
+use lhb_tests::{KillOnDrop, Lab, Lhb, free_port, wait_until};
 
 use super::{PATHS, Path, Ports, servers::*};
 use lhb_tests::redis::Redis;
@@ -22,7 +22,7 @@ pub(super) struct Rig {
     pub relab: RefCell<Lab>,
     /// (path, gateway port) served on `relab`.
     pub re_ports: Vec<(Path, u16)>,
-    socats: [Proc; 4],
+    socats: [KillOnDrop; 4],
     haproxy: Haproxy,
     proxy: Lhb,
     kernel: Lhb,

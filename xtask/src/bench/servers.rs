@@ -15,22 +15,12 @@ use std::{
 };
 
 use anyhow::Context as _;
-use lhb_tests::{Lab, wait_until};
+use lhb_tests::{KillOnDrop, Lab, wait_until};
 
 use super::*;
 
-/// A child process killed on drop.
-pub(super) struct Proc(pub(super) Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-pub(super) fn socat(gw: std::net::IpAddr, port: u16, target: u16) -> anyhow::Result<Proc> {
-    Ok(Proc(
+pub(super) fn socat(gw: std::net::IpAddr, port: u16, target: u16) -> anyhow::Result<KillOnDrop> {
+    Ok(KillOnDrop(
         Command::new("socat")
             .arg(format!("TCP-LISTEN:{port},bind={gw},fork,reuseaddr"))
             .arg(format!("TCP:127.0.0.1:{target}"))
@@ -45,7 +35,7 @@ pub(super) fn socat(gw: std::net::IpAddr, port: u16, target: u16) -> anyhow::Res
 /// (gateway port, loopback target), run in the foreground from a config of its own;
 /// stopped and its config removed on drop.
 pub(super) struct Haproxy {
-    proc: Proc,
+    proc: KillOnDrop,
     dir: std::path::PathBuf,
 }
 
@@ -82,7 +72,7 @@ impl Haproxy {
         }
         let log = dir.join("haproxy.log");
         // -db: foreground, no fork, so killing the child stops it.
-        let mut proc = Proc(
+        let mut proc = KillOnDrop(
             Command::new("haproxy")
                 .arg("-db")
                 .arg("-f")

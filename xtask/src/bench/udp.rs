@@ -21,9 +21,9 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use lhb_tests::{Lab, Lhb};
+use lhb_tests::{Dnsmasq, KillOnDrop, Lab, Lhb};
 
-use super::{Path, Results, measure::Measured, rig::release, servers::Proc, workload::Workload};
+use super::{Path, Results, measure::Measured, rig::release, workload::Workload};
 
 /// The name every query asks; dnsmasq answers it from its configuration, so the rows
 /// measure the way to the resolver, not an upstream.
@@ -41,8 +41,8 @@ struct Way {
 pub(super) struct UdpRig {
     ways: Vec<Way>,
     _lhb: Option<Lhb>,
-    _socats: Vec<Proc>,
-    _dnsmasq: [Proc; 2],
+    _socats: Vec<KillOnDrop>,
+    _dnsmasq: [Dnsmasq; 2],
     _sinks: [Sink; 2],
     queries: std::path::PathBuf,
 }
@@ -111,29 +111,10 @@ impl UdpRig {
         let gw_dns = free_udp_port(&gw.to_string())?;
         // A dnsmasq on each address: the loopback one behind lhb and socat, the
         // gateway one for the direct path.
-        let dnsmasq = |addr: String, port: u16| -> anyhow::Result<Proc> {
-            Ok(Proc(
-                Command::new("dnsmasq")
-                    .args([
-                        "--keep-in-foreground",
-                        "--no-resolv",
-                        "--no-hosts",
-                        "--user=root",
-                        "--pid-file=",
-                        "--bind-interfaces",
-                        &format!("--listen-address={addr}"),
-                        &format!("--port={port}"),
-                        &format!("--address=/{NAME}/10.1.2.3"),
-                    ])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .context("dnsmasq (dnsmasq-base, installed by `cargo xtask setup`)")?,
-            ))
-        };
+        let dnsmasq = |addr: SocketAddr| Dnsmasq::on(addr).answering(NAME).start();
         let dnsmasqs = [
-            dnsmasq("127.0.0.1".into(), lo_dns)?,
-            dnsmasq(gw.to_string(), gw_dns)?,
+            dnsmasq(SocketAddr::from(([127, 0, 0, 1], lo_dns)))?,
+            dnsmasq(SocketAddr::new(gw, gw_dns))?,
         ];
         let lo_sink = Sink::start(SocketAddr::from(([127, 0, 0, 1], 0)))?;
         let gw_sink = Sink::start(SocketAddr::new(gw, 0))?;
@@ -179,7 +160,7 @@ impl UdpRig {
                 free_udp_port(&gw.to_string())?,
             );
             for (port, target) in [(d, lo_dns), (s, lo_sink.at.port())] {
-                socats.push(Proc(
+                socats.push(KillOnDrop(
                     Command::new("socat")
                         .arg(format!("UDP-RECVFROM:{port},bind={gw},fork"))
                         .arg(format!("UDP:127.0.0.1:{target}"))
