@@ -76,7 +76,7 @@ pub enum RuleState {
         /// Gateways the proxy serves, with why the kernel path does not.
         proxied: Vec<(IpAddr, &'static str)>,
         /// Gateways the UDP forwarder serves (a rule's UDP side is always forwarded:
-        /// see `udp.rs`).
+        /// see `datapath/udp`).
         forwarded: Vec<IpAddr>,
         /// Gateways that cannot be served, with the reason.
         skipped: Vec<(IpAddr, &'static str)>,
