@@ -96,6 +96,23 @@ pub trait GatewaySockets {
     /// Serves `key` toward `target`: binds, or leads a socket already bound elsewhere.
     fn open(&mut self, key: &GatewayKey, target: Self::Target) -> io::Result<()>;
     fn close(&mut self, key: &GatewayKey);
+    /// The keys served now.
+    fn keys(&self) -> Vec<GatewayKey>;
+    /// How many connections (proxy) or flows (UDP) rule `slot` may hold at once.
+    fn set_limit(&self, slot: u32, limit: usize);
+
+    fn set_limits(&self, limits: &std::collections::BTreeMap<u32, usize>) {
+        for (&slot, &limit) in limits {
+            self.set_limit(slot, limit);
+        }
+    }
+
+    /// Closes every socket.
+    fn shutdown(&mut self) {
+        for k in self.keys() {
+            self.close(&k);
+        }
+    }
     /// The service's address.
     fn target(t: &Self::Target) -> SocketAddr;
     /// Who the service sees as the client of `key`'s traffic.

@@ -251,23 +251,6 @@ impl Proxy {
     pub fn max_connections(&self) -> usize {
         self.max_connections
     }
-
-    /// Sets how many connections each rule slot may hold at once: one container
-    /// cannot take the slots of every other rule.
-    pub fn set_limits(&self, limits: &BTreeMap<u32, usize>) {
-        for (&slot, &limit) in limits {
-            self.counters_for(slot)
-                .limit
-                .store(limit as u64, Ordering::Relaxed);
-        }
-    }
-
-    pub fn shutdown(&mut self) {
-        let keys: Vec<GatewayKey> = self.listeners.keys().cloned().collect();
-        for k in keys {
-            self.close(&k);
-        }
-    }
 }
 
 impl gateway::GatewaySockets for Proxy {
@@ -280,6 +263,17 @@ impl gateway::GatewaySockets for Proxy {
 
     fn close(&mut self, key: &GatewayKey) {
         Proxy::close(self, key)
+    }
+
+    fn keys(&self) -> Vec<GatewayKey> {
+        self.listeners.keys().cloned().collect()
+    }
+
+    /// One container cannot take the connections of every other rule.
+    fn set_limit(&self, slot: u32, limit: usize) {
+        self.counters_for(slot)
+            .limit
+            .store(limit as u64, Ordering::Relaxed);
     }
 
     fn target(t: &ProxyTarget) -> SocketAddr {

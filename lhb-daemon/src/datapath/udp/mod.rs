@@ -241,22 +241,6 @@ impl Forwarder {
     pub fn max_flows(&self) -> usize {
         self.shared.max_flows as usize
     }
-
-    /// How many flows each rule slot may hold at once.
-    pub fn set_limits(&self, limits: &BTreeMap<u32, usize>) {
-        for (&slot, &limit) in limits {
-            self.counters_for(slot)
-                .limit
-                .store(limit as u64, Ordering::Relaxed);
-        }
-    }
-
-    pub fn shutdown(&mut self) {
-        let keys: Vec<GatewayKey> = self.sockets.keys().cloned().collect();
-        for k in keys {
-            self.close(&k);
-        }
-    }
 }
 
 impl gateway::GatewaySockets for Forwarder {
@@ -269,6 +253,16 @@ impl gateway::GatewaySockets for Forwarder {
 
     fn close(&mut self, key: &GatewayKey) {
         Forwarder::close(self, key)
+    }
+
+    fn keys(&self) -> Vec<GatewayKey> {
+        self.sockets.keys().cloned().collect()
+    }
+
+    fn set_limit(&self, slot: u32, limit: usize) {
+        self.counters_for(slot)
+            .limit
+            .store(limit as u64, Ordering::Relaxed);
     }
 
     fn target(t: &UdpTarget) -> SocketAddr {
