@@ -4,9 +4,9 @@
 //! [`crate::startup::RuleSet`]) and what netlink and the engines report ->
 //! [`reconcile::plan`] -> the difference to what is applied goes to the drivers
 //! ([`apply`]: kernel path, proxy, UDP forwarder, guard, firewall task). Start-up is
-//! [`start`], from [`crate::startup`]'s steps; then one loop turns every input (signal, control request, link or address
-//! event, Docker change, retry timer, watchdog tick) into an [`Event`] handled by
-//! [`Daemon::handle`]. Bridges that come, go, or come back with a new ifindex or
+//! [`start`], from [`crate::startup`]'s steps; then one loop turns every input (signal,
+//! control request, link or address event, engine change, retry timer, watchdog tick,
+//! refusal report tick) into an [`Event`] handled by [`Daemon::handle`]. Bridges that come, go, or come back with a new ifindex or
 //! address are followed without polling. SIGINT/SIGTERM detach everything before exit.
 //!
 //! - `start.rs`: from options to a daemon that serves, undone on any early exit;

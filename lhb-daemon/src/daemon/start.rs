@@ -1,6 +1,6 @@
 //! From `RunOptions` to a daemon that serves: [`crate::startup`]'s settings and rules,
-//! the engines' first answers, the control and metrics sockets, the kernel path, preflight, the first
-//! plan applied and the firewall synced, READY=1.
+//! the engines' first answers, the control and metrics sockets, the kernel path,
+//! preflight, the first plan applied and the firewall synced, READY=1.
 //!
 //! Every early exit undoes what is in place, in one way each: the sockets are removed by
 //! [`Sockets`]'s drop, and once the daemon exists any error goes through
