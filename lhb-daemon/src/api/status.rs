@@ -29,10 +29,10 @@ pub struct Status {
     #[serde(default)]
     pub kernel_variant: Option<KernelVariant>,
     /// null with --no-docker.
-    pub docker: Option<DockerStatus>,
+    pub docker: Option<EngineStatus>,
     /// null unless lhb reads a Podman socket.
     #[serde(default)]
-    pub podman: Option<DockerStatus>,
+    pub podman: Option<EngineStatus>,
     pub firewall: FirewallStatus,
     pub config: String,
     /// Link, address and Docker events that led to a reconciliation, since start.
@@ -81,10 +81,20 @@ pub struct KernelVariant {
     pub why: String,
 }
 
+/// Whether an engine answers (Docker's or Podman's).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct DockerStatus {
+pub struct EngineStatus {
     pub available: bool,
     pub problem: Option<String>,
+}
+
+impl From<&crate::engines::EngineState> for EngineStatus {
+    fn from(s: &crate::engines::EngineState) -> EngineStatus {
+        EngineStatus {
+            available: s.available,
+            problem: s.problem.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -559,6 +569,14 @@ impl Status {
                 "gauge",
                 "1 if the Docker engine answers.",
                 one(u64::from(d.available)),
+            );
+        }
+        if let Some(p) = &self.podman {
+            m.family(
+                "lhb_podman_available",
+                "gauge",
+                "1 if Podman answers.",
+                one(u64::from(p.available)),
             );
         }
     }

@@ -30,7 +30,7 @@ use crate::{
     api::control,
     datapath::kernel::KernelPath,
     datapath::proxy::{GatewayKey, Proxy},
-    engines::EngineView,
+    engines::{EngineState, EngineView},
     firewall::FirewallTask,
     host::netlink::{Events, Netlink},
     host::notify::Notifier,
@@ -105,7 +105,7 @@ struct Daemon {
     paths: Paths,
     netlink: Netlink,
     applied: Plan,
-    docker: Option<watch::Receiver<EngineView>>,
+    docker: Option<watch::Receiver<EngineState>>,
     podman: Option<crate::engines::podman::PodmanWatch>,
     retry: Retry,
     tasks: crate::host::tasks::Tasks,
@@ -166,8 +166,8 @@ struct Inputs {
 impl Inputs {
     async fn next(
         &mut self,
-        docker: Option<&mut watch::Receiver<EngineView>>,
-        podman: Option<&mut watch::Receiver<crate::engines::PodmanView>>,
+        docker: Option<&mut watch::Receiver<EngineState>>,
+        podman: Option<&mut watch::Receiver<EngineState>>,
         retry: &Retry,
     ) -> Event {
         let docker_changed = async {
@@ -354,12 +354,10 @@ impl Daemon {
     }
 
     async fn observe(&self) -> anyhow::Result<Observed> {
-        let mut observed = reconcile::Observed {
+        Ok(reconcile::Observed {
             links: self.netlink.snapshot().await?,
-            docker: None,
-        };
-        observed.docker = self.engine_view();
-        Ok(observed)
+            engines: self.engine_view(),
+        })
     }
 
     /// What the engines said last, as one view; None when lhb reads no engine.

@@ -16,10 +16,7 @@ use crate::{
     api::control,
     datapath::kernel::KernelPath,
     datapath::proxy::{FD_RESERVE, FDS_PER_CONNECTION, Proxy},
-    engines::{
-        EngineView,
-        docker::{self},
-    },
+    engines::{EngineState, docker},
     firewall::{Firewall, FirewallTask},
     host::netlink::Netlink,
     host::notify::Notifier,
@@ -200,12 +197,11 @@ async fn podman_watch(
     path: std::path::PathBuf,
 ) -> crate::engines::podman::PodmanWatch {
     let mut w = crate::engines::podman::watch(tasks, path);
-    let view = startup::first_view(&mut w.rx, |v| v.available || v.problem.is_some()).await;
-    if !view.available {
+    let view = startup::first_engine_view(&mut w.rx).await;
+    if let Some(why) = view.down() {
         warn!(
-            "Podman not reachable at {} ({}): its network rules wait for it",
-            view.socket,
-            view.problem.as_deref().unwrap_or("no answer yet")
+            "Podman not reachable at {} ({why}): its network rules wait for it",
+            view.socket
         );
     }
     w
@@ -215,13 +211,10 @@ async fn podman_watch(
 async fn docker_watch(
     tasks: &Tasks,
     socket: Option<String>,
-) -> tokio::sync::watch::Receiver<EngineView> {
+) -> tokio::sync::watch::Receiver<EngineState> {
     let mut rx = docker::watch(tasks, socket);
     let view = startup::first_engine_view(&mut rx).await;
-    if !view.available {
-        let why = view
-            .problem
-            .unwrap_or_else(|| format!("no answer within {}s", startup::FIRST_ANSWER.as_secs()));
+    if let Some(why) = view.down() {
         warn!(
             "Docker engine not reachable ({why}): network rules wait for it, interface rules work (--no-docker silences this)"
         );
@@ -233,11 +226,10 @@ impl Daemon {
     /// Preflight, the first plan applied, the firewall synced to it: an error here is a
     /// failed start (the caller undoes everything).
     async fn serve_first(&mut self, mut firewall: Firewall, fresh: &[u32]) -> anyhow::Result<()> {
-        let mut observed = reconcile::Observed {
+        let observed = reconcile::Observed {
             links: self.netlink.snapshot().await?,
-            docker: None,
+            engines: self.engine_view(),
         };
-        observed.docker = self.engine_view();
         let wanted = reconcile::plan(self.rules.planned(), &observed, self.paths);
         startup::preflight(self.rules.iter().map(|a| &a.rule), &observed, &wanted)?;
         let backends = firewall.backends();

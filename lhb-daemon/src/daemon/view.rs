@@ -301,20 +301,8 @@ impl Daemon {
                 why: k.variant_why().into(),
             }),
             kernel_unavailable: self.kernel_unavailable.clone(),
-            podman: self.podman.as_ref().map(|p| {
-                let v = p.rx.borrow();
-                status::DockerStatus {
-                    available: v.available,
-                    problem: v.problem.clone(),
-                }
-            }),
-            docker: self.docker.as_ref().map(|d| {
-                let v = d.borrow();
-                status::DockerStatus {
-                    available: v.available,
-                    problem: v.problem.clone(),
-                }
-            }),
+            podman: self.podman.as_ref().map(|p| (&*p.rx.borrow()).into()),
+            docker: self.docker.as_ref().map(|d| (&*d.borrow()).into()),
             firewall: status::FirewallStatus {
                 backends: self.firewall_backends.clone(),
                 rules: chains

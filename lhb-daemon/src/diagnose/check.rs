@@ -21,10 +21,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    engines::{
-        EngineView,
-        docker::{self},
-    },
+    engines::docker,
     host::netlink::Netlink,
     model::config,
     model::labels,
@@ -71,10 +68,7 @@ pub async fn rules(t: &Target) -> anyhow::Result<Checked> {
                 .as_ref()
                 .is_some_and(|p| needs_docker(std::slice::from_ref(p))));
     let observed = observe(!docker, &cfg.engine).await?;
-    let (asked, mut refused) = match &observed.docker {
-        Some(v) => crate::reconcile::labels::rules(v, &allowed),
-        None => Default::default(),
-    };
+    let (asked, mut refused) = crate::startup::asked_by_labels(observed.engines.as_ref(), &allowed);
     let (labelled, _) = crate::model::labels::label_rules(&cfg.rules, &asked);
     let mut all = cfg.rules;
     all.extend(labelled);
@@ -118,24 +112,16 @@ pub async fn rules(t: &Target) -> anyhow::Result<Checked> {
 
 /// Links and addresses now, and what the engines say (None: --no-docker).
 pub async fn observe(no_docker: bool, engines: &[String]) -> anyhow::Result<Observed> {
-    let mut observed = crate::reconcile::Observed {
-        links: Netlink::requests()?.snapshot().await?,
-        docker: None,
-    };
-    if !no_docker {
-        let e = docker::engines(false, &[], engines).await?;
-        let d = match &e.docker {
-            Some(socket) => Some(docker::snapshot(Duration::from_secs(3), socket.as_deref()).await),
-            None => None,
-        };
-        let p = match &e.podman {
-            Some(path) => Some(crate::engines::podman::snapshot(path).await),
-            None => None,
-        };
-        observed.docker = crate::engines::view(d, p);
-    }
-    Ok(observed)
+    let links = Netlink::requests()?.snapshot().await?;
+    let engines = docker::engines(no_docker, &[], engines).await?;
+    Ok(crate::reconcile::Observed {
+        links,
+        engines: crate::engines::snapshot(&engines, ENGINE_ANSWER).await,
+    })
 }
+
+/// How long verify and doctor wait for the Docker engine's networks.
+const ENGINE_ANSWER: Duration = Duration::from_secs(3);
 
 /// Why a gateway of the other address family than the target may go unserved.
 pub const CROSS_FAMILY: &str = "a connection of the other address family than the target cannot be handed over in-kernel; `--mode auto` proxies it, or give a target of that family";
@@ -762,15 +748,6 @@ pub fn running_daemons() -> Vec<u32> {
             (is_lhb && args.next() == Some(b"run".as_slice())).then_some(pid)
         })
         .collect()
-}
-
-/// Whether the Docker view has the engine reachable.
-pub fn docker_problem(view: &EngineView) -> Option<String> {
-    (!view.available).then(|| {
-        view.problem
-            .clone()
-            .unwrap_or_else(|| "no answer".to_string())
-    })
 }
 
 #[cfg(test)]

@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     api::control,
-    api::status::{DockerStatus, GatewayStatus, RuleStatus, rule_view},
+    api::status::{EngineStatus, GatewayStatus, RuleStatus, rule_view},
     datapath::kernel::KernelPath,
-    engines::docker,
+    engines::{Engine, docker},
     firewall::{Firewall, FirewallMode},
     host::netlink::Netlink,
     model::rule::Origin,
@@ -44,7 +44,10 @@ pub struct HostPlan {
     /// stop there; this plan is what a restart of it would do.
     pub running: Option<u32>,
     /// null with --no-docker.
-    pub docker: Option<DockerStatus>,
+    pub docker: Option<EngineStatus>,
+    /// null unless lhb reads a Podman socket.
+    #[serde(default)]
+    pub podman: Option<EngineStatus>,
     /// Bridges the ingress program is attached to.
     pub programs: Vec<Attachment>,
     /// The socket-lookup program for lhb's network namespace and where its link is
@@ -169,23 +172,11 @@ pub async fn compute(opts: ServeOptions) -> anyhow::Result<HostPlan> {
     plan.mode = mode;
 
     let (netlink, _events) = Netlink::connect()?;
-    // The command exits once the plan is printed; the watcher ends with it.
-    let tasks = crate::host::tasks::Tasks::new();
     let engines = docker::engines(opts.no_docker, &opts.engines, &file_engines).await?;
-    let mut docker = engines.docker.map(|socket| docker::watch(&tasks, socket));
-    let view = match docker.as_mut() {
-        Some(rx) => Some(startup::first_engine_view(rx).await),
-        None => None,
-    };
-    let podman = match &engines.podman {
-        Some(path) => Some(crate::engines::podman::snapshot(path).await),
-        None => None,
-    };
-    let view = crate::engines::view(view, podman);
-    plan.docker = view.as_ref().map(|v| DockerStatus {
-        available: v.available,
-        problem: v.problem.clone(),
-    });
+    let view = crate::engines::snapshot(&engines, startup::FIRST_ANSWER).await;
+    let engine = |e| view.as_ref()?.engine(e).map(EngineStatus::from);
+    plan.docker = engine(Engine::Docker);
+    plan.podman = engine(Engine::Podman);
     let taken = rules.follow_labels(view.as_ref(), &label_allow);
     if let Some(fresh) = taken.fresh {
         fresh?;
@@ -193,7 +184,7 @@ pub async fn compute(opts: ServeOptions) -> anyhow::Result<HostPlan> {
     plan.label_refused = taken.refused;
     let observed = reconcile::Observed {
         links: netlink.snapshot().await?,
-        docker: view,
+        engines: view,
     };
 
     match startup::kernel_path(mode, probe_kernel) {
@@ -362,13 +353,14 @@ impl HostPlan {
                 let _ = writeln!(s, "  kernel path: not used (--mode proxy)");
             }
         }
-        if let Some(d) = &self.docker {
-            let _ = match (&d.available, &d.problem) {
-                (true, _) => writeln!(s, "  Docker engine: answers"),
-                (false, p) => writeln!(
+        for (name, e) in [("Docker engine", &self.docker), ("Podman", &self.podman)] {
+            let _ = match e {
+                None => Ok(()),
+                Some(e) if e.available => writeln!(s, "  {name}: answers"),
+                Some(e) => writeln!(
                     s,
-                    "  Docker engine: not reachable ({}); network rules wait for it",
-                    p.as_deref().unwrap_or("no answer")
+                    "  {name}: not reachable ({}); its network rules wait for it",
+                    e.problem.as_deref().unwrap_or("no answer")
                 ),
             };
         }

@@ -1,6 +1,6 @@
 //! Docker discovery: which Linux bridge and gateway addresses each Docker network has.
 //!
-//! A background task keeps a [`EngineView`] current: it lists the engine's networks,
+//! A background task keeps an [`EngineState`] current: it lists the engine's networks,
 //! follows the event stream (any network event -> list again), and when the engine goes
 //! away or restarts it reconnects with backoff and lists again. While the engine is
 //! unreachable the last known networks are kept: their bridges usually survive a
@@ -13,7 +13,7 @@ use bollard::{
     query_parameters::{EventsOptions, ListNetworksOptions},
 };
 
-use super::{EngineView, Network, compat};
+use super::{EngineState, Network, compat};
 use futures::StreamExt as _;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -86,8 +86,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub fn watch(
     tasks: &crate::host::tasks::Tasks,
     socket: Option<String>,
-) -> watch::Receiver<EngineView> {
-    let (tx, rx) = watch::channel(EngineView::default());
+) -> watch::Receiver<EngineState> {
+    let (tx, rx) = watch::channel(EngineState {
+        socket: socket_name(socket.as_deref()),
+        ..Default::default()
+    });
     tasks.spawn(async move {
         let mut backoff = BACKOFF_MIN;
         let mut was_up = false;
@@ -116,7 +119,7 @@ pub fn watch(
 
 /// One connection to the engine: list, then list again on every network event.
 async fn session(
-    tx: &watch::Sender<EngineView>,
+    tx: &watch::Sender<EngineState>,
     was_up: &mut bool,
     socket: Option<&str>,
 ) -> Result<(), String> {
@@ -144,41 +147,44 @@ async fn session(
     Ok(())
 }
 
-/// The engine's networks once, for the one-shot commands (doctor, verify).
-pub async fn snapshot(limit: Duration, socket: Option<&str>) -> EngineView {
+/// The engine's networks once, for the one-shot commands (doctor, verify, plan).
+pub async fn snapshot(limit: Duration, socket: Option<&str>) -> EngineState {
     let once = async {
         let docker = compat::connect(socket).await?;
         list(&docker).await
     };
+    let mut v = EngineState {
+        socket: socket_name(socket),
+        ..Default::default()
+    };
     match tokio::time::timeout(limit, once).await {
-        Ok(Ok(networks)) => EngineView {
-            available: true,
-            networks,
-            ..Default::default()
-        },
-        Ok(Err(e)) => EngineView {
-            problem: Some(e),
-            ..Default::default()
-        },
-        Err(_) => EngineView {
-            problem: Some(format!("no answer within {}s", limit.as_secs())),
-            ..Default::default()
-        },
+        Ok(Ok(networks)) => {
+            v.available = true;
+            v.networks = networks;
+        }
+        Ok(Err(e)) => v.problem = Some(e),
+        Err(_) => v.problem = Some(format!("no answer within {}s", limit.as_secs())),
+    }
+    v
+}
+
+/// The socket, as messages name it: the `engine` setting's, else DOCKER_HOST's, else
+/// the standard one.
+fn socket_name(socket: Option<&str>) -> String {
+    match socket {
+        Some(s) => s.to_string(),
+        None => std::env::var("DOCKER_HOST")
+            .unwrap_or_else(|_| "unix:///var/run/docker.sock".to_string()),
     }
 }
 
-fn publish(tx: &watch::Sender<EngineView>, networks: BTreeMap<String, Network>) {
+fn publish(tx: &watch::Sender<EngineState>, networks: BTreeMap<String, Network>) {
     tx.send_if_modified(|v| {
-        let new = EngineView {
-            available: true,
-            networks,
-            ..Default::default()
-        };
-        if *v == new {
-            return false;
-        }
-        *v = new;
-        true
+        let changed = !v.available || v.problem.is_some() || v.networks != networks;
+        v.available = true;
+        v.problem = None;
+        v.networks = networks;
+        changed
     });
 }
 

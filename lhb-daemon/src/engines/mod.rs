@@ -69,17 +69,31 @@ impl PartialEq for NetnsHold {
 
 impl Eq for NetnsHold {}
 
-/// What the engine said last.
+/// What one engine said last.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineState {
+    /// Where lhb reads it, for messages.
+    pub socket: String,
+    /// False until the engine answered once, and while it does not answer.
+    pub available: bool,
+    /// Why it does not answer, in words.
+    pub problem: Option<String>,
+    /// By network name; the last known list while the engine does not answer.
+    pub networks: BTreeMap<String, Network>,
+}
+
+impl EngineState {
+    /// Why the engine does not answer; None while it does.
+    pub fn down(&self) -> Option<&str> {
+        (!self.available).then(|| self.problem.as_deref().unwrap_or("no answer"))
+    }
+}
+
+/// What the engines lhb reads said last, side by side; None for an engine not read.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EngineView {
-    /// False until the engine answered once, and while it is unreachable.
-    pub available: bool,
-    /// Why it is unreachable, in words.
-    pub problem: Option<String>,
-    /// By network name; the last known list while the engine is unreachable.
-    pub networks: BTreeMap<String, Network>,
-    /// Podman's networks, where lhb reads a Podman socket too.
-    pub podman: Option<PodmanView>,
+    pub docker: Option<EngineState>,
+    pub podman: Option<EngineState>,
 }
 
 /// A network a rule names, looked up on the engines.
@@ -101,12 +115,13 @@ impl EngineView {
     /// The network `name` names (`NAME`, `docker:NAME` or `podman:NAME`).
     pub fn find(&self, name: &str) -> Lookup<'_> {
         let (engine, bare) = engine_of(name);
-        let docker = (engine != Some(Engine::Podman))
-            .then(|| self.networks.get(bare))
-            .flatten();
-        let podman = (engine != Some(Engine::Docker))
-            .then(|| self.podman.as_ref().and_then(|p| p.networks.get(bare)))
-            .flatten();
+        let asked = |e: Engine| engine.is_none_or(|only| only == e);
+        let on = |e: Engine| {
+            self.engine(e)
+                .filter(|_| asked(e))
+                .and_then(|s| s.networks.get(bare))
+        };
+        let (docker, podman) = (on(Engine::Docker), on(Engine::Podman));
         match (docker, podman) {
             (Some(d), Some(p)) => Lookup::Ambiguous {
                 docker: d,
@@ -114,54 +129,76 @@ impl EngineView {
             },
             (Some(d), None) => Lookup::Found(Engine::Docker, d),
             (None, Some(p)) => Lookup::Found(Engine::Podman, p),
-            (None, None) => {
-                let docker_down = (engine != Some(Engine::Podman) && !self.available)
-                    .then(|| self.problem.clone())
-                    .flatten()
-                    .map(|p| (Engine::Docker, p));
-                let podman_down = (engine != Some(Engine::Docker))
-                    .then_some(self.podman.as_ref())
-                    .flatten()
-                    .filter(|p| !p.available)
-                    .and_then(|p| p.problem.clone())
-                    .map(|p| (Engine::Podman, p));
-                Lookup::Missing {
-                    unreachable: docker_down.or(podman_down),
-                }
-            }
+            (None, None) => Lookup::Missing {
+                // An engine that said why it does not answer; Docker, the engine a
+                // bare name means first, also when lhb does not read it.
+                unreachable: Engine::ALL.into_iter().filter(|&e| asked(e)).find_map(|e| {
+                    let why = match self.engine(e) {
+                        Some(s) => s.problem.clone().filter(|_| !s.available),
+                        None => (e == Engine::Docker).then(|| NO_DOCKER.to_string()),
+                    };
+                    Some((e, why?))
+                }),
+            },
+        }
+    }
+
+    /// What `engine` said last; None if lhb does not read it.
+    pub fn engine(&self, engine: Engine) -> Option<&EngineState> {
+        match engine {
+            Engine::Docker => self.docker.as_ref(),
+            Engine::Podman => self.podman.as_ref(),
+        }
+    }
+
+    /// Every network of every engine read, Docker's first.
+    pub fn networks(&self) -> impl Iterator<Item = (Engine, &str, &Network)> {
+        Engine::ALL
+            .into_iter()
+            .filter_map(|e| Some((e, self.engine(e)?)))
+            .flat_map(|(e, s)| s.networks.iter().map(move |(n, net)| (e, n.as_str(), net)))
+    }
+
+    /// Why the Docker engine does not answer (also: lhb reads none); None while it does.
+    pub fn docker_down(&self) -> Option<String> {
+        match &self.docker {
+            Some(d) => d.down().map(str::to_string),
+            None => Some(NO_DOCKER.into()),
         }
     }
 
     /// The default `bridge` network, whose IPv4 gateway is what `host-gateway`
     /// (`--add-host host.docker.internal:host-gateway`) resolves to in every container.
     pub fn default_bridge(&self) -> Option<&Network> {
-        self.networks.get("bridge")
+        self.docker.as_ref()?.networks.get("bridge")
     }
 }
 
-/// What Podman said last.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PodmanView {
-    /// The socket, for messages.
-    pub socket: String,
-    /// False until Podman answered once, and while it does not answer.
-    pub available: bool,
-    pub problem: Option<String>,
-    /// By network name; the last known list while Podman does not answer.
-    pub networks: BTreeMap<String, Network>,
+/// Why Docker is not read where Podman is.
+pub const NO_DOCKER: &str = "no Docker engine is configured (`engine`)";
+
+/// The engines' view; None when neither engine is read.
+pub fn view(docker: Option<EngineState>, podman: Option<EngineState>) -> Option<EngineView> {
+    (docker.is_some() || podman.is_some()).then_some(EngineView { docker, podman })
 }
 
-/// Docker's view with Podman's networks in it; None when neither engine is read.
-pub fn view(docker: Option<EngineView>, podman: Option<PodmanView>) -> Option<EngineView> {
-    if docker.is_none() && podman.is_none() {
-        return None;
-    }
-    let mut v = docker.unwrap_or_else(|| EngineView {
-        problem: Some("no Docker engine is configured (`engine`)".into()),
-        ..Default::default()
-    });
-    v.podman = podman;
-    Some(v)
+/// What the engines lhb reads say once, both asked at the same time, Docker within
+/// `limit`: for the commands that only look (plan, verify, doctor).
+pub async fn snapshot(engines: &docker::Engines, limit: std::time::Duration) -> Option<EngineView> {
+    let docker = async {
+        match &engines.docker {
+            Some(socket) => Some(docker::snapshot(limit, socket.as_deref()).await),
+            None => None,
+        }
+    };
+    let podman = async {
+        match &engines.podman {
+            Some(path) => Some(podman::snapshot(path).await),
+            None => None,
+        }
+    };
+    let (docker, podman) = tokio::join!(docker, podman);
+    view(docker, podman)
 }
 
 #[cfg(test)]
@@ -180,20 +217,33 @@ mod tests {
 
     #[test]
     fn a_name_on_both_engines_needs_the_engine_said() {
-        let mut v = EngineView {
+        let mut d = EngineState {
             available: true,
             ..Default::default()
         };
-        v.networks.insert("web".into(), net("br-1"));
-        v.networks.insert("db".into(), net("br-2"));
-        let mut p = crate::engines::PodmanView {
+        d.networks.insert("web".into(), net("br-1"));
+        d.networks.insert("db".into(), net("br-2"));
+        let mut p = EngineState {
             available: true,
             ..Default::default()
         };
         p.networks.insert("web".into(), net("podman1"));
         p.networks.insert("cache".into(), net("podman2"));
-        v.podman = Some(p);
+        let mut v = EngineView {
+            docker: Some(d),
+            podman: Some(p),
+        };
         assert!(matches!(v.find("web"), Lookup::Ambiguous { .. }));
+        let all: Vec<_> = v.networks().map(|(e, n, _)| (e, n)).collect();
+        assert_eq!(
+            all,
+            [
+                (Engine::Docker, "db"),
+                (Engine::Docker, "web"),
+                (Engine::Podman, "cache"),
+                (Engine::Podman, "web")
+            ]
+        );
         assert!(
             matches!(v.find("docker:web"), Lookup::Found(Engine::Docker, n) if n.bridge == "br-1")
         );
@@ -218,5 +268,13 @@ mod tests {
             }
         ));
         assert!(matches!(v.find("web"), Lookup::Found(Engine::Docker, _)));
+        // Docker not read: a name on no engine says so.
+        v.docker = None;
+        assert!(matches!(
+            v.find("web"),
+            Lookup::Missing {
+                unreachable: Some((Engine::Docker, _))
+            }
+        ));
     }
 }

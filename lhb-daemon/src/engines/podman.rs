@@ -33,7 +33,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use super::{Network, PodmanView, compat};
+use super::{EngineState, Network, compat};
 
 /// Podman's system socket (`podman.socket`).
 pub const DEFAULT_SOCKET: &str = "/run/podman/podman.sock";
@@ -48,7 +48,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// The task following Podman, and the way to make it list again.
 pub struct PodmanWatch {
-    pub rx: watch::Receiver<PodmanView>,
+    pub rx: watch::Receiver<EngineState>,
     relist: Arc<Notify>,
 }
 
@@ -75,7 +75,7 @@ pub async fn is_podman(path: &Path) -> Result<bool, String> {
 
 /// Starts following the Podman socket at `path`.
 pub fn watch(tasks: &crate::host::tasks::Tasks, path: PathBuf) -> PodmanWatch {
-    let (tx, rx) = watch::channel(PodmanView {
+    let (tx, rx) = watch::channel(EngineState {
         socket: path.display().to_string(),
         ..Default::default()
     });
@@ -170,8 +170,8 @@ fn filters() -> std::collections::HashMap<String, Vec<String>> {
 }
 
 /// Podman's networks once, for the one-shot commands.
-pub async fn snapshot(path: &Path) -> PodmanView {
-    let mut v = PodmanView {
+pub async fn snapshot(path: &Path) -> EngineState {
+    let mut v = EngineState {
         socket: path.display().to_string(),
         ..Default::default()
     };

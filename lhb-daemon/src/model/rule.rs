@@ -705,16 +705,29 @@ impl std::fmt::Display for Engine {
     }
 }
 
+impl Engine {
+    /// Docker first: the engine a bare network name means first.
+    pub const ALL: [Engine; 2] = [Engine::Docker, Engine::Podman];
+
+    /// What a rule's network name starts with to ask for this engine (`docker:NAME`).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Engine::Docker => "docker",
+            Engine::Podman => "podman",
+        }
+    }
+}
+
 /// `docker:NAME` / `podman:NAME`: the engine a rule's network name asks for, and the
 /// name.
 pub fn engine_of(name: &str) -> (Option<Engine>, &str) {
-    if let Some(n) = name.strip_prefix("docker:") {
-        (Some(Engine::Docker), n)
-    } else if let Some(n) = name.strip_prefix("podman:") {
-        (Some(Engine::Podman), n)
-    } else {
-        (None, name)
-    }
+    Engine::ALL
+        .into_iter()
+        .find_map(|e| {
+            let n = name.strip_prefix(e.prefix())?.strip_prefix(':')?;
+            Some((Some(e), n))
+        })
+        .unwrap_or((None, name))
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! lets them: the engines' view in, rules and refusals out.
 
 use crate::{
-    engines::EngineView,
+    engines::{Engine, EngineView},
     model::labels::{Entry, LABEL, Refusal, network_rules},
     model::rule::Rule,
 };
@@ -17,26 +17,23 @@ pub fn rules(view: &EngineView, allowed: &[Entry]) -> (Vec<Rule>, Vec<Refusal>) 
     if allowed.is_empty() {
         return (rules, refused);
     }
-    let empty = Default::default();
-    let podman = view.podman.as_ref().map_or(&empty, |p| &p.networks);
-    let engines = [
-        ("docker:", &view.networks, podman),
-        ("podman:", podman, &view.networks),
-    ];
-    for (prefix, networks, other) in engines {
-        for (network, net) in networks {
-            let Some(value) = net.labels.get(LABEL) else {
-                continue;
-            };
-            let name = if other.contains_key(network) {
-                format!("{prefix}{network}")
-            } else {
-                network.clone()
-            };
-            let (r, f) = network_rules(&name, value, allowed);
-            rules.extend(r);
-            refused.extend(f);
-        }
+    for (engine, network, net) in view.networks() {
+        let Some(value) = net.labels.get(LABEL) else {
+            continue;
+        };
+        let elsewhere = Engine::ALL
+            .into_iter()
+            .filter(|&e| e != engine)
+            .filter_map(|e| view.engine(e))
+            .any(|s| s.networks.contains_key(network));
+        let name = if elsewhere {
+            format!("{}:{network}", engine.prefix())
+        } else {
+            network.to_string()
+        };
+        let (r, f) = network_rules(&name, value, allowed);
+        rules.extend(r);
+        refused.extend(f);
     }
     (rules, refused)
 }
@@ -44,14 +41,14 @@ pub fn rules(view: &EngineView, allowed: &[Entry]) -> (Vec<Rule>, Vec<Refusal>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engines::Network;
+    use crate::engines::{EngineState, Network};
 
     fn allowed(list: &[&str]) -> Vec<Entry> {
         list.iter().map(|e| Entry::parse(e).unwrap()).collect()
     }
 
     fn view(nets: &[(&str, Option<&str>)]) -> EngineView {
-        let mut v = EngineView {
+        let mut v = EngineState {
             available: true,
             ..Default::default()
         };
@@ -68,7 +65,10 @@ mod tests {
             }
             v.networks.insert(name.to_string(), n);
         }
-        v
+        EngineView {
+            docker: Some(v),
+            podman: None,
+        }
     }
 
     #[test]
@@ -109,12 +109,12 @@ mod tests {
     #[test]
     fn podman_networks_labels_count_too_and_a_shared_name_says_its_engine() {
         let mut v = view(&[("web", Some("80")), ("api", Some("80"))]);
-        let mut p = crate::engines::PodmanView {
+        let mut p = EngineState {
             available: true,
             ..Default::default()
         };
         for (name, label) in [("web", "80"), ("pod", "80")] {
-            let mut n = v.networks["web"].clone();
+            let mut n = v.docker.as_ref().unwrap().networks["web"].clone();
             n.labels.insert(LABEL.into(), label.into());
             p.networks.insert(name.into(), n);
         }

@@ -58,11 +58,11 @@ pub struct UdpTarget {
     pub slot: u32,
 }
 
-/// Every interface of the host, by name, and what Docker says (`None`: --no-docker).
+/// Every interface of the host, by name, and what the engines say (`None`: --no-docker).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observed {
     pub links: BTreeMap<String, Link>,
-    pub docker: Option<EngineView>,
+    pub engines: Option<EngineView>,
 }
 
 /// Where one rule stands.
@@ -268,8 +268,8 @@ fn given(r: &Rule) -> &str {
 
 /// docker0's IPv4 gateway: from IPAM when Docker reports it (older engines leave an
 /// automatic gateway out), else the address on the default bridge itself.
-fn host_gateway(docker: &EngineView, observed: &Observed) -> Option<IpAddr> {
-    let n = docker.default_bridge()?;
+fn host_gateway(engines: &EngineView, observed: &Observed) -> Option<IpAddr> {
+    let n = engines.default_bridge()?;
     n.gateways
         .iter()
         .copied()
@@ -447,12 +447,12 @@ pub fn bridge_of<'a>(
     let (name, wanted, host_gateway, network): Named<'a> = match &rule.source {
         Source::Interface(name) => (name, None, None, None),
         Source::Network(net) => {
-            let Some(docker) = &observed.docker else {
+            let Some(engines) = &observed.engines else {
                 return Err(BridgeProblem::NoDocker {
                     network: net.clone(),
                 });
             };
-            let (engine, n) = match docker.find(net) {
+            let (engine, n) = match engines.find(net) {
                 crate::engines::Lookup::Found(e, n) => (e, n),
                 crate::engines::Lookup::Missing {
                     unreachable: Some((engine, problem)),
@@ -478,7 +478,7 @@ pub fn bridge_of<'a>(
             }
             // docker0's address (`host-gateway`) serves Docker's networks only.
             let host = match engine {
-                crate::engines::Engine::Docker => host_gateway(docker, observed),
+                crate::engines::Engine::Docker => host_gateway(engines, observed),
                 crate::engines::Engine::Podman => None,
             };
             (
@@ -621,7 +621,10 @@ mod tests {
     }
 
     use super::*;
-    use crate::{engines::Network, model::rule::parse_iface_spec};
+    use crate::{
+        engines::{EngineState, Network},
+        model::rule::parse_iface_spec,
+    };
 
     const KERNEL: Paths = Paths {
         mode: Mode::Kernel,
@@ -645,15 +648,26 @@ mod tests {
                 .iter()
                 .map(|(n, l)| (n.to_string(), l.clone()))
                 .collect(),
-            docker: Some(EngineView {
-                available: true,
-                ..Default::default()
+            engines: Some(EngineView {
+                docker: Some(EngineState {
+                    available: true,
+                    ..Default::default()
+                }),
+                podman: None,
             }),
         }
     }
 
+    /// Docker's state in `o`, there from now on.
+    fn docker(o: &mut Observed) -> &mut EngineState {
+        o.engines
+            .get_or_insert_with(Default::default)
+            .docker
+            .get_or_insert_with(Default::default)
+    }
+
     fn with_networks(mut o: Observed, nets: &[(&str, &str, &[&str])]) -> Observed {
-        let d = o.docker.get_or_insert_with(Default::default);
+        let d = docker(&mut o);
         for (name, bridge, gws) in nets {
             d.networks.insert(
                 name.to_string(),
@@ -723,7 +737,7 @@ mod tests {
         // a second UDP rule waits.
         let net = {
             let mut o = o.clone();
-            o.docker = Some(Default::default());
+            o.engines = Some(Default::default());
             with_networks(
                 o,
                 &[
@@ -816,7 +830,7 @@ mod tests {
                         "engine down, last known networks kept",
                         {
                             let mut o = app(10, "172.20.0.1");
-                            let d = o.docker.as_mut().unwrap();
+                            let d = docker(&mut o);
                             d.available = false;
                             d.problem = Some("connection refused".into());
                             o
@@ -921,13 +935,7 @@ mod tests {
             netns,
             ..Default::default()
         };
-        o.docker
-            .as_mut()
-            .unwrap()
-            .networks
-            .get_mut("app")
-            .unwrap()
-            .members = vec![
+        docker(&mut o).networks.get_mut("app").unwrap().members = vec![
             member("n8n", Some(7), "10.9.0.5", None),
             // Named by its label, on port 51.
             member("pg", Some(8), "10.9.0.6", Some("db")),
@@ -958,25 +966,19 @@ mod tests {
     fn network_rules_say_why_they_wait() {
         let (r, s) = net_rules(&["app:80"]);
         let mut o = observed(&[]);
-        o.docker = None;
+        o.engines = None;
         assert!(waiting(&plan(&r, &s, &o, KERNEL), &r, 0).contains("--no-docker"));
         let o = observed(&[]);
         assert!(waiting(&plan(&r, &s, &o, KERNEL), &r, 0).contains("does not exist"));
         let mut o = observed(&[]);
-        o.docker = Some(EngineView {
+        *docker(&mut o) = EngineState {
             available: false,
             problem: Some("no socket".into()),
             ..Default::default()
-        });
+        };
         assert!(waiting(&plan(&r, &s, &o, KERNEL), &r, 0).contains("not reachable (no socket)"));
         let mut o = with_networks(observed(&[]), &[("app", "br-x", &["10.9.0.1"])]);
-        o.docker
-            .as_mut()
-            .unwrap()
-            .networks
-            .get_mut("app")
-            .unwrap()
-            .driver = "macvlan".into();
+        docker(&mut o).networks.get_mut("app").unwrap().driver = "macvlan".into();
         assert!(waiting(&plan(&r, &s, &o, KERNEL), &r, 0).contains("macvlan"));
         // IPAM gateway not (yet) on the bridge.
         let o = with_networks(

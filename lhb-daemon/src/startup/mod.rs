@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use thiserror::Error;
 
 use crate::{
-    engines::EngineView,
+    engines::{EngineState, EngineView},
     firewall::FirewallMode,
     host::caps,
     model::{
@@ -120,20 +120,19 @@ impl Settings {
     }
 }
 
-/// What the engine says within [`FIRST_ANSWER`] of the start; whether it answered or
-/// not, the view says what is known.
-pub async fn first_engine_view(rx: &mut tokio::sync::watch::Receiver<EngineView>) -> EngineView {
-    first_view(rx, |v| v.available || v.problem.is_some()).await
-}
-
-/// An engine watcher's view once `answered` holds, or after [`FIRST_ANSWER`],
-/// whichever comes first.
-pub async fn first_view<T: Clone>(
-    rx: &mut tokio::sync::watch::Receiver<T>,
-    answered: impl FnMut(&T) -> bool,
-) -> T {
-    let _ = tokio::time::timeout(FIRST_ANSWER, rx.wait_for(answered)).await;
-    rx.borrow().clone()
+/// What an engine says within [`FIRST_ANSWER`] of the start; whether it answered or
+/// not, the state says what is known (silence as its problem).
+pub async fn first_engine_view(rx: &mut tokio::sync::watch::Receiver<EngineState>) -> EngineState {
+    let _ = tokio::time::timeout(
+        FIRST_ANSWER,
+        rx.wait_for(|v| v.available || v.problem.is_some()),
+    )
+    .await;
+    let mut v = rx.borrow().clone();
+    if v.down().is_some() && v.problem.is_none() {
+        v.problem = Some(format!("no answer within {}s", FIRST_ANSWER.as_secs()));
+    }
+    v
 }
 
 /// The rules the engines' network labels ask for and `allow` allows, and the label

@@ -17,7 +17,7 @@ pub(super) fn bridge_steps(
     let resolved = reconcile::bridge_of(rule, observed);
     let bridge_name = match &rule.source {
         Source::Interface(i) => Some(i.clone()),
-        Source::Network(n) => observed.docker.as_ref().and_then(|d| match d.find(n) {
+        Source::Network(n) => observed.engines.as_ref().and_then(|d| match d.find(n) {
             crate::engines::Lookup::Found(_, n) => Some(n.bridge.clone()),
             _ => None,
         }),
@@ -167,10 +167,17 @@ pub(super) fn docker_step(rule: &Rule, observed: &Observed, r: &mut Findings) {
             return;
         }
     };
-    let view = observed.docker.clone().unwrap_or_default();
+    let Some(view) = &observed.engines else {
+        r.add(
+            Level::Fail,
+            format!("network {net}: lhb reads no engine (--no-docker)"),
+            Some("drop --no-docker, or write the rule for the bridge (`BRIDGE:PORT`)".into()),
+        );
+        return;
+    };
     let (only, name) = engine_of(net);
     if only != Some(Engine::Podman) {
-        match check::docker_problem(&view) {
+        match view.docker_down() {
             Some(p) => {
                 r.add(
                     Level::Fail,
@@ -183,20 +190,18 @@ pub(super) fn docker_step(rule: &Rule, observed: &Observed, r: &mut Findings) {
     }
     if only != Some(Engine::Docker) {
         match &view.podman {
-            Some(p) if p.available => r.add(
-                Level::Ok,
-                format!("Podman: reachable ({})", p.socket),
-                None,
-            ),
-            Some(p) => r.add(
-                Level::Fail,
-                format!(
-                    "Podman: not reachable at {} ({})",
-                    p.socket,
-                    p.problem.as_deref().unwrap_or("no answer")
+            Some(p) => match p.down() {
+                None => r.add(
+                    Level::Ok,
+                    format!("Podman: reachable ({})", p.socket),
+                    None,
                 ),
-                Some("start its API socket (`systemctl enable --now podman.socket`), or name the right one with `engine`; lhb waits for it".into()),
-            ),
+                Some(why) => r.add(
+                    Level::Fail,
+                    format!("Podman: not reachable at {} ({why})", p.socket),
+                    Some("start its API socket (`systemctl enable --now podman.socket`), or name the right one with `engine`; lhb waits for it".into()),
+                ),
+            },
             None if only == Some(Engine::Podman) => r.add(
                 Level::Fail,
                 "Podman: lhb reads no Podman socket".to_string(),

@@ -218,7 +218,7 @@ fn check_daemon(daemons: &[u32], r: &mut Findings) {
 mod tests {
     use super::*;
     use crate::{
-        engines::{EngineView, Network},
+        engines::{EngineState, EngineView, Network},
         model::rule::{parse_iface_spec, parse_network_spec},
         reconcile::Link,
     };
@@ -285,9 +285,12 @@ mod tests {
     #[test]
     fn a_missing_docker_network_fails_with_how_to_create_it() {
         let mut o = Observed {
-            docker: Some(EngineView {
-                available: true,
-                ..Default::default()
+            engines: Some(EngineView {
+                docker: Some(EngineState {
+                    available: true,
+                    ..Default::default()
+                }),
+                podman: None,
             }),
             ..Default::default()
         };
@@ -302,7 +305,8 @@ mod tests {
         assert_eq!(fail.1, "Docker network app: does not exist");
         assert!(fail.2.contains("docker network create app"), "{fail:?}");
         // Once it exists, with its bridge: served.
-        o.docker.as_mut().unwrap().networks.insert(
+        let docker = o.engines.as_mut().and_then(|e| e.docker.as_mut()).unwrap();
+        docker.networks.insert(
             "app".into(),
             Network {
                 driver: "bridge".into(),
