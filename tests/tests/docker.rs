@@ -442,6 +442,11 @@ fn podman_networks_are_served_by_name_and_followed() {
     assert!(body.starts_with("peer=10.232.58."), "{body}");
     let st = lhb.status().unwrap();
     assert_eq!(st["podman"]["available"], true, "{st:#}");
+    let metrics = lhb.metrics().unwrap();
+    for engine in ["docker", "podman"] {
+        let sample = format!("\nlhb_{engine}_available 1\n");
+        assert!(metrics.contains(&sample), "{sample:?} not in:\n{metrics}");
+    }
     let rules = st["rules"].as_array().unwrap();
     assert_eq!(
         rules[0]["bridge"].as_str().unwrap().get(..6),
@@ -506,6 +511,25 @@ fn podman_networks_are_served_by_name_and_followed() {
     let (ok, out) = doctor(&format!("podman:{net}:{p}"));
     assert!(ok, "{out}\n{}", lhb.log());
     assert!(out.contains("OK    Podman: reachable"), "{out}");
+    // plan says of each engine whether it answers.
+    let planned = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.host.name])
+        .arg(lhb_tests::lhb_bin())
+        .args(["plan", "--config", cfg.to_str().unwrap(), "--expose"])
+        .arg(format!("podman:{net}:{p}"))
+        .output()
+        .unwrap();
+    let plan_text = String::from_utf8_lossy(&planned.stdout);
+    assert!(
+        planned.status.success(),
+        "plan:\n{plan_text}{}",
+        String::from_utf8_lossy(&planned.stderr)
+    );
+    assert!(
+        plan_text.contains("\n  Docker engine: answers\n")
+            && plan_text.contains("\n  Podman: answers\n"),
+        "{plan_text}"
+    );
     assert!(
         out.contains(&format!(
             "OK    Podman network {net}: exists, bridge podman"
