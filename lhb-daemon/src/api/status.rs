@@ -563,21 +563,19 @@ impl Status {
                 one(h.unix_time),
             );
         }
-        if let Some(d) = &self.docker {
-            m.family(
-                "lhb_docker_available",
-                "gauge",
-                "1 if the Docker engine answers.",
-                one(u64::from(d.available)),
-            );
-        }
-        if let Some(p) = &self.podman {
-            m.family(
-                "lhb_podman_available",
-                "gauge",
-                "1 if Podman answers.",
-                one(u64::from(p.available)),
-            );
+        let engines = [
+            ("docker", "the Docker engine", &self.docker),
+            ("podman", "Podman", &self.podman),
+        ];
+        for (name, who, e) in engines {
+            if let Some(e) = e {
+                m.family(
+                    &format!("lhb_{name}_available"),
+                    "gauge",
+                    &format!("1 if {who} answers."),
+                    one(u64::from(e.available)),
+                );
+            }
         }
     }
 }

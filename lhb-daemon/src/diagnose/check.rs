@@ -116,12 +116,9 @@ pub async fn observe(no_docker: bool, engines: &[String]) -> anyhow::Result<Obse
     let engines = docker::engines(no_docker, &[], engines).await?;
     Ok(crate::reconcile::Observed {
         links,
-        engines: crate::engines::snapshot(&engines, ENGINE_ANSWER).await,
+        engines: crate::engines::snapshot(&engines, crate::startup::FIRST_ANSWER).await,
     })
 }
-
-/// How long verify and doctor wait for the Docker engine's networks.
-const ENGINE_ANSWER: Duration = Duration::from_secs(3);
 
 /// Why a gateway of the other address family than the target may go unserved.
 pub const CROSS_FAMILY: &str = "a connection of the other address family than the target cannot be handed over in-kernel; `--mode auto` proxies it, or give a target of that family";

@@ -26,7 +26,8 @@ use crate::{
 
 pub use rules::RuleSet;
 
-/// How long the start waits for an engine's first answer before going on.
+/// How long the start (and plan, verify, doctor) wait for an engine's first answer before
+/// going on.
 pub const FIRST_ANSWER: Duration = Duration::from_secs(3);
 
 /// What `lhb run` and `lhb plan` both start from.
